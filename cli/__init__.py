@@ -1,0 +1,1 @@
+"""The `rpt` command line: one click group, one small file per command."""

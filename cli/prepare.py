@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import click
+
+from cli.common import library_errors, model_help
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory (docs/ shards + manifest.json).")
+@click.option("--tokenizer", default="smollm2-135m", show_default=True, help=model_help("Tokenizer to use"))
+@click.option("--text-field", default=None, help="Record field holding the text (default: 'text').")
+@click.option("--template", default=None, help=r'Build the text from several fields, e.g. "{problem}\n\n{solution}" (\n and \t are unescaped; literal braces as {{ }}).')
+@click.option("--split", default="train", show_default=True, help="Split to read from a datasets id or a saved DatasetDict.")
+@click.option("--dedupe", is_flag=True, help="Drop exact duplicate documents (by content hash, after normalization).")
+@click.option("--min-chars", default=1, show_default=True, type=int, help="Drop documents shorter than this many characters.")
+@click.option("--shard-docs", default=10_000, show_default=True, type=int, help="Documents per output shard (also the resume granularity).")
+@click.option("--batch-docs", default=512, show_default=True, type=int, help="Documents per tokenizer batch.")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records into OUT/rejects.jsonl (counted) instead of stopping at the first.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in OUT made with other inputs or options.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's custom code from its repository (off by default).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@library_errors
+def prepare(inputs, out, tokenizer, text_field, template, split, dedupe, min_chars, shard_docs, batch_docs, skip_bad, overwrite, trust_remote_code, no_progress):
+    """Ingest a corpus: clean, tokenize with exact byte spans, write document shards.
+
+    INPUTS are files (.jsonl, .jsonl.gz, .json, .parquet, .txt, .md), folders, globs, the
+    built-in corpus builtin:champ, a saved `datasets` folder, or a `datasets` hub id.
+
+    \b
+    Example:
+      rpt prepare builtin:champ --out out/prep
+      rpt prepare corpus/*.jsonl --template "{problem}\\n\\n{solution}" --out out/prep --dedupe
+    """
+    from rptdata.prepare import PrepareConfig, run_prepare
+
+    config = PrepareConfig(
+        inputs=tuple(inputs), out=out, tokenizer=tokenizer, text_field=text_field, template=template,
+        split=split, dedupe=dedupe, min_chars=min_chars, shard_docs=shard_docs, batch_docs=batch_docs,
+        skip_bad=skip_bad, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not no_progress,
+    )
+    m = run_prepare(config)
+    c = m["counts"]
+    rejected = sum(c["documents_rejected"].values())
+    dropped = ", ".join(f"{k} {v}" for k, v in c["documents_dropped"].items()) or "none"
+    click.echo(
+        f"prepare: {c['documents_read']:,} documents read, {c['documents_written']:,} written "
+        f"({c['tokens']:,} tokens) in {len(m['shards'])} shard(s), {rejected:,} rejected, dropped: {dropped} "
+        f"-> {out}/docs ({m['seconds']:.1f} s)"
+    )

@@ -1,0 +1,25 @@
+"""Exceptions the library raises; `cli/` turns them into clear messages and exit codes."""
+
+
+class RptError(Exception):
+    """Base class: an expected failure with a message meant for the user."""
+
+
+class ModelResolutionError(RptError):
+    """A --model/--tokenizer value could not be resolved or loaded."""
+
+
+class TokenizerNotSupported(RptError):
+    """The tokenizer cannot give exact byte spans (not byte-level, or it rewrites text)."""
+
+
+class BadInput(RptError):
+    """A corpus file or record is malformed; the message names the file and line."""
+
+
+class ManifestMismatch(RptError):
+    """An output directory holds a run with other inputs/options, or upstream does not match."""
+
+
+class MissingUpstream(RptError):
+    """The previous stage's output is absent or incomplete."""

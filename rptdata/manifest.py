@@ -1,0 +1,213 @@
+"""Stage directories: manifests, completion markers, atomic writes, worker splits.
+
+Every stage writes into one directory with the same layout and rules:
+
+    OUT/run.json                  what this run is (stage, fingerprint, config); written first
+    OUT/<data>/part-00000.parquet shards, each written to a temporary name and renamed
+    OUT/done/<data>-00000.json    completion marker + that shard's stats, written after the shard
+    OUT/manifest.json             written last: its existence proves the stage finished
+
+A run into a directory that holds another run (other inputs, options or model) is refused
+unless `overwrite=True`; a run with the same fingerprint resumes after the last completed shard.
+Readers only ever look at `part-*.parquet`, never at temporary names.
+
+Work is split between processes by `(worker_index, num_workers)` over shard indices, so one
+process, a pool and a multi-node launch share one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TypeVar
+
+from rptdata import __version__
+from rptdata.errors import ManifestMismatch, MissingUpstream
+
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
+DONE_DIR = "done"
+T = TypeVar("T")
+
+
+def fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table, path: Path, **kwargs) -> None:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, **kwargs)
+    os.replace(tmp, path)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def list_shards(folder: Path) -> list[Path]:
+    """The finished shards of a folder, in index order (temporary files are ignored)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob("part-*.parquet") if p.name.endswith(".parquet"))
+
+
+def read_manifest(root: Path, stage: str | None = None) -> dict:
+    """The manifest of a finished stage directory, or MissingUpstream with a reason."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        hint = " (is the stage still running, or did it stop early? run it again to resume)" if (
+            Path(root) / RUN_FILE
+        ).exists() else ""
+        raise MissingUpstream(f"{root}: no {MANIFEST}; not a finished rpt stage directory{hint}")
+    manifest = json.loads(path.read_text())
+    if stage is not None and manifest.get("stage") != stage:
+        raise MissingUpstream(f"{root}: expected the output of `rpt {stage}`, found `{manifest.get('stage')}`")
+    return manifest
+
+
+def worker_split(items: Sequence[T], worker_index: int, num_workers: int) -> list[T]:
+    """Round-robin share of `items` for one worker: worker i gets items i, i+n, i+2n, ..."""
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker index {worker_index} is outside 0..{num_workers - 1}")
+    return list(items[worker_index::num_workers])
+
+
+def worker_from_env(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
+    """(worker_index, num_workers) from the options, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if num_workers is None and "WORLD_SIZE" in os.environ:
+        num_workers = int(os.environ["WORLD_SIZE"])
+        worker_index = int(os.environ.get("RANK", "0")) if worker_index is None else worker_index
+    num_workers = num_workers or 1
+    worker_index = worker_index or 0
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"--worker-index {worker_index} must be in 0..{num_workers - 1}")
+    return worker_index, num_workers
+
+
+class StageDir:
+    """One stage's output directory; see the module docstring for the layout."""
+
+    def __init__(self, root: Path, stage: str, data_dirs: Iterable[str]):
+        self.root = Path(root)
+        self.stage = stage
+        self.data_dirs = list(data_dirs)
+
+    # -- run identity ---------------------------------------------------------------------
+    def begin(self, config: dict, overwrite: bool = False) -> str:
+        """Claim the directory for a run with this config.
+
+        Returns "new", "resume" (same config, unfinished) or "done" (same config, finished).
+        Raises ManifestMismatch when the directory holds a different run and not `overwrite`.
+        """
+        fp = fingerprint(config)
+        existing = self._existing_run()
+        if existing is not None and overwrite:
+            self.clear()
+            existing = None
+        if existing is not None and existing.get("fingerprint") != fp:
+            unfinished_and_empty = not (self.root / MANIFEST).exists() and not any(
+                (self.root / DONE_DIR).glob("*.json")
+            )
+            if not unfinished_and_empty:  # an empty false start has nothing to protect
+                diff = _diff_keys(existing.get("config", {}), config)
+                raise ManifestMismatch(
+                    f"{self.root} already holds a `rpt {existing.get('stage')}` run with different "
+                    f"settings ({', '.join(diff) or 'fingerprint'} differ). Use another --out, or pass "
+                    "--overwrite to replace it."
+                )
+            self.clear()
+            existing = None
+        if existing is None:
+            if self.root.exists() and any(p.name not in self._own_names() for p in self.root.iterdir()):
+                if not overwrite:
+                    raise ManifestMismatch(
+                        f"{self.root} is not empty and is not an rpt {self.stage} directory; "
+                        "refusing to write into it (pass --overwrite to clear our files there)."
+                    )
+            self.clear()
+            write_json_atomic(
+                self.root / RUN_FILE,
+                {"stage": self.stage, "fingerprint": fp, "rpt_version": __version__, "config": config},
+            )
+            return "new"
+        return "done" if (self.root / MANIFEST).exists() else "resume"
+
+    def _existing_run(self) -> dict | None:
+        for name in (MANIFEST, RUN_FILE):
+            path = self.root / name
+            if path.exists():
+                return json.loads(path.read_text())
+        return None
+
+    def _own_names(self) -> set[str]:
+        return {*self.data_dirs, DONE_DIR, MANIFEST, RUN_FILE, "rejects.jsonl"}
+
+    def clear(self) -> None:
+        """Remove this stage's own files (never anything else in the folder)."""
+        for name in [*self.data_dirs, DONE_DIR]:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in (MANIFEST, RUN_FILE, "rejects.jsonl"):
+            (self.root / name).unlink(missing_ok=True)
+
+    # -- shards -----------------------------------------------------------------------------
+    def shard_path(self, data_dir: str, index: int) -> Path:
+        return self.root / data_dir / shard_name(index)
+
+    def marker_path(self, data_dir: str, index: int) -> Path:
+        return self.root / DONE_DIR / f"{data_dir}-{index:05d}.json"
+
+    def write_shard(self, data_dir: str, index: int, table, stats: dict) -> Path:
+        """Write the shard, then its completion marker with its stats (in that order)."""
+        path = self.shard_path(data_dir, index)
+        write_parquet_atomic(table, path)
+        write_json_atomic(self.marker_path(data_dir, index), {"shard": path.name, "time": time.time(), **stats})
+        return path
+
+    def done_shards(self, data_dir: str) -> dict[int, dict]:
+        """index -> stats of every shard whose marker exists (and whose file is there)."""
+        out = {}
+        for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
+            index = int(marker.stem.rsplit("-", 1)[1])
+            if self.shard_path(data_dir, index).exists() or json.loads(marker.read_text()).get("empty"):
+                out[index] = json.loads(marker.read_text())
+        return out
+
+    def finish(self, manifest: dict) -> dict:
+        """Write manifest.json last; it carries the run's fingerprint and config."""
+        run = json.loads((self.root / RUN_FILE).read_text())
+        full = {
+            "stage": self.stage,
+            "rpt_version": __version__,
+            "fingerprint": run["fingerprint"],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **manifest,
+            "config": run["config"],
+        }
+        write_json_atomic(self.root / MANIFEST, full)
+        return full
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff_keys(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            keys.append(prefix + k)
+    return keys

@@ -1,0 +1,307 @@
+"""Corpus readers: turn the inputs of `rpt prepare` into a stream of raw records.
+
+Inputs: files (`.jsonl`, `.jsonl.gz`, `.json`, `.parquet`, `.txt`, `.md`), folders (searched
+recursively for those), globs, the built-in corpus `builtin:champ` (CHAMP, shipped in the PyPI
+package `champ-dataset`), a local `datasets` folder (`save_to_disk`), or a `datasets` hub id.
+
+Every record is streamed, never a whole corpus in memory; `.json` files (one array of objects)
+are the exception: they are parsed whole, so use `.jsonl` or `.parquet` for large corpora.
+A bad record is yielded as a `RawRecord` with `reject` set (file, line, reason), so the caller
+can stop with that message or, with `--skip-bad`, count it and go on.
+
+Ids: `doc_id = "<source>#<row>"`, where row is the 1-based line number for `.jsonl`, the
+0-based index for `.json`, `.parquet` and datasets, `0` for a text file, and the problem id
+for `builtin:champ`. They are stable across runs over the same files.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import importlib.util
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from rptdata.errors import BadInput
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".md")
+BUILTINS = {"builtin:champ": "{problem}\n\n{solution}"}  # name -> default template
+
+
+@dataclass
+class RawRecord:
+    source: str
+    row: int | str
+    text: str | None = None
+    reject: str | None = None  # reason key, e.g. "malformed_json"
+    detail: str = ""
+
+    @property
+    def doc_id(self) -> str:
+        return f"{self.source}#{self.row}"
+
+    def where(self) -> str:
+        return f"{self.source}, {'line' if self.source.endswith(('.jsonl', '.jsonl.gz')) else 'record'} {self.row}"
+
+
+@dataclass(frozen=True)
+class InputSource:
+    kind: str  # file | builtin | hf_disk | hf_hub
+    path: str
+
+    def fingerprint(self) -> dict:
+        if self.kind == "file":
+            st = os.stat(self.path)
+            return {"path": self.path, "size": st.st_size, "mtime": int(st.st_mtime)}
+        if self.kind == "builtin":
+            f = _champ_file()
+            return {"path": self.path, "size": f.stat().st_size}
+        if self.kind == "hf_disk":
+            total = sum(p.stat().st_size for p in Path(self.path).rglob("*") if p.is_file())
+            return {"path": self.path, "size": total}
+        return {"path": self.path}
+
+
+def _has_suffix(name: str) -> bool:
+    return name.endswith(SUFFIXES)
+
+
+def expand_inputs(inputs: list[str]) -> list[InputSource]:
+    """Files, folders, globs and named datasets -> an ordered list of sources (no duplicates)."""
+    out: list[InputSource] = []
+    for item in inputs:
+        if item in BUILTINS:
+            out.append(InputSource("builtin", item))
+            continue
+        p = Path(item)
+        if p.is_dir():
+            if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+                out.append(InputSource("hf_disk", os.path.normpath(item)))
+                continue
+            files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _has_suffix(f.name))
+            if not files:
+                raise BadInput(f"{item}: folder holds no {', '.join(SUFFIXES)} files")
+            out += [InputSource("file", os.path.normpath(f)) for f in files]
+        elif p.is_file():
+            if not _has_suffix(p.name):
+                raise BadInput(f"{item}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+            out.append(InputSource("file", os.path.normpath(item)))
+        elif any(ch in item for ch in "*?["):
+            files = sorted(f for f in globlib.glob(item, recursive=True) if os.path.isfile(f) and _has_suffix(f))
+            if not files:
+                raise BadInput(f"{item}: the pattern matches no {', '.join(SUFFIXES)} files")
+            out += [InputSource("file", os.path.normpath(f)) for f in files]
+        elif item.startswith(("builtin:", "/", ".", "~")) or item.count("/") > 1 or _has_suffix(item):
+            raise BadInput(f"{item}: no such file, folder or built-in corpus (built-ins: {', '.join(BUILTINS)})")
+        else:
+            out.append(InputSource("hf_hub", item))
+    seen, unique = set(), []
+    for src in out:
+        if src not in seen:
+            seen.add(src)
+            unique.append(src)
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# records -> text
+
+
+class TextBuilder:
+    """Builds a document's text from a record: `--text-field F` or `--template "{a}\\n\\n{b}"`."""
+
+    def __init__(self, text_field: str | None = None, template: str | None = None):
+        if text_field and template:
+            raise ValueError("give either --text-field or --template, not both")
+        self.template = unescape(template) if template else None
+        self.text_field = text_field or ("text" if not template else None)
+        self.fields = []
+        if self.template is not None:
+            try:
+                self.fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+            except ValueError as e:
+                raise ValueError(f"--template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
+            if not self.fields:
+                raise ValueError(f"--template {template!r} names no field, e.g. \"{{problem}}\\n\\n{{solution}}\"")
+            if any(not f.isidentifier() for f in self.fields):
+                raise ValueError(f"--template {template!r}: fields must be plain names like {{problem}}")
+
+    def for_source(self, source: InputSource) -> "TextBuilder":
+        if source.kind == "builtin" and self.template is None and self.text_field == "text":
+            return TextBuilder(template=BUILTINS[source.path])
+        return self
+
+    def build(self, record) -> tuple[str | None, str | None, str]:
+        """(text, reject_reason, detail)."""
+        if not isinstance(record, dict):
+            return None, "not_an_object", f"expected a JSON object, got {type(record).__name__}"
+        names = self.fields if self.template is not None else [self.text_field]
+        values = {}
+        for name in names:
+            value = record.get(name)
+            if value is None:
+                fields = ", ".join(sorted(map(str, record))[:12])
+                return None, "missing_field", f"no field {name!r} (fields: {fields}); use --text-field or --template"
+            if not isinstance(value, (str, int, float)):
+                return None, "bad_field_type", f"field {name!r} is a {type(value).__name__}, not text"
+            values[name] = str(value)
+        if self.template is None:
+            return values[self.text_field], None, ""
+        return self.template.format_map(values), None, ""
+
+
+def unescape(template: str) -> str:
+    r"""Turn the two-character sequences \n, \t and \\ into the characters (shell-friendly).
+
+    >>> unescape(r"{a}\n\n{b}")
+    '{a}\n\n{b}'
+    """
+    out, i = [], 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "\\" and i + 1 < len(template) and template[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[template[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def read_source(src: InputSource, builder: TextBuilder, split: str = "train") -> Iterator[RawRecord]:
+    builder = builder.for_source(src)
+    try:
+        if src.kind == "builtin":
+            yield from _read_champ(builder)
+        elif src.kind in ("hf_disk", "hf_hub"):
+            yield from _read_hf(src, builder, split)
+        elif src.path.endswith((".jsonl", ".jsonl.gz")):
+            yield from _read_jsonl(src.path, builder)
+        elif src.path.endswith(".json"):
+            yield from _read_json(src.path, builder)
+        elif src.path.endswith(".parquet"):
+            yield from _read_parquet(src.path, builder)
+        else:
+            yield from _read_text_file(src.path)
+    except (OSError, EOFError) as e:  # unreadable / truncated file
+        yield RawRecord(src.path, 0, reject="unreadable_file", detail=f"{type(e).__name__}: {e}")
+
+
+def _record(source: str, row, obj, builder: TextBuilder) -> RawRecord:
+    text, reason, detail = builder.build(obj)
+    return RawRecord(source, row, text=text, reject=reason, detail=detail)
+
+
+def _read_jsonl(path: str, builder: TextBuilder) -> Iterator[RawRecord]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRecord(path, lineno, reject="invalid_utf8", detail=f"byte {e.start} of the line is not UTF-8")
+                continue
+            if not line.strip():
+                continue  # a blank line is not a record
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield RawRecord(path, lineno, reject="malformed_json", detail=f"{e.msg} at column {e.colno}")
+                continue
+            yield _record(path, lineno, obj, builder)
+
+
+def _read_json(path: str, builder: TextBuilder) -> Iterator[RawRecord]:
+    raw = Path(path).read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        yield RawRecord(path, 0, reject="invalid_utf8", detail=f"line {line}: not UTF-8")
+        return
+    except json.JSONDecodeError as e:
+        yield RawRecord(path, 0, reject="malformed_json", detail=f"{e.msg} at line {e.lineno} column {e.colno}")
+        return
+    records = data if isinstance(data, list) else [data]
+    for i, obj in enumerate(records):
+        yield _record(path, i, obj, builder)
+
+
+def _read_parquet(path: str, builder: TextBuilder) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            yield _record(path, row, obj, builder)
+            row += 1
+
+
+def _read_text_file(path: str) -> Iterator[RawRecord]:
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        yield RawRecord(path, 0, reject="invalid_utf8", detail=f"line {line}, byte {e.start}: not UTF-8")
+        return
+    yield RawRecord(path, 0, text=text)
+
+
+def _champ_file() -> Path:
+    # find_spec does not run champ_dataset/__init__.py (which needs natsort)
+    spec = importlib.util.find_spec("champ_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput("builtin:champ needs the package champ-dataset: pip install --no-deps champ-dataset==1.0.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "dataset_files" / "v0.json"
+
+
+def _read_champ(builder: TextBuilder) -> Iterator[RawRecord]:
+    data = json.loads(_champ_file().read_text(encoding="utf-8"))
+    for pid, p in data["problems"].items():
+        record = {
+            "id": pid,
+            "problem": p.get("_text", ""),
+            "solution": " ".join(step["_text"] for step in p.get("solution", {}).get("steps", [])),
+            "answer": p.get("_answer", ""),
+            "category": p.get("category", ""),
+        }
+        yield _record("builtin:champ", pid, record, builder)
+
+
+def _read_hf(src: InputSource, builder: TextBuilder, split: str) -> Iterator[RawRecord]:
+    import datasets
+
+    if src.kind == "hf_disk":
+        ds = datasets.load_from_disk(src.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise BadInput(f"{src.path}: no split {split!r} (splits: {', '.join(ds)}); use --split")
+            ds = ds[split]
+        source = src.path
+    else:
+        from rptdata.models import _hub_reachable
+
+        if not _hub_reachable():
+            raise BadInput(
+                f"{src.path}: not a file, folder or built-in corpus; as a `datasets` id it needs the "
+                "Hugging Face hub, which cannot be reached (no network?). Pass local files instead."
+            )
+        try:
+            ds = datasets.load_dataset(src.path, split=split, streaming=True)
+        except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+            raise BadInput(
+                f"{src.path}: not a file, folder or built-in corpus, and `datasets` could not load it "
+                f"as a dataset id ({type(e).__name__}: {str(e)[:200]}). Offline? Pass local files."
+            ) from e
+        source = f"hf:{src.path}/{split}"
+    for i, obj in enumerate(ds):
+        yield _record(source, i, obj, builder)

@@ -1,0 +1,1 @@
+"""rpttrain: RPT tasks, prompts, the prefix-matching reward, GRPO training and evaluation."""

@@ -1,0 +1,1 @@
+"""Adapters that let distributed trainers (verl, TRL) use the rpt reward."""

@@ -1,0 +1,206 @@
+"""Prompt formats: how an RPT context is shown to the policy and how its guess is read back.
+
+A ``PromptFormat`` pairs a prompt with the function that extracts the guess from a
+completion, so a format cannot be scored with the wrong extractor. Built-ins:
+
+- ``v0`` (the default for reasoning models): the context under a "### Context"
+  heading, then the task: reason step by step, answer the next token in
+  ``\\boxed{}``. Paper App. D, Table 8, in our own words.
+- ``v2``: the same task with the context in a fenced code block.
+- ``v6``: asks for several candidate tokens, each with a short reason, before the
+  boxed choice.
+- ``continuation``: for base or small models with no habit of reasoning in
+  ``\\boxed{}`` (SmolLM2-135M boxes 0 of 80 answers under ``v0``): the prompt is the
+  raw context, no chat template and no instructions, and the guess is the
+  completion text verbatim.
+
+A user's own template is a text file holding the placeholder ``{context}`` exactly
+once; it renders as a chat format with box extraction and is named ``file:<path>``.
+
+The context is filled in with one literal ``str.replace`` of ``{context}``, never
+``str.format``: contexts are maths full of braces (``\\frac{a}{b}``), and a context
+that itself contains the text ``{context}`` is left as it is.
+
+Left out on purpose: few-shot examples, and a system message in the built-ins
+(R1-distilled models are meant to be prompted without one; the field exists for
+callers who build their own ``PromptFormat``). ``v2`` uses a plain triple-backtick
+fence, so a context containing a triple backtick closes the fence early.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rpttrain.reward import extract_prediction
+
+__all__ = [
+    "PLACEHOLDER",
+    "PROMPT_FORMATS",
+    "PromptFormat",
+    "build_messages",
+    "extract_verbatim",
+    "get_extract",
+    "load_prompt_format",
+    "render_prompt",
+]
+
+PLACEHOLDER = "{context}"
+_FILE_PREFIX = "file:"
+
+
+def extract_verbatim(completion: str) -> str:
+    """The guess of the ``continuation`` format: the completion text itself.
+
+    An empty completion stays ``""``, which every reward scores 0.
+
+    >>> extract_verbatim(" para")
+    ' para'
+    """
+    return completion
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """One way of prompting for the next token.
+
+    Fields:
+        name: the built-in name, or ``file:<path>`` for a user template.
+        system: an optional system message (chat formats only).
+        user_template: the user message, with ``{context}`` exactly once; None for
+            the raw ``continuation`` format, whose prompt is the context itself.
+        uses_chat: True when the prompt is a chat conversation (rendered with the
+            tokenizer's chat template); False when it is raw text.
+        extract: turns a completion into the guess that the reward scores.
+    """
+
+    name: str
+    system: str | None
+    user_template: str | None
+    uses_chat: bool
+    extract: Callable[[str], str | None]
+
+    def __post_init__(self) -> None:
+        if self.uses_chat and (self.user_template is None or self.user_template.count(PLACEHOLDER) != 1):
+            raise ValueError(
+                f"prompt format {self.name!r}: a chat format needs a user_template holding "
+                f"{PLACEHOLDER} exactly once"
+            )
+
+
+_V0 = """### Context
+{context}
+
+### Task
+Predict the next token that comes right after the context above. Think it through step by step and work out which token is the most probable one to come next. Then give only that token as your final answer, inside \\boxed{}.
+
+The token may start with a space. For example, if the next token is " para" (with its leading space), answer \\boxed{ para}; if it is " =", answer \\boxed{ =}. Write the token exactly as it appears in the text, and do not wrap it in \\text{}."""
+
+_V2 = """Here is the beginning of a text:
+
+```
+{context}
+```
+
+Predict the next token that comes right after the end of the text in the block above. Think it through step by step and work out which token is the most probable one to come next. Then give only that token as your final answer, inside \\boxed{}.
+
+The token may start with a space. For example, if the next token is " para" (with its leading space), answer \\boxed{ para}; if it is " =", answer \\boxed{ =}. Write the token exactly as it appears in the text, and do not wrap it in \\text{}."""
+
+_V6 = """### Context
+{context}
+
+### Task
+Predict the next token that comes right after the context above. First list a few candidate next tokens, each with a short reason why it could come next. Then compare them, choose the most probable one, and give only that token as your final answer, inside \\boxed{}.
+
+The token may start with a space. For example, if the next token is " para" (with its leading space), answer \\boxed{ para}; if it is " =", answer \\boxed{ =}. Write the token exactly as it appears in the text, and do not wrap it in \\text{}."""
+
+PROMPT_FORMATS: dict[str, PromptFormat] = {
+    "v0": PromptFormat("v0", None, _V0, True, extract_prediction),
+    "v2": PromptFormat("v2", None, _V2, True, extract_prediction),
+    "v6": PromptFormat("v6", None, _V6, True, extract_prediction),
+    "continuation": PromptFormat("continuation", None, None, False, extract_verbatim),
+}
+
+
+def _choices() -> str:
+    return ", ".join(PROMPT_FORMATS) + f", or a path to a text file holding {PLACEHOLDER} once"
+
+
+def load_prompt_format(name_or_path: str) -> PromptFormat:
+    """A built-in format by name, or a chat format read from a template file.
+
+    The file (``path`` or ``file:path``) must contain ``{context}`` exactly once;
+    otherwise, and for a name that is neither built in nor an existing file,
+    ValueError says why.
+
+    >>> load_prompt_format("v0").name
+    'v0'
+    """
+    if name_or_path in PROMPT_FORMATS:
+        return PROMPT_FORMATS[name_or_path]
+    path = name_or_path.removeprefix(_FILE_PREFIX)
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown prompt format {name_or_path!r}; choose {_choices()}")
+    with open(path, encoding="utf-8") as f:
+        template = f.read()
+    n = template.count(PLACEHOLDER)
+    if n != 1:
+        raise ValueError(
+            f"prompt template file {path!r} must contain the placeholder {PLACEHOLDER} exactly once; "
+            f"found it {n} times"
+        )
+    return PromptFormat(_FILE_PREFIX + path, None, template, True, extract_prediction)
+
+
+def get_extract(format_name: str) -> Callable[[str], str | None]:
+    """The extractor for a format name, without reading any template file.
+
+    Reward workers (verl, TRL) only know the format's name; every ``file:`` format
+    uses box extraction, so the file need not exist where the reward runs.
+
+    >>> get_extract("continuation")(" x")
+    ' x'
+    """
+    if format_name in PROMPT_FORMATS:
+        return PROMPT_FORMATS[format_name].extract
+    if format_name.startswith(_FILE_PREFIX):
+        return extract_prediction
+    raise ValueError(f"unknown prompt format {format_name!r}; choose {_choices()}")
+
+
+def build_messages(fmt: PromptFormat, context: str) -> list[dict[str, str]]:
+    """The chat messages of a chat format: an optional system message, then the user turn.
+
+    >>> build_messages(PROMPT_FORMATS["v0"], "1 + 1")[0]["content"].splitlines()[:2]
+    ['### Context', '1 + 1']
+    """
+    if not fmt.uses_chat or fmt.user_template is None:
+        raise ValueError(f"prompt format {fmt.name!r} is raw text, not a chat; it has no messages")
+    messages = [{"role": "system", "content": fmt.system}] if fmt.system is not None else []
+    messages.append({"role": "user", "content": fmt.user_template.replace(PLACEHOLDER, context, 1)})
+    return messages
+
+
+def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None) -> str:
+    """The prompt string the policy sees.
+
+    - ``continuation`` (raw formats): the context itself.
+    - chat formats with a tokenizer that has a ``chat_template``:
+      ``tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``.
+    - chat formats otherwise: a plain-text transcript, each message as
+      ``"System: ..."`` / ``"User: ..."`` separated by a blank line, ending with
+      ``"\\n\\nAssistant:"``.
+
+    >>> render_prompt(PROMPT_FORMATS["continuation"], "x = \\\\frac{a}{b}")
+    'x = \\\\frac{a}{b}'
+    >>> render_prompt(PROMPT_FORMATS["v0"], "1 + 1").endswith("\\n\\nAssistant:")
+    True
+    """
+    if not fmt.uses_chat:
+        return context
+    messages = build_messages(fmt, context)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(turns) + "\n\nAssistant:"
