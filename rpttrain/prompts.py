@@ -204,3 +204,27 @@ def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None) -> str
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n\n".join(turns) + "\n\nAssistant:"
+
+
+def build_prompt_ids(fmt: PromptFormat, context: str, tokenizer: Any, max_prompt_tokens: int) -> list[int]:
+    """Token ids of the rendered prompt, at most `max_prompt_tokens` long.
+
+    A prompt that is too long loses the START of its context (the end, next to the token to
+    predict, matters most): the raw format keeps the last tokens; chat formats re-render with the
+    context's leading tokens dropped. Special tokens come only from the chat template.
+    """
+    ids = tokenizer(render_prompt(fmt, context, tokenizer), add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_prompt_tokens:
+        return ids
+    if not fmt.uses_chat:
+        return ids[len(ids) - max_prompt_tokens :]
+    ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    overhead = len(ids) - len(ctx_ids)
+    keep = max_prompt_tokens - overhead
+    while keep > 0:
+        short = tokenizer.decode(ctx_ids[len(ctx_ids) - keep :])
+        ids = tokenizer(render_prompt(fmt, short, tokenizer), add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_prompt_tokens:
+            return ids
+        keep -= max(1, len(ids) - max_prompt_tokens)
+    raise ValueError(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")

@@ -1,0 +1,124 @@
+"""The math of GRPO for RPT, as small pure tensor functions (the training loop only calls them).
+
+- `group_advantages`: GRPO's group-normalized advantage (Shao et al. 2024, DeepSeekMath), or
+  Dr. GRPO's unscaled `r - mean` (Liu et al. 2025, "Understanding R1-Zero-like training").
+- `policy_loss`: PPO's clipped surrogate per token (Schulman et al. 2017), with optional
+  asymmetric clip (DAPO's clip-higher).
+- `aggregate_loss` / `loss_denominator`: token-mean (DAPO), seq-mean (GRPO paper), dr-grpo
+  (sum over tokens / (sequences x max length)). The denominator is computed once over the whole
+  update batch, so micro-batches accumulate to exactly the full-batch loss.
+- `kl_k3`: the k3 estimator of KL(pi || ref) (Schulman 2020), used only when --kl-coef > 0.
+- `token_logprobs`: log p(token) from logits, with temperature, without a full softmax copy.
+
+Shapes: B = groups (contexts), G = samples per group, N = sequences in a micro-batch,
+T = completion tokens (padded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Advantages from rewards [B, G]: (r - mean_g) / (std_g + eps), or r - mean_g with scale="none".
+
+    std is the unbiased sample std of the group, as in verl and TRL. A group whose rewards are all
+    equal gets advantage 0 everywhere (it carries no signal).
+
+    >>> group_advantages(torch.tensor([[1., 0., 0., 1.]]), scale="none").tolist()
+    [[0.5, -0.5, -0.5, 0.5]]
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [groups, samples], got shape {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centered
+    if scale != "group":
+        raise ValueError(f"scale must be 'group' or 'none', not {scale!r}")
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(centered[:, :1])
+    return centered / (std + eps)
+
+
+def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[B] bool: groups whose G rewards are all equal (no learning signal).
+
+    >>> zero_variance_groups(torch.tensor([[1., 1.], [0., 1.]])).tolist()
+    [True, False]
+    """
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens]: logits [N, T, V], tokens [N, T] -> [N, T] float32."""
+    logits = logits.float()
+    if temperature not in (0, 1, 1.0):
+        logits = logits / temperature
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss and a clipped-token indicator.
+
+    logp, old_logp: [N, T]; advantages: [N] (one per sequence, broadcast over tokens).
+    loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), ratio = exp(logp - old_logp).
+
+    >>> loss, clipped = policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([2.0]))
+    >>> loss.tolist(), clipped.tolist()
+    ([[-2.0, -2.0]], [[False, False]])
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, clipped < unclipped
+
+
+def loss_denominator(mask: torch.Tensor, agg: str, max_len: int | None = None) -> float:
+    """The normalizer for the WHOLE update batch (mask [N, T] of completion tokens).
+
+    token-mean: number of completion tokens; seq-mean: number of sequences; dr-grpo: sequences x
+    max_len (a constant, so long and short answers weigh the same per token).
+    """
+    if agg == "token-mean":
+        return float(mask.sum().clamp(min=1))
+    if agg == "seq-mean":
+        return float(max(mask.shape[0], 1))
+    if agg == "dr-grpo":
+        return float(max(mask.shape[0], 1) * (max_len or mask.shape[1]))
+    raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {agg!r}")
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str, denominator: float) -> torch.Tensor:
+    """Sum of this micro-batch's share of the batch loss (loss, mask [N, T]).
+
+    seq-mean first averages each sequence over its own tokens; the others sum tokens. Dividing by
+    the whole batch's `loss_denominator` makes micro-batch losses add up to the full-batch loss.
+    """
+    mask = mask.to(loss.dtype)
+    if agg == "seq-mean":
+        per_seq = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_seq.sum() / denominator
+    if agg in ("token-mean", "dr-grpo"):
+        return (loss * mask).sum() / denominator
+    raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {agg!r}")
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0).
+
+    >>> kl_k3(torch.tensor([0.0]), torch.tensor([0.0])).tolist()
+    [0.0]
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0

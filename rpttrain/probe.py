@@ -1,0 +1,114 @@
+"""`rpt probe`: does this model get any RPT signal, per prompt format? (paper Table 8 measures)
+
+    run_probe(ProbeConfig(tasks_dir="out/tasks", model="smollm2-135m", templates=("v0", "continuation")))
+
+For a sample of tasks and each prompt format it samples G completions per task (the same rollout
+engine, prompts and reward as `rpt train`) and reports:
+    random@1      mean reward of one sample (the paper's Random@1)
+    pass@G        share of tasks with at least one rewarded sample (Pass@8 for G = 8)
+    boxed         share of completions the format could extract a prediction from
+    length        mean completion length in tokens; truncated: share that hit max_new_tokens
+    signal        share of groups whose rewards are not all equal: the groups GRPO learns from
+A format with signal 0 gives GRPO nothing to learn from; run this before spending GPU days.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rptdata.models import load_causal_lm, load_tokenizer
+from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.reward import get_reward_fn
+from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
+from rpttrain.tasks import load_tasks
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    tasks_dir: str
+    model: str = "smollm2-135m"
+    templates: tuple[str, ...] = ("v0", "v2", "v6", "continuation")
+    samples: int = 8
+    tasks: int = 16
+    split: str = "train"
+    temperature: float = 0.8
+    max_new_tokens: int = 256
+    continuation_new_tokens: int = 1
+    max_prompt_tokens: int = 1024
+    reward: str = "prefix"
+    engine: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.samples < 1 or self.tasks < 1:
+            raise ValueError("--samples and --tasks must be at least 1")
+        if not self.templates:
+            raise ValueError("give at least one --prompt-template")
+        for t in self.templates:
+            load_prompt_format(t)  # unknown names fail here, before any model loads
+
+
+def run_probe(config: ProbeConfig) -> list[dict]:
+    from rptdata.models import resolve_device
+
+    device = resolve_device(config.device)
+    tasks = load_tasks(config.tasks_dir, config.split, limit=config.tasks)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = load_causal_lm(config.model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
+    engine = make_engine(pick_engine(config.engine, device), model, tokenizer)
+    reward_fn = get_reward_fn(config.reward)
+    rows = []
+    try:
+        for name in config.templates:
+            fmt = load_prompt_format(name)
+            new_tokens = config.max_new_tokens if fmt.uses_chat else config.continuation_new_tokens
+            prompts = [build_prompt_ids(fmt, t["context"], tokenizer, config.max_prompt_tokens) for t in tasks]
+            t0 = time.time()
+            groups = engine.generate(prompts, Sampling(n=config.samples, temperature=config.temperature, max_new_tokens=new_tokens,
+                                                       seed=config.seed, stop_token_ids=stop_ids(tokenizer)))
+            seconds = time.time() - t0
+            rewards, boxed, lengths, truncated, examples = [], [], [], [], []
+            for task, group in zip(tasks, groups):
+                preds = [fmt.extract(c.text) for c in group]
+                rs = [reward_fn(p, task["continuation"], task["boundaries"]) for p in preds]
+                rewards.append(rs)
+                boxed += [p is not None for p in preds]
+                lengths += [len(c.token_ids) for c in group]
+                truncated += [c.finish_reason == "length" for c in group]
+                if len(examples) < 2:
+                    examples.append({"continuation": task["continuation"], "completion": group[0].text, "prediction": preds[0], "reward": rs[0]})
+            r = np.array(rewards)
+            rows.append({
+                "template": name, "tasks": len(tasks), "samples": config.samples, "max_new_tokens": new_tokens,
+                "random_at_1": float(r.mean()), f"pass_at_{config.samples}": float((r.max(axis=1) > 0).mean()),
+                "boxed": float(np.mean(boxed)), "length_mean": float(np.mean(lengths)),
+                "truncated": float(np.mean(truncated)), "signal": float((r.max(axis=1) != r.min(axis=1)).mean()),
+                "tokens_per_s": float(sum(lengths) / max(seconds, 1e-9)), "examples": examples,
+            })
+    finally:
+        engine.close()
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    k = rows[0]["samples"] if rows else 8
+    head = f"| template | tasks | new tokens | Random@1 | Pass@{k} | boxed | mean length | truncated | groups with signal |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['template']} | {r['tasks']} | {r['max_new_tokens']} | {100 * r['random_at_1']:.1f}% | {100 * r[f'pass_at_{k}']:.1f}% | "
+            f"{100 * r['boxed']:.0f}% | {r['length_mean']:.1f} | {100 * r['truncated']:.0f}% | {100 * r['signal']:.0f}% |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Rollout engines behind one narrow interface, shared by `rpt train`, `rpt probe` and `rpt eval`.
+
+    engine = make_engine("hf", model, tokenizer)            # or "vllm" (GPU; imported lazily)
+    groups = engine.generate(prompt_ids, Sampling(n=8, temperature=0.8, max_new_tokens=64, seed=0))
+    groups[i][j] -> Completion(token_ids, text, logprobs, finish_reason)
+
+Prompts go in as token-id lists (already rendered with the prompt format and tokenized), so every
+engine sees exactly the same tokens. `update_weights(model)` pushes trained weights into engines
+that keep their own copy (vLLM); the transformers engine shares the training model, so it is a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 1
+    temperature: float = 0.8  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError("n and max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("greedy decoding (temperature 0) gives n identical samples; use n=1")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # new tokens, up to and including a stop token if one was produced
+    text: str  # decoded new tokens, stop/special tokens removed
+    finish_reason: str  # "stop" (a stop token) or "length" (hit max_new_tokens)
+    logprobs: list[float] | None = field(default=None)  # the engine's log-prob of each sampled token
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]: ...
+
+    def update_weights(self, model) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ENGINES = ("hf", "vllm")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(name: str, device: str) -> str:
+    """`auto` -> vllm when it is installed and CUDA is in use, else hf."""
+    if name == "auto":
+        return "vllm" if device.startswith("cuda") and vllm_available() else "hf"
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose auto, {', '.join(ENGINES)}")
+    if name == "vllm" and not vllm_available():
+        raise ValueError("--engine vllm needs the vllm package: pip install -e '.[vllm]'")
+    return name
+
+
+def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
+    if name == "hf":
+        from rpttrain.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, **kwargs)
+    if name == "vllm":
+        from rpttrain.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, **kwargs)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """Token ids that end a completion: eos plus the chat end-of-turn token when there is one."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for tok in ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return tuple(sorted(ids))

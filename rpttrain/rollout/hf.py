@@ -1,0 +1,121 @@
+"""Rollouts with transformers `generate` (CPU or GPU). Shares the training model's weights.
+
+Prompts are left-padded into micro-batches of at most `max_batch_sequences` sequences
+(prompts x n), so memory stays bounded whatever the batch. Sampling is seeded per call, so a run
+with a fixed seed is reproducible on CPU. Log-probs returned are those of the sampling
+distribution (temperature applied), as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from rpttrain.rollout import Completion, Sampling
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the processed (temperature-scaled) distribution,
+    keeping one step of log-softmax at a time instead of every step's full-vocabulary logits."""
+
+    def __init__(self, temperature: float):
+        # custom processors run before transformers' temperature warper: apply it here
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1).float().cpu())
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1).float().cpu())
+            self.prev = None
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(sequences.shape[0], 0)
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer, max_batch_sequences: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_sequences = max_batch_sequences
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+
+    def update_weights(self, model) -> None:
+        self.model = model  # same object as the trainer's: nothing to copy
+
+    def close(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]:
+        per_chunk = max(1, self.max_batch_sequences // sampling.n)
+        out: list[list[Completion]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), per_chunk):
+                chunk = prompts[start : start + per_chunk]
+                # one seed per chunk: reproducible, and independent of how many chunks came before
+                torch.manual_seed(sampling.seed + start)
+                out += self._generate_chunk(chunk, sampling)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            attention[i, width - len(p) :] = 1
+        greedy = sampling.temperature == 0
+        stop = list(sampling.stop_token_ids)
+        recorder = _SampledLogprobs(sampling.temperature)
+        gen = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else 0,  # sample from the whole distribution, as vLLM does
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.n,
+            eos_token_id=stop or None,
+            pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
+        new = gen[:, width:].cpu()
+        logp = recorder.finish(gen)
+        groups: list[list[Completion]] = []
+        for i in range(len(prompts)):
+            group = []
+            for j in range(sampling.n):
+                row = i * sampling.n + j
+                ids = new[row].tolist()
+                finish = "length"
+                for k, t in enumerate(ids):
+                    if t in stop:
+                        ids, finish = ids[: k + 1], "stop"
+                        break
+                text_ids = ids[:-1] if finish == "stop" else ids
+                group.append(
+                    Completion(
+                        token_ids=ids,
+                        text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                        finish_reason=finish,
+                        logprobs=logp[row, : len(ids)].tolist(),
+                    )
+                )
+            groups.append(group)
+        return groups

@@ -1,0 +1,754 @@
+"""`rpt make-tasks`: scored positions -> RPT tasks (context, continuation, boundaries), split by document.
+
+    run_make_tasks(MakeTasksConfig(scored_dir="out/scored", out="out/tasks")) -> manifest dict
+
+A task is one scored position t of a document (paper Sec. 3.1): the context is the document's
+text before token t (at most `context_tokens` tokens, cut on a token boundary), the continuation
+is the text of tokens t .. t+K-1, and `boundaries` are the cumulative UTF-8 byte lengths of those
+tokens: the lengths a prediction may have under prefix matching (paper Eq. 3,
+`rpttrain.reward.prefix_reward`). See docs/tasks.md for the schema.
+
+Output:
+    OUT/train/part-NNNNN.parquet  tasks of training documents (one shard per scored shard)
+    OUT/eval/part-NNNNN.parquet   tasks of held-out documents (never trained on)
+    OUT/manifest.json             tokenizer + proxy (copied), options, split rule, bands, counts
+
+Every position read is accounted for: positions_in = tasks_train + tasks_eval + sum(skipped),
+with one reason per skipped position (`nan_entropy`, `below_threshold`, `mid_character`,
+`empty_context`, `over_max_tasks`, `over_max_eval_tasks`).
+
+Documents go to `eval` when a seeded SHA-256 of their id falls below `eval_fraction`
+(`split_of`); the rule is in the manifest, so later stages can recompute it. `--max-tasks` keeps
+the tasks with the smallest seeded hash of their task id: exact and deterministic, found by a
+first pass that holds only a heap of (hash, shard, row) of size N, never the tasks themselves.
+
+Memory is one docs shard and its positions shard at a time. Resume and rerun refusal are
+`rptdata.manifest.StageDir`'s: a shard is done when both of its split shards have markers.
+
+Left out on purpose: splitting the work between processes (this stage is I/O-bound and fast),
+filtering by band (bands are labels; filter with `--threshold` or when loading), and balancing
+bands or documents when capping (the cap is a uniform random sample of the eligible tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
+from rptdata.manifest import MANIFEST, StageDir, list_shards, read_manifest, shard_name
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_BANDS",
+    "SKIP_REASONS",
+    "SPLITS",
+    "TASKS_SCHEMA",
+    "MakeTasksConfig",
+    "band_of",
+    "continuation_at",
+    "cut_context",
+    "iter_tasks",
+    "load_tasks",
+    "parse_bands",
+    "run_make_tasks",
+    "split_of",
+    "task_id_of",
+    "task_shards",
+]
+
+STAGE = "make-tasks"
+SCORE_STAGE = "score-entropy"
+SPLITS = ("train", "eval")
+POSITIONS_DIR = "positions"
+DOCS_DIR = "docs"
+OTHER_BAND = "other"
+# The paper's evaluation splits (Sec. 4.1): entropy above 0.5 / 1.0 / 1.5, nested.
+DEFAULT_BANDS: tuple[tuple[str, float], ...] = (("easy", 0.5), ("medium", 1.0), ("hard", 1.5))
+SKIP_REASONS = (
+    "nan_entropy",  # the scorer wrote no entropy for this position
+    "below_threshold",  # entropy < --threshold
+    "mid_character",  # the context would end inside a multi-byte character
+    "empty_context",  # position 0, or a context window that holds no whole character
+    "over_max_tasks",  # an eligible training task beyond --max-tasks
+    "over_max_eval_tasks",  # an eligible evaluation task beyond --max-eval-tasks
+)
+SPLIT_HASH = "sha256"
+
+TASKS_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("pos", pa.int32()),
+        ("context", pa.string()),
+        ("continuation", pa.string()),
+        ("boundaries", pa.list_(pa.int32())),
+        ("entropy", pa.float32()),
+        ("band", pa.string()),
+        ("target_id", pa.int32()),
+        ("context_tokens", pa.int32()),
+        ("target_logprob", pa.float32()),
+        ("target_rank", pa.int32()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def _is_char_start(text_bytes: bytes, offset: int) -> bool:
+    """True when `offset` is a character boundary of valid UTF-8 `text_bytes` (the end counts)."""
+    return offset >= len(text_bytes) or (text_bytes[offset] & 0xC0) != 0x80
+
+
+def _end(ends: Sequence[int], i: int) -> int:
+    """Byte offset where token i ends; token -1 "ends" at 0."""
+    return int(ends[i]) if i >= 0 else 0
+
+
+def _context_start(text_bytes: bytes, ends: Sequence[int], pos: int, n_tokens: int) -> int:
+    """First token of the context window: pos - n_tokens (at least 0), moved forward while its
+    start byte falls inside a multi-byte character. Equals `pos` when no whole character fits."""
+    start = max(0, pos - n_tokens)
+    while start < pos and not _is_char_start(text_bytes, _end(ends, start - 1)):
+        start += 1
+    return start
+
+
+def cut_context(text_bytes: bytes, ends: Sequence[int], pos: int, n_tokens: int) -> tuple[str, int]:
+    """The text before token `pos`, cut to at most `n_tokens` whole tokens; and their count.
+
+    `text_bytes` is a document's UTF-8 text and `ends` its `token_end_bytes` (token i spans
+    bytes [ends[i-1], ends[i]), with ends[-1] = 0). The context starts on a token boundary;
+    when that boundary falls inside a multi-byte character (a byte-level BPE token holding
+    part of one), it moves forward to the next token boundary that is a character boundary,
+    so the context may hold fewer than `n_tokens` tokens, or none ("", 0).
+
+    Raises ValueError when the context would end inside a character (such positions cannot
+    end a text context; `run_make_tasks` skips them as `mid_character`).
+
+    >>> text = "ab 世".encode()          # 世 is 3 bytes: e4 b8 96
+    >>> ends = [2, 3, 4, 6]              # "ab", " ", then 世 split over two tokens
+    >>> cut_context(text, ends, 2, 8)
+    ('ab ', 2)
+    >>> cut_context(text, ends, 2, 1)
+    (' ', 1)
+    >>> cut_context("ab 世!".encode(), [2, 3, 4, 6, 7], 4, 1)  # window starts inside 世
+    ('', 0)
+    """
+    if not 0 <= pos <= len(ends):
+        raise ValueError(f"position {pos} is outside the document's {len(ends)} tokens")
+    stop = _end(ends, pos - 1)
+    if not _is_char_start(text_bytes, stop):
+        raise ValueError(f"position {pos}: the context would end inside a multi-byte character (byte {stop})")
+    start = _context_start(text_bytes, ends, pos, n_tokens)
+    return text_bytes[_end(ends, start - 1) : stop].decode("utf-8"), pos - start
+
+
+def continuation_at(text_bytes: bytes, ends: Sequence[int], pos: int, k: int) -> tuple[str, list[int]]:
+    """The text of the `k` tokens from `pos` on, and the cumulative byte lengths of those tokens.
+
+    The document's end may cut the continuation shorter. When the k-th token ends inside a
+    multi-byte character, the continuation shrinks to the last token boundary that is a
+    character boundary; if no such boundary is left, it grows to the first one after. So the
+    continuation is always whole characters, and `boundaries` is strictly increasing with
+    `boundaries[-1] == len(continuation.encode())`. Token ends that fall inside a character stay
+    in `boundaries`: they are real token boundaries, no string can match them, and the first
+    one keeps its meaning for the first-token reward.
+
+    The continuation must start on a character boundary (ValueError otherwise).
+
+    >>> continuation_at(b"x = 12", [1, 3, 5, 6], 1, 2)
+    (' = 1', [2, 4])
+    >>> text = "a世b".encode()          # 世 is 3 bytes, here split into two tokens
+    >>> continuation_at(text, [1, 3, 4, 5], 1, 1)   # one token would end inside 世: extend
+    ('世', [2, 3])
+    >>> continuation_at(text, [1, 3, 4, 5], 1, 3)
+    ('世b', [2, 3, 4])
+    >>> continuation_at(text, [1, 3, 4, 5], 0, 2)   # shrink back to the last whole character
+    ('a', [1])
+    """
+    n = len(ends)
+    if not 0 <= pos < n:
+        raise ValueError(f"position {pos} is outside the document's {n} tokens")
+    if k < 1:
+        raise ValueError(f"a continuation needs at least one token, not k={k}")
+    start = _end(ends, pos - 1)
+    if not _is_char_start(text_bytes, start):
+        raise ValueError(f"position {pos}: the continuation would start inside a multi-byte character")
+    last = min(pos + k, n) - 1
+    j = last
+    while j >= pos and not _is_char_start(text_bytes, _end(ends, j)):
+        j -= 1
+    if j < pos:  # no whole character within k tokens: extend to the first character boundary
+        j = last + 1
+        while not _is_char_start(text_bytes, _end(ends, j)):
+            j += 1  # ends[-1] == len(text) is a boundary, so this stops
+    boundaries: list[int] = []
+    for i in range(pos, j + 1):
+        b = int(ends[i]) - start
+        if not boundaries or b > boundaries[-1]:  # a zero-length token adds no boundary
+            boundaries.append(b)
+    return text_bytes[start : start + boundaries[-1]].decode("utf-8"), boundaries
+
+
+def band_of(entropy: float, thresholds: Sequence[tuple[str, float]] | Mapping[str, float] = DEFAULT_BANDS) -> str:
+    """The highest band whose threshold `entropy` exceeds (strictly), else "other".
+
+    Bands are nested in the paper (Sec. 4.1): a "hard" task also counts as medium and easy
+    when you evaluate the medium or easy split; `band` names only the highest.
+
+    >>> band_of(1.2), band_of(1.5), band_of(2.0), band_of(0.1)
+    ('medium', 'medium', 'hard', 'other')
+    >>> band_of(0.7, {"low": 0.2, "high": 0.6})
+    'high'
+    """
+    items = thresholds.items() if isinstance(thresholds, Mapping) else thresholds
+    best, best_t = OTHER_BAND, -math.inf
+    for name, t in items:
+        if entropy > t and t >= best_t:
+            best, best_t = name, t
+    return best
+
+
+def parse_bands(text: str) -> tuple[tuple[str, float], ...]:
+    """Bands from "0.5,1.0,1.5" (named easy/medium/hard when there are three) or "lo=0.5,hi=2".
+
+    Unnamed lists of another length are named by threshold ("gt0.5", "gt2").
+
+    >>> parse_bands("0.5,1.0,1.5")
+    (('easy', 0.5), ('medium', 1.0), ('hard', 1.5))
+    >>> parse_bands("lo=0.3,hi=2")
+    (('lo', 0.3), ('hi', 2.0))
+    >>> parse_bands("1,2")
+    (('gt1', 1.0), ('gt2', 2.0))
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--bands needs at least one threshold, e.g. 0.5,1.0,1.5")
+    named = ["=" in p for p in parts]
+    if any(named) and not all(named):
+        raise ValueError(f"--bands {text!r}: name every band (easy=0.5,...) or none")
+    try:
+        if all(named):
+            pairs = [(n.strip(), float(v)) for n, v in (p.split("=", 1) for p in parts)]
+        else:
+            values = [float(p) for p in parts]
+            names = [n for n, _ in DEFAULT_BANDS] if len(values) == 3 else [f"gt{v:g}" for v in values]
+            pairs = list(zip(names, values))
+    except ValueError:
+        raise ValueError(f"--bands {text!r}: thresholds must be numbers, e.g. 0.5,1.0,1.5") from None
+    return tuple(pairs)
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1): the first 53 bits of SHA-256(key)."""
+    return (int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 11) / 2**53
+
+
+def split_of(doc_id: str, seed: int = 0, eval_fraction: float = 0.1) -> str:
+    """"eval" or "train" for a document, from a seeded SHA-256 of its id (stable across runs,
+    machines and Python versions; unlike `hash()`).
+
+    The rule: u = first 8 bytes of sha256(f"{seed}:{doc_id}") as a big-endian integer, >> 11,
+    / 2**53; the document is "eval" when u < eval_fraction.
+
+    >>> split_of("doc-1", seed=0, eval_fraction=0.0), split_of("doc-1", seed=0, eval_fraction=1.0)
+    ('train', 'eval')
+    """
+    return "eval" if _unit_hash(f"{seed}:{doc_id}") < eval_fraction else "train"
+
+
+def _task_key(task_id: str, seed: int) -> int:
+    """The seeded hash that orders tasks for --max-tasks (smallest kept)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:task:{task_id}".encode("utf-8")).digest()[:16], "big")
+
+
+def task_id_of(doc_id: str, pos: int) -> str:
+    """The stable id of the task at a position: "{doc_id}@{pos}".
+
+    >>> task_id_of("omnimath-17", 42)
+    'omnimath-17@42'
+    """
+    return f"{doc_id}@{pos}"
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class MakeTasksConfig:
+    """Options of `rpt make-tasks`.
+
+    Fields:
+        scored_dir: a finished `rpt score-entropy` directory.
+        out: where to write the tasks.
+        threshold: keep positions with entropy >= threshold (the paper does not state its
+            value; 0.5 is the lower edge of its easy split). 0 keeps every position.
+        context_tokens: at most this many tokens of context before the position.
+        continuation_tokens: tokens in the continuation (the longest prediction that scores).
+        eval_fraction: share of documents held out for evaluation (by a seeded hash).
+        seed: seeds the document split and the --max-tasks sample.
+        max_tasks / max_eval_tasks: keep at most this many training / evaluation tasks, a
+            seeded uniform sample of the eligible ones (None: all).
+        bands: (name, threshold) pairs, increasing; a task's band is the highest it exceeds.
+        prepared_dir: the `rpt prepare` directory; default: the one the scored manifest names.
+        overwrite: replace a run in `out` made with other options.
+        progress: show a progress bar.
+    """
+
+    scored_dir: str
+    out: str
+    threshold: float = 0.5
+    context_tokens: int = 1024
+    continuation_tokens: int = 8
+    eval_fraction: float = 0.1
+    seed: int = 0
+    max_tasks: int | None = None
+    max_eval_tasks: int | None = None
+    bands: tuple[tuple[str, float], ...] = DEFAULT_BANDS
+    prepared_dir: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.bands, str):
+            object.__setattr__(self, "bands", parse_bands(self.bands))
+        elif isinstance(self.bands, Mapping):
+            object.__setattr__(self, "bands", tuple((str(k), float(v)) for k, v in self.bands.items()))
+        else:
+            object.__setattr__(self, "bands", tuple((str(n), float(t)) for n, t in self.bands))
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"--threshold must be a finite number, not {self.threshold}")
+        if self.context_tokens < 1:
+            raise ValueError("--context-tokens must be at least 1: a task needs some context to predict from")
+        if self.continuation_tokens < 1:
+            raise ValueError("--continuation-tokens must be at least 1: the continuation holds the target token")
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise ValueError(f"--eval-fraction is a share of documents, between 0 and 1; got {self.eval_fraction}")
+        for name, cap in (("--max-tasks", self.max_tasks), ("--max-eval-tasks", self.max_eval_tasks)):
+            if cap is not None and cap < 0:
+                raise ValueError(f"{name} must be 0 or more (or left out for no cap); got {cap}")
+        if not self.bands:
+            raise ValueError("--bands needs at least one band")
+        names = [n for n, _ in self.bands]
+        values = [t for _, t in self.bands]
+        if len(set(names)) != len(names) or OTHER_BAND in names or any(not n for n in names):
+            raise ValueError(f"band names must be distinct, non-empty and not {OTHER_BAND!r}; got {names}")
+        if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"band thresholds must be finite and strictly increasing (bands are nested); got {values}")
+
+    def identity(self) -> dict:
+        """The options that decide the output (not where it goes or how it is shown)."""
+        d = asdict(self)
+        for k in ("scored_dir", "out", "prepared_dir", "overwrite", "progress"):
+            d.pop(k)
+        d["bands"] = [list(b) for b in self.bands]
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# one shard, vectorized filters
+
+
+class _Shard:
+    """A docs shard joined with its positions shard, with every position's fate decided.
+
+    `reason[i]` is 0 for an eligible position, else 1 + index into SKIP_REASONS (the caps are
+    applied later). Filters are numpy over flat arrays: the text column's UTF-8 buffer and the
+    token ends' values, indexed by each position's document row.
+    """
+
+    def __init__(self, index: int, docs: pa.Table, positions: pa.Table, config: MakeTasksConfig, where: str):
+        self.index = index
+        self.doc_ids: list[str] = docs.column("doc_id").to_pylist()
+        row_of = {d: r for r, d in enumerate(self.doc_ids)}
+        if len(row_of) != len(self.doc_ids):
+            raise BadInput(f"{where}: the docs shard holds a doc_id twice")
+        text = docs.column("text").cast(pa.large_string()).combine_chunks()
+        self.text_off = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset : text.offset + len(text) + 1]
+        data = text.buffers()[2]
+        self.text_data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        ends = docs.column("token_end_bytes").combine_chunks()
+        ids = docs.column("token_ids").combine_chunks()
+        self.ends_off = ends.offsets.to_numpy().astype(np.int64)
+        self.ends_flat = ends.values.to_numpy().astype(np.int64)
+        ids_off = ids.offsets.to_numpy().astype(np.int64)
+        ids_flat = ids.values.to_numpy()
+        n_tok = np.diff(self.ends_off)
+
+        p_doc = positions.column("doc_id").to_pylist()
+        self.n = len(p_doc)
+        try:
+            self.row = np.fromiter((row_of[d] for d in p_doc), dtype=np.int64, count=self.n)
+        except KeyError as e:
+            raise BadInput(f"{where}: position of document {e.args[0]!r}, which is not in the matching docs shard") from None
+        self.pos = positions.column("pos").to_numpy().astype(np.int64)
+        self.token_id = positions.column("token_id").to_numpy().astype(np.int64)
+        self.entropy = positions.column("entropy").to_numpy(zero_copy_only=False).astype(np.float32)
+        self.logprob = _optional(positions, "target_logprob", np.float32, self.n)
+        self.rank = _optional(positions, "target_rank", np.int64, self.n)
+
+        if self.n and (np.any(self.pos < 0) or np.any(self.pos >= n_tok[self.row])):
+            bad = int(np.nonzero((self.pos < 0) | (self.pos >= n_tok[self.row]))[0][0])
+            raise BadInput(f"{where}: position {self.pos[bad]} of {p_doc[bad]!r} is outside its {n_tok[self.row[bad]]} tokens")
+        tok_at = ids_flat[ids_off[self.row] + self.pos] if self.n else np.zeros(0, np.int64)
+        if np.any(tok_at != self.token_id):
+            bad = int(np.nonzero(tok_at != self.token_id)[0][0])
+            raise ManifestMismatch(
+                f"{where}: token_id at {p_doc[bad]!r}@{self.pos[bad]} is {self.token_id[bad]}, but the prepared "
+                f"document has {tok_at[bad]} there; the scored and prepared directories do not belong together"
+            )
+        if self.n and len(np.unique(self.row * (int(n_tok.max()) + 1) + self.pos)) != self.n:
+            raise BadInput(f"{where}: the positions shard lists a (doc_id, pos) twice")
+
+        self.reason = np.zeros(self.n, dtype=np.int8)
+        self.start = np.zeros(self.n, dtype=np.int64)  # first context token of each position
+        self._filter(config)
+        self.split_eval = np.array([split_of(d, config.seed, config.eval_fraction) == "eval" for d in self.doc_ids], bool)
+        self.pos_eval = self.split_eval[self.row] if self.n else np.zeros(0, bool)
+
+    def _end(self, token: np.ndarray) -> np.ndarray:
+        """Byte offset (within each position's document) where `token` ends; token -1 ends at 0."""
+        idx = self.ends_off[self.row] + np.maximum(token, 0) - 1
+        safe = np.clip(idx, 0, max(len(self.ends_flat) - 1, 0))
+        return np.where(token > 0, self.ends_flat[safe] if len(self.ends_flat) else 0, 0)
+
+    def _char_start(self, offset: np.ndarray) -> np.ndarray:
+        """True where `offset` (within each position's document) is a character boundary."""
+        glob = self.text_off[self.row] + offset
+        at_end = glob >= self.text_off[self.row + 1]
+        byte = self.text_data[np.clip(glob, 0, max(len(self.text_data) - 1, 0))] if len(self.text_data) else 0
+        return at_end | ((byte & 0xC0) != 0x80)
+
+    def _mark(self, mask: np.ndarray, reason: str) -> None:
+        self.reason[(self.reason == 0) & mask] = SKIP_REASONS.index(reason) + 1
+
+    def _filter(self, config: MakeTasksConfig) -> None:
+        if not self.n:
+            return
+        self._mark(np.isnan(self.entropy), "nan_entropy")
+        self._mark(self.entropy.astype(np.float64) < config.threshold, "below_threshold")  # as band_of compares
+        self._mark(~self._char_start(self._end(self.pos)), "mid_character")
+        # the same rule as _context_start, vectorized: move forward while inside a character
+        self.start = np.maximum(self.pos - config.context_tokens, 0)
+        for _ in range(8):  # a character is at most 4 bytes, so at most 3 moves
+            move = (self.start < self.pos) & ~self._char_start(self._end(self.start))
+            if not move.any():
+                break
+            self.start = self.start + move
+        self._mark(self.start >= self.pos, "empty_context")
+
+    def eligible(self) -> np.ndarray:
+        return np.nonzero(self.reason == 0)[0]
+
+    def task_id(self, i: int) -> str:
+        return task_id_of(self.doc_ids[self.row[i]], int(self.pos[i]))
+
+    def doc_bytes(self, r: int) -> tuple[bytes, np.ndarray]:
+        return (
+            self.text_data[self.text_off[r] : self.text_off[r + 1]].tobytes(),
+            self.ends_flat[self.ends_off[r] : self.ends_off[r + 1]],
+        )
+
+
+def _optional(table: pa.Table, name: str, dtype, n: int) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    return table.column(name).to_numpy(zero_copy_only=False).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    scored: Path
+    prepared: Path
+    scored_manifest: dict
+    prepared_manifest: dict
+    shards: list[int]
+
+
+def _open_inputs(config: MakeTasksConfig) -> _Inputs:
+    scored = Path(config.scored_dir).resolve()
+    sm = read_manifest(scored, SCORE_STAGE)
+    recorded = sm.get("prepared") or {}  # {"dir", "fingerprint"} (rptdata/score.py)
+    prep = config.prepared_dir or recorded.get("dir") or sm.get("prepared_dir")
+    if not prep:
+        raise MissingUpstream(f"{scored}/{MANIFEST} does not name its prepared directory; pass --prepared")
+    prepared = Path(prep)
+    if not prepared.is_absolute():
+        prepared = (scored / prepared) if (scored / prepared).exists() else prepared
+    prepared = prepared.resolve()
+    if not (prepared / MANIFEST).exists():
+        raise MissingUpstream(
+            f"the prepared directory {prepared} (named by {scored}/{MANIFEST}) is not there; "
+            "pass --prepared with its new location"
+        )
+    pm = read_manifest(prepared, "prepare")
+    if recorded.get("fingerprint") and pm.get("fingerprint") != recorded["fingerprint"]:
+        raise ManifestMismatch(
+            f"{scored} was scored from a prepare run with fingerprint {recorded['fingerprint']}, but {prepared} "
+            f"holds fingerprint {pm.get('fingerprint')} (prepared again with other inputs or options?)"
+        )
+    s_hash = (sm.get("tokenizer") or {}).get("vocab_hash")
+    p_hash = (pm.get("tokenizer") or {}).get("vocab_hash")
+    if s_hash != p_hash:
+        raise ManifestMismatch(
+            f"{scored} was scored with tokenizer vocab {s_hash}, but {prepared} was prepared with {p_hash}; "
+            "the token ids would not line up"
+        )
+    missing = [name for name in sm.get("shards", []) if not (scored / name).exists()]
+    if missing:
+        raise MissingUpstream(f"{scored}: the manifest lists {len(missing)} shard(s) that are not there, e.g. {missing[0]}")
+    shards = []
+    for path in list_shards(scored / POSITIONS_DIR):
+        index = int(path.stem.rsplit("-", 1)[1])
+        if not (prepared / DOCS_DIR / shard_name(index)).exists():
+            raise MissingUpstream(f"{path} has no matching docs shard {prepared / DOCS_DIR / shard_name(index)}")
+        shards.append(index)
+    return _Inputs(scored, prepared, sm, pm, shards)
+
+
+def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
+    docs = pq.read_table(inputs.prepared / DOCS_DIR / shard_name(index), columns=["doc_id", "text", "token_ids", "token_end_bytes"])
+    pos_path = inputs.scored / POSITIONS_DIR / shard_name(index)
+    schema = pq.read_schema(pos_path)
+    wanted = ["doc_id", "pos", "token_id", "entropy", "target_logprob", "target_rank"]
+    missing = [c for c in wanted[:4] if c not in schema.names]
+    if missing:
+        raise BadInput(f"{pos_path}: missing column(s) {', '.join(missing)}; is this a score-entropy shard?")
+    positions = pq.read_table(pos_path, columns=[c for c in wanted if c in schema.names])
+    return _Shard(index, docs, positions, config, str(pos_path))
+
+
+def _select_capped(inputs: _Inputs, config: MakeTasksConfig) -> dict[str, dict[int, set[int]] | None]:
+    """First pass for the caps: per split, shard -> positions-row indices of the kept tasks.
+
+    Holds only a max-heap of the N smallest (task hash, shard, row) per split.
+    """
+    caps = {"train": config.max_tasks, "eval": config.max_eval_tasks}
+    heaps: dict[str, list] = {s: [] for s in SPLITS}
+    for index in inputs.shards:
+        shard = _load_shard(inputs, index, config)
+        for i in shard.eligible():
+            split = "eval" if shard.pos_eval[i] else "train"
+            cap = caps[split]
+            if cap is None or cap == 0:
+                continue
+            item = (-_task_key(shard.task_id(i), config.seed), -index, -int(i))  # max-heap of the smallest keys
+            heap = heaps[split]
+            if len(heap) < cap:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+    out: dict[str, dict[int, set[int]] | None] = {}
+    for split in SPLITS:
+        if caps[split] is None:
+            out[split] = None
+            continue
+        chosen: dict[int, set[int]] = {}
+        for _, neg_index, neg_row in heaps[split]:
+            chosen.setdefault(-neg_index, set()).add(-neg_row)
+        out[split] = chosen
+    return out
+
+
+def _build_tasks(shard: _Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Table:
+    cols: dict[str, list] = {f.name: [] for f in TASKS_SCHEMA}
+    cache_row, text_bytes, ends = -1, b"", np.zeros(0, np.int64)
+    for i in rows:
+        r = int(shard.row[i])
+        if r != cache_row:
+            cache_row = r
+            text_bytes, ends = shard.doc_bytes(r)
+        pos = int(shard.pos[i])
+        context, n_ctx = cut_context(text_bytes, ends, pos, config.context_tokens)
+        if n_ctx != pos - int(shard.start[i]):  # the vectorized filter and the helper must agree
+            raise AssertionError(f"context cut disagrees at {shard.task_id(i)}: {n_ctx} != {pos - shard.start[i]}")
+        continuation, boundaries = continuation_at(text_bytes, ends, pos, config.continuation_tokens)
+        entropy = float(shard.entropy[i])
+        cols["task_id"].append(shard.task_id(i))
+        cols["doc_id"].append(shard.doc_ids[r])
+        cols["pos"].append(pos)
+        cols["context"].append(context)
+        cols["continuation"].append(continuation)
+        cols["boundaries"].append(boundaries)
+        cols["entropy"].append(entropy)
+        cols["band"].append(band_of(entropy, config.bands))
+        cols["target_id"].append(int(shard.token_id[i]))
+        cols["context_tokens"].append(n_ctx)
+        cols["target_logprob"].append(None if shard.logprob is None else float(shard.logprob[i]))
+        cols["target_rank"].append(None if shard.rank is None else int(shard.rank[i]))
+    return pa.Table.from_pydict(cols, schema=TASKS_SCHEMA)
+
+
+def _write_task_shard(stage: StageDir, shard: _Shard, chosen: dict, config: MakeTasksConfig) -> dict:
+    """Build and write one shard's train and eval tasks; return its stats (also in the markers)."""
+    skipped = Counter(SKIP_REASONS[int(c) - 1] for c in shard.reason[shard.reason > 0])
+    eligible = shard.eligible()
+    stats: dict = {"positions": shard.n, "tasks": {}, "bands": {}, "documents": {}, "documents_with_tasks": {}}
+    tables: dict[str, pa.Table] = {}
+    for split, over in (("train", "over_max_tasks"), ("eval", "over_max_eval_tasks")):
+        in_split = eligible[shard.pos_eval[eligible] == (split == "eval")]
+        if chosen[split] is not None:
+            keep = chosen[split].get(shard.index, set())
+            mask = np.fromiter((int(i) in keep for i in in_split), dtype=bool, count=len(in_split))
+            skipped[over] += int((~mask).sum())
+            in_split = in_split[mask]
+        table = _build_tasks(shard, in_split, config)
+        tables[split] = table
+        stats["tasks"][split] = table.num_rows
+        stats["bands"][split] = dict(Counter(table.column("band").to_pylist()))
+        docs_in_split = np.unique(shard.row[shard.pos_eval == (split == "eval")])
+        stats["documents"][split] = int(len(docs_in_split))
+        stats["documents_with_tasks"][split] = int(len(np.unique(shard.row[in_split])))
+    stats["skipped"] = {r: int(skipped.get(r, 0)) for r in SKIP_REASONS}
+    # train first; the eval marker, written last, carries the whole shard's stats
+    stage.write_shard("train", shard.index, tables["train"], {"tasks": tables["train"].num_rows})
+    stage.write_shard("eval", shard.index, tables["eval"], stats)
+    return stats
+
+
+def _done(stage: StageDir) -> dict[int, dict]:
+    """Shards whose train and eval outputs are both complete -> their stats (from the eval
+    marker, which is written last)."""
+    train = stage.done_shards("train")
+    return {i: s for i, s in stage.done_shards("eval").items() if i in train and "positions" in s}
+
+
+def run_make_tasks(config: MakeTasksConfig) -> dict:
+    """Run the stage (see the module docstring); returns the manifest."""
+    started = time.time()
+    inputs = _open_inputs(config)
+    sm = inputs.scored_manifest
+    stage = StageDir(Path(config.out), STAGE, list(SPLITS))
+    state = stage.begin(
+        {
+            "scored": sm.get("fingerprint"),
+            "prepared": inputs.prepared_manifest.get("fingerprint"),
+            "options": config.identity(),
+            "tokenizer": sm.get("tokenizer"),
+        },
+        overwrite=config.overwrite,
+    )
+    if state == "done":
+        log.info("%s is already complete; nothing to do", config.out)
+        return json.loads((Path(config.out) / MANIFEST).read_text())
+    done = _done(stage)
+    if done:
+        log.info("resuming: %d shard(s) already complete", len(done))
+
+    chosen: dict = {"train": None, "eval": None}
+    if config.max_tasks is not None or config.max_eval_tasks is not None:
+        chosen = _select_capped(inputs, config)
+
+    from tqdm import tqdm
+
+    per_shard: list[dict] = []
+    for index in tqdm(inputs.shards, desc="make-tasks", unit=" shard", disable=not config.progress, dynamic_ncols=True):
+        if index in done:
+            per_shard.append(done[index])
+            continue
+        shard = _load_shard(inputs, index, config)
+        per_shard.append(_write_task_shard(stage, shard, chosen, config))
+
+    counts = _sum_counts(per_shard, config)
+    accounted = sum(counts["tasks"].values()) + sum(counts["skipped"].values())
+    if accounted != counts["positions_in"]:  # an internal invariant, not user input
+        raise AssertionError(f"position accounting broke: read {counts['positions_in']} != accounted {accounted}")
+    return stage.finish(
+        {
+            "scored_dir": str(inputs.scored),
+            "prepared_dir": str(inputs.prepared),
+            "tokenizer": sm.get("tokenizer"),
+            "proxy": sm.get("proxy"),
+            "options": config.identity(),
+            "bands": {name: t for name, t in config.bands},
+            "split": {
+                "hash": SPLIT_HASH,
+                "key": "f'{seed}:{doc_id}'",
+                "value": "int.from_bytes(sha256(key).digest()[:8], 'big') >> 11, / 2**53",
+                "eval_if": "value < eval_fraction",
+                "seed": config.seed,
+                "eval_fraction": config.eval_fraction,
+                "function": "rpttrain.tasks.split_of",
+            },
+            "shards": {split: [f"{split}/{shard_name(i)}" for i in inputs.shards] for split in SPLITS},
+            "schema": {f.name: str(f.type) for f in TASKS_SCHEMA},
+            "counts": counts,
+            "seconds": round(time.time() - started, 2),
+        }
+    )
+
+
+def _sum_counts(per_shard: list[dict], config: MakeTasksConfig) -> dict:
+    band_names = [n for n, _ in config.bands] + [OTHER_BAND]
+    counts: dict = {
+        "positions_in": sum(s["positions"] for s in per_shard),
+        "tasks": {split: sum(s["tasks"][split] for s in per_shard) for split in SPLITS},
+        "tasks_by_band": {
+            split: {b: sum(s["bands"][split].get(b, 0) for s in per_shard) for b in band_names} for split in SPLITS
+        },
+        "documents": {split: sum(s["documents"][split] for s in per_shard) for split in SPLITS},
+        "documents_with_tasks": {split: sum(s["documents_with_tasks"][split] for s in per_shard) for split in SPLITS},
+        "skipped": {r: sum(s["skipped"][r] for s in per_shard) for r in SKIP_REASONS},
+    }
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# readers for train / eval / probe
+
+
+def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
+    """The shard files of one split of a finished `rpt make-tasks` directory, in index order
+    (for readers that want pyarrow directly, e.g. a column subset of a whole split)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    read_manifest(Path(tasks_dir), STAGE)  # refuses unfinished or foreign directories
+    return list_shards(Path(tasks_dir) / split)
+
+
+_split_shards = task_shards  # the earlier private name, still used by rpttrain/train.py
+
+
+def iter_tasks(tasks_dir: str | Path, split: str = "train", columns: Sequence[str] | None = None) -> Iterator[dict]:
+    """Tasks of a finished `rpt make-tasks` directory, one dict per task, shard by shard.
+
+    Memory is one record batch at a time. `columns` picks a subset of TASKS_SCHEMA.
+    """
+    for path in task_shards(tasks_dir, split):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=list(columns) if columns else None):
+            yield from batch.to_pylist()
+
+
+def load_tasks(tasks_dir: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
+    """The first `limit` tasks of a split (all with None), in shard order, as dicts."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be 0 or more, not {limit}")
+    out: list[dict] = []
+    if limit == 0:
+        return out
+    for task in iter_tasks(tasks_dir, split):
+        out.append(task)
+        if limit is not None and len(out) >= limit:
+            break
+    return out

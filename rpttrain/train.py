@@ -1,0 +1,597 @@
+"""`rpt train`: GRPO over RPT tasks with the prefix-matching reward (paper Sec. 3.2, Table 5).
+
+    run_train(TrainConfig(tasks_dir="out/tasks", out="out/run", model="smollm2-135m", ...)) -> summary
+
+One step, as named, timed phases:
+    rollout    B contexts x G samples from the rollout engine (transformers or vLLM)
+    reward     the prompt format's extraction + `rpttrain.reward` (prefix / first-token)
+    advantage  group-normalized advantages (`rpttrain.algos`); dynamic sampling (DAPO) refills
+               the batch with groups whose rewards differ, from step --dynamic-sampling-from
+    update     clipped policy-gradient loss over completion tokens, micro-batched by a token
+               budget, gradient clipping, AdamW; NaN/inf updates are skipped and counted
+    checkpoint HF-format model + optimizer/scheduler/RNG/data cursor (`rpttrain.checkpoint`)
+
+The run directory holds config.yaml (the resolved config), metrics.jsonl (one line per step),
+samples.jsonl (completions every --sample-every steps), checkpoints/ and, when tensorboard is
+installed, tb/. Log-probs for the update come from the training model itself; the engine's own
+log-probs are only compared with them (`logprob_mismatch`), never trained on.
+
+Compute accounting (FLOPs, logged per step and cumulatively; N = model parameters):
+    6 * N per token through the update's forward+backward (prompt and completion tokens), plus
+    2 * N per rollout token (each sample's prompt and its generated tokens).
+
+Left out on purpose: multi-GPU/FSDP (use the verl export for that), sequence packing, a value
+model (GRPO needs none), and PPO epochs > 1 (the paper does one on-policy update per batch, so the
+ratio is 1 and old log-probs equal the current ones; the clip is still applied as written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rptdata.errors import ManifestMismatch, RptError
+from rptdata.manifest import fingerprint, read_manifest
+from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
+from rpttrain import algos
+from rpttrain.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
+from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.reward import REWARDS, get_reward_fn
+from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RptError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of `rpt train`. Defaults are the paper's (Table 5) unless marked CPU."""
+
+    tasks_dir: str
+    out: str
+    model: str = "smollm2-135m"
+    objective: str = "rpt"
+    steps: int = 1000
+    batch_size: int = 256  # contexts per step (B)
+    group_size: int = 8  # rollouts per context (G)
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    max_prompt_tokens: int = 4096
+    prompt_template: str = "v0"
+    reward: str = "prefix"
+    scale_rewards: str = "group"  # group | none (Dr. GRPO)
+    loss_agg: str = "token-mean"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    kl_coef: float = 0.0
+    lr: float = 1e-6
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 0.2
+    warmup_steps: int = 0
+    dynamic_sampling_from: int = 500  # -1 disables
+    dynamic_sampling_rounds: int = 3
+    micro_batch_tokens: int = 16384
+    engine: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    sample_every: int = 10
+    max_bad_steps: int = 5
+    compute_budget: float | None = None  # FLOPs; stop (with a checkpoint) when reached
+    allow_tokenizer_mismatch: bool = False
+    trust_remote_code: bool = False
+    vllm_gpu_memory_utilization: float = 0.3
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.objective not in ("rpt",):
+            raise ValueError(f"objective must be 'rpt' (got {self.objective!r})")
+        if self.batch_size < 1 or self.group_size < 2:
+            raise ValueError("batch_size must be >= 1 and group_size >= 2 (GRPO compares samples within a group)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: GRPO needs different samples within a group")
+        if self.loss_agg not in algos.LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {', '.join(algos.LOSS_AGGS)}")
+        if self.scale_rewards not in ("group", "none"):
+            raise ValueError("scale_rewards must be 'group' or 'none'")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}")
+        if self.steps < 1 or self.save_every < 1 or self.max_new_tokens < 1:
+            raise ValueError("steps, save_every and max_new_tokens must be at least 1")
+        if self.micro_batch_tokens < self.max_new_tokens + 1:
+            raise ValueError(
+                f"micro_batch_tokens ({self.micro_batch_tokens}) must hold at least one whole sequence "
+                f"(max_new_tokens + prompt); raise it or lower max_new_tokens"
+            )
+
+    def identity(self) -> dict:
+        """The settings that define the run (a resumed run must match them)."""
+        d = asdict(self)
+        for k in ("out", "steps", "progress", "save_every", "keep_checkpoints", "sample_every", "compute_budget"):
+            d.pop(k)
+        return d
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """Build a TrainConfig from YAML/dict, rejecting unknown keys by name."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+    return TrainConfig(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class TaskSampler:
+    """Seeded epochs over the training tasks; the cursor (epoch, offset) is all resume needs."""
+
+    def __init__(self, tasks: list[dict], seed: int, epoch: int = 0, offset: int = 0):
+        if not tasks:
+            raise RptError("the training split holds no tasks")
+        self.tasks, self.seed, self.epoch, self.offset = tasks, seed, epoch, offset
+        self._order = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.tasks))
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.offset >= len(self.tasks):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            out.append(self.tasks[int(self._order[self.offset])])
+            self.offset += 1
+        return out
+
+    def cursor(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+def load_train_tasks(tasks_dir: str) -> tuple[list[dict], dict]:
+    import pyarrow.parquet as pq
+
+    from rpttrain.tasks import task_shards
+
+    manifest = read_manifest(Path(tasks_dir), "make-tasks")
+    cols = ["task_id", "doc_id", "context", "continuation", "boundaries"]
+    tasks = []
+    for path in task_shards(tasks_dir, "train"):
+        tasks += pq.read_table(path, columns=cols).to_pylist()
+    return tasks, manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Rollout:
+    """One sampled completion and what the update needs from it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    reward: float
+    advantage: float
+    prediction: str | None
+    truncated: bool
+    engine_logprobs: list[float] | None
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.run_dir = Path(config.out)
+        from rptdata.models import resolve_device
+
+        self.device = resolve_device(config.device)
+        self.fmt = load_prompt_format(config.prompt_template)
+        self.reward_fn = get_reward_fn(config.reward)
+        self.tasks, self.tasks_manifest = load_train_tasks(config.tasks_dir)
+        self.stop_flag = False
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self, resume: bool, overwrite: bool) -> None:
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_file = self.run_dir / "run.json"
+        ident = {"train": c.identity(), "tasks": self.tasks_manifest.get("fingerprint")}
+        checkpoints = list_checkpoints(self.run_dir)
+        if run_file.exists() and not overwrite:
+            previous = json.loads(run_file.read_text())
+            if previous["fingerprint"] != fingerprint(ident):
+                raise ManifestMismatch(
+                    f"{self.run_dir} holds a run with other settings; use another --out or --overwrite"
+                )
+            if checkpoints and not resume:
+                raise ManifestMismatch(
+                    f"{self.run_dir} already has checkpoints (latest {checkpoints[-1].name}); pass --resume to "
+                    "continue it, or --overwrite to start over"
+                )
+        if overwrite:
+            import shutil
+
+            for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "run.json", "summary.json"):
+                p = self.run_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            checkpoints = []
+        run_file.write_text(json.dumps({"fingerprint": fingerprint(ident), **ident}, indent=2, default=str))
+        _write_yaml(self.run_dir / "config.yaml", asdict(c))
+
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
+        start_from = checkpoints[-1] if (resume and checkpoints) else None
+        model_source = str(start_from) if start_from else c.model
+        self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
+        self._check_tokenizer()
+        self.model = load_causal_lm(model_source, dtype=c.dtype, device=self.device, trust_remote_code=c.trust_remote_code)
+        if c.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.ref_model = None
+        if c.kl_coef > 0:  # the paper uses 0: then no reference model is loaded at all
+            self.ref_model = load_causal_lm(c.model, dtype=c.dtype, device=self.device).eval()
+            self.ref_model.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay
+        )
+        warm = max(c.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+        )
+        self.step = 0
+        self.totals = {"flops": 0.0, "update_tokens": 0, "rollout_tokens": 0, "samples": 0}
+        cursor = {"epoch": 0, "offset": 0}
+        if start_from:
+            state = load_trainer_state(start_from, self.optimizer, self.scheduler)
+            self.step, cursor, self.totals = state["step"], state["cursor"], state["totals"]
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+            _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
+            log.info("resumed from %s", start_from)
+        self.sampler = TaskSampler(self.tasks, c.seed, **cursor)
+        engine = pick_engine(c.engine, self.device)
+        kwargs = {"gpu_memory_utilization": c.vllm_gpu_memory_utilization, "seed": c.seed} if engine == "vllm" else {}
+        self.engine = make_engine(engine, self.model, self.tokenizer, **kwargs)
+        if engine == "vllm" and start_from:
+            self.engine.update_weights(self.model)
+        self.stops = stop_ids(self.tokenizer)
+        self.tb = _tensorboard(self.run_dir / "tb")
+
+    def _check_tokenizer(self) -> None:
+        want = self.tasks_manifest.get("tokenizer", {}).get("vocab_hash")
+        have = vocab_hash(self.tokenizer)
+        if want and want != have and not self.config.allow_tokenizer_mismatch:
+            raise ManifestMismatch(
+                f"the tasks were built with tokenizer {self.tasks_manifest['tokenizer'].get('name')} "
+                f"(vocab {want}) but the policy {model_name(self.config.model)} has vocab {have}; the "
+                "continuation boundaries would not be the policy's tokens. Rebuild the tasks with the "
+                "policy's tokenizer, or pass --allow-tokenizer-mismatch to score predictions on the "
+                "corpus tokenizer's boundaries anyway."
+            )
+
+    # -- phases -------------------------------------------------------------------------------
+    def rollout(self, tasks: list[dict], round_index: int) -> tuple[list[list], dict]:
+        c = self.config
+        prompts = [build_prompt_ids(self.fmt, t["context"], self.tokenizer, c.max_prompt_tokens) for t in tasks]
+        sampling = Sampling(
+            n=c.group_size, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+            seed=c.seed * 1_000_003 + self.step * 101 + round_index, stop_token_ids=self.stops,
+        )
+        groups = self.engine.generate(prompts, sampling)
+        return list(zip(prompts, groups)), {}
+
+    def score(self, tasks, prompted) -> list[list[Rollout]]:
+        out = []
+        for task, (prompt, group) in zip(tasks, prompted):
+            rolls = []
+            for comp in group:
+                pred = self.fmt.extract(comp.text)
+                r = self.reward_fn(pred, task["continuation"], task["boundaries"])
+                rolls.append(Rollout(prompt, comp.token_ids, comp.text, r, 0.0, pred, comp.finish_reason == "length", comp.logprobs))
+            out.append(rolls)
+        return out
+
+    def advantages(self, groups: list[list[Rollout]]) -> None:
+        rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
+        adv = algos.group_advantages(rewards, scale=self.config.scale_rewards)
+        for g, a in zip(groups, adv.tolist()):
+            for r, x in zip(g, a):
+                r.advantage = x
+
+    def update(self, rollouts: list[Rollout]) -> dict:
+        c = self.config
+        rollouts = [r for r in rollouts if r.completion_ids]
+        stats = {"clip_frac": 0.0, "logprob_mismatch": None, "kl": 0.0, "loss": 0.0, "update_tokens": 0}
+        if not rollouts:
+            return {**stats, "grad_norm": 0.0, "skipped": False}
+        widths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+        order = sorted(range(len(rollouts)), key=lambda i: widths[i])
+        batches, cur = [], []
+        for i in order:  # micro-batches of at most micro_batch_tokens padded tokens
+            if cur and (len(cur) + 1) * widths[i] > c.micro_batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+        all_mask = torch.zeros(len(rollouts), max(len(r.completion_ids) for r in rollouts))
+        for i, r in enumerate(rollouts):
+            all_mask[i, : len(r.completion_ids)] = 1
+        denom = algos.loss_denominator(all_mask, c.loss_agg, max_len=c.max_new_tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        clipped = total = 0.0
+        mismatch_sum, mismatch_n = 0.0, 0
+        for mb in batches:
+            batch = [rollouts[i] for i in mb]
+            logp, mask, comp = self._completion_logprobs(self.model, batch)
+            old = logp.detach()  # one on-policy update per batch: old policy == current policy
+            adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=logp.device)
+            loss_tok, was_clipped = algos.policy_loss(logp, old, adv, c.clip_eps, c.clip_eps_high)
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref, _, _ = self._completion_logprobs(self.ref_model, batch)
+                kl = algos.kl_k3(logp, ref)
+                loss_tok = loss_tok + c.kl_coef * kl
+                stats["kl"] += float((kl * mask).sum())
+            loss = algos.aggregate_loss(loss_tok, mask, c.loss_agg, denom)
+            loss.backward()
+            stats["loss"] += float(loss.detach())
+            clipped += float((was_clipped.float() * mask).sum())
+            total += float(mask.sum())
+            stats["update_tokens"] += sum(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
+            for j, r in enumerate(batch):
+                if r.engine_logprobs:
+                    n = min(len(r.engine_logprobs), int(mask[j].sum()))
+                    eng = torch.tensor(r.engine_logprobs[:n])
+                    mismatch_sum += float((eng - old[j, :n].cpu()).abs().sum())
+                    mismatch_n += n
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+        bad = not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        stats.update(
+            clip_frac=clipped / max(total, 1),
+            kl=stats["kl"] / max(total, 1),
+            grad_norm=grad_norm,
+            skipped=bad,
+            logprob_mismatch=(mismatch_sum / mismatch_n) if mismatch_n else None,
+        )
+        return stats
+
+    def _completion_logprobs(self, model, batch: list[Rollout]):
+        """Log-probs [N, T] of each completion token under `model` at the sampling temperature.
+
+        Sequences are left-padded so every completion ends at the last position; only the last
+        T+1 positions go through the LM head (logits_to_keep), not the whole prompt."""
+        width = max(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
+        t_max = max(len(r.completion_ids) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attn = torch.zeros(len(batch), width, dtype=torch.long)
+        comp = torch.zeros(len(batch), t_max, dtype=torch.long)
+        mask = torch.zeros(len(batch), t_max)
+        for i, r in enumerate(batch):
+            seq = r.prompt_ids + r.completion_ids
+            ids[i, width - len(seq) :] = torch.tensor(seq)
+            attn[i, width - len(seq) :] = 1
+            n = len(r.completion_ids)
+            comp[i, t_max - n :] = torch.tensor(r.completion_ids)
+            mask[i, t_max - n :] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), logits_to_keep=t_max + 1)
+        logits = out.logits[:, :-1]  # position k predicts token k+1
+        logp = algos.token_logprobs(logits, comp.to(dev), self.config.temperature)
+        # right-align -> left-align so column j is the j-th completion token (matches engine order)
+        logp_left = torch.zeros_like(logp)
+        mask_left = torch.zeros_like(mask)
+        for i, r in enumerate(batch):
+            n = len(r.completion_ids)
+            logp_left[i, :n] = logp[i, t_max - n :]
+            mask_left[i, :n] = 1
+        return logp_left, mask_left.to(dev), comp
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        c = self.config
+        bad_in_a_row = 0
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not c.progress, dynamic_ncols=True)
+        stopped_by = None
+        try:
+            while self.step < c.steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics["step"] = self.step
+                self._log(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}")
+                bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
+                if bad_in_a_row >= c.max_bad_steps:
+                    self.save()
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
+                        f"{self.step}); stopped. Lower --lr, or check the tasks and the model's dtype."
+                    )
+                budget_hit = c.compute_budget is not None and self.totals["flops"] >= c.compute_budget
+                if self.step % c.save_every == 0 or self.step == c.steps or budget_hit or self.stop_flag:
+                    self.save()
+                if budget_hit:
+                    stopped_by = "compute_budget"
+                    break
+                if self.stop_flag:
+                    stopped_by = "signal"
+                    break
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if self.tb is not None:
+                self.tb.close()
+        summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("signal %s: finishing the current step, then saving a checkpoint", signum)
+        self.stop_flag = True
+
+    def train_step(self) -> dict:
+        c = self.config
+        timings = {}
+        t0 = time.time()
+        dynamic = 0 <= c.dynamic_sampling_from <= self.step
+        kept: list[list[Rollout]] = []
+        drawn = rounds = 0
+        zero_var = groups_seen = 0
+        all_groups: list[list[Rollout]] = []
+        gen_tokens = prompt_tokens = 0
+        timings["rollout_s"] = timings["reward_s"] = 0.0
+        while True:
+            tasks = self.sampler.take(c.batch_size)
+            drawn += len(tasks)
+            t = time.time()
+            prompted, _ = self.rollout(tasks, rounds)
+            timings["rollout_s"] += time.time() - t
+            t = time.time()
+            groups = self.score(tasks, prompted)
+            timings["reward_s"] += time.time() - t
+            all_groups += groups
+            for g in groups:
+                gen_tokens += sum(len(r.completion_ids) for r in g)
+                prompt_tokens += sum(len(r.prompt_ids) for r in g)
+                rewards = [r.reward for r in g]
+                groups_seen += 1
+                if max(rewards) == min(rewards):
+                    zero_var += 1
+                    if dynamic:
+                        continue
+                kept.append(g)
+            rounds += 1
+            if not dynamic or len(kept) >= c.batch_size or rounds > c.dynamic_sampling_rounds:
+                break
+        kept = kept[: c.batch_size]
+        t = time.time()
+        self.advantages(kept) if kept else None
+        timings["advantage_s"] = time.time() - t
+        t = time.time()
+        upd = self.update([r for g in kept for r in g])
+        timings["update_s"] = time.time() - t
+        t = time.time()
+        if self.engine.name != "hf" and not upd["skipped"]:
+            self.engine.update_weights(self.model)
+        timings["weight_sync_s"] = time.time() - t
+
+        flops = 6.0 * self.n_params * upd["update_tokens"] + 2.0 * self.n_params * (gen_tokens + prompt_tokens)
+        self.totals["flops"] += flops
+        self.totals["update_tokens"] += upd["update_tokens"]
+        self.totals["rollout_tokens"] += gen_tokens + prompt_tokens
+        self.totals["samples"] += sum(len(g) for g in all_groups)
+        rolls = [r for g in all_groups for r in g]
+        lengths = [len(r.completion_ids) for r in rolls]
+        metrics = {
+            "reward_mean": float(np.mean([r.reward for r in rolls])),
+            "accuracy": float(np.mean([r.reward == 1.0 for r in rolls])),
+            "zero_variance_share": zero_var / max(groups_seen, 1),
+            "groups_trained": len(kept),
+            "contexts_drawn": drawn,
+            "sampling_rounds": rounds,
+            "completion_len_mean": float(np.mean(lengths)),
+            "completion_len_max": int(max(lengths)),
+            "truncated_share": float(np.mean([r.truncated for r in rolls])),
+            "no_prediction_share": float(np.mean([r.prediction is None for r in rolls])),
+            "clip_frac": upd["clip_frac"],
+            "kl": upd["kl"],
+            "loss": upd["loss"],
+            "grad_norm": upd["grad_norm"],
+            "skipped_update": upd["skipped"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "logprob_mismatch": upd["logprob_mismatch"],
+            "rollout_tokens_per_s": gen_tokens / max(timings["rollout_s"], 1e-9),
+            **{k: round(v, 4) for k, v in timings.items()},
+            "step_s": round(time.time() - t0, 4),
+            "flops": flops,
+            "flops_total": self.totals["flops"],
+        }
+        if c.sample_every and (self.step + 1) % c.sample_every == 0:
+            with (self.run_dir / "samples.jsonl").open("a") as f:
+                for g in all_groups[:2]:
+                    for r in g:
+                        f.write(json.dumps({"step": self.step + 1, "completion": r.text, "prediction": r.prediction, "reward": r.reward}) + "\n")
+        return metrics
+
+    def _log(self, metrics: dict) -> None:
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
+            {"cursor": self.sampler.cursor(), "totals": self.totals, "n_params": self.n_params},
+            keep=self.config.keep_checkpoints,
+        )
+
+
+def run_train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    trainer = Trainer(config)
+    trainer.setup(resume=resume, overwrite=overwrite)
+    try:
+        return trainer.run()
+    finally:
+        trainer.engine.close()
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop lines of steps after `step` (they are redone after a resume)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))

@@ -1,0 +1,62 @@
+"""Builders for small, real artefacts used by the training and evaluation tests: a tiny random
+Llama policy over the tiny byte-level BPE tokenizer, and a tasks directory written through the
+same StageDir machinery as `rpt make-tasks`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from rptdata.manifest import StageDir
+from rptdata.models import load_tokenizer, vocab_hash
+from rpttrain.tasks import STAGE, TASKS_SCHEMA
+
+
+def tiny_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def boundaries_of(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out, total = [], 0
+    for i in ids:
+        total += len(tokenizer.decode([i]).encode("utf-8"))
+        out.append(total)
+    return out
+
+
+def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]], eval_pairs: list[tuple[str, str]] = (),
+                    entropies: list[float] | None = None) -> Path:
+    """A finished make-tasks directory holding (context, continuation) tasks."""
+    tok = load_tokenizer(tokenizer_dir)
+    stage = StageDir(out, STAGE, ["train", "eval"])
+    stage.begin({"synthetic": [pairs, list(eval_pairs)]}, overwrite=True)
+    for split, items in (("train", pairs), ("eval", eval_pairs)):
+        rows = []
+        for i, (ctx, cont) in enumerate(items):
+            ent = entropies[i % len(entropies)] if entropies else 2.0
+            band = "hard" if ent > 1.5 else "medium" if ent > 1.0 else "easy" if ent > 0.5 else "other"
+            rows.append({
+                "task_id": f"{split}-doc{i}@1", "doc_id": f"{split}-doc{i}", "pos": 1, "context": ctx, "continuation": cont,
+                "boundaries": boundaries_of(tok, cont), "entropy": ent, "band": band, "target_id": 0, "context_tokens": 1,
+                "target_logprob": -1.0, "target_rank": 1,
+            })
+        table = pa.Table.from_pylist(rows, schema=TASKS_SCHEMA) if rows else TASKS_SCHEMA.empty_table()
+        stage.write_shard(split, 0, table, {"tasks": len(rows)})
+    stage.finish({"tokenizer": {"name": "tiny", "spec": tokenizer_dir, "vocab_hash": vocab_hash(tok)},
+                  "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}})
+    return out

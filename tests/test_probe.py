@@ -1,0 +1,39 @@
+"""`rpt probe`: per-format signal table, on the tiny model (fast) through the library and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cli.main import cli
+from rpttrain.probe import ProbeConfig, format_table, run_probe
+from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+
+PAIRS = [("The quick brown", " fox"), ("over the lazy", " dog"), ("12345", "6"), ("héllo", " wörld")]
+
+
+def test_probe_rows_are_consistent(tmp_path, tiny_bpe_dir):
+    model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
+    tasks = write_tasks_dir(tmp_path / "t", str(tiny_bpe_dir), PAIRS)
+    rows = run_probe(ProbeConfig(tasks_dir=str(tasks), model=str(model), templates=("continuation", "v0"), samples=4,
+                                 tasks=4, max_new_tokens=6, device="cpu", out=str(tmp_path / "probe.json")))
+    cont, v0 = rows
+    assert cont["tasks"] == 4 and cont["max_new_tokens"] == 1 and cont["length_mean"] <= 1.0
+    assert cont["boxed"] == 1.0  # the continuation format always yields a prediction
+    assert v0["boxed"] == 0.0 and v0["random_at_1"] == 0.0 and v0["signal"] == 0.0  # a random model writes no box
+    for r in rows:
+        assert 0.0 <= r["random_at_1"] <= r["pass_at_4"] <= 1.0
+    assert json.loads((tmp_path / "probe.json").read_text())[0]["template"] == "continuation"
+    assert "| continuation | 4 | 1 |" in format_table(rows)
+
+
+def test_probe_cli(tmp_path, tiny_bpe_dir):
+    model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
+    tasks = write_tasks_dir(tmp_path / "t", str(tiny_bpe_dir), PAIRS)
+    r = CliRunner().invoke(cli, ["probe", str(tasks), "--model", str(model), "--prompt-template", "continuation",
+                                 "--samples", "2", "--tasks", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "Random@1" in r.output and "Pass@2" in r.output and "| continuation | 2 |" in r.output
+    r = CliRunner().invoke(cli, ["probe", str(tasks), "--model", str(model), "--prompt-template", "v99"])
+    assert r.exit_code == 2 and "unknown prompt format" in r.output

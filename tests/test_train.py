@@ -1,0 +1,184 @@
+"""`rpt train`: GRPO math on hand-computed values, learning on a tiny model, exact resume.
+
+Run: .venv/bin/python -m pytest -q tests/test_train.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rpttrain import algos
+from rpttrain.checkpoint import list_checkpoints
+from rpttrain.train import TrainConfig, Trainer, run_train
+from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+
+
+def test_group_advantages_hand_values():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = algos.group_advantages(r)
+    # mean 0.25; unbiased std = sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    assert adv[0].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-5)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert algos.group_advantages(r, scale="none")[0].tolist() == [0.75, -0.25, -0.25, -0.25]
+    assert algos.zero_variance_groups(r).tolist() == [False, True]
+    with pytest.raises(ValueError):
+        algos.group_advantages(r, scale="bogus")
+
+
+def test_policy_loss_clips_like_ppo():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    loss, clipped = algos.policy_loss(logp, old, torch.tensor([1.0]), clip_low=0.2)
+    assert loss[0].tolist() == pytest.approx([-1.2, -0.5, -1.1], abs=1e-6)  # positive A: ratio capped at 1.2
+    assert clipped.tolist() == [[True, False, False]]
+    loss, clipped = algos.policy_loss(logp, old, torch.tensor([-1.0]), clip_low=0.2)
+    assert loss[0].tolist() == pytest.approx([1.5, 0.8, 1.1], abs=1e-6)  # negative A: ratio floored at 0.8
+    assert clipped.tolist() == [[False, True, False]]
+    loss, _ = algos.policy_loss(logp, old, torch.tensor([1.0]), clip_low=0.2, clip_high=0.28)
+    assert loss[0, 0].item() == pytest.approx(-1.28)
+
+
+def test_loss_aggregations_and_microbatch_additivity():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    for agg, want in (("token-mean", 10 / 4), ("seq-mean", (2.0 + 4.0) / 2), ("dr-grpo", 10 / (2 * 8))):
+        denom = algos.loss_denominator(mask, agg, max_len=8)
+        full = algos.aggregate_loss(loss, mask, agg, denom)
+        assert full.item() == pytest.approx(want)
+        parts = sum(algos.aggregate_loss(loss[i : i + 1], mask[i : i + 1], agg, denom) for i in range(2))
+        assert parts.item() == pytest.approx(want)  # micro-batches add up to the full batch
+
+
+def test_token_logprobs_and_kl():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    lp = algos.token_logprobs(logits, torch.tensor([[0]]), temperature=0.5)
+    assert lp.item() == pytest.approx(torch.log_softmax(logits / 0.5, -1)[0, 0, 0].item(), abs=1e-6)
+    assert algos.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() == pytest.approx(torch.exp(torch.tensor(-1.0)).item() + 1 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny real model
+
+PAIRS = [("The quick brown", " fox"), ("jumps over the", " lazy"), ("The lazy", " dog"), ("12345", "6"),
+         ("héllo", " wörld"), ("naïve", " café"), ("quick brown fox", " jumps"), ("over the lazy", " dog")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_bpe_dir):
+    root = tmp_path_factory.mktemp("tiny_rl")
+    model = tiny_llama(root / "model", tiny_bpe_dir)
+    tasks = write_tasks_dir(root / "tasks", str(tiny_bpe_dir), PAIRS, eval_pairs=PAIRS[:2])
+    return model, tasks
+
+
+def tiny_config(tiny, out, **over):
+    model, tasks = tiny
+    base = dict(tasks_dir=str(tasks), out=str(out), model=str(model), steps=3, batch_size=8, group_size=8,
+                temperature=1.0, max_new_tokens=1, max_prompt_tokens=32, prompt_template="continuation", lr=3e-2,
+                grad_clip=1.0, micro_batch_tokens=256, save_every=1, sample_every=1, progress=False, device="cpu",
+                dynamic_sampling_from=-1, seed=3)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+def greedy_accuracy(model_dir, tasks_pairs, tokenizer_dir):
+    from rptdata.models import load_causal_lm, load_tokenizer
+    from rpttrain.reward import prefix_reward
+    from tests.rpt_fixtures import boundaries_of
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
+    hits = 0
+    for ctx, cont in tasks_pairs:
+        ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        hits += prefix_reward(tok.decode([nxt]), cont, boundaries_of(tok, cont))
+    return hits / len(tasks_pairs)
+
+
+# two answers, each decided by the context: learnable from a random init, where 8 distinct
+# answers mostly end in entropy collapse onto the first ones found (all-zero groups carry no signal)
+LEARNABLE = [("The quick brown", " fox"), ("The brown", " fox"), ("quick brown", " fox"), ("A brown", " fox"),
+             ("over the lazy", " dog"), ("The lazy", " dog"), ("the lazy", " dog"), ("a lazy", " dog")]
+
+
+def test_grpo_learns_a_learnable_task(tmp_path, tiny_bpe_dir):
+    model = tiny_llama(tmp_path / "model", tiny_bpe_dir)
+    tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), LEARNABLE)
+    assert greedy_accuracy(model, LEARNABLE, tiny_bpe_dir) <= 0.125
+    summary = run_train(tiny_config((model, tasks), tmp_path / "run", steps=50, save_every=50, sample_every=0,
+                                    lr=1e-2, group_size=16))
+    assert summary["steps"] == 50
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = sum(m["reward_mean"] for m in metrics[:10]) / 10
+    last = sum(m["reward_mean"] for m in metrics[-10:]) / 10
+    assert first < 0.1 and last > 0.8, (first, last)
+    final = list_checkpoints(tmp_path / "run")[-1]
+    assert greedy_accuracy(final, LEARNABLE, tiny_bpe_dir) >= 0.875
+
+
+def test_resume_gives_the_same_next_step(tiny, tmp_path):
+    whole = tmp_path / "whole"
+    run_train(tiny_config(tiny, whole, steps=3))
+    part = tmp_path / "part"
+    run_train(tiny_config(tiny, part, steps=2))
+    run_train(tiny_config(tiny, part, steps=3), resume=True)
+    a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [1, 2, 3]
+    drop = lambda m: {k: v for k, v in m.items() if not k.endswith("_s") and k != "rollout_tokens_per_s"}  # noqa: E731
+    assert drop(a[2]) == drop(b[2])
+    from safetensors.torch import load_file
+
+    wa = load_file(str(list_checkpoints(whole)[-1] / "model.safetensors"))
+    wb = load_file(str(list_checkpoints(part)[-1] / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_train(tiny_config(tiny, out, steps=2))
+    # a half-written checkpoint folder, as a SIGKILL in the middle of save_checkpoint leaves it
+    half = out / "checkpoints" / "step-000003.tmp-999"
+    half.mkdir()
+    (half / "config.json").write_text("{")
+    assert list_checkpoints(out)[-1].name == "step-000002"
+    summary = run_train(tiny_config(tiny, out, steps=3), resume=True)
+    assert summary["steps"] == 3 and list_checkpoints(out)[-1].name == "step-000003"
+    assert not half.exists()
+
+
+def test_refuses_rerun_without_resume_and_mismatched_tokenizer(tiny, tmp_path):
+    from rptdata.errors import ManifestMismatch
+
+    out = tmp_path / "run"
+    run_train(tiny_config(tiny, out, steps=1))
+    with pytest.raises(ManifestMismatch, match="--resume"):
+        run_train(tiny_config(tiny, out, steps=2))
+    with pytest.raises(ManifestMismatch, match="other settings"):
+        run_train(tiny_config(tiny, out, steps=2, lr=1e-3), resume=True)
+    with pytest.raises(ManifestMismatch, match="vocab"):
+        Trainer(tiny_config(tiny, tmp_path / "x", model="smollm2-135m")).setup(resume=False, overwrite=False)
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
+    from rpttrain.train import TrainingDiverged
+
+    real = algos.aggregate_loss
+    monkeypatch.setattr(algos, "aggregate_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        run_train(tiny_config(tiny, tmp_path / "run", steps=10, max_bad_steps=3, save_every=100))
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_update"] for m in metrics] == [True, True, True]
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny[0] / "model.safetensors"))
+    after = load_file(str(list_checkpoints(tmp_path / "run")[-1] / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN update reached the weights
