@@ -10,7 +10,7 @@ from cli.common import library_errors
 # is settable both here and in --config YAML
 HELP = {
     "model": "Policy: hub id, local folder, .gguf, or smollm2-135m.",
-    "objective": "Training objective: rpt (GRPO with the prefix reward).",
+    "objective": "rpt: GRPO with the prefix reward | ntp: cross-entropy (continual next-token training) | shaped-ntp: the reward-shaped next-token loss (arXiv 2512.22955). Compare them at equal --compute-budget.",
     "steps": "Optimizer steps to run in total (a resumed run continues up to this).",
     "batch_size": "Contexts per step, B (paper: 256).",
     "group_size": "Rollouts per context, G (paper: 8).",
@@ -47,6 +47,11 @@ HELP = {
     "allow_tokenizer_mismatch": "Train although the tasks were built with another tokenizer.",
     "trust_remote_code": "Allow the model repository's custom code.",
     "vllm_gpu_memory_utilization": "GPU memory share for the colocated vLLM engine.",
+    "ntp_positions": "Baselines: train on every token of the training documents (all) or only on the task positions (tasks).",
+    "beta": "shaped-ntp: weight w = stop_grad((1 - p_x) ** beta) on -log p_x; < 0 sharpens, > 0 flattens (paper's best: -0.25).",
+    "topk": "shaped-ntp: K, the top tokens (chosen without gradient) that lambda_top applies to.",
+    "lambda_top": "shaped-ntp: loss -= lambda_top * (probability of the top-K tokens other than the target).",
+    "lambda_tail": "shaped-ntp: loss -= lambda_tail * (probability outside top-K, target excluded); -0.1 penalizes the tail.",
     "progress": "Show a progress bar.",
 }
 

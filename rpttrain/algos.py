@@ -122,3 +122,59 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """
     d = ref_logp - logp
     return torch.exp(d) - d - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# next-token baselines (`rpt train --objective ntp|shaped-ntp`)
+
+
+def ntp_weight(p_target: torch.Tensor, beta: float, eps: float = 1e-6) -> torch.Tensor:
+    """The shaped objective's per-position weight w = stop_gradient((1 - p_x) ** beta).
+
+    beta < 0 up-weights positions the model already gets right (sharpens, "precision"); beta > 0
+    up-weights the ones it gets wrong (flattens, "diversity"); beta = 0 gives 1 (cross-entropy).
+    1 - p_x is clamped at `eps`, so the weight stays finite (at most eps ** beta) when p_x -> 1.
+    Kept apart so the other published form, a power of 1 / p_x, can be added beside it.
+
+    >>> ntp_weight(torch.tensor([0.75]), beta=-0.5).tolist()
+    [2.0]
+    """
+    return (1.0 - p_target.detach()).clamp(min=eps).pow(beta)
+
+
+def shaped_ntp_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 0.0,
+    topk: int = 100,
+    lambda_top: float = 0.0,
+    lambda_tail: float = 0.0,
+) -> torch.Tensor:
+    """Per-position generalized next-token loss ("Diversity or Precision?", arXiv 2512.22955).
+
+    logits [N, V], targets [N] -> loss [N]:
+        loss = -w * log p_x - lambda_top * sum_{a in K, a != x} p_a - lambda_tail * sum_{a not in K, a != x} p_a
+    with p = softmax(logits), K = the `topk` most likely tokens (chosen without gradient) and
+    w = ntp_weight(p_x, beta). With beta = 0 and both lambdas 0 it is exactly cross-entropy.
+    A negative lambda_tail (the paper's -0.1) penalizes probability mass in the tail.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp_x = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    loss = -ntp_weight(logp_x.exp(), beta) * logp_x
+    if lambda_top == 0.0 and lambda_tail == 0.0:
+        return loss
+    p = logp.exp()
+    p_x = logp_x.exp()
+    k = min(topk, logits.shape[-1])
+    top_idx = logits.detach().topk(k, dim=-1).indices
+    p_top = p.gather(-1, top_idx).sum(-1)
+    x_in_top = (top_idx == targets.unsqueeze(-1)).any(-1)
+    top_others = p_top - torch.where(x_in_top, p_x, torch.zeros_like(p_x))
+    tail_others = (1.0 - p_top) - torch.where(x_in_top, torch.zeros_like(p_x), p_x)
+    return loss - lambda_top * top_others - lambda_tail * tail_others
+
+
+def entropy_of_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Full-softmax entropy (nats) of each row of logits [..., V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -51,6 +51,9 @@ from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
 log = logging.getLogger(__name__)
 
 
+OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
+
+
 class TrainingDiverged(RptError):
     """Too many consecutive non-finite losses or gradients."""
 
@@ -99,11 +102,23 @@ class TrainConfig:
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
     vllm_gpu_memory_utilization: float = 0.3
+    # next-token baselines (--objective ntp | shaped-ntp)
+    ntp_positions: str = "all"  # all: every token of the training documents | tasks: the task positions
+    beta: float = -0.25
+    topk: int = 100
+    lambda_top: float = 0.0
+    lambda_tail: float = -0.1
     progress: bool = True
 
     def __post_init__(self):
-        if self.objective not in ("rpt",):
-            raise ValueError(f"objective must be 'rpt' (got {self.objective!r})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.ntp_positions not in ("all", "tasks"):
+            raise ValueError("ntp_positions must be 'all' or 'tasks'")
+        if self.objective != "rpt":
+            if self.batch_size < 1 or self.topk < 1:
+                raise ValueError("batch_size and topk must be at least 1")
+            return
         if self.batch_size < 1 or self.group_size < 2:
             raise ValueError("batch_size must be >= 1 and group_size >= 2 (GRPO compares samples within a group)")
         if self.temperature <= 0:
@@ -125,6 +140,9 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that define the run (a resumed run must match them)."""
         d = asdict(self)
+        if self.objective == "rpt":  # baseline-only knobs do not change an RPT run
+            for k in ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail"):
+                d.pop(k)
         for k in ("out", "steps", "progress", "save_every", "keep_checkpoints", "sample_every", "compute_budget"):
             d.pop(k)
         return d
@@ -143,19 +161,20 @@ def config_from_dict(data: dict) -> TrainConfig:
 # data
 
 
-class TaskSampler:
-    """Seeded epochs over the training tasks; the cursor (epoch, offset) is all resume needs."""
+class EpochSampler:
+    """Seeded epochs over a list (tasks, or document chunks); the cursor (epoch, offset) is all
+    resume needs."""
 
-    def __init__(self, tasks: list[dict], seed: int, epoch: int = 0, offset: int = 0):
+    def __init__(self, tasks: list, seed: int, epoch: int = 0, offset: int = 0):
         if not tasks:
-            raise RptError("the training split holds no tasks")
+            raise RptError("nothing to train on: the training split is empty")
         self.tasks, self.seed, self.epoch, self.offset = tasks, seed, epoch, offset
         self._order = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.tasks))
 
-    def take(self, n: int) -> list[dict]:
+    def take(self, n: int) -> list:
         out = []
         while len(out) < n:
             if self.offset >= len(self.tasks):
@@ -175,11 +194,41 @@ def load_train_tasks(tasks_dir: str) -> tuple[list[dict], dict]:
     from rpttrain.tasks import task_shards
 
     manifest = read_manifest(Path(tasks_dir), "make-tasks")
-    cols = ["task_id", "doc_id", "context", "continuation", "boundaries"]
+    cols = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
     tasks = []
     for path in task_shards(tasks_dir, "train"):
         tasks += pq.read_table(path, columns=cols).to_pylist()
     return tasks, manifest
+
+
+def train_doc_chunks(tasks_manifest: dict, window: int) -> list[np.ndarray]:
+    """Token windows (at most `window` + 1 tokens) of every training-split document of the
+    prepared corpus behind a tasks directory: the data of `--objective ntp --ntp-positions all`.
+
+    The split is recomputed with the tasks' own rule, so held-out documents are never trained on.
+    Windows do not overlap; each predicts `window` next tokens.
+    """
+    import pyarrow.parquet as pq
+
+    from rptdata.manifest import list_shards
+    from rpttrain.tasks import split_of
+
+    prepared = tasks_manifest.get("prepared_dir")
+    if not prepared or not Path(prepared).exists():
+        raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")
+    rule = tasks_manifest["split"]
+    chunks = []
+    for shard in list_shards(Path(prepared) / "docs"):
+        table = pq.read_table(shard, columns=["doc_id", "token_ids"])
+        for doc_id, ids in zip(table.column("doc_id").to_pylist(), table.column("token_ids").to_numpy(zero_copy_only=False)):
+            if split_of(doc_id, rule["seed"], rule["eval_fraction"]) != "train":
+                continue
+            ids = np.asarray(ids, dtype=np.int64)
+            for start in range(0, max(len(ids) - 1, 0), window):
+                piece = ids[start : start + window + 1]
+                if len(piece) >= 2:
+                    chunks.append(piece)
+    return chunks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,9 +320,17 @@ class Trainer:
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
             log.info("resumed from %s", start_from)
-        self.sampler = TaskSampler(self.tasks, c.seed, **cursor)
-        engine = pick_engine(c.engine, self.device)
-        kwargs = {"gpu_memory_utilization": c.vllm_gpu_memory_utilization, "seed": c.seed} if engine == "vllm" else {}
+        items = self.tasks
+        if c.objective != "rpt" and c.ntp_positions == "all":
+            items = train_doc_chunks(self.tasks_manifest, c.max_prompt_tokens)
+        self.sampler = EpochSampler(items, c.seed, **cursor)
+        engine = pick_engine(c.engine, self.device) if c.objective == "rpt" else "hf"
+        kwargs = {}
+        if engine == "vllm":
+            from rptdata.models import local_model_dir
+
+            kwargs = {"model_path": str(start_from) if start_from else local_model_dir(c.model),
+                      "gpu_memory_utilization": c.vllm_gpu_memory_utilization, "seed": c.seed, "dtype": c.dtype}
         self.engine = make_engine(engine, self.model, self.tokenizer, **kwargs)
         if engine == "vllm" and start_from:
             self.engine.update_weights(self.model)
@@ -367,15 +424,7 @@ class Trainer:
                     eng = torch.tensor(r.engine_logprobs[:n])
                     mismatch_sum += float((eng - old[j, :n].cpu()).abs().sum())
                     mismatch_n += n
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
-        bad = not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm))
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
+        grad_norm, bad = self._optimizer_step(stats["loss"])
         stats.update(
             clip_frac=clipped / max(total, 1),
             kl=stats["kl"] / max(total, 1),
@@ -384,6 +433,19 @@ class Trainer:
             logprob_mismatch=(mismatch_sum / mismatch_n) if mismatch_n else None,
         )
         return stats
+
+    def _optimizer_step(self, loss: float) -> tuple[float, bool]:
+        """Clip, then step, unless the loss or gradient is not finite (then skip and say so)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        return grad_norm, bad
 
     def _completion_logprobs(self, model, batch: list[Rollout]):
         """Log-probs [N, T] of each completion token under `model` at the sampling temperature.
@@ -435,7 +497,10 @@ class Trainer:
                 metrics["step"] = self.step
                 self._log(metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}")
+                if "reward_mean" in metrics:
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}")
+                else:
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
                 bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
                 if bad_in_a_row >= c.max_bad_steps:
                     self.save()
@@ -467,6 +532,93 @@ class Trainer:
         self.stop_flag = True
 
     def train_step(self) -> dict:
+        return self.rpt_step() if self.config.objective == "rpt" else self.ntp_step()
+
+    def ntp_examples(self) -> list[tuple[list[int], int]]:
+        """(token ids, number of trailing positions to train) for one batch of the baselines."""
+        c = self.config
+        items = self.sampler.take(c.batch_size)
+        if c.ntp_positions == "all":
+            return [(chunk.tolist(), len(chunk) - 1) for chunk in items]
+        fmt = load_prompt_format("continuation")
+        out = []
+        for t in items:
+            ids = build_prompt_ids(fmt, t["context"], self.tokenizer, c.max_prompt_tokens - 1)
+            target = t.get("target_id") if not c.allow_tokenizer_mismatch else None
+            if target is None:
+                target = self.tokenizer(t["continuation"], add_special_tokens=False)["input_ids"][0]
+            out.append((ids + [int(target)], 1))
+        return out
+
+    def ntp_step(self) -> dict:
+        """One step of next-token training (cross-entropy, or the shaped objective), by micro-batch."""
+        c = self.config
+        t0 = time.time()
+        examples = self.ntp_examples()
+        total_positions = sum(n for _, n in examples)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+        batches, cur = [], []
+        for i in order:
+            if cur and (len(cur) + 1) * len(examples[i][0]) > c.micro_batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = correct = ent_sum = 0.0
+        tokens = 0
+        for mb in batches:
+            batch = [examples[i] for i in mb]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            attn = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, (seq, _) in enumerate(batch):  # left padding: trained positions are the last ones
+                ids[i, width - len(seq) :] = torch.tensor(seq)
+                attn[i, width - len(seq) :] = 1
+            keep = max(n for _, n in batch)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                             position_ids=pos.to(self.device), logits_to_keep=keep + 1)
+            logits = out.logits[:, :-1]  # [N, keep, V]: column j predicts token width - keep + j
+            targets = ids[:, width - keep :].to(self.device)
+            mask = torch.zeros(len(batch), keep, dtype=torch.bool)
+            for i, (_, n) in enumerate(batch):
+                mask[i, keep - n :] = True
+            mask = mask.to(self.device)
+            sel_logits, sel_targets = logits[mask], targets[mask]
+            if c.objective == "ntp":
+                per_pos = algos.shaped_ntp_loss(sel_logits, sel_targets)  # beta 0, lambdas 0: cross-entropy
+            else:
+                per_pos = algos.shaped_ntp_loss(sel_logits, sel_targets, c.beta, c.topk, c.lambda_top, c.lambda_tail)
+            loss = per_pos.sum() / total_positions
+            loss.backward()
+            with torch.no_grad():
+                loss_sum += float(loss)
+                correct += float((sel_logits.argmax(-1) == sel_targets).sum())
+                ent_sum += float(algos.entropy_of_logits(sel_logits).sum())
+            tokens += sum(len(seq) for seq, _ in batch)
+        update_s = time.time() - t0
+        grad_norm, bad = self._optimizer_step(loss_sum)
+        flops = 6.0 * self.n_params * tokens
+        self.totals["flops"] += flops
+        self.totals["update_tokens"] += tokens
+        self.totals["samples"] += len(examples)
+        return {
+            "loss": loss_sum,
+            "accuracy": correct / max(total_positions, 1),
+            "entropy_mean": ent_sum / max(total_positions, 1),
+            "positions": total_positions,
+            "update_tokens": tokens,
+            "grad_norm": grad_norm,
+            "skipped_update": bad,
+            "lr": self.scheduler.get_last_lr()[0],
+            "update_s": round(update_s, 4),
+            "step_s": round(time.time() - t0, 4),
+            "flops": flops,
+            "flops_total": self.totals["flops"],
+        }
+
+    def rpt_step(self) -> dict:
         c = self.config
         timings = {}
         t0 = time.time()

@@ -40,7 +40,7 @@ def boundaries_of(tokenizer, text: str) -> list[int]:
 
 
 def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]], eval_pairs: list[tuple[str, str]] = (),
-                    entropies: list[float] | None = None) -> Path:
+                    entropies: list[float] | None = None, prepared_dir: str | None = None) -> Path:
     """A finished make-tasks directory holding (context, continuation) tasks."""
     tok = load_tokenizer(tokenizer_dir)
     stage = StageDir(out, STAGE, ["train", "eval"])
@@ -58,5 +58,5 @@ def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]],
         table = pa.Table.from_pylist(rows, schema=TASKS_SCHEMA) if rows else TASKS_SCHEMA.empty_table()
         stage.write_shard(split, 0, table, {"tasks": len(rows)})
     stage.finish({"tokenizer": {"name": "tiny", "spec": tokenizer_dir, "vocab_hash": vocab_hash(tok)},
-                  "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}})
+                  "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}, "prepared_dir": prepared_dir})
     return out
