@@ -1,18 +1,26 @@
 # rpt pipelines. `make demo` and `make test` work on a fresh machine: both install first.
-# Variables: CORPUS, TEMPLATE, MODEL, PROXY, OUT, TORCH (e.g. TORCH="torch==2.13.0" for the CPU
-# build; GPU users with torch already installed can pass TORCH="" to keep theirs).
+# Variables (override on the command line):
+#   CORPUS    input of `rpt prepare` (file, folder, glob, builtin:champ)   TEMPLATE  text template
+#   MODEL     policy (and tokenizer)     PROXY  entropy proxy (same tokenizer as MODEL)
+#   OUT       output root                TRAIN_CONFIG  YAML for `rpt train` (e.g. configs/paper.yaml)
+#   BUDGET    FLOPs for `make compare` (empty: what the RPT run spends)
+#   TORCH     torch requirement installed first (TORCH= keeps an existing, e.g. CUDA, build)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+RPT := $(BIN)/rpt
 TORCH ?= torch==2.13.0
 CORPUS ?= builtin:champ
 TEMPLATE ?= {problem}\n\n{solution}
 MODEL ?= smollm2-135m
 PROXY ?= $(MODEL)
 OUT ?= out/demo
+TRAIN_CONFIG ?=
+BUDGET ?=
+DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast demo bench-prepare bench-score clean
+.PHONY: install test test-fast demo pipeline compare bench-prepare bench-score bench-eval bench-train clean
 
 install: $(VENV)/.installed
 
@@ -32,14 +40,51 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The whole pipeline on the embedded corpus and model, sized for a 2-core CPU (~10 minutes).
 demo: install
-	$(BIN)/rpt prepare $(CORPUS) --template "$(TEMPLATE)" --tokenizer $(MODEL) --out $(OUT)/prep
+	$(RPT) prepare $(CORPUS) --template "$(TEMPLATE)" --tokenizer $(MODEL) --max-docs $(DEMO_DOCS) --out $(OUT)/prep --no-progress
+	$(RPT) score-entropy $(OUT)/prep --model $(PROXY) --out $(OUT)/scored --keep-all --max-context 256 --no-progress
+	$(RPT) stats $(OUT)/scored --plot $(OUT)/entropy_hist.png
+	$(RPT) make-tasks $(OUT)/scored --out $(OUT)/tasks --threshold 0 --context-tokens 128 --eval-fraction 0.25 --max-eval-tasks 200 --seed 1
+	$(RPT) probe $(OUT)/tasks --model $(MODEL) --prompt-template v0 --prompt-template continuation --tasks 4 --samples 8 --max-new-tokens 48
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/run --prompt-template continuation --max-new-tokens 1 \
+		--max-prompt-tokens 128 --batch-size 8 --group-size 8 --lr 1e-5 --grad-clip 1.0 --steps 6 --save-every 3 \
+		--keep-checkpoints 5 --dynamic-sampling-from -1 --micro-batch-tokens 4096 --no-progress
+	$(RPT) plot $(OUT)/run
+	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/run --mode ntp --out $(OUT)/report
+
+# prepare -> score-entropy -> make-tasks -> train -> eval for the variables above (GPU-sized defaults
+# come from TRAIN_CONFIG, e.g. configs/paper.yaml).
+pipeline: install
+	$(RPT) prepare $(CORPUS) --template "$(TEMPLATE)" --tokenizer $(MODEL) --out $(OUT)/prep
+	$(RPT) score-entropy $(OUT)/prep --model $(PROXY) --out $(OUT)/scored --keep-all
+	$(RPT) stats $(OUT)/scored
+	$(RPT) make-tasks $(OUT)/scored --out $(OUT)/tasks
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/run $(if $(TRAIN_CONFIG),--config $(TRAIN_CONFIG)) $(TRAIN_ARGS)
+	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/run --mode both --out $(OUT)/report
+
+# RPT vs next-token training vs shaped next-token training at one equal compute budget.
+COMPARE_TRAIN ?= --max-prompt-tokens 128 --batch-size 8 --lr 1e-5 --grad-clip 1.0 --micro-batch-tokens 4096 --keep-checkpoints 10 --no-progress
+compare: install
+	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-rpt --objective rpt --prompt-template continuation \
+		--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 --steps 12 --save-every 4 $(COMPARE_TRAIN) $(if $(BUDGET),--compute-budget $(BUDGET))
+	$(eval B := $(or $(BUDGET),$(shell $(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])")))
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $(B) $(COMPARE_TRAIN)
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $(B) $(COMPARE_TRAIN)
+	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare
 
 bench-prepare: install
 	$(BIN)/python bench/prepare.py
 
 bench-score: install
 	$(BIN)/python bench/score.py
+
+bench-eval: install
+	$(BIN)/python bench/eval.py
+
+bench-train: install
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf out

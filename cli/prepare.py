@@ -12,6 +12,7 @@ from cli.common import library_errors, model_help
 @click.option("--text-field", default=None, help="Record field holding the text (default: 'text').")
 @click.option("--template", default=None, help=r'Build the text from several fields, e.g. "{problem}\n\n{solution}" (\n and \t are unescaped; literal braces as {{ }}).')
 @click.option("--split", default="train", show_default=True, help="Split to read from a datasets id or a saved DatasetDict.")
+@click.option("--max-docs", default=None, type=int, help="Read only the first N records (quick trials); they are counted as read.")
 @click.option("--dedupe", is_flag=True, help="Drop exact duplicate documents (by content hash, after normalization).")
 @click.option("--min-chars", default=1, show_default=True, type=int, help="Drop documents shorter than this many characters.")
 @click.option("--shard-docs", default=10_000, show_default=True, type=int, help="Documents per output shard (also the resume granularity).")
@@ -21,7 +22,7 @@ from cli.common import library_errors, model_help
 @click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's custom code from its repository (off by default).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @library_errors
-def prepare(inputs, out, tokenizer, text_field, template, split, dedupe, min_chars, shard_docs, batch_docs, skip_bad, overwrite, trust_remote_code, no_progress):
+def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedupe, min_chars, shard_docs, batch_docs, skip_bad, overwrite, trust_remote_code, no_progress):
     """Ingest a corpus: clean, tokenize with exact byte spans, write document shards.
 
     INPUTS are files (.jsonl, .jsonl.gz, .json, .parquet, .txt, .md), folders, globs, the
@@ -36,7 +37,7 @@ def prepare(inputs, out, tokenizer, text_field, template, split, dedupe, min_cha
 
     config = PrepareConfig(
         inputs=tuple(inputs), out=out, tokenizer=tokenizer, text_field=text_field, template=template,
-        split=split, dedupe=dedupe, min_chars=min_chars, shard_docs=shard_docs, batch_docs=batch_docs,
+        split=split, max_docs=max_docs, dedupe=dedupe, min_chars=min_chars, shard_docs=shard_docs, batch_docs=batch_docs,
         skip_bad=skip_bad, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not no_progress,
     )
     m = run_prepare(config)

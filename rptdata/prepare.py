@@ -64,6 +64,7 @@ class PrepareConfig:
     text_field: str | None = None
     template: str | None = None
     split: str = "train"
+    max_docs: int | None = None
     dedupe: bool = False
     min_chars: int = 1
     shard_docs: int = 10_000
@@ -80,6 +81,8 @@ class PrepareConfig:
             raise ValueError("give either --text-field or --template, not both")
         if self.shard_docs < 1 or self.batch_docs < 1:
             raise ValueError("--shard-docs and --batch-docs must be at least 1")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError("--max-docs must be at least 1")
         if self.min_chars < 1:
             raise ValueError("--min-chars must be at least 1 (empty documents are always dropped)")
 
@@ -146,15 +149,14 @@ def run_prepare(config: PrepareConfig) -> dict:
         buffer = []
 
     with open(rejects_tmp, "w", encoding="utf-8") as rejects:
-        for src in sources:
-            for rec in read_source(src, builder, config.split):
-                counts.read += 1
-                bar.update(1)
-                text = _accept(rec, config, spans, counts, seen, rejects)
-                if text is not None:
-                    buffer.append((rec.doc_id, rec.source, text))
-                    if len(buffer) >= config.shard_docs:
-                        flush()
+        for rec in _records(sources, builder, config):
+            counts.read += 1
+            bar.update(1)
+            text = _accept(rec, config, spans, counts, seen, rejects)
+            if text is not None:
+                buffer.append((rec.doc_id, rec.source, text))
+                if len(buffer) >= config.shard_docs:
+                    flush()
         if buffer:
             flush()
     bar.close()
@@ -183,6 +185,17 @@ def run_prepare(config: PrepareConfig) -> dict:
             "seconds": round(time.time() - started, 2),
         }
     )
+
+
+def _records(sources, builder, config: PrepareConfig):
+    """Every record of every source, in order; only the first --max-docs when given."""
+    n = 0
+    for src in sources:
+        for rec in read_source(src, builder, config.split):
+            if config.max_docs is not None and n >= config.max_docs:
+                return
+            n += 1
+            yield rec
 
 
 def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) -> str | None:

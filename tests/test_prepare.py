@@ -125,6 +125,8 @@ def test_rerun_refuses_other_options_unless_overwrite(tmp_path, write_jsonl):
         run_prepare(PrepareConfig(inputs=(str(src),), out=out, dedupe=True, progress=False))
     m = run_prepare(PrepareConfig(inputs=(str(src),), out=out, dedupe=True, overwrite=True, progress=False))
     assert m["counts"]["documents_written"] == 2
+    m = run_prepare(PrepareConfig(inputs=(str(src),), out=out, max_docs=2, overwrite=True, progress=False))
+    assert m["counts"]["documents_read"] == m["counts"]["documents_written"] == 2
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ManifestMismatch, match="not empty"):

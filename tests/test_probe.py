@@ -37,3 +37,19 @@ def test_probe_cli(tmp_path, tiny_bpe_dir):
     assert "Random@1" in r.output and "Pass@2" in r.output and "| continuation | 2 |" in r.output
     r = CliRunner().invoke(cli, ["probe", str(tasks), "--model", str(model), "--prompt-template", "v99"])
     assert r.exit_code == 2 and "unknown prompt format" in r.output
+
+
+def test_plot_cli_writes_png(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": i, "reward_mean": 0.1 * i, "accuracy": 0.1 * i, "completion_len_mean": 1, "completion_len_max": 1,
+             "zero_variance_share": 0.5, "rollout_s": 1.0, "update_s": 2.0, "flops_total": 1e9 * i} for i in range(1, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = CliRunner().invoke(cli, ["plot", str(run)])
+    assert r.exit_code == 0, r.output
+    png = run / "curves.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    r = CliRunner().invoke(cli, ["plot", str(tmp_path)])
+    assert r.exit_code == 1 and "no metrics.jsonl" in r.output
