@@ -384,15 +384,7 @@ class Trainer:
         stats = {"clip_frac": 0.0, "logprob_mismatch": None, "kl": 0.0, "loss": 0.0, "update_tokens": 0}
         if not rollouts:
             return {**stats, "grad_norm": 0.0, "skipped": False}
-        widths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
-        order = sorted(range(len(rollouts)), key=lambda i: widths[i])
-        batches, cur = [], []
-        for i in order:  # micro-batches of at most micro_batch_tokens padded tokens
-            if cur and (len(cur) + 1) * widths[i] > c.micro_batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(i)
-        batches.append(cur)
+        batches = self._micro_batches(rollouts)
         all_mask = torch.zeros(len(rollouts), max(len(r.completion_ids) for r in rollouts))
         for i, r in enumerate(rollouts):
             all_mask[i, : len(r.completion_ids)] = 1
@@ -402,13 +394,13 @@ class Trainer:
         mismatch_sum, mismatch_n = 0.0, 0
         for mb in batches:
             batch = [rollouts[i] for i in mb]
-            logp, mask, comp = self._completion_logprobs(self.model, batch)
+            logp, mask = self._completion_logprobs(self.model, batch)
             old = logp.detach()  # one on-policy update per batch: old policy == current policy
             adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=logp.device)
             loss_tok, was_clipped = algos.policy_loss(logp, old, adv, c.clip_eps, c.clip_eps_high)
             if self.ref_model is not None:
                 with torch.no_grad():
-                    ref, _, _ = self._completion_logprobs(self.ref_model, batch)
+                    ref, _ = self._completion_logprobs(self.ref_model, batch)
                 kl = algos.kl_k3(logp, ref)
                 loss_tok = loss_tok + c.kl_coef * kl
                 stats["kl"] += float((kl * mask).sum())
@@ -417,7 +409,7 @@ class Trainer:
             stats["loss"] += float(loss.detach())
             clipped += float((was_clipped.float() * mask).sum())
             total += float(mask.sum())
-            stats["update_tokens"] += sum(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
+            stats["update_tokens"] += self._forward_tokens(batch)
             for j, r in enumerate(batch):
                 if r.engine_logprobs:
                     n = min(len(r.engine_logprobs), int(mask[j].sum()))
@@ -447,11 +439,48 @@ class Trainer:
             self.scheduler.step()
         return grad_norm, bad
 
+    @staticmethod
+    def _single_token(batch: list[Rollout]) -> bool:
+        return all(len(r.completion_ids) == 1 for r in batch)
+
+    def _forward_tokens(self, batch: list[Rollout]) -> int:
+        """Tokens the update's forward actually runs (a shared prompt counts once on the fast path)."""
+        if self._single_token(batch):
+            return sum(len(p) for p in {tuple(r.prompt_ids) for r in batch})
+        return sum(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
+
+    def _micro_batches(self, rollouts: list[Rollout]) -> list[list[int]]:
+        """Indices grouped into micro-batches of at most micro_batch_tokens padded tokens; the
+        samples of one prompt stay together (sorted by length, then prompt)."""
+        c = self.config
+        order = sorted(range(len(rollouts)), key=lambda i: (len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids), rollouts[i].prompt_ids))
+        single = self._single_token(rollouts)
+        batches, cur, rows, seen = [], [], 0, set()
+        for i in order:
+            r = rollouts[i]
+            width = len(r.prompt_ids) + len(r.completion_ids)
+            new_row = not single or tuple(r.prompt_ids) not in seen
+            if cur and new_row and (rows + 1) * width > c.micro_batch_tokens:
+                batches.append(cur)
+                cur, rows, seen = [], 0, set()
+                new_row = True
+            cur.append(i)
+            if new_row:
+                rows += 1
+                seen.add(tuple(r.prompt_ids))
+        batches.append(cur)
+        return batches
+
     def _completion_logprobs(self, model, batch: list[Rollout]):
-        """Log-probs [N, T] of each completion token under `model` at the sampling temperature.
+        """Log-probs [N, T] (left-aligned) and mask of each completion token under `model` at the
+        sampling temperature.
 
         Sequences are left-padded so every completion ends at the last position; only the last
-        T+1 positions go through the LM head (logits_to_keep), not the whole prompt."""
+        T+1 positions go through the LM head (logits_to_keep), not the whole prompt. When every
+        completion is one token, each distinct prompt is run once and its samples share the logits
+        (exactly the same numbers, G times less compute)."""
+        if self._single_token(batch):
+            return self._shared_prompt_logprobs(model, batch)
         width = max(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
         t_max = max(len(r.completion_ids) for r in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -477,7 +506,24 @@ class Trainer:
             n = len(r.completion_ids)
             logp_left[i, :n] = logp[i, t_max - n :]
             mask_left[i, :n] = 1
-        return logp_left, mask_left.to(dev), comp
+        return logp_left, mask_left.to(dev)
+
+    def _shared_prompt_logprobs(self, model, batch: list[Rollout]):
+        prompts = list(dict.fromkeys(tuple(r.prompt_ids) for r in batch))
+        row_of = {p: i for i, p in enumerate(prompts)}
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        attn = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), logits_to_keep=1).logits
+        rows = torch.tensor([row_of[tuple(r.prompt_ids)] for r in batch], device=dev)
+        tokens = torch.tensor([[r.completion_ids[0]] for r in batch], device=dev)
+        logp = algos.token_logprobs(logits[rows], tokens, self.config.temperature)  # [N, 1]
+        return logp, torch.ones_like(logp)
 
     # -- loop ---------------------------------------------------------------------------------
     def run(self) -> dict:

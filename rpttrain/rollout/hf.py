@@ -16,6 +16,16 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from rpttrain.rollout import Completion, Sampling
 
 
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose mass reaches top_p."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, idx = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+
+
 class _SampledLogprobs(LogitsProcessor):
     """Records log p(sampled token) under the processed (temperature-scaled) distribution,
     keeping one step of log-softmax at a time instead of every step's full-vocabulary logits."""
@@ -57,7 +67,10 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]:
-        per_chunk = max(1, self.max_batch_sequences // sampling.n)
+        # one new token: one forward per distinct prompt, then n draws from its distribution
+        # (generate() would run the prompt n times over)
+        one_token = sampling.max_new_tokens == 1
+        per_chunk = self.max_batch_sequences if one_token else max(1, self.max_batch_sequences // sampling.n)
         out: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()
@@ -66,19 +79,50 @@ class HFEngine:
                 chunk = prompts[start : start + per_chunk]
                 # one seed per chunk: reproducible, and independent of how many chunks came before
                 torch.manual_seed(sampling.seed + start)
-                out += self._generate_chunk(chunk, sampling)
+                out += self._one_token_chunk(chunk, sampling) if one_token else self._generate_chunk(chunk, sampling)
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
-        device = next(self.model.parameters()).device
+    def _left_pad(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             attention[i, width - len(p) :] = 1
+        return input_ids, attention
+
+    def _one_token_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
+        device = next(self.model.parameters()).device
+        input_ids, attention = self._left_pad(prompts)
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                            position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1].float()
+        if sampling.temperature == 0:
+            picks = logits.argmax(-1, keepdim=True)
+            logp = torch.log_softmax(logits, -1)
+        else:
+            logp = torch.log_softmax(logits / sampling.temperature, -1)
+            probs = _nucleus(logp.exp(), sampling.top_p)
+            picks = torch.multinomial(probs, sampling.n, replacement=True)
+        chosen = logp.gather(-1, picks).cpu()
+        picks = picks.cpu()
+        stop = set(sampling.stop_token_ids)
+        groups = []
+        for i in range(len(prompts)):
+            group = []
+            for j in range(picks.shape[1]):
+                t = int(picks[i, j])
+                group.append(Completion(token_ids=[t], text="" if t in stop else self.tokenizer.decode([t]),
+                                        finish_reason="stop" if t in stop else "length", logprobs=[float(chosen[i, j])]))
+            groups.append(group)
+        return groups
+
+    def _generate_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
+        device = next(self.model.parameters()).device
+        input_ids, attention = self._left_pad(prompts)
+        width = input_ids.shape[1]
         greedy = sampling.temperature == 0
         stop = list(sampling.stop_token_ids)
         recorder = _SampledLogprobs(sampling.temperature)
