@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cli.common import library_errors
+
+
+@click.command()
+@click.argument("scored_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--bands", default="0.5,1.0,1.5", show_default=True,
+              help="Entropy band edges: nested bands are entropy > b (the paper's easy/medium/hard), disjoint ones lie between edges.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the entropy histogram PNG [default: SCORED_DIR/entropy_hist.png].")
+@click.option("--no-plot", is_flag=True, help="Skip the histogram.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@library_errors
+def stats(scored_dir, bands, plot_path, no_plot, as_json):
+    """Entropy statistics of a scored directory: counts, quantiles, bands, proxy accuracy.
+
+    Shares are of all scored positions; accuracy is the proxy's next-token accuracy
+    (top1_id = token_id) within the band. Bands reaching below the run's --threshold are
+    marked incomplete (those positions were not kept).
+
+    \b
+    Example:
+      rpt stats out/scored
+      rpt stats out/scored --bands 0.5,1.0,1.5,2.0 --plot entropy.png
+    """
+    from rptdata.query import compute_stats, parse_bands, plot_entropy_hist
+
+    s = compute_stats(scored_dir, parse_bands(bands))
+    path = None if no_plot else plot_entropy_hist(s, plot_path or Path(scored_dir) / "entropy_hist.png")
+    if as_json:
+        click.echo(json.dumps({**s, "plot": str(path) if path else None}, indent=1, default=str))
+        return
+    threshold = "none (all positions kept)" if s["threshold"] is None else f"entropy >= {s['threshold']:g}"
+    click.echo(f"proxy {s['proxy']}, top-{s['top_k']} entropy ({s['entropy_mode']}), threshold: {threshold}")
+    click.echo(
+        f"documents {s['documents']:,}; positions scored {s['positions_scored']:,}, kept {s['positions_kept']:,}, "
+        f"skipped (short context) {s['positions_skipped_short_context']:,}"
+    )
+    if s["quantiles"]:
+        click.echo("entropy quantiles (kept): " + ", ".join(f"q{k}={v:.3f}" for k, v in s["quantiles"].items()))
+        click.echo(f"mean entropy {s['mean_entropy']:.3f}, proxy accuracy {s['accuracy']:.1%} (kept positions)")
+    for title, rows in (("nested bands", s["nested"]), ("disjoint bands", s["disjoint"])):
+        click.echo(f"\n{title}:")
+        click.echo(f"  {'band':<14}{'positions':>11}{'share':>9}{'accuracy':>10}")
+        for r in rows:
+            share = f"{r['share']:.1%}" if r["share"] is not None else "n/a"
+            acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
+            note = "" if r["complete"] else "  (incomplete: below --threshold)"
+            click.echo(f"  {r['band']:<14}{r['positions']:>11,}{share:>9}{acc:>10}{note}")
+    if path:
+        click.echo(f"\nhistogram: {path}")

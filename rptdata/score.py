@@ -1,0 +1,479 @@
+"""`rpt score-entropy`: prepared documents -> per-position top-k entropy of a proxy model.
+
+    run_score_entropy(ScoreConfig(prepared="out/prep", out="out/scored")) -> manifest dict
+
+Position `pos` of a document has the context tokens[0:pos] and the target token_ids[pos]. Every
+position with at least `min_context` tokens of context is scored once. Documents longer than
+the window (`max_context` tokens: context + target) are cut into overlapping windows by
+`plan_windows`: each later window carries `overlap` tokens of context (default half the window)
+and the last one is shifted back so it is full, so every position sees at least
+min(pos, overlap) >= min_context tokens of context and each position is scored exactly once.
+
+Entropy over the proxy's k most likely next tokens (k = `top_k`, 16 as in the paper):
+    full-softmax  H = -sum_{i<=k} p_i log p_i, p_i the full-vocabulary softmax probabilities
+    renormalized  H = -sum_{i<=k} q_i log q_i, q_i = p_i / sum_{j<=k} p_j
+
+Output (one positions shard per input docs shard, same index):
+    OUT/positions/part-NNNNN.parquet  doc_id, pos, token_id, entropy, target_logprob, target_rank,
+                                      top1_id [, topk_ids, topk_logprobs with save_topk]
+    OUT/manifest.json                 proxy, tokenizer (copied from prepare), prepared dir and
+                                      fingerprint, options, finished shards, counts
+Rows kept: entropy >= threshold, or every scored position with keep_all. Counted per shard:
+positions scored, kept, below the threshold, skipped for too little context.
+
+Scale-out: `num_workers`/`worker_index` (or torchrun's WORLD_SIZE/RANK) split the input shards;
+each worker writes its own shards and markers, and the worker that finds every shard done writes
+the manifest (or `merge_scored(out)` afterwards). Resume and refusal rules: `rptdata.manifest`.
+
+Left out on purpose: a BOS token before the document (documents are scored exactly as prepared),
+and scoring positions with no context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rptdata.engines import ENGINES, ENTROPY_MODES, MAX_CONTEXT_CAP, Engine, load_engine, resolve_engine
+from rptdata.errors import ManifestMismatch, ModelResolutionError, RptError
+from rptdata.manifest import MANIFEST, RUN_FILE, StageDir, read_manifest, worker_from_env, worker_split
+from rptdata.models import (
+    DEFAULT_MODEL,
+    load_tokenizer,
+    local_model_dir,
+    model_name,
+    resolve_device,
+    resolve_dtype,
+    vocab_hash,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "score-entropy"
+POSITIONS_DIR = "positions"
+DEFAULT_THRESHOLD = 0.5
+POSITIONS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("pos", pa.int32()),
+        ("token_id", pa.int32()),
+        ("entropy", pa.float32()),
+        ("target_logprob", pa.float32()),
+        ("target_rank", pa.int32()),
+        ("top1_id", pa.int32()),
+    ]
+)
+TOPK_FIELDS = [("topk_ids", pa.list_(pa.int32())), ("topk_logprobs", pa.list_(pa.float32()))]
+_SCORE_FIELDS = ("entropy", "target_logprob", "target_rank", "top1_id")
+_TOPK_NAMES = ("topk_ids", "topk_logprobs")
+COUNT_KEYS = (
+    "documents", "documents_without_positions", "positions_scored", "positions_kept",
+    "positions_below_threshold", "positions_skipped_short_context", "windows", "tokens_forwarded",
+)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Options of `rpt score-entropy`; see `rpt score-entropy --help` for each."""
+
+    prepared: str
+    out: str
+    model: str = DEFAULT_MODEL
+    top_k: int = 16
+    threshold: float = DEFAULT_THRESHOLD
+    keep_all: bool = False
+    max_context: int | None = None  # None: the model's max positions, capped at 2048
+    min_context: int = 1
+    overlap: int | None = None  # None: max(min_context, max_context // 2)
+    batch_tokens: int | None = None  # None: 8192 on CPU, 65536 on a GPU (hf engine)
+    engine: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    entropy: str = "full-softmax"
+    save_topk: bool = False
+    num_workers: int | None = None
+    worker_index: int | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError("--top-k must be at least 1")
+        if self.threshold < 0:
+            raise ValueError("--threshold must be >= 0 (entropies are never negative)")
+        if self.min_context < 1:
+            raise ValueError("--min-context must be at least 1: a position needs some context (no BOS is added)")
+        if self.max_context is not None and self.max_context <= self.min_context:
+            raise ValueError(
+                f"--max-context ({self.max_context}) must exceed --min-context ({self.min_context}): "
+                "a window holds the context and the target"
+            )
+        if self.overlap is not None:
+            top = (self.max_context - 1) if self.max_context else None
+            if self.overlap < self.min_context or (top is not None and self.overlap > top):
+                raise ValueError(
+                    f"--overlap must be between --min-context ({self.min_context}) and --max-context - 1"
+                    f"{f' ({top})' if top is not None else ''}: later windows carry that much context"
+                )
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError("--batch-tokens must be at least 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}")
+        if self.entropy not in ENTROPY_MODES:
+            raise ValueError(f"--entropy must be one of {', '.join(ENTROPY_MODES)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# windows (pure)
+
+
+class Window(NamedTuple):
+    """Tokens [start, end) of a document go to the model; positions [first, end) are scored."""
+
+    start: int
+    first: int
+    end: int
+
+
+def default_overlap(max_context: int, min_context: int) -> int:
+    return max(min_context, max_context // 2)
+
+
+def plan_windows(n_tokens: int, max_context: int, min_context: int = 1, overlap: int | None = None) -> list[Window]:
+    """Cover positions [min_context, n_tokens) with windows of at most `max_context` tokens.
+
+    The first window starts at 0. Each later window carries `overlap` tokens of context before
+    its first scored position, except the last, which starts earlier so that it is full. So
+    every position is scored exactly once, with at least min(pos, overlap) tokens of context.
+
+    >>> plan_windows(10, max_context=4, min_context=1, overlap=2)
+    [Window(start=0, first=1, end=4), Window(start=2, first=4, end=6), Window(start=4, first=6, end=8), Window(start=6, first=8, end=10)]
+    >>> plan_windows(1, max_context=4)  # a one-token document has no position with context
+    []
+    """
+    if max_context <= min_context or min_context < 1:
+        raise ValueError(f"need 1 <= min_context < max_context, got {min_context}, {max_context}")
+    overlap = default_overlap(max_context, min_context) if overlap is None else overlap
+    if not min_context <= overlap < max_context:
+        raise ValueError(f"overlap {overlap} must be in [{min_context}, {max_context - 1}]")
+    if n_tokens <= min_context:
+        return []
+    windows = [Window(0, min_context, min(n_tokens, max_context))]
+    while windows[-1].end < n_tokens:
+        first = windows[-1].end
+        start = min(first - overlap, n_tokens - max_context)
+        windows.append(Window(start, first, min(n_tokens, start + max_context)))
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring one shard's documents
+
+
+def score_docs(
+    engine: Engine,
+    doc_ids: Sequence[str],
+    tokens: Sequence[np.ndarray],
+    *,
+    max_context: int,
+    min_context: int = 1,
+    overlap: int | None = None,
+    threshold: float | None = DEFAULT_THRESHOLD,
+    save_topk: bool = False,
+    progress=None,
+) -> tuple[pa.Table, dict]:
+    """Score every position of these documents; keep rows with entropy >= threshold (None: all).
+
+    Returns the positions table (rows in document order, then by pos) and the shard's counts.
+    """
+    seqs, firsts, owner, starts = [], [], [], []
+    for d, toks in enumerate(tokens):
+        for w in plan_windows(len(toks), max_context, min_context, overlap):
+            seqs.append(toks[w.start : w.end])
+            firsts.append(w.first - w.start)
+            owner.append(d)
+            starts.append(w.start)
+    names = _SCORE_FIELDS + (_TOPK_NAMES if save_topk else ())
+    kept: list = [None] * len(seqs)  # per window: {"pos": ..., field: array}, filtered
+    for i, scores in engine.score(seqs, firsts, progress=progress):
+        cols = {"pos": starts[i] + firsts[i] + np.arange(len(scores), dtype=np.int64)}
+        cols.update((name, getattr(scores, name)) for name in names)
+        if threshold is not None:
+            mask = scores.entropy >= threshold
+            cols = {name: col[mask] for name, col in cols.items()}
+        kept[i] = cols
+    if any(c is None for c in kept):  # the engine contract: every sequence exactly once
+        raise AssertionError("the scoring engine left sequences unscored")
+
+    keep_counts = np.array([len(c["pos"]) for c in kept], dtype=np.int64)
+    doc_index = np.repeat(np.array(owner, dtype=np.int64), keep_counts)
+
+    def cat(name, dtype, width=None):
+        if not kept:
+            return np.zeros((0,) if width is None else (0, width), dtype)
+        return np.concatenate([c[name] for c in kept]).astype(dtype)
+
+    pos = cat("pos", np.int64)
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    flat = np.concatenate([np.asarray(t) for t in tokens]) if len(tokens) else np.zeros(0, np.int32)
+    token_id = flat[np.concatenate([[0], np.cumsum(lengths)])[doc_index] + pos] if len(pos) else np.zeros(0)
+    columns = [
+        pa.array(list(doc_ids), pa.string()).take(pa.array(doc_index, pa.int64())),
+        pa.array(pos.astype(np.int32), pa.int32()),
+        pa.array(token_id.astype(np.int32), pa.int32()),
+        pa.array(cat("entropy", np.float32), pa.float32()),
+        pa.array(cat("target_logprob", np.float32), pa.float32()),
+        pa.array(cat("target_rank", np.int32), pa.int32()),
+        pa.array(cat("top1_id", np.int32), pa.int32()),
+    ]
+    schema = POSITIONS_SCHEMA
+    if save_topk:
+        k = engine.top_k
+        offsets = pa.array(np.arange(0, (len(pos) + 1) * k, k, dtype=np.int32))
+        columns += [
+            pa.ListArray.from_arrays(offsets, pa.array(cat("topk_ids", np.int32, k).reshape(-1), pa.int32())),
+            pa.ListArray.from_arrays(offsets, pa.array(cat("topk_logprobs", np.float32, k).reshape(-1), pa.float32())),
+        ]
+        schema = pa.schema(list(POSITIONS_SCHEMA) + [pa.field(n, t) for n, t in TOPK_FIELDS])
+    table = pa.Table.from_arrays(columns, schema=schema)
+
+    n_scored = sum(len(s) - f for s, f in zip(seqs, firsts))
+    stats = {
+        "documents": len(tokens),
+        "documents_without_positions": int((lengths <= min_context).sum()),
+        "positions_scored": int(n_scored),
+        "positions_kept": int(len(pos)),
+        "positions_below_threshold": int(n_scored - len(pos)),
+        "positions_skipped_short_context": int(np.minimum(lengths, min_context).sum()),
+        "windows": len(seqs),
+        "tokens_forwarded": int(sum(len(s) - 1 for s in seqs)),
+    }
+    if stats["positions_scored"] + stats["positions_skipped_short_context"] != int(lengths.sum()):
+        raise AssertionError("position accounting broke: scored + skipped != tokens")  # internal invariant
+    return table, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def run_score_entropy(config: ScoreConfig, engine: Engine | None = None) -> dict:
+    """Score this worker's share of the prepared shards; returns the manifest once the stage is
+    complete, else a progress summary with `"complete": False`.
+
+    `engine` lets a caller (benchmarks, tests) pass an engine it already loaded; by default it is
+    built from the config, and only when there is work left.
+    """
+    started = time.time()
+    prep_dir = Path(config.prepared).resolve()
+    prep = read_manifest(prep_dir, "prepare")
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    proxy = {"name": model_name(config.model), "spec": config.model, "vocab_hash": vocab_hash(tokenizer)}
+    check_tokenizer(prep, proxy, prep_dir)
+
+    engine_name = engine.name if engine is not None else resolve_engine(config.engine, config.device)
+    max_context = config.max_context or _default_max_context(config, engine)
+    if max_context <= config.min_context:
+        raise ValueError(f"the window ({max_context} tokens) must exceed --min-context ({config.min_context})")
+    overlap = config.overlap if config.overlap is not None else default_overlap(max_context, config.min_context)
+    if not config.min_context <= overlap < max_context:
+        raise ValueError(f"--overlap {overlap} must be in [{config.min_context}, {max_context - 1}]")
+    identity = {
+        "prepared": {"dir": str(prep_dir), "fingerprint": prep.get("fingerprint"), "input_shards": prep["shards"]},
+        "proxy": proxy,
+        "tokenizer": prep["tokenizer"],
+        "options": {
+            "engine": engine_name,
+            "dtype": engine.dtype if engine is not None else _resolved_dtype(config, engine_name),
+            "top_k": config.top_k,
+            "entropy": config.entropy,
+            "threshold": None if config.keep_all else config.threshold,
+            "keep_all": config.keep_all,
+            "max_context": max_context,
+            "min_context": config.min_context,
+            "overlap": overlap,
+            "save_topk": config.save_topk,
+        },
+    }
+    stage = StageDir(Path(config.out), STAGE, [POSITIONS_DIR])
+    state = stage.begin(identity, overwrite=config.overwrite)
+    if state == "done":
+        log.info("%s is already complete; nothing to do", config.out)
+        return read_manifest(config.out, STAGE)
+
+    worker, workers = worker_from_env(config.num_workers, config.worker_index)
+    inputs = {_shard_index(s): s for s in prep["shards"]}
+    mine = worker_split(sorted(inputs), worker, workers)
+    done = stage.done_shards(POSITIONS_DIR)
+    todo = [i for i in mine if i not in done]
+    if done:
+        log.info("resuming: %d shard(s) already complete", len(done))
+
+    if todo:
+        if engine is None:
+            engine = load_engine(
+                engine_name, config.model, dtype=config.dtype, device=config.device, top_k=config.top_k,
+                entropy=config.entropy, batch_tokens=config.batch_tokens, max_context=max_context,
+                trust_remote_code=config.trust_remote_code,
+            )
+        if engine.top_k != config.top_k or getattr(engine, "entropy", config.entropy) != config.entropy:
+            raise ValueError("the engine passed in was built with another top_k or entropy mode than the config")
+        _score_shards(stage, prep_dir, inputs, todo, engine, identity["options"], config)
+
+    runtime = {"batch_tokens": getattr(engine, "batch_tokens", config.batch_tokens),
+               "device": getattr(engine, "device", config.device),
+               "worker": [worker, workers], "seconds": round(time.time() - started, 2)}
+    return _finish_if_complete(stage, identity, runtime) or _progress_summary(stage, identity, worker, workers)
+
+
+def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, engine, options: dict, config) -> None:
+    from tqdm import tqdm
+
+    total = 0
+    for i in todo:
+        n = pq.read_table(prep_dir / inputs[i], columns=["n_tokens"]).column("n_tokens").to_numpy()
+        total += int(np.maximum(n - options["min_context"], 0).sum())
+    with tqdm(total=total, desc="score-entropy", unit=" tok", unit_scale=True, disable=not config.progress,
+              dynamic_ncols=True) as bar:
+        for i in todo:
+            _score_shard(stage, prep_dir / inputs[i], i, engine, options, bar.update)
+
+
+def _score_shard(stage: StageDir, path: Path, index: int, engine, options: dict, progress) -> dict:
+    """Score one input shard and write its positions shard + completion marker."""
+    t0 = time.time()
+    table = pq.read_table(path, columns=["doc_id", "token_ids"])
+    token_lists = table.column("token_ids").combine_chunks()
+    offsets = token_lists.offsets.to_numpy()
+    flat = token_lists.values.to_numpy(zero_copy_only=False)
+    tokens = [flat[offsets[j] : offsets[j + 1]] for j in range(len(offsets) - 1)]
+    positions, stats = score_docs(
+        engine, table.column("doc_id").to_pylist(), tokens,
+        max_context=options["max_context"], min_context=options["min_context"], overlap=options["overlap"],
+        threshold=options["threshold"], save_topk=options["save_topk"], progress=progress,
+    )
+    stats["input_shard"] = f"{path.parent.name}/{path.name}"
+    stats["seconds"] = round(time.time() - t0, 3)
+    stage.write_shard(POSITIONS_DIR, index, positions, stats)
+    return stats
+
+
+def merge_scored(out: str | Path) -> dict:
+    """Write OUT/manifest.json once every worker's shards are done (`rpt score-entropy OUT --merge`)."""
+    run_file = Path(out) / RUN_FILE
+    if (Path(out) / MANIFEST).exists():
+        return read_manifest(out, STAGE)
+    if not run_file.exists():
+        raise RptError(f"{out}: not an `rpt score-entropy` output directory (no {RUN_FILE})")
+    run = json.loads(run_file.read_text())
+    if run.get("stage") != STAGE:
+        raise RptError(f"{out}: holds a `rpt {run.get('stage')}` run, not score-entropy")
+    stage = StageDir(Path(out), STAGE, [POSITIONS_DIR])
+    manifest = _finish_if_complete(stage, run["config"], {"merged": True})
+    if manifest is None:
+        inputs = sorted(_shard_index(s) for s in run["config"]["prepared"]["input_shards"])
+        missing = [i for i in inputs if i not in stage.done_shards(POSITIONS_DIR)]
+        raise RptError(
+            f"{out}: {len(missing)} of {len(inputs)} shard(s) are not finished yet "
+            f"(e.g. {', '.join(f'part-{i:05d}' for i in missing[:5])}); run the missing workers first"
+        )
+    return manifest
+
+
+def check_tokenizer(prep: dict, proxy: dict, prep_dir: Path | str = "") -> None:
+    """ManifestMismatch unless the proxy's vocabulary is the one the corpus was tokenized with."""
+    tok = prep.get("tokenizer") or {}
+    if tok.get("vocab_hash") != proxy["vocab_hash"]:
+        raise ManifestMismatch(
+            f"tokenizer mismatch: {prep_dir} was prepared with the tokenizer '{tok.get('spec', tok.get('name'))}' "
+            f"(vocab hash {tok.get('vocab_hash')}), but the proxy model '{proxy['spec']}' uses vocab hash "
+            f"{proxy['vocab_hash']}; its token ids would mean other tokens. Prepare the corpus again with "
+            f"`rpt prepare ... --tokenizer {proxy['spec']}`, or score with a proxy that shares the corpus tokenizer."
+        )
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _shard_index(shard: str) -> int:
+    m = re.search(r"part-(\d+)\.parquet$", shard)
+    if m is None:  # the prepare manifest is ours; a bad name is an internal error
+        raise AssertionError(f"unexpected shard name {shard}")
+    return int(m.group(1))
+
+
+def _resolved_dtype(config: ScoreConfig, engine_name: str) -> str:
+    if engine_name == "vllm":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = resolve_device(config.device)
+    return str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+
+
+def _default_max_context(config: ScoreConfig, engine) -> int:
+    """The model's max positions capped at MAX_CONTEXT_CAP, read from its config (no weights)."""
+    max_positions = getattr(engine, "max_positions", None) if engine is not None else None
+    if engine is None:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(local_model_dir(config.model), trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelResolutionError(f"{config.model}: cannot read the model config: {e}") from e
+        max_positions = getattr(cfg, "max_position_embeddings", None)
+    return min(max_positions or MAX_CONTEXT_CAP, MAX_CONTEXT_CAP)
+
+
+def _finish_if_complete(stage: StageDir, identity: dict, runtime: dict) -> dict | None:
+    inputs = {_shard_index(s): s for s in identity["prepared"]["input_shards"]}
+    done = stage.done_shards(POSITIONS_DIR)
+    if any(i not in done for i in inputs):
+        return None
+    counts = {key: sum(int(done[i].get(key, 0)) for i in inputs) for key in COUNT_KEYS}
+    schema = POSITIONS_SCHEMA
+    if identity["options"]["save_topk"]:
+        schema = pa.schema(list(POSITIONS_SCHEMA) + [pa.field(n, t) for n, t in TOPK_FIELDS])
+    return stage.finish(
+        {
+            "proxy": identity["proxy"],
+            "tokenizer": identity["tokenizer"],
+            "prepared": {k: identity["prepared"][k] for k in ("dir", "fingerprint")},
+            "options": identity["options"],
+            "runtime": runtime,
+            "input_shards": [inputs[i] for i in sorted(inputs)],
+            "shards": [f"{POSITIONS_DIR}/part-{i:05d}.parquet" for i in sorted(inputs)],
+            "schema": {f.name: str(f.type) for f in schema},
+            "counts": counts,
+            "seconds": round(sum(float(done[i].get("seconds", 0)) for i in inputs), 2),
+        }
+    )
+
+
+def _progress_summary(stage: StageDir, identity: dict, worker: int, workers: int) -> dict:
+    inputs = [_shard_index(s) for s in identity["prepared"]["input_shards"]]
+    done = stage.done_shards(POSITIONS_DIR)
+    mine = worker_split(sorted(inputs), worker, workers)
+    return {
+        "stage": STAGE,
+        "complete": False,
+        "worker": [worker, workers],
+        "shards_done": sum(i in done for i in inputs),
+        "shards_total": len(inputs),
+        "counts": {key: sum(int(done[i].get(key, 0)) for i in mine if i in done) for key in COUNT_KEYS},
+        "seconds": round(sum(float(done[i].get("seconds", 0)) for i in mine if i in done), 2),
+    }
+
