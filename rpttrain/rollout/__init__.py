@@ -67,7 +67,10 @@ def pick_engine(name: str, device: str) -> str:
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose auto, {', '.join(ENGINES)}")
     if name == "vllm" and not vllm_available():
-        raise ValueError("--engine vllm needs the vllm package: pip install -e '.[vllm]'")
+        raise ValueError(
+            "--engine vllm needs the vllm package: on a GPU machine pip install -e '.[vllm]'; "
+            "on a CPU, build .venv-vllm with bench/setup_vllm_cpu.sh (make test-vllm)"
+        )
     return name
 
 
