@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import click
+
+from cli.common import library_errors, model_help
+
+
+@click.command("eval")
+@click.argument("tasks_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "models", multiple=True, help=model_help("Model to evaluate (repeat for several)") + " Default: smollm2-135m when no --checkpoints are given.")
+@click.option("--checkpoints", "runs", multiple=True, type=click.Path(exists=True, file_okay=False), help="An `rpt train` run directory (repeat): its base model (step 0) and every saved checkpoint, with training compute, and a scaling-law fit.")
+@click.option("--mode", default="ntp", show_default=True, type=click.Choice(["ntp", "reasoning", "both"]), help="ntp: greedy next token of the raw context; reasoning: the training prompt, generation, extraction.")
+@click.option("--samples", default=1, show_default=True, help="Reasoning samples per task (K); the score is their mean, and Pass@K is reported.")
+@click.option("--temperature", default=None, type=float, help="Reasoning sampling temperature. Default: greedy for --samples 1, else the run's (checkpoints) or 0.8.")
+@click.option("--max-new-tokens", default=None, type=int, help="Reasoning completion budget. Default: a run's own; else 256 for chat formats, 1 for continuation.")
+@click.option("--max-prompt-tokens", default=4096, show_default=True, help="Longest prompt; contexts lose their start beyond it.")
+@click.option("--prompt-template", default=None, help="Reasoning format: v0 v2 v6 continuation or FILE. Default: v0, or each run's own template.")
+@click.option("--bands", default="0.5,1.0,1.5", show_default=True, help="Entropy thresholds of the nested bands (easy/medium/hard), or name=value pairs.")
+@click.option("--band-model", default=None, help=model_help("Recompute the band entropy (top-16) with this model instead of the tasks' column"))
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="REPORT_DIR: report.md, report.json, predictions.parquet, scaling.png. Default: print only.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "hf", "vllm"]), help="Rollout engine of the reasoning mode.")
+@click.option("--limit", default=None, type=int, help="Evaluate the first N tasks of the split.")
+@click.option("--split", default="eval", show_default=True, type=click.Choice(["eval", "train"]), help="Which split's tasks (eval: held out).")
+@click.option("--allow-overlap", is_flag=True, help="Evaluate even when a run trained on evaluated documents (warns loudly; not held-out accuracy).")
+@click.option("--resume", is_flag=True, help="Continue an evaluation in --out, skipping (task, model, mode) rows already written.")
+@click.option("--overwrite", is_flag=True, help="Replace an evaluation already in --out.")
+@click.option("--batch-size", default=16, show_default=True, help="Sequences per forward pass (ntp) or per generate call (reasoning).")
+@click.option("--flush-every", default=128, show_default=True, help="Tasks per predictions part file (the most a crash can lose).")
+@click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule (prefix: the paper's Eq. 3).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype (auto: bf16 on GPU, fp32 on CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's custom code.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@library_errors
+def eval_cmd(tasks_dir, models, runs, mode, samples, temperature, max_new_tokens, max_prompt_tokens, prompt_template, bands,
+             band_model, out, engine, limit, split, allow_overlap, resume, overwrite, batch_size, flush_every, reward, seed,
+             dtype, device, trust_remote_code, no_progress):
+    """Next-token accuracy per entropy band (the paper's Table 1), with scaling fits over checkpoints.
+
+    Prints a Markdown table (rows: model x mode, or run x checkpoint x mode; columns: the nested
+    easy / medium / hard bands) with counts and 95% Wilson intervals, and writes REPORT_DIR.
+
+    \b
+    Example:
+      rpt eval out/tasks --model smollm2-135m --out out/eval
+      rpt eval out/tasks --checkpoints out/run --mode both --samples 8 --temperature 0.8 --out out/eval-run
+      duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
+    """
+    from rpttrain.evaluate import EvalConfig, format_band_counts, format_scaling, format_table, run_eval
+
+    if not models and not runs:
+        models = ("smollm2-135m",)
+    config = EvalConfig(
+        tasks_dir=tasks_dir, models=tuple(models), checkpoints=tuple(runs), mode=mode, samples=samples,
+        temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+        prompt_template=prompt_template, bands=bands, band_model=band_model, out=out, engine=engine, limit=limit,
+        split=split, allow_overlap=allow_overlap, resume=resume, overwrite=overwrite, batch_size=batch_size,
+        flush_every=flush_every, reward=reward, seed=seed, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, progress=not no_progress,
+    )
+    report = run_eval(config)
+    for warning in report["warnings"]:
+        click.secho(warning, fg="red", err=True)
+    click.echo(format_table(report))
+    click.echo()
+    click.echo(format_band_counts(report))
+    scaling = format_scaling(report)
+    if scaling:
+        click.echo()
+        click.echo("Scaling fits, P(C) = A / C^alpha + P*:")
+        click.echo(scaling)
+    if out:
+        files = report["files"]
+        extra = f", {files['plot']}" if files.get("plot") else ""
+        click.echo(f"\nwrote {files['report_md']}, {files['report_json']}, {files['predictions']}{extra} ({report['seconds']:.1f} s)")

@@ -1,0 +1,64 @@
+"""The paper's scaling law P(C) = A / C^alpha + P* (Eq. 5): the fit recovers known parameters.
+
+Run: .venv/bin/python -m pytest -q tests/test_scaling.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rpttrain.scaling import fit_scaling, r_squared, scaling_law
+
+TRUE_ALPHA, TRUE_P_STAR = 0.3, 0.45
+C0 = 1e15
+TRUE_A = -0.2 * C0**TRUE_ALPHA  # 20 points below the asymptote at the smallest compute
+
+
+def test_exact_points_are_recovered():
+    c = np.logspace(15, 19, 9)
+    a, alpha, p_star, r2 = fit_scaling(c, scaling_law(c, TRUE_A, TRUE_ALPHA, TRUE_P_STAR))
+    assert alpha == pytest.approx(TRUE_ALPHA, rel=1e-4)
+    assert p_star == pytest.approx(TRUE_P_STAR, abs=1e-5)
+    assert a == pytest.approx(TRUE_A, rel=1e-3)
+    assert r2 == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noisy_points_are_recovered(seed):
+    rng = np.random.default_rng(seed)
+    c = np.logspace(15, 19, 12)
+    y = scaling_law(c, TRUE_A, TRUE_ALPHA, TRUE_P_STAR) + rng.normal(0, 0.002, len(c))
+    a, alpha, p_star, r2 = fit_scaling(c, y)
+    assert alpha == pytest.approx(TRUE_ALPHA, abs=0.03)
+    assert p_star == pytest.approx(TRUE_P_STAR, abs=0.01)
+    # A itself moves exponentially with alpha; the gap it makes at the smallest compute is stable
+    assert a / C0**alpha == pytest.approx(TRUE_A / C0**TRUE_ALPHA, abs=0.01)
+    assert r2 > 0.99
+
+
+def test_decreasing_accuracy_fits_with_positive_a():
+    c = np.array([1e12, 3e12, 1e13, 3e13, 1e14])
+    y = scaling_law(c, 0.1 * 1e12**0.5, 0.5, 0.2)
+    a, alpha, p_star, r2 = fit_scaling(c, y)
+    assert a > 0 and alpha == pytest.approx(0.5, rel=1e-3) and p_star == pytest.approx(0.2, abs=1e-4)
+
+
+def test_points_without_compute_are_ignored_and_three_are_needed():
+    c = [0.0, 1e15, 2e15, 4e15]
+    y = [0.1] + [float(scaling_law(x, TRUE_A, TRUE_ALPHA, TRUE_P_STAR)) for x in c[1:]]
+    a, alpha, p_star, r2 = fit_scaling(c, y)  # the C = 0 point (0.1, far off the law) is not used
+    assert r2 == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="not enough points: 2"):
+        fit_scaling([0.0, 1e15, 2e15], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="same length"):
+        fit_scaling([1.0, 2.0, 3.0], [0.1, 0.2])
+
+
+def test_r_squared():
+    assert r_squared([1, 2, 3], [1, 2, 3]) == 1.0
+    assert r_squared([1, 2, 3], [2, 2, 2]) == 0.0
+    assert r_squared([1, 1, 1], [1, 1, 1]) == 1.0
+    assert math.isnan(r_squared([1, 1, 1], [1, 2, 1]))
