@@ -40,7 +40,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The whole pipeline on the embedded corpus and model, sized for a 2-core CPU (~10 minutes).
+# The whole pipeline on the embedded corpus and model, sized for a 2-core CPU (10-15 minutes).
 demo: install
 	$(RPT) prepare $(CORPUS) --template "$(TEMPLATE)" --tokenizer $(MODEL) --max-docs $(DEMO_DOCS) --out $(OUT)/prep --no-progress
 	$(RPT) score-entropy $(OUT)/prep --model $(PROXY) --out $(OUT)/scored --keep-all --max-context 256 --no-progress
@@ -48,7 +48,7 @@ demo: install
 	$(RPT) make-tasks $(OUT)/scored --out $(OUT)/tasks --threshold 0 --context-tokens 128 --eval-fraction 0.25 --max-eval-tasks 200 --seed 1
 	$(RPT) probe $(OUT)/tasks --model $(MODEL) --prompt-template v0 --prompt-template continuation --tasks 4 --samples 8 --max-new-tokens 48
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/run --prompt-template continuation --max-new-tokens 1 \
-		--max-prompt-tokens 128 --batch-size 8 --group-size 8 --lr 1e-5 --grad-clip 1.0 --steps 6 --save-every 3 \
+		--max-prompt-tokens 128 --batch-size 8 --group-size 8 --lr 1e-5 --grad-clip 1.0 --steps 6 --save-every 2 \
 		--keep-checkpoints 5 --dynamic-sampling-from -1 --micro-batch-tokens 4096 --no-progress
 	$(RPT) plot $(OUT)/run
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/run --mode ntp --out $(OUT)/report
