@@ -548,18 +548,14 @@ def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, p
     LM head); returns the argmax next token and entropies of each context, in input order."""
     import torch
 
+    from rpttrain.rollout.hf import left_pad
+
     n = len(id_lists)
     out = NextTokens([0] * n, [0.0] * n, [0.0] * n if top_k else None)
     device = next(model.parameters()).device
     with torch.no_grad():
         for batch in plan_batches([len(x) for x in id_lists], batch_size):
-            width = max(len(id_lists[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(id_lists[i]) :] = torch.as_tensor(list(id_lists[i]), dtype=torch.long)
-                attn[row, width - len(id_lists[i]) :] = 1
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            ids, attn, pos = left_pad([id_lists[i] for i in batch], pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
                            logits_to_keep=1).logits[:, -1].float()
             top1 = logits.argmax(-1).tolist()

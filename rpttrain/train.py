@@ -47,6 +47,7 @@ from rpttrain.checkpoint import list_checkpoints, load_trainer_state, save_check
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARDS, get_reward_fn
 from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
+from rpttrain.rollout.hf import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -481,27 +482,16 @@ class Trainer:
         (exactly the same numbers, G times less compute)."""
         if self._single_token(batch):
             return self._shared_prompt_logprobs(model, batch)
-        width = max(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
         t_max = max(len(r.completion_ids) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attn = torch.zeros(len(batch), width, dtype=torch.long)
-        comp = torch.zeros(len(batch), t_max, dtype=torch.long)
-        mask = torch.zeros(len(batch), t_max)
-        for i, r in enumerate(batch):
-            seq = r.prompt_ids + r.completion_ids
-            ids[i, width - len(seq) :] = torch.tensor(seq)
-            attn[i, width - len(seq) :] = 1
-            n = len(r.completion_ids)
-            comp[i, t_max - n :] = torch.tensor(r.completion_ids)
-            mask[i, t_max - n :] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        ids, attn, pos = left_pad([r.prompt_ids + r.completion_ids for r in batch])
+        comp, _, _ = left_pad([r.completion_ids for r in batch])
         dev = self.device
         out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), logits_to_keep=t_max + 1)
         logits = out.logits[:, :-1]  # position k predicts token k+1
         logp = algos.token_logprobs(logits, comp.to(dev), self.config.temperature)
         # right-align -> left-align so column j is the j-th completion token (matches engine order)
         logp_left = torch.zeros_like(logp)
-        mask_left = torch.zeros_like(mask)
+        mask_left = torch.zeros(len(batch), t_max)
         for i, r in enumerate(batch):
             n = len(r.completion_ids)
             logp_left[i, :n] = logp[i, t_max - n :]
@@ -511,13 +501,7 @@ class Trainer:
     def _shared_prompt_logprobs(self, model, batch: list[Rollout]):
         prompts = list(dict.fromkeys(tuple(r.prompt_ids) for r in batch))
         row_of = {p: i for i, p in enumerate(prompts)}
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        attn = torch.zeros(len(prompts), width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        ids, attn, pos = left_pad(prompts)
         dev = self.device
         logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), logits_to_keep=1).logits
         rows = torch.tensor([row_of[tuple(r.prompt_ids)] for r in batch], device=dev)
@@ -615,14 +599,9 @@ class Trainer:
         tokens = 0
         for mb in batches:
             batch = [examples[i] for i in mb]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            attn = torch.zeros(len(batch), width, dtype=torch.long)
-            for i, (seq, _) in enumerate(batch):  # left padding: trained positions are the last ones
-                ids[i, width - len(seq) :] = torch.tensor(seq)
-                attn[i, width - len(seq) :] = 1
+            ids, attn, pos = left_pad([seq for seq, _ in batch])  # trained positions are the last ones
+            width = ids.shape[1]
             keep = max(n for _, n in batch)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                              position_ids=pos.to(self.device), logits_to_keep=keep + 1)
             logits = out.logits[:, :-1]  # [N, keep, V]: column j predicts token width - keep + j
