@@ -69,9 +69,12 @@ compare: install
 	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-rpt --objective rpt --prompt-template continuation \
 		--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 --steps 12 --save-every 4 $(COMPARE_TRAIN) $(if $(BUDGET),--compute-budget $(BUDGET))
-	$(eval B := $(or $(BUDGET),$(shell $(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])")))
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $(B) $(COMPARE_TRAIN)
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $(B) $(COMPARE_TRAIN)
+	@# one shell line: make expands every recipe line before running the first, so the budget
+	@# has to be read from the RPT run's summary by the shell, after that run has finished
+	B="$(BUDGET)"; [ -n "$$B" ] || B=$$($(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])") && \
+	echo "equal compute budget: $$B FLOPs" && \
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $$B $(COMPARE_TRAIN) && \
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $$B $(COMPARE_TRAIN)
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare
 
 bench-prepare: install
