@@ -4,7 +4,9 @@
 
 What is evaluated ("subjects"): every `--model`, and for every `--checkpoints RUN_DIR` the run's
 base model (step 0, compute 0) and each complete checkpoint in RUN/checkpoints/, with its
-training compute `totals.flops` from the checkpoint's state.json. `rpt train` counts compute as
+training compute `totals.flops` from the checkpoint's state.json. Subjects that would make the same
+predictions (the same weights and settings, e.g. the base model of several runs) are evaluated
+once and their rows copied. `rpt train` counts compute as
 (rpttrain/train.py): 6·N FLOPs per token through the update (forward + backward, prompt and
 completion tokens) plus 2·N per rollout token (each sample's prompt and generated tokens), with
 N the number of model parameters.
@@ -72,6 +74,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rptdata.errors import ManifestMismatch, MissingUpstream, RptError
@@ -810,6 +813,30 @@ def _evaluate_subject(ctx: _Ctx, subject: Subject, todo: dict[str, list[int]], d
     return info
 
 
+def _predictions_key(subject: Subject, modes: Sequence[str]) -> tuple:
+    """Subjects with equal keys make the same predictions (same weights, same generation settings)."""
+    path = Path(subject.spec).expanduser()
+    spec = str(path.resolve()) if path.exists() else subject.spec
+    if "reasoning" not in modes:
+        return (spec,)
+    return (spec, subject.prompt_template, subject.max_new_tokens, subject.temperature)
+
+
+def _copy_rows(ctx: _Ctx, source: str, label: str, todo: dict[str, list[int]]) -> None:
+    """Give `label` the stored predictions of `source` for the (task, mode) rows it still lacks."""
+    wanted = {(ctx.tasks[i]["task_id"], mode) for mode, idx in todo.items() for i in idx}
+    if not wanted:
+        return
+    table = ctx.store.table()
+    rows = _empty_rows()
+    for r in table.filter(pc.equal(table.column("model"), source)).to_pylist():
+        if (r["task_id"], r["mode"]) in wanted:
+            r["model"] = label
+            for name, values in rows.items():
+                values.append(r[name])
+    ctx.store.write(rows)
+
+
 def _vllm_path(spec: str) -> str:
     from rptdata.models import local_model_dir
 
@@ -847,9 +874,15 @@ def run_eval(config: EvalConfig) -> dict:
 
         device = resolve_device(config.device)
         infos = {}
+        first_with: dict[tuple, str] = {}  # what a subject's predictions depend on -> first subject with it
         for subject in subjects:
             todo = {mode: [i for i, t in enumerate(tasks) if (t["task_id"], subject.label, mode) not in done]
                     for mode in config.modes}
+            twin = first_with.setdefault(_predictions_key(subject, config.modes), subject.label)
+            if twin != subject.label:  # e.g. the shared base model (step 0) of several runs: evaluated once
+                infos[subject.label] = infos[twin]
+                _copy_rows(ctx, twin, subject.label, todo)
+                continue
             infos[subject.label] = _evaluate_subject(ctx, subject, todo, device)
         table = ctx.store.table()
         write_parquet_atomic(table, out / PREDICTIONS_FILE)

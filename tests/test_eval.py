@@ -449,3 +449,36 @@ def test_cli_refuses_overlap_with_a_clear_message(tiny, tiny_run):
                                  "--device", "cpu", "--no-progress"])
     assert r.exit_code == 1
     assert "trained on 2 of the 2 evaluated documents" in r.output and "--allow-overlap" in r.output
+
+
+def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    seen = []
+    real = evaluate.next_token_pass
+
+    def counting(model, id_lists, *args, **kwargs):
+        seen.append(len(id_lists))
+        return real(model, id_lists, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "next_token_pass", counting)
+    other = tmp_path / "other" / "run"
+    shutil.copytree(tiny_run, other)
+    for step in ("step-000001", "step-000002"):
+        shutil.rmtree(other / "checkpoints" / step)
+    model, _ = tiny
+    report = run_eval(tiny_config(tiny, tmp_path / "rep", models=(str(model),), checkpoints=(str(tiny_run), str(other))))
+    rows = report["rows"]
+    assert [(r["run"], r["step"]) for r in rows] == [(None, None), ("tiny_train0/run", 0), ("tiny_train0/run", 1),
+                                                    ("tiny_train0/run", 2), ("tiny_train0/run", 3),
+                                                    ("other/run", 0), ("other/run", 3)]
+    # 7 subjects; the base model (the --model and both runs' step 0) runs once: 5 forward passes
+    assert sum(seen) == 5 * len(EVAL_PAIRS)
+    assert [r["evaluated_now"] for r in rows] == [6, 0, 6, 6, 6, 0, 6]
+    for r in (rows[1], rows[5]):
+        assert r["bands"] == rows[0]["bands"] and r["model_entropy"] == rows[0]["model_entropy"]
+    assert rows[6]["bands"] == rows[4]["bands"]  # the same weights, in another folder, evaluated again
+    stored = pq.read_table(tmp_path / "rep" / "predictions.parquet").to_pylist()
+    assert len(stored) == 7 * len(EVAL_PAIRS)
+    copied = {r["task_id"]: r["prediction"] for r in stored if r["model"] == rows[5]["model"]}
+    assert copied == {r["task_id"]: r["prediction"] for r in stored if r["model"] == rows[0]["model"]}
