@@ -47,7 +47,8 @@ def eval_cmd(tasks_dir, models, runs, mode, samples, temperature, max_new_tokens
       rpt eval out/tasks --checkpoints out/run --mode both --samples 8 --temperature 0.8 --out out/eval-run
       duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
     """
-    from rpttrain.evaluate import EvalConfig, format_band_counts, format_scaling, format_table, run_eval
+    from rpttrain.evaluate import (PAIRED_LEGEND, EvalConfig, format_band_counts, format_paired, format_scaling,
+                                   format_table, run_eval)
 
     if not models and not runs:
         models = ("smollm2-135m",)
@@ -65,6 +66,10 @@ def eval_cmd(tasks_dir, models, runs, mode, samples, temperature, max_new_tokens
     click.echo(format_table(report))
     click.echo()
     click.echo(format_band_counts(report))
+    paired = format_paired(report)
+    if paired:
+        click.echo(f"\nPaired differences. {PAIRED_LEGEND}")
+        click.echo(paired)
     scaling = format_scaling(report)
     if scaling:
         click.echo()

@@ -178,6 +178,41 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dict:
+    """Accuracy of A minus accuracy of B on the same tasks, with a 95% interval and a p-value.
+
+    Pairing matters: two models scored on the same 300 tasks differ far less than two independent
+    Wilson intervals suggest. The interval is the normal one on the per-task differences; the
+    p-value is the exact McNemar test (a sign test on the tasks only one model got right) when every
+    score is 0 or 1, else a paired z test.
+
+    >>> d = paired_difference([1, 1, 1, 0, 1, 0], [1, 0, 0, 0, 1, 0])
+    >>> round(d["diff"], 4), d["wins"], d["losses"], d["p_value"]
+    (0.3333, 2, 0, 0.5)
+    """
+    from scipy.stats import binomtest
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"paired scores need the same tasks ({x.shape} vs {y.shape})")
+    n = len(x)
+    d = x - y
+    out = {"n": n, "diff": float(d.mean()) if n else 0.0, "ci_low": None, "ci_high": None,
+           "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "p_value": 1.0}
+    if n > 1:
+        half = z * float(d.std(ddof=1)) / math.sqrt(n)
+        out["ci_low"], out["ci_high"] = out["diff"] - half, out["diff"] + half
+    if np.isin(np.concatenate([x, y]), (0.0, 1.0)).all():
+        discordant = out["wins"] + out["losses"]
+        if discordant:
+            out["p_value"] = float(binomtest(out["wins"], discordant, 0.5).pvalue)
+    elif n > 1 and half > 0:
+        out["p_value"] = float(math.erfc(abs(out["diff"]) / (half / z) / math.sqrt(2)))
+    elif out["diff"] != 0:
+        out["p_value"] = 0.0
+    return out
+
+
 def _band_items(bands) -> tuple[tuple[str, float], ...]:
     if isinstance(bands, str):
         return parse_bands(bands)
@@ -1001,6 +1036,7 @@ def _build_report(config, ctx: _Ctx, manifest, subjects, runs, infos, table, ent
             row["seconds"] = round(seconds, 3)
             row["tasks_per_s"] = evaluated / seconds if seconds > 0 else None
             rows.append(row)
+    paired = _paired_rows(config, ctx, subjects, table, task_index, entropy)
     out = Path(ctx.store.dir).parent
     report = {
         "stage": STAGE,
@@ -1028,6 +1064,7 @@ def _build_report(config, ctx: _Ctx, manifest, subjects, runs, infos, table, ent
         "rows": rows,
         "compute_formula": FLOPS_FORMULA if runs else None,
         "scaling": _scaling_fits(config, rows, runs),
+        "paired": paired,
         "files": {
             "report_md": str(out / "report.md") if config.out else None,
             "report_json": str(out / "report.json") if config.out else None,
@@ -1036,6 +1073,44 @@ def _build_report(config, ctx: _Ctx, manifest, subjects, runs, infos, table, ent
         },
     }
     return report
+
+
+def _endpoints(subjects: list[Subject], modes: Sequence[str]) -> list[Subject]:
+    """What the paired table compares: each --model, the base model (once), each run's last checkpoint."""
+    last: dict[str, Subject] = {}
+    for s in subjects:
+        if s.run is not None and s.step:
+            if s.run not in last or s.step > last[s.run].step:
+                last[s.run] = s
+    chosen, keys = [], set()
+    for s in subjects:
+        if s.run is not None and s.step and last.get(s.run) is not s:
+            continue
+        key = _predictions_key(s, modes)
+        if key not in keys:  # the base model of several runs appears once
+            keys.add(key)
+            chosen.append(s)
+    return chosen
+
+
+def _paired_rows(config, ctx: _Ctx, subjects, table, task_index, entropy) -> list[dict]:
+    """Paired differences, band by band, between every two endpoints (see _endpoints)."""
+    ends = _endpoints(subjects, config.modes)
+    masks = {name: entropy > t for name, t in config.bands}
+    masks["all"] = np.ones(len(entropy), dtype=bool)
+    rows = []
+    for mode in config.modes:
+        scores = {}
+        for s in ends:
+            agg = _aggregate(table, s.label, mode, task_index)
+            if agg is not None:
+                scores[s.label] = agg["mean"]
+        labels = list(scores)
+        for i, a in enumerate(labels):
+            for b in labels[i + 1 :]:
+                bands = {band: paired_difference(scores[b][m], scores[a][m]) for band, m in masks.items()}
+                rows.append({"mode": mode, "a": b, "b": a, "bands": bands})
+    return rows
 
 
 def _scaling_fits(config: EvalConfig, rows: list[dict], runs: list[RunInfo]) -> list[dict]:
@@ -1141,12 +1216,41 @@ def format_scaling(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _diff_cell(d: dict) -> str:
+    if not d["n"]:
+        return "— (0)"
+    if d["ci_low"] is None:
+        return f"{100 * d['diff']:+.2f}"
+    return (f"{100 * d['diff']:+.2f} ({100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f}; "
+            f"{d['wins']}/{d['losses']}; p={d['p_value']:.2g})")
+
+
+def format_paired(report: dict) -> str:
+    """Paired differences as Markdown (empty string when fewer than two models were evaluated)."""
+    rows = report.get("paired") or []
+    if not rows:
+        return ""
+    names = [*report["bands"], "all"]
+    head = ["A − B", "mode"] + [f"{n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([f"{r['a']} − {r['b']}", r["mode"]] + [_diff_cell(r["bands"][n]) for n in names]) + " |")
+    return "\n".join(lines)
+
+
+PAIRED_LEGEND = ("Accuracy points of A minus B on the same tasks: difference (95% interval; tasks only A got right / "
+                 "only B got right; p, exact McNemar). Compared: each --model, the base model, each run's last "
+                 "checkpoint.")
+
+
 def format_report_md(report: dict) -> str:
     parts = ["# rpt eval", ""]
     parts += [f"Tasks: `{report['tasks_dir']}`. Reward: {report['settings']['reward']} matching. "
               f"Cells: accuracy % (correct/n; 95% Wilson interval).", ""]
     parts += [w for w in report["warnings"]] + ([""] if report["warnings"] else [])
     parts += [format_table(report), "", format_band_counts(report), ""]
+    if report.get("paired"):
+        parts += ["## Paired differences", "", PAIRED_LEGEND, "", format_paired(report), ""]
     if report.get("scaling"):
         parts += ["## Scaling: P(C) = A / C^alpha + P*", "", f"Compute C: {report['compute_formula']}.", "",
                   format_scaling(report), ""]

@@ -12,8 +12,11 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -482,3 +485,63 @@ def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path,
     assert len(stored) == 7 * len(EVAL_PAIRS)
     copied = {r["task_id"]: r["prediction"] for r in stored if r["model"] == rows[5]["model"]}
     assert copied == {r["task_id"]: r["prediction"] for r in stored if r["model"] == rows[0]["model"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# paired differences
+
+def test_paired_difference_hand_values():
+    from rpttrain.evaluate import paired_difference
+
+    d = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
+    assert d["diff"] == pytest.approx(0.2) and (d["wins"], d["losses"]) == (2, 1)
+    assert d["p_value"] == pytest.approx(1.0)  # 2 vs 1 discordant: exact two-sided binomial = 1
+    sd = math.sqrt(sum((x - 0.2) ** 2 for x in [1, 0, 0, -1, 1]) / 4)
+    assert d["ci_low"] == pytest.approx(0.2 - 1.96 * sd / math.sqrt(5))
+    assert d["ci_high"] == pytest.approx(0.2 + 1.96 * sd / math.sqrt(5))
+    # 12 tasks only A got right, none only B: p = 2 * 0.5**12
+    d = paired_difference([1] * 12 + [0] * 8, [0] * 12 + [0] * 8)
+    assert d["p_value"] == pytest.approx(2 * 0.5**12) and d["diff"] == pytest.approx(0.6)
+    # sampled means are not 0/1: a paired z test
+    d = paired_difference([0.5, 0.75, 0.25, 1.0], [0.25, 0.5, 0.25, 0.5])
+    se = np.std([0.25, 0.25, 0.0, 0.5], ddof=1) / 2
+    assert d["p_value"] == pytest.approx(math.erfc(0.25 / se / math.sqrt(2)))
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_difference([1, 0], [1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=2, max_size=60))
+def test_paired_difference_is_antisymmetric_and_brackets_the_mean(pairs):
+    from rpttrain.evaluate import paired_difference
+
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    ab, ba = paired_difference(a, b), paired_difference(b, a)
+    assert ab["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert ab["diff"] == pytest.approx(-ba["diff"]) and ab["p_value"] == pytest.approx(ba["p_value"])
+    assert (ab["wins"], ab["losses"]) == (ba["losses"], ba["wins"])
+    assert ab["ci_low"] <= ab["diff"] <= ab["ci_high"]
+    assert 0 <= ab["p_value"] <= 1
+    if a == b:
+        assert ab["diff"] == 0 and ab["p_value"] == 1.0
+
+
+def test_report_pairs_the_base_and_each_runs_last_checkpoint(tiny, tiny_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other" / "run"
+    shutil.copytree(tiny_run, other)
+    shutil.rmtree(other / "checkpoints" / "step-000003")
+    report = run_eval(tiny_config(tiny, tmp_path / "rep", models=(), checkpoints=(str(tiny_run), str(other))))
+    pairs = [(r["a"], r["b"]) for r in report["paired"]]
+    run_a, run_b = "tiny_train0/run", "other/run"
+    assert pairs == [(f"{run_a}@3", f"{run_a}@0"), (f"{run_b}@2", f"{run_a}@0"), (f"{run_b}@2", f"{run_a}@3")]
+    rows = {r["model"]: r for r in report["rows"]}
+    for p in report["paired"]:
+        for band in ("easy", "medium", "hard", "all"):
+            d = p["bands"][band]
+            want = rows[p["a"]]["bands"][band]["accuracy"] - rows[p["b"]]["bands"][band]["accuracy"]
+            assert d["n"] == rows[p["a"]]["bands"][band]["n"]
+            assert d["diff"] == pytest.approx(want)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Paired differences" in md and f"| {run_a}@3 − {run_a}@0 | ntp |" in md
