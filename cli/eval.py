@@ -9,6 +9,7 @@ from cli.common import library_errors, model_help
 @click.argument("tasks_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "models", multiple=True, help=model_help("Model to evaluate (repeat for several)") + " Default: smollm2-135m when no --checkpoints are given.")
 @click.option("--checkpoints", "runs", multiple=True, type=click.Path(exists=True, file_okay=False), help="An `rpt train` run directory (repeat): its base model (step 0) and every saved checkpoint, with training compute, and a scaling-law fit.")
+@click.option("--max-compute", default=None, type=float, help="Leave out checkpoints that spent more training FLOPs than this (e.g. 7.5e13): compares runs of different objectives at equal compute.")
 @click.option("--mode", default="ntp", show_default=True, type=click.Choice(["ntp", "reasoning", "both"]), help="ntp: greedy next token of the raw context; reasoning: the training prompt, generation, extraction.")
 @click.option("--samples", default=1, show_default=True, help="Reasoning samples per task (K); the score is their mean, and Pass@K is reported.")
 @click.option("--temperature", default=None, type=float, help="Reasoning sampling temperature. Default: greedy for --samples 1, else the run's (checkpoints) or 0.8.")
@@ -33,7 +34,7 @@ from cli.common import library_errors, model_help
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's custom code.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @library_errors
-def eval_cmd(tasks_dir, models, runs, mode, samples, temperature, max_new_tokens, max_prompt_tokens, prompt_template, bands,
+def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, max_new_tokens, max_prompt_tokens, prompt_template, bands,
              band_model, out, engine, limit, split, allow_overlap, resume, overwrite, batch_size, flush_every, reward, seed,
              dtype, device, trust_remote_code, no_progress):
     """Next-token accuracy per entropy band (the paper's Table 1), with scaling fits over checkpoints.
@@ -53,7 +54,7 @@ def eval_cmd(tasks_dir, models, runs, mode, samples, temperature, max_new_tokens
     if not models and not runs:
         models = ("smollm2-135m",)
     config = EvalConfig(
-        tasks_dir=tasks_dir, models=tuple(models), checkpoints=tuple(runs), mode=mode, samples=samples,
+        tasks_dir=tasks_dir, models=tuple(models), checkpoints=tuple(runs), max_compute=max_compute, mode=mode, samples=samples,
         temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         prompt_template=prompt_template, bands=bands, band_model=band_model, out=out, engine=engine, limit=limit,
         split=split, allow_overlap=allow_overlap, resume=resume, overwrite=overwrite, batch_size=batch_size,

@@ -68,7 +68,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -294,6 +294,8 @@ class EvalConfig:
         models: model specs to evaluate (hub id, folder, .gguf, alias).
         checkpoints: `rpt train` run directories; each gives its base model (step 0) and every
             complete checkpoint.
+        max_compute: leave out checkpoints that spent more training FLOPs than this, so runs
+            of different objectives are compared at (at most) equal compute.
         mode: ntp | reasoning | both.
         samples: K samples per task in reasoning mode (1 = greedy).
         temperature: reasoning sampling temperature; None: 0 (greedy) when samples == 1, else
@@ -321,6 +323,7 @@ class EvalConfig:
     tasks_dir: str
     models: tuple[str, ...] = ()
     checkpoints: tuple[str, ...] = ()
+    max_compute: float | None = None
     mode: str = "ntp"
     samples: int = 1
     temperature: float | None = None
@@ -370,6 +373,8 @@ class EvalConfig:
             raise ValueError("--max-prompt-tokens must be at least 1")
         if self.batch_size < 1 or self.flush_every < 1:
             raise ValueError("--batch-size and --flush-every must be at least 1")
+        if self.max_compute is not None and not (math.isfinite(self.max_compute) and self.max_compute > 0):
+            raise ValueError(f"--max-compute must be a positive number of FLOPs, not {self.max_compute}")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1 (leave it out to evaluate every task)")
         if self.engine not in ("auto", "hf", "vllm"):
@@ -469,6 +474,15 @@ def read_run(run_dir: str | Path) -> RunInfo:
         name=root.name, dir=root, config=config, model=str(model_path) if model_path else str(config["model"]),
         tasks_dir=_local_path(str(config["tasks_dir"]), root), checkpoints=tuple(checkpoints),
     )
+
+
+def _within_budget(run: RunInfo, max_compute: float) -> RunInfo:
+    """The run with only the checkpoints that spent at most `max_compute` training FLOPs."""
+    kept = tuple(c for c in run.checkpoints if c[2] <= max_compute)
+    if len(kept) < len(run.checkpoints):
+        log.info("%s: %d checkpoint(s) over --max-compute %.3g left out", run.dir, len(run.checkpoints) - len(kept),
+                 max_compute)
+    return replace(run, checkpoints=kept)
 
 
 def _resolve_subjects(config: EvalConfig, runs: list[RunInfo]) -> list[Subject]:
@@ -889,6 +903,8 @@ def run_eval(config: EvalConfig) -> dict:
     if not tasks:
         raise RptError(f"{tasks_dir}: the {config.split} split holds no tasks")
     runs = [read_run(r) for r in config.checkpoints]
+    if config.max_compute is not None:
+        runs = [_within_budget(r, config.max_compute) for r in runs]
     warnings: list[str] = []
     overlap_report = _check_runs(config, runs, tasks_dir, manifest, tasks, warnings)
     subjects = _resolve_subjects(config, runs)
@@ -1057,7 +1073,7 @@ def _build_report(config, ctx: _Ctx, manifest, subjects, runs, infos, table, ent
             "max_new_tokens": config.max_new_tokens, "max_prompt_tokens": config.max_prompt_tokens,
             "prompt_template": config.prompt_template, "reward": config.reward, "seed": config.seed,
             "engine": config.engine, "dtype": config.dtype, "device": config.device, "batch_size": config.batch_size,
-            "limit": config.limit, "resume": config.resume,
+            "limit": config.limit, "resume": config.resume, "max_compute": config.max_compute,
         },
         "overlap": overlap,
         "warnings": warnings,

@@ -545,3 +545,20 @@ def test_report_pairs_the_base_and_each_runs_last_checkpoint(tiny, tiny_run, tmp
             assert d["diff"] == pytest.approx(want)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Paired differences" in md and f"| {run_a}@3 − {run_a}@0 | ntp |" in md
+
+
+def test_max_compute_leaves_out_later_checkpoints(tiny, tiny_run, tmp_path):
+    from rpttrain.checkpoint import list_checkpoints
+
+    flops = [json.loads((c / "state.json").read_text())["totals"]["flops"] for c in list_checkpoints(tiny_run)]
+    budget = (flops[1] + flops[2]) / 2
+    result = CliRunner().invoke(cli, ["eval", str(tiny[1]), "--checkpoints", str(tiny_run), "--max-compute", str(budget),
+                                      "--out", str(tmp_path / "rep"), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["step"] for r in report["rows"]] == [0, 1, 2]
+    assert max(r["compute"] for r in report["rows"]) == flops[1] <= budget
+    assert [(p["a"], p["b"]) for p in report["paired"]] == [("run@2", "run@0")]
+    assert "Paired differences" in result.output and "| run@2 − run@0 | ntp |" in result.output
+    bad = CliRunner().invoke(cli, ["eval", str(tiny[1]), "--checkpoints", str(tiny_run), "--max-compute", "-1"])
+    assert bad.exit_code != 0 and "--max-compute must be a positive number" in bad.output
