@@ -73,8 +73,8 @@ compare: install
 	@# has to be read from the RPT run's summary by the shell, after that run has finished
 	B="$(BUDGET)"; [ -n "$$B" ] || B=$$($(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])") && \
 	echo "equal compute budget: $$B FLOPs" && \
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $$B $(COMPARE_TRAIN) && \
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every 20 --compute-budget $$B $(COMPARE_TRAIN)
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every 12 --compute-budget $$B $(COMPARE_TRAIN) && \
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every 12 --compute-budget $$B $(COMPARE_TRAIN)
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare
 
 bench-prepare: install

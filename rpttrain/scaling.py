@@ -120,6 +120,25 @@ def fit_scaling(compute: Sequence[float], accuracy: Sequence[float]) -> tuple[fl
     return a, alpha, p_star, r_squared(y, scaling_law(c, a, alpha, p_star))
 
 
+def step0_lines(rows: list[dict], mode: str, band: str) -> list[tuple[float, list[str]]]:
+    """The step-0 (base model) accuracies in % of the runs, one entry per distinct value with the
+    runs that share it: runs trained from one base model get one line in the plot, not one each.
+
+    >>> rows = [{"run": r, "mode": "ntp", "compute": 0.0, "bands": {"all": {"accuracy": a}}}
+    ...         for r, a in [("rpt", 0.5), ("ntp", 0.5), ("other", 0.25)]]
+    >>> step0_lines(rows, "ntp", "all")
+    [(50.0, ['rpt', 'ntp']), (25.0, ['other'])]
+    """
+    lines: dict[float, list[str]] = {}
+    for r in rows:
+        acc = r["bands"][band]["accuracy"]
+        if r["run"] is not None and r["mode"] == mode and r["compute"] == 0 and acc is not None:
+            names = lines.setdefault(100 * acc, [])
+            if r["run"] not in names:
+                names.append(r["run"])
+    return list(lines.items())
+
+
 def plot_scaling(report: dict, path) -> None:
     """Accuracy against training compute, one color per run, one panel per (mode, band); the fitted
     law as a dashed curve over the measured range, the base model (C = 0) as a dotted line."""
@@ -141,16 +160,16 @@ def plot_scaling(report: dict, path) -> None:
             for run, color in zip(runs, colors):
                 mine = [r for r in rows if r["run"] == run and r["mode"] == mode and r["bands"][band]["accuracy"] is not None]
                 pts = sorted((r["compute"], 100 * r["bands"][band]["accuracy"]) for r in mine if r["compute"] and r["compute"] > 0)
-                base = [100 * r["bands"][band]["accuracy"] for r in mine if r["compute"] == 0]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=color, label=run)
-                if base:
-                    ax.axhline(base[0], color=color, linestyle=":", linewidth=1, label=f"{run} step 0")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, linewidth=1, label=run)
                 f = fits.get((run, mode, band))
                 if f and f["status"] == "ok" and pts:
                     xs = np.logspace(np.log10(pts[0][0]), np.log10(pts[-1][0]), 100)
                     ax.plot(xs, 100 * scaling_law(xs, f["A"], f["alpha"], f["p_star"]), "--", color=color,
-                            label=f"fit R²={f['r2']:.3f}")
+                            label=f"{run} fit R²={f['r2']:.3f}")
+            for value, names in step0_lines(rows, mode, band):
+                color = colors[runs.index(names[0])] if len(names) == 1 else "0.4"
+                ax.axhline(value, color=color, linestyle=":", linewidth=1, label=f"step 0 ({', '.join(names)})")
             if any(r["compute"] and r["compute"] > 0 for r in rows):
                 ax.set_xscale("log")
             top = max([100 * r["bands"][band]["accuracy"] for r in rows

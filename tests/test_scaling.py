@@ -62,3 +62,26 @@ def test_r_squared():
     assert r_squared([1, 2, 3], [2, 2, 2]) == 0.0
     assert r_squared([1, 1, 1], [1, 1, 1]) == 1.0
     assert math.isnan(r_squared([1, 1, 1], [1, 2, 1]))
+
+
+def test_doctests_of_scaling_and_eval_helpers():
+    import doctest
+
+    from rpttrain import evaluate, scaling
+
+    for mod in (scaling, evaluate):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+def test_runs_sharing_a_base_model_share_one_step0_line():
+    from rpttrain.scaling import step0_lines
+
+    def row(run, compute, acc, mode="ntp"):
+        return {"run": run, "mode": mode, "compute": compute, "bands": {"hard": {"accuracy": acc}}}
+
+    rows = [row("rpt", 0.0, 0.3), row("rpt", 1e12, 0.35), row("ntp", 0.0, 0.3), row("ntp", 1e12, 0.4),
+            row("big", 0.0, 0.45), row("rpt", 0.0, 0.2, mode="reasoning"), row(None, None, 0.9),
+            row("empty", 0.0, None)]
+    assert step0_lines(rows, "ntp", "hard") == [(30.0, ["rpt", "ntp"]), (45.0, ["big"])]
+    assert step0_lines(rows, "reasoning", "hard") == [(20.0, ["rpt"])]
