@@ -574,7 +574,7 @@ def training_overlap(run: RunInfo, tasks_dir: Path, manifest: dict, split: str, 
     run_split = run_manifest.get("split") or {}
     if rc.get("objective", "rpt") != "rpt" and rc.get("ntp_positions", "all") == "all" and \
             run_split.get("seed") is not None and run_split.get("eval_fraction") is not None:
-        # rpttrain.train.train_doc_chunks: every document the tasks' rule puts in train, tasks or not
+        # rpttrain.data.DocWindows: every document the tasks' rule puts in train, tasks or not
         seed, fraction = run_split["seed"], run_split["eval_fraction"]
         overlap |= {d for d in doc_ids if split_of(d, seed, fraction) == "train"}
         how += " and every document its split rule puts in train (next-token training on whole documents)"

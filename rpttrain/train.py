@@ -43,6 +43,7 @@ from rptdata.errors import ManifestMismatch, RptError
 from rptdata.manifest import fingerprint, read_manifest
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
 from rpttrain import algos
+from rpttrain.data import DocWindows, EpochSampler, TaskRows
 from rpttrain.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARDS, get_reward_fn
@@ -162,74 +163,7 @@ def config_from_dict(data: dict) -> TrainConfig:
 # data
 
 
-class EpochSampler:
-    """Seeded epochs over a list (tasks, or document chunks); the cursor (epoch, offset) is all
-    resume needs."""
-
-    def __init__(self, tasks: list, seed: int, epoch: int = 0, offset: int = 0):
-        if not tasks:
-            raise RptError("nothing to train on: the training split is empty")
-        self.tasks, self.seed, self.epoch, self.offset = tasks, seed, epoch, offset
-        self._order = self._permutation(epoch)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.tasks))
-
-    def take(self, n: int) -> list:
-        out = []
-        while len(out) < n:
-            if self.offset >= len(self.tasks):
-                self.epoch, self.offset = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            out.append(self.tasks[int(self._order[self.offset])])
-            self.offset += 1
-        return out
-
-    def cursor(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-
-def load_train_tasks(tasks_dir: str) -> tuple[list[dict], dict]:
-    import pyarrow.parquet as pq
-
-    from rpttrain.tasks import task_shards
-
-    manifest = read_manifest(Path(tasks_dir), "make-tasks")
-    cols = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
-    tasks = []
-    for path in task_shards(tasks_dir, "train"):
-        tasks += pq.read_table(path, columns=cols).to_pylist()
-    return tasks, manifest
-
-
-def train_doc_chunks(tasks_manifest: dict, window: int) -> list[np.ndarray]:
-    """Token windows (at most `window` + 1 tokens) of every training-split document of the
-    prepared corpus behind a tasks directory: the data of `--objective ntp --ntp-positions all`.
-
-    The split is recomputed with the tasks' own rule, so held-out documents are never trained on.
-    Windows do not overlap; each predicts `window` next tokens.
-    """
-    import pyarrow.parquet as pq
-
-    from rptdata.manifest import list_shards
-    from rpttrain.tasks import split_of
-
-    prepared = tasks_manifest.get("prepared_dir")
-    if not prepared or not Path(prepared).exists():
-        raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")
-    rule = tasks_manifest["split"]
-    chunks = []
-    for shard in list_shards(Path(prepared) / "docs"):
-        table = pq.read_table(shard, columns=["doc_id", "token_ids"])
-        for doc_id, ids in zip(table.column("doc_id").to_pylist(), table.column("token_ids").to_numpy(zero_copy_only=False)):
-            if split_of(doc_id, rule["seed"], rule["eval_fraction"]) != "train":
-                continue
-            ids = np.asarray(ids, dtype=np.int64)
-            for start in range(0, max(len(ids) - 1, 0), window):
-                piece = ids[start : start + window + 1]
-                if len(piece) >= 2:
-                    chunks.append(piece)
-    return chunks
+DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +193,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.fmt = load_prompt_format(config.prompt_template)
         self.reward_fn = get_reward_fn(config.reward)
-        self.tasks, self.tasks_manifest = load_train_tasks(config.tasks_dir)
+        self.tasks_manifest = read_manifest(Path(config.tasks_dir), "make-tasks")
         self.stop_flag = False
 
     # -- setup --------------------------------------------------------------------------------
@@ -283,7 +217,7 @@ class Trainer:
         if overwrite:
             import shutil
 
-            for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "run.json", "summary.json"):
+            for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "run.json", "summary.json", DATA_CACHE):
                 p = self.run_dir / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             checkpoints = []
@@ -321,10 +255,12 @@ class Trainer:
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
             log.info("resumed from %s", start_from)
-        items = self.tasks
+        cache = self.run_dir / DATA_CACHE
         if c.objective != "rpt" and c.ntp_positions == "all":
-            items = train_doc_chunks(self.tasks_manifest, c.max_prompt_tokens)
-        self.sampler = EpochSampler(items, c.seed, **cursor)
+            source = DocWindows(self.tasks_manifest, c.max_prompt_tokens, cache)
+        else:
+            source = TaskRows(c.tasks_dir, cache)
+        self.sampler = EpochSampler(source, c.seed, **cursor)
         engine = pick_engine(c.engine, self.device) if c.objective == "rpt" else "hf"
         kwargs = {}
         if engine == "vllm":

@@ -137,12 +137,13 @@ def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_j
     import pyarrow.parquet as pq
 
     from rptdata.manifest import read_manifest
-    from rpttrain.train import train_doc_chunks
+    from rpttrain.data import DocWindows
 
     docs = pq.read_table(tmp_path / "prep" / "docs" / "part-00000.parquet").to_pylist()
     train_docs = [d for d in docs if split_of(d["doc_id"], 0, 0.5) == "train"]
     assert 0 < len(train_docs) < len(docs)
-    chunks = train_doc_chunks(read_manifest(tasks), 16)
+    windows = DocWindows(read_manifest(tasks), 16, tmp_path / "cache")
+    chunks = windows.take(range(len(windows)))
     assert len(chunks) == sum(len(range(0, d["n_tokens"] - 1, 16)) for d in train_docs)
     assert sorted(map(tuple, (c.tolist() for c in chunks))) == sorted(
         tuple(d["token_ids"][s : s + 17]) for d in train_docs for s in range(0, d["n_tokens"] - 1, 16))

@@ -1,0 +1,149 @@
+"""What `rpt train` reads, with memory bounded at any corpus size.
+
+    tasks = TaskRows("out/tasks", cache="out/run/data-cache")          # the train split's tasks
+    windows = DocWindows(read_manifest(tasks_dir), 128, cache=...)      # --ntp-positions all
+    sampler = EpochSampler(tasks, seed=0)                               # sampler.take(256) -> rows
+
+Nothing is loaded as Python objects up front. The Parquet shards are copied once (only the
+columns the trainer needs, uncompressed) into Arrow IPC files under CACHE/<fingerprint>/ and
+memory-mapped; a batch is a random-access `take`, and what stays resident is the OS page cache,
+which the kernel can drop. A resumed run finds its cache by the upstream stage's fingerprint.
+The sampler holds one permutation (4 or 8 bytes a row) and a cursor (epoch, offset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rptdata.errors import RptError
+from rptdata.manifest import list_shards, read_manifest
+
+log = logging.getLogger(__name__)
+
+TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
+
+
+def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.Table:
+    """The `columns` of the Parquet `shards` as one memory-mapped table (zero-copy chunks).
+
+    Each shard becomes CACHE/part-NNNNN.arrow, written batch by batch (memory: one batch) and
+    renamed into place, so a crash never leaves a half file that looks finished."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for i, shard in enumerate(shards):
+        dst = cache / f"part-{i:05d}.arrow"
+        if not dst.exists():
+            pf = pq.ParquetFile(shard)
+            schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+            tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for batch in pf.iter_batches(batch_size=8192, columns=columns):
+                    writer.write_batch(batch)
+            os.replace(tmp, dst)
+        tables.append(pa.ipc.open_file(pa.memory_map(str(dst))).read_all())
+    if not tables:
+        raise RptError(f"nothing to read: no shards for {cache.name}")
+    return pa.concat_tables(tables)
+
+
+class TaskRows:
+    """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts."""
+
+    def __init__(self, tasks_dir: str | Path, cache: str | Path):
+        from rpttrain.tasks import task_shards
+
+        self.manifest = read_manifest(Path(tasks_dir), "make-tasks")
+        shards = task_shards(tasks_dir, "train")
+        if not shards:
+            raise RptError(f"nothing to train on: {tasks_dir} has no train shards")
+        key = self.manifest.get("fingerprint") or "unversioned"
+        self.table = mmap_shards(shards, TASK_COLUMNS, Path(cache) / f"tasks-{key}")
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, indices: Sequence[int]) -> list[dict]:
+        return self.table.take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
+
+
+class DocWindows:
+    """Non-overlapping windows of at most `window` + 1 tokens over every training-split document
+    of the prepared corpus behind a tasks directory: the data of `--ntp-positions all`. Each
+    window predicts its last `len - 1` tokens.
+
+    The split is recomputed with the tasks' own rule, so held-out documents are never trained on.
+    The index is two integer arrays (document row, start); the token ids stay memory-mapped."""
+
+    def __init__(self, tasks_manifest: dict, window: int, cache: str | Path):
+        from rpttrain.tasks import split_of
+
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        prepared = tasks_manifest.get("prepared_dir")
+        if not prepared or not Path(prepared).exists():
+            raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")
+        key = read_manifest(Path(prepared), "prepare").get("fingerprint") or "unversioned"
+        self.window = window
+        self.docs = mmap_shards(list_shards(Path(prepared) / "docs"), ["doc_id", "token_ids", "n_tokens"],
+                                Path(cache) / f"docs-{key}")
+        rule = tasks_manifest["split"]
+        keep, lengths = [], []
+        for batch in self.docs.select(["doc_id", "n_tokens"]).to_batches():
+            keep += [split_of(d, rule["seed"], rule["eval_fraction"]) == "train" for d in batch.column(0).to_pylist()]
+            lengths.append(batch.column(1).to_numpy().astype(np.int64))
+        n = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        # windows start at 0, window, 2*window, ... < n - 1: ceil((n - 1) / window) of them
+        counts = np.where(np.asarray(keep, dtype=bool) & (n >= 2), (n - 2) // window + 1, 0)
+        self.rows = np.repeat(np.arange(len(n), dtype=np.int64), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        self.starts = (np.arange(len(self.rows), dtype=np.int64) - first) * window
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: Sequence[int]) -> list[np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        docs = self.docs.column("token_ids").take(pa.array(self.rows[idx]))
+        out = []
+        for j, start in enumerate(self.starts[idx]):
+            ids = docs[j].values.to_numpy(zero_copy_only=False)
+            out.append(ids[start : start + self.window + 1].astype(np.int64))
+        return out
+
+
+class EpochSampler:
+    """Seeded epochs over a source (TaskRows, DocWindows, or a list); the cursor (epoch, offset)
+    is all resume needs."""
+
+    def __init__(self, source, seed: int, epoch: int = 0, offset: int = 0):
+        if len(source) == 0:
+            raise RptError("nothing to train on: the training split is empty")
+        self.source, self.seed, self.epoch, self.offset = source, seed, epoch, offset
+        self._order = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        return order.astype(np.uint32) if len(self.source) < 2**32 else order
+
+    def take(self, n: int) -> list:
+        picked = []
+        while len(picked) < n:
+            if self.offset >= len(self.source):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            k = min(n - len(picked), len(self.source) - self.offset)
+            picked.extend(int(i) for i in self._order[self.offset : self.offset + k])
+            self.offset += k
+        if isinstance(self.source, list):
+            return [self.source[i] for i in picked]
+        return self.source.take(picked)
+
+    def cursor(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
