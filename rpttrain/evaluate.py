@@ -7,9 +7,9 @@ base model (step 0, compute 0) and each complete checkpoint in RUN/checkpoints/,
 training compute `totals.flops` from the checkpoint's state.json. Subjects that would make the same
 predictions (the same weights and settings, e.g. the base model of several runs) are evaluated
 once and their rows copied. `rpt train` counts compute as
-(rpttrain/train.py): 6·N FLOPs per token through the update (forward + backward, prompt and
-completion tokens) plus 2·N per rollout token (each sample's prompt and generated tokens), with
-N the number of model parameters.
+(rpttrain/train.py): 6·N FLOPs per token through the update (forward + backward) plus 2·N per
+token the rollout engine runs through the model (`RolloutEngine.forward_tokens`), with N the
+number of model parameters. See FLOPS_FORMULA.
 
 Modes, both scored with the training reward (`rpttrain.reward`, prefix matching by default):
     ntp        the model reads the raw context (no prompt, no special tokens; its last
@@ -111,8 +111,10 @@ PLOT_FILE = "scaling.png"
 OWN_NAMES = {"run.json", PREDICTIONS_DIR, PREDICTIONS_FILE, BAND_ENTROPY_FILE, PLOT_FILE, "report.md", "report.json"}
 DEFAULT_REASONING_TOKENS = 256  # CPU-friendly; the paper allows 8,192
 FLOPS_FORMULA = (
-    "rpt train: 6*N FLOPs per update token (forward+backward, prompt and completion) "
-    "+ 2*N per rollout token (prompt and generated), N = model parameters; next-token baselines: 6*N per token"
+    "rpt train: 6*N FLOPs per token through the update's forward and backward + 2*N per token the rollout "
+    "engine runs through the model (a prompt once per sample it is computed for: once for one-token rollouts "
+    "and vLLM's shared prefill, n times for transformers generate; fed-back generated tokens), "
+    "N = model parameters; next-token baselines: 6*N per trained token"
 )
 
 PREDICTIONS_SCHEMA = pa.schema(

@@ -17,8 +17,11 @@ installed, tb/. Log-probs for the update come from the training model itself; th
 log-probs are only compared with them (`logprob_mismatch`), never trained on.
 
 Compute accounting (FLOPs, logged per step and cumulatively; N = model parameters):
-    6 * N per token through the update's forward+backward (prompt and completion tokens), plus
-    2 * N per rollout token (each sample's prompt and its generated tokens).
+    6 * N per token through the update's forward+backward (a prompt shared by a group's samples
+    counts once on the one-token fast path), plus 2 * N per token the rollout engine runs through
+    the model (`RolloutEngine.forward_tokens`: one-token rollouts and vLLM's shared prefill run a
+    prompt once per group, transformers generate() n times; plus the fed-back generated tokens).
+    Counting what runs, not prompt x samples, keeps RPT and next-token runs comparable.
 
 Left out on purpose: multi-GPU/FSDP (use the verl export for that), sequence packing, a value
 model (GRPO needs none), and PPO epochs > 1 (the paper does one on-policy update per batch, so the
@@ -247,7 +250,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
         )
         self.step = 0
-        self.totals = {"flops": 0.0, "update_tokens": 0, "rollout_tokens": 0, "samples": 0}
+        self.totals = {"flops": 0.0, "update_tokens": 0, "rollout_tokens": 0, "rollout_forward_tokens": 0, "samples": 0}
         cursor = {"epoch": 0, "offset": 0}
         if start_from:
             state = load_trainer_state(start_from, self.optimizer, self.scheduler)
@@ -295,7 +298,7 @@ class Trainer:
             seed=c.seed * 1_000_003 + self.step * 101 + round_index, stop_token_ids=self.stops,
         )
         groups = self.engine.generate(prompts, sampling)
-        return list(zip(prompts, groups)), {}
+        return list(zip(prompts, groups)), {"forward_tokens": self.engine.forward_tokens(prompts, groups, sampling)}
 
     def score(self, tasks, prompted) -> list[list[Rollout]]:
         out = []
@@ -588,13 +591,14 @@ class Trainer:
         drawn = rounds = 0
         zero_var = groups_seen = 0
         all_groups: list[list[Rollout]] = []
-        gen_tokens = prompt_tokens = 0
+        gen_tokens = prompt_tokens = forward_tokens = 0
         timings["rollout_s"] = timings["reward_s"] = 0.0
         while True:
             tasks = self.sampler.take(c.batch_size)
             drawn += len(tasks)
             t = time.time()
-            prompted, _ = self.rollout(tasks, rounds)
+            prompted, info = self.rollout(tasks, rounds)
+            forward_tokens += info["forward_tokens"]
             timings["rollout_s"] += time.time() - t
             t = time.time()
             groups = self.score(tasks, prompted)
@@ -625,10 +629,13 @@ class Trainer:
             self.engine.update_weights(self.model)
         timings["weight_sync_s"] = time.time() - t
 
-        flops = 6.0 * self.n_params * upd["update_tokens"] + 2.0 * self.n_params * (gen_tokens + prompt_tokens)
+        # compute actually spent: rollouts count the tokens the engine ran (a prompt its samples
+        # share counts once where the engine computes it once), not prompt x samples
+        flops = 6.0 * self.n_params * upd["update_tokens"] + 2.0 * self.n_params * forward_tokens
         self.totals["flops"] += flops
         self.totals["update_tokens"] += upd["update_tokens"]
         self.totals["rollout_tokens"] += gen_tokens + prompt_tokens
+        self.totals["rollout_forward_tokens"] = self.totals.get("rollout_forward_tokens", 0) + forward_tokens
         self.totals["samples"] += sum(len(g) for g in all_groups)
         rolls = [r for g in all_groups for r in g]
         lengths = [len(r.completion_ids) for r in rolls]
@@ -651,6 +658,8 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "logprob_mismatch": upd["logprob_mismatch"],
             "rollout_tokens_per_s": gen_tokens / max(timings["rollout_s"], 1e-9),
+            "rollout_forward_tokens": forward_tokens,
+            "update_tokens": upd["update_tokens"],
             **{k: round(v, 4) for k, v in timings.items()},
             "step_s": round(time.time() - t0, 4),
             "flops": flops,

@@ -113,8 +113,13 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
     run_train(TrainConfig(**{**baseline_config(model, tasks, tmp_path / "rpt").__dict__, "objective": "rpt",
                              "prompt_template": "continuation", "max_new_tokens": 1, "group_size": 4, "temperature": 1.0,
                              "dynamic_sampling_from": -1}))
-    first = json.loads((tmp_path / "rpt" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["flops"] > 0 and first["flops_total"] == first["flops"]
+    rpt_steps = [json.loads(x) for x in (tmp_path / "rpt" / "metrics.jsonl").read_text().splitlines()]
+    assert rpt_steps[0]["flops"] > 0 and rpt_steps[0]["flops_total"] == rpt_steps[0]["flops"]
+    for m in rpt_steps:
+        # one-token rollouts: each of the 8 distinct prompts runs once in the rollout and once in
+        # the update, not once per sample (group size 4)
+        assert m["rollout_forward_tokens"] == m["update_tokens"] > 0
+        assert m["flops"] == 6.0 * n_params * m["update_tokens"] + 2.0 * n_params * m["rollout_forward_tokens"]
     # a budget of 1.5 steps stops after step 2 with a final checkpoint
     budget = 1.5 * steps[0]["flops"]
     s = run_train(baseline_config(model, tasks, tmp_path / "budget", steps=10, compute_budget=budget))
@@ -147,3 +152,23 @@ def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_j
     assert len(chunks) == sum(len(range(0, d["n_tokens"] - 1, 16)) for d in train_docs)
     assert sorted(map(tuple, (c.tolist() for c in chunks))) == sorted(
         tuple(d["token_ids"][s : s + 17]) for d in train_docs for s in range(0, d["n_tokens"] - 1, 16))
+
+
+def test_rollout_compute_is_the_tokens_the_model_actually_ran(tmp_path, tiny_bpe_dir):
+    """forward_tokens agrees with a hook that counts the tokens entering the model."""
+    from rptdata.models import load_causal_lm, load_tokenizer
+    from rpttrain.rollout import Sampling, make_engine
+
+    model = load_causal_lm(str(tiny_llama(tmp_path / "m", tiny_bpe_dir)), dtype="float32", device="cpu")
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0].numel()))
+    engine = make_engine("hf", model, load_tokenizer(str(tiny_bpe_dir)))
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]  # equal lengths: no padding to count
+    for sampling in (Sampling(n=4, temperature=1.0, max_new_tokens=1, seed=1),
+                     Sampling(n=4, temperature=1.0, max_new_tokens=3, seed=1)):
+        seen.clear()
+        groups = engine.generate(prompts, sampling)
+        assert all(len(c.token_ids) == sampling.max_new_tokens for g in groups for c in g)  # no early stop
+        assert engine.forward_tokens(prompts, groups, sampling) == sum(seen)
+    # one token: 3 prompts once (12), not 3 x 4 samples; three tokens: 4 x 12 prefill + 2 fed back x 12 samples
+    assert sum(seen) == 4 * 12 + 2 * 12

@@ -41,10 +41,22 @@ class Completion:
     logprobs: list[float] | None = field(default=None)  # the engine's log-prob of each sampled token
 
 
+def fed_back_tokens(groups: Sequence[Sequence[Completion]]) -> int:
+    """Generated tokens that go back through the model: all but each completion's last one (the
+    last is sampled from the previous step's logits and never fed)."""
+    return sum(max(len(c.token_ids) - 1, 0) for g in groups for c in g)
+
+
 class RolloutEngine(Protocol):
     name: str
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]: ...
+
+    def forward_tokens(self, prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Completion]],
+                       sampling: Sampling) -> int:
+        """Tokens the engine ran through the model for generate(prompts, sampling) -> groups: what
+        the rollout compute (2·N FLOPs a token) is counted from."""
+        ...
 
     def update_weights(self, model) -> None: ...
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from rpttrain.rollout import Completion, Sampling
+from rpttrain.rollout import Completion, Sampling, fed_back_tokens
 
 
 def left_pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,6 +79,14 @@ class HFEngine:
 
     def close(self) -> None:
         pass
+
+    def forward_tokens(self, prompts, groups, sampling: Sampling) -> int:
+        """The one-token path runs each prompt once and feeds nothing back; generate() runs each
+        prompt n times (num_return_sequences expands the batch), then the fed-back tokens."""
+        prompt = sum(len(p) for p in prompts)
+        if sampling.max_new_tokens == 1:
+            return prompt
+        return sampling.n * prompt + fed_back_tokens(groups)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]:

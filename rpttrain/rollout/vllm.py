@@ -65,7 +65,7 @@ import logging
 import os
 from typing import Iterable, Sequence
 
-from rpttrain.rollout import Completion, Sampling
+from rpttrain.rollout import Completion, Sampling, fed_back_tokens
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,10 @@ class VLLMEngine:
             finish_reason=finish,
             logprobs=logprobs,
         )
+
+    def forward_tokens(self, prompts, groups, sampling: Sampling) -> int:
+        """Prefix caching: the n samples of a prompt share one prefill; then the fed-back tokens."""
+        return sum(len(p) for p in prompts) + fed_back_tokens(groups)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
