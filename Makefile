@@ -4,6 +4,8 @@
 #   MODEL     policy (and tokenizer)     PROXY  entropy proxy (same tokenizer as MODEL)
 #   OUT       output root                TRAIN_CONFIG  YAML for `rpt train` (e.g. configs/paper.yaml)
 #   BUDGET    FLOPs for `make compare` (empty: what the RPT run spends)
+#   COMPARE_STEPS, COMPARE_SAVE_EVERY, COMPARE_TRAIN   the RPT run's steps, checkpoint interval (all
+#             three runs) and the `rpt train` options the three runs share (batch, lr, ...)
 #   TORCH     torch requirement installed first (TORCH= keeps an existing, e.g. CUDA, build)
 
 PYTHON ?= python3
@@ -65,16 +67,18 @@ pipeline: install
 
 # RPT vs next-token training vs shaped next-token training at one equal compute budget.
 COMPARE_TRAIN ?= --max-prompt-tokens 128 --batch-size 8 --lr 1e-5 --grad-clip 1.0 --micro-batch-tokens 4096 --keep-checkpoints 10 --no-progress
+COMPARE_STEPS ?= 12
+COMPARE_SAVE_EVERY ?= 4
 compare: install
 	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-rpt --objective rpt --prompt-template continuation \
-		--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 --steps 12 --save-every 4 $(COMPARE_TRAIN) $(if $(BUDGET),--compute-budget $(BUDGET))
+		--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 --steps $(COMPARE_STEPS) --save-every $(COMPARE_SAVE_EVERY) $(COMPARE_TRAIN) $(if $(BUDGET),--compute-budget $(BUDGET))
 	@# one shell line: make expands every recipe line before running the first, so the budget
 	@# has to be read from the RPT run's summary by the shell, after that run has finished
 	B="$(BUDGET)"; [ -n "$$B" ] || B=$$($(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])") && \
 	echo "equal compute budget: $$B FLOPs" && \
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every 12 --compute-budget $$B $(COMPARE_TRAIN) && \
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every 12 --compute-budget $$B $(COMPARE_TRAIN)
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN) && \
+	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN)
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare
 
 bench-prepare: install
