@@ -366,8 +366,10 @@ def test_whole_document_ntp_runs_count_every_train_document_of_their_rule(tmp_pa
     assert "split rule puts in train" in how
 
 
-def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch):
-    seen = []
+@pytest.fixture
+def forward_sizes(monkeypatch) -> list[int]:
+    """The number of sequences in each ntp forward pass the evaluation runs."""
+    seen: list[int] = []
     real = evaluate.next_token_pass
 
     def counting(model, id_lists, *args, **kwargs):
@@ -375,6 +377,11 @@ def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch):
         return real(model, id_lists, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "next_token_pass", counting)
+    return seen
+
+
+def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch, forward_sizes):
+    seen = forward_sizes
     out = tmp_path / "rep"
     run_eval(tiny_config(tiny, out, limit=4, flush_every=2))
     assert sum(seen) == 4
@@ -454,17 +461,10 @@ def test_cli_refuses_overlap_with_a_clear_message(tiny, tiny_run):
     assert "trained on 2 of the 2 evaluated documents" in r.output and "--allow-overlap" in r.output
 
 
-def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path, monkeypatch):
+def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path, forward_sizes):
     import shutil
 
-    seen = []
-    real = evaluate.next_token_pass
-
-    def counting(model, id_lists, *args, **kwargs):
-        seen.append(len(id_lists))
-        return real(model, id_lists, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "next_token_pass", counting)
+    seen = forward_sizes
     other = tmp_path / "other" / "run"
     shutil.copytree(tiny_run, other)
     for step in ("step-000001", "step-000002"):
