@@ -43,7 +43,7 @@ HELP = {
     "keep_checkpoints": "Keep only the newest N checkpoints.",
     "sample_every": "Write completions of two groups to samples.jsonl every N steps (0 = never).",
     "max_bad_steps": "Stop after this many consecutive non-finite updates (each is skipped).",
-    "compute_budget": "Stop, with a checkpoint, once this many training FLOPs are spent.",
+    "compute_budget": "Stop, with a checkpoint, once this many training FLOPs are spent (6·N per trained token, 2·N per token the rollout engine runs; docs/compare.md).",
     "allow_tokenizer_mismatch": "Train although the tasks were built with another tokenizer.",
     "trust_remote_code": "Allow the model repository's custom code.",
     "vllm_gpu_memory_utilization": "GPU memory share for the colocated vLLM engine.",
