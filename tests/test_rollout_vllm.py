@@ -132,6 +132,19 @@ def test_sampling_is_reproducible_per_seed(policy, engines):
     assert other != first
 
 
+def test_rollout_compute_counts_a_shared_prefill_once(policy, engines):
+    from rpttrain.rollout import Sampling
+
+    s = Sampling(n=4, temperature=1.0, max_new_tokens=6, seed=11)
+    groups = engines.vllm.generate(policy.prompts, s)
+    prompt = sum(len(p) for p in policy.prompts)
+    fed = sum(len(c.token_ids) - 1 for g in groups for c in g)
+    assert fed > 0
+    # vLLM: one prefill per prompt (prefix caching); transformers generate(): n prefills
+    assert engines.vllm.forward_tokens(policy.prompts, groups, s) == prompt + fed
+    assert engines.hf.forward_tokens(policy.prompts, groups, s) == 4 * prompt + fed
+
+
 def test_update_weights_syncs_perturbed_weights(policy, engines):
     from rpttrain.rollout import make_engine, stop_ids
 
