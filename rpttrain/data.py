@@ -59,11 +59,10 @@ class TaskRows:
     def __init__(self, tasks_dir: str | Path, cache: str | Path):
         from rpttrain.tasks import task_shards
 
-        self.manifest = read_manifest(Path(tasks_dir), "make-tasks")
         shards = task_shards(tasks_dir, "train")
         if not shards:
             raise RptError(f"nothing to train on: {tasks_dir} has no train shards")
-        key = self.manifest.get("fingerprint") or "unversioned"
+        key = read_manifest(Path(tasks_dir), "make-tasks").get("fingerprint") or "unversioned"
         self.table = mmap_shards(shards, TASK_COLUMNS, Path(cache) / f"tasks-{key}")
 
     def __len__(self) -> int:

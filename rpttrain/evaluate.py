@@ -1024,11 +1024,13 @@ def _build_report(config, ctx: _Ctx, manifest, subjects, runs, infos, table, ent
     entropy = np.asarray(ctx.entropy, dtype=np.float64)
     tasks_hash = (manifest.get("tokenizer") or {}).get("vocab_hash")
     rows = []
+    means: dict[tuple[str, str], np.ndarray] = {}  # (label, mode) -> per-task score, for the paired table
     for subject in subjects:
         for mode in config.modes:
             agg = _aggregate(table, subject.label, mode, task_index)
             if agg is None:
                 continue
+            means[(subject.label, mode)] = agg["mean"]
             seen = agg["seen"]
             if not seen.all():  # an internal invariant: every task was evaluated or resumed
                 raise AssertionError(f"{subject.label} {mode}: {int((~seen).sum())} tasks have no prediction")
@@ -1054,7 +1056,7 @@ def _build_report(config, ctx: _Ctx, manifest, subjects, runs, infos, table, ent
             row["seconds"] = round(seconds, 3)
             row["tasks_per_s"] = evaluated / seconds if seconds > 0 else None
             rows.append(row)
-    paired = _paired_rows(config, ctx, subjects, table, task_index, entropy)
+    paired = _paired_rows(config, subjects, means, entropy)
     out = Path(ctx.store.dir).parent
     report = {
         "stage": STAGE,
@@ -1111,18 +1113,15 @@ def _endpoints(subjects: list[Subject], modes: Sequence[str]) -> list[Subject]:
     return chosen
 
 
-def _paired_rows(config, ctx: _Ctx, subjects, table, task_index, entropy) -> list[dict]:
-    """Paired differences, band by band, between every two endpoints (see _endpoints)."""
+def _paired_rows(config, subjects, means: dict, entropy) -> list[dict]:
+    """Paired differences, band by band, between every two endpoints (see _endpoints), from the
+    per-task scores `means[(label, mode)]` the report rows were built from."""
     ends = _endpoints(subjects, config.modes)
     masks = {name: entropy > t for name, t in config.bands}
     masks["all"] = np.ones(len(entropy), dtype=bool)
     rows = []
     for mode in config.modes:
-        scores = {}
-        for s in ends:
-            agg = _aggregate(table, s.label, mode, task_index)
-            if agg is not None:
-                scores[s.label] = agg["mean"]
+        scores = {s.label: means[(s.label, mode)] for s in ends if (s.label, mode) in means}
         labels = list(scores)
         for i, a in enumerate(labels):
             for b in labels[i + 1 :]:
