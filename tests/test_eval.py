@@ -208,7 +208,8 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 @pytest.fixture(scope="module")
 def tiny_run(tiny, tmp_path_factory):
     """A real 3-step `rpt train` run of the tiny model, a checkpoint after every step."""
-    from rpttrain.train import TrainConfig, run_train
+    from rpttrain.config import TrainConfig
+    from rpttrain.train import run_train
 
     model, tasks = tiny
     out = tmp_path_factory.mktemp("tiny_train") / "run"

@@ -13,22 +13,8 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rpttrain.batching import last_positions_logits, left_pad
 from rpttrain.rollout import Completion, Sampling, fed_back_tokens
-
-
-def left_pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask, position_ids), all [N, width].
-
-    Every sequence ends at the last column, so `logits_to_keep=k` keeps each one's last k
-    positions; position ids restart at 0 on each sequence's first real token.
-    """
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        input_ids[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-        attention[i, width - len(seq) :] = 1
-    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -117,10 +103,7 @@ class HFEngine:
         return input_ids, attention
 
     def _one_token_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
-        device = next(self.model.parameters()).device
-        input_ids, attention, position_ids = left_pad(prompts, self.pad_id)
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                            position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1].float()
+        logits = last_positions_logits(self.model, prompts, k=1, pad_id=self.pad_id)[:, -1].float()
         if sampling.temperature == 0:
             picks = logits.argmax(-1, keepdim=True)
             logp = torch.log_softmax(logits, -1)
