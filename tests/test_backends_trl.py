@@ -62,6 +62,8 @@ def test_accelerate_config_and_launch_script(tmp_path):
 
     cfg = yaml.safe_load((run / "accelerate.yaml").read_text())
     assert (cfg["distributed_type"], cfg["num_processes"], cfg["num_machines"]) == ("FSDP", 16, 2)
+    with pytest.raises(BackendOptionError, match="needs GPUs"):
+        launch_command(run, "zero3", 2, 1, "no", cpu=True, resume=False)
     with pytest.raises(BackendOptionError, match="split evenly"):
         grpo_args(TrainConfig("t", "o", batch_size=3, group_size=3), world_size=2)
 
@@ -130,3 +132,15 @@ def test_trl_trains_is_killed_and_resumes_from_its_checkpoint(tmp_path):
         assert change > 0  # a group with mixed rewards moved the policy
     else:
         assert change == 0  # no signal, no weight decay: nothing moves
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate_on_cpu(tmp_path):
+    """accelerate's `--cpu` launcher starts one process whatever --num_processes says; the generated
+    config starts two (torchrun) that join a gloo group, and they train one step together."""
+    config = _config(tmp_path, steps=1)
+    summary = run_backend(config, "trl", gpus_per_node=2, launch=True)
+    assert summary["processes"] == 2 and summary["steps"] == 1
+    assert "accelerate.commands.launch" in Path(config.out, "launch-trl.sh").read_text()
+    (line,) = [json.loads(x) for x in Path(config.out, "metrics.jsonl").read_text().splitlines()]
+    assert line["step"] == 1 and 0.0 <= line["reward_mean"] <= 1.0

@@ -169,12 +169,17 @@ def grpo_args(config: Any, world_size: int = 1, device: str = "cpu") -> dict:
 def accelerate_config(sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str = "bf16",
                       cpu: bool = False) -> dict:
     """An accelerate config: DDP, FSDP2 (full state dict, so checkpoints stay HF folders), or
-    DeepSpeed ZeRO-3 (needs `pip install deepspeed`); `cpu` gives gloo processes on a CPU.
+    DeepSpeed ZeRO-3 (needs `pip install deepspeed`).
+
+    `cpu`: DDP over gloo on a CPU. It is the MULTI_GPU launch on purpose: accelerate 1.15 runs
+    `--cpu` / use_cpu configs through its single-process launcher (one process, whatever
+    num_processes says), while the MULTI_GPU launch starts torchrun's processes, and the trainer's
+    use_cpu=True then joins them in a gloo group (accelerate's MULTI_CPU).
 
     >>> accelerate_config("fsdp", 8, 2)["fsdp_config"]["fsdp_state_dict_type"]
     'FULL_STATE_DICT'
     >>> accelerate_config("ddp", 2, 1, "no", cpu=True)["distributed_type"]
-    'MULTI_CPU'
+    'MULTI_GPU'
     """
     if sharding not in SHARDINGS:
         raise BackendOptionError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {sharding!r}")
@@ -183,8 +188,8 @@ def accelerate_config(sharding: str, gpus_per_node: int, nodes: int, mixed_preci
     out: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE", "debug": False, "downcast_bf16": "no", "machine_rank": 0,
         "main_training_function": "main", "mixed_precision": mixed_precision, "num_machines": nodes,
-        "num_processes": gpus_per_node * nodes, "rdzv_backend": "static", "same_network": True, "use_cpu": cpu,
-        "distributed_type": "MULTI_CPU" if cpu else "MULTI_GPU",
+        "num_processes": gpus_per_node * nodes, "rdzv_backend": "static", "same_network": True, "use_cpu": False,
+        "distributed_type": "MULTI_GPU",
     }
     if sharding == "fsdp":
         out["distributed_type"] = "FSDP"
@@ -322,7 +327,7 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     state = trainer.state
     stopped_by = "compute_budget" if state.global_step < c.steps else None
-    summary = {"backend": "trl", "steps": state.global_step, "stopped_by": stopped_by, "run_dir": str(run),
+    summary = {"backend": "trl", "processes": trainer.accelerator.num_processes, "steps": state.global_step, "stopped_by": stopped_by, "run_dir": str(run),
                "totals": {"flops": runlog.flops(state), "update_tokens": int(state.num_input_tokens_seen)}}
     if trainer.accelerator.is_main_process:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
