@@ -103,12 +103,12 @@ test-vllm: $(VLLM_VENV)/.installed
 # verl 0.9.1 on this CPU lives in its own venv (it pins transformers<5.11): the contract tests of
 # `rpt train --backend verl` against verl's own config, dataset, reward loop and agent loop
 VERL_VENV ?= .venv-verl
-$(VERL_VENV)/.installed: pyproject.toml tests/verl/setup_venv.sh
-	VENV=$(VERL_VENV) bash tests/verl/setup_venv.sh
+$(VERL_VENV)/.installed: pyproject.toml tests/verl_engine/setup_venv.sh
+	VENV=$(VERL_VENV) bash tests/verl_engine/setup_venv.sh
 	touch $@
 
 test-verl: $(VERL_VENV)/.installed
-	$(VERL_VENV)/bin/python -m pytest -q tests/verl/
+	$(VERL_VENV)/bin/python -m pytest -q tests/verl_engine/
 
 bench-train: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python bench/train.py $(BENCH_ARGS)

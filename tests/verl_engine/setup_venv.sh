@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build .venv-verl: verl 0.9.1 on the pinned CPU torch, next to an editable rpt, for the verl
-# contract tests (tests/verl/). verl pins transformers<5.11, so it cannot share .venv.
+# contract tests (tests/verl_engine/). verl pins transformers<5.11, so it cannot share .venv.
 #
-#   bash tests/verl/setup_venv.sh             # creates ./.venv-verl (about 2 GB)
-#   VENV=.venv-other bash tests/verl/setup_venv.sh
+#   bash tests/verl_engine/setup_venv.sh             # creates ./.venv-verl (about 2 GB)
+#   VENV=.venv-other bash tests/verl_engine/setup_venv.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
