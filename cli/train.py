@@ -32,9 +32,18 @@ def _options(fn):
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (command-line options win).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out, exactly.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
+@click.option("--backend", type=click.Choice(["rpt", "verl", "trl"]), default="rpt", show_default=True,
+              help="rpt: this trainer, one process on one device | trl: TRL's GRPOTrainer in-process, several "
+                   "processes through accelerate | verl: write (and with --launch run) a verl 0.9.1 launch for "
+                   "several GPUs and nodes. Options a backend cannot honour are refused by name.")
+@click.option("--launch", is_flag=True, help="verl: run the written launch script; trl: start accelerate when more than one process.")
+@click.option("--gpus-per-node", type=int, default=1, show_default=True, help="GPUs (processes) per node, --backend trl|verl.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes, --backend trl|verl.")
+@click.option("--sharding", type=click.Choice(["ddp", "fsdp", "zero3"]), default="ddp", show_default=True,
+              help="--backend trl on several GPUs: DDP, FSDP2, or DeepSpeed ZeRO-3 (pip install deepspeed).")
 @_options
 @library_errors
-def train(tasks_dir, out, config_file, resume, overwrite, **options):
+def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, **options):
     """Train a policy with GRPO on RPT tasks (the prefix-matching reward).
 
     Defaults are the paper's recipe (Table 5). On a CPU, use a small batch, the continuation
@@ -46,11 +55,14 @@ def train(tasks_dir, out, config_file, resume, overwrite, **options):
           --batch-size 16 --group-size 8 --lr 1e-5 --steps 20 --max-prompt-tokens 256
     Example (paper recipe):
       rpt train out/tasks --out out/run --config configs/paper.yaml
+    Example (past one GPU: 2 nodes x 8 GPUs with verl; TRL on one node):
+      rpt train out/tasks --out out/verl-run --config configs/paper.yaml --backend verl --nodes 2 --gpus-per-node 8
+      rpt train out/tasks --out out/trl-run --backend trl --gpus-per-node 8 --sharding fsdp --launch
     """
     import yaml
 
+    from rpttrain.backends import run_backend
     from rpttrain.config import config_from_dict
-    from rpttrain.train import run_train
 
     data = {}
     if config_file:
@@ -61,7 +73,12 @@ def train(tasks_dir, out, config_file, resume, overwrite, **options):
         data = {k.replace("-", "_"): v for k, v in data.items()}
     data.update({k: v for k, v in options.items() if v is not None})
     data.update(tasks_dir=tasks_dir, out=out)
-    summary = run_train(config_from_dict(data), resume=resume, overwrite=overwrite)
+    summary = run_backend(config_from_dict(data), backend, launch=launch, gpus_per_node=gpus_per_node, nodes=nodes,
+                          sharding=sharding, resume=resume, overwrite=overwrite)
+    if "command" in summary and "totals" not in summary:
+        what = "launched" if launch else "launch with"
+        click.echo(f"train --backend {backend}: {what}: {summary['command']}")
+        return
     t = summary["totals"]
     why = {"signal": " (stopped by a signal; continue with --resume)", "compute_budget": " (compute budget reached)"}.get(summary["stopped_by"] or "", "")
     click.echo(f"train: {summary['steps']} steps{why}, {t['samples']:,} samples, {t['flops']:.3g} FLOPs -> {out}")
