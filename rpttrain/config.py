@@ -72,6 +72,12 @@ class TrainConfig:
         "never)."
     )
     dynamic_sampling_rounds: int = opt(3, "Most extra generation rounds per step to refill the batch.")
+    fused_one_token: bool = opt(
+        True,
+        "One-token rollouts with the transformers engine sample from the update's own forward pass "
+        "(one forward + backward a step instead of two forwards + backward; the same samples). Off: "
+        "a separate rollout forward first, as with several new tokens.",
+    )
     micro_batch_tokens: int = opt(16384, "Padded tokens per forward/backward micro-batch (bounds memory).")
     engine: str = opt("auto", "Rollout engine: auto (vllm on CUDA when installed, else hf) | hf | vllm.")
     compute_dtype: str = opt(

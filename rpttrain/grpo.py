@@ -11,7 +11,13 @@ Log-probs for the update come from the training model itself; the engine's own l
 compared with them (`logprob_mismatch`), never trained on. One on-policy update per batch, so the
 ratio is 1 and old log-probs equal the current ones (the clip is still applied as written).
 When every completion is one token, each distinct prompt runs once in the update and its G samples
-share the logits (the same numbers, G times less compute).
+share the logits (the same numbers, G times less compute). With the in-process transformers engine
+the one-token step is fused (`--fused-one-token`, on by default): the samples are drawn from the
+update's own forward pass (the policy has not changed yet), so a step costs one forward + backward
+instead of a rollout forward, then the update's forward + backward. Every prompt's samples come
+from a generator seeded by the prompt alone (`rollout.prompt_seed`), so the fused and the two-pass
+step draw the same samples. Not fused while dynamic sampling may drop groups (their forward would
+be spent for nothing).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.precision import Precision, dtype_name
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import get_reward_fn
-from rpttrain.rollout import Sampling, make_engine, stop_ids
+from rpttrain.rollout import Sampling, make_engine, prompt_seed, stop_ids
+from rpttrain.rollout.hf import sample_next_tokens
 
 
 @dataclass
@@ -80,13 +87,18 @@ class GRPOObjective:
         self.engine.close()
 
     # -- phases -------------------------------------------------------------------------------
-    def rollout(self, tasks: list[dict], step: int, round_index: int) -> tuple[list, int]:
+    def sampling(self, step: int, round_index: int) -> Sampling:
         c = self.config
-        prompts = [build_prompt_ids(self.fmt, t["context"], self.tokenizer, c.max_prompt_tokens) for t in tasks]
-        sampling = Sampling(
+        return Sampling(
             n=c.group_size, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
             seed=c.seed * 1_000_003 + step * 101 + round_index, stop_token_ids=self.stops,
         )
+
+    def prompts(self, tasks: list[dict]) -> list[list[int]]:
+        return [build_prompt_ids(self.fmt, t["context"], self.tokenizer, self.config.max_prompt_tokens) for t in tasks]
+
+    def rollout(self, tasks: list[dict], step: int, round_index: int) -> tuple[list, int]:
+        prompts, sampling = self.prompts(tasks), self.sampling(step, round_index)
         groups = self.engine.generate(prompts, sampling)
         return list(zip(prompts, groups)), self.engine.forward_tokens(prompts, groups, sampling)
 
@@ -202,15 +214,84 @@ class GRPOObjective:
             mask_left[i, :n] = 1
         return logp_left, mask_left.to(dev)
 
+    # -- the fused one-token step -------------------------------------------------------------
+    def fused(self, step: int) -> bool:
+        c = self.config
+        return (c.fused_one_token and c.max_new_tokens == 1 and self.engine.name == "hf"
+                and not 0 <= c.dynamic_sampling_from <= step)
+
+    def fused_rollout_and_update(self, tasks: list[dict], step: int, timings: dict) -> tuple[list[list[Rollout]], dict]:
+        """Sample, reward and accumulate the gradient from one forward per micro-batch of prompts;
+        then the optimizer step. Returns the groups (in task order) and the update's stats."""
+        c = self.config
+        prompts, sampling = self.prompts(tasks), self.sampling(step, 0)
+        n = len(tasks) * c.group_size
+        denom = algos.loss_denominator(torch.ones(n, 1), c.loss_agg, max_len=c.max_new_tokens)
+        groups: list[list[Rollout] | None] = [None] * len(tasks)
+        stats = {"loss": 0.0, "kl": 0.0, "update_tokens": 0}
+        clipped = 0.0
+        for mb in plan_batches([len(p) for p in prompts], max_tokens=c.micro_batch_tokens):
+            t = time.time()
+            batch_prompts = [prompts[i] for i in mb]
+            with self.precision.autocast():
+                logits = last_positions_logits(self.model, batch_prompts, k=1)  # [P, 1, V], with grad
+            sampled = sample_next_tokens(logits[:, -1], sampling, [prompt_seed(sampling.seed, i) for i in mb], self.tokenizer)
+            timings["rollout_s"] += time.time() - t
+            t = time.time()
+            rolled = self.score([tasks[i] for i in mb], list(zip(batch_prompts, sampled)))
+            self.advantages(rolled)
+            timings["reward_s"] += time.time() - t
+            flat = [r for g in rolled for r in g]
+            dev = logits.device
+            rows = torch.arange(len(mb), device=dev).repeat_interleave(c.group_size)
+            tokens = torch.tensor([[r.completion_ids[0]] for r in flat], device=dev)
+            with self.precision.autocast():
+                logp = algos.token_logprobs(logits[rows], tokens, c.temperature)  # [N, 1]
+                mask = torch.ones_like(logp)
+                adv = torch.tensor([r.advantage for r in flat], dtype=torch.float32, device=dev)
+                loss_tok, was_clipped = algos.policy_loss(logp, logp.detach(), adv, c.clip_eps, c.clip_eps_high)
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref = algos.token_logprobs(last_positions_logits(self.ref_model, batch_prompts, k=1)[rows],
+                                                   tokens, c.temperature)
+                    kl = algos.kl_k3(logp, ref)
+                    loss_tok = loss_tok + c.kl_coef * kl
+                    stats["kl"] += float(kl.sum())
+                loss = algos.aggregate_loss(loss_tok, mask, c.loss_agg, denom)
+            loss.backward()
+            stats["loss"] += float(loss.detach())
+            clipped += float(was_clipped.float().sum())
+            stats["update_tokens"] += sum(len(p) for p in batch_prompts)
+            for i, g in zip(mb, rolled):
+                groups[i] = g
+        grad_norm, bad = self.optimizer_step(stats["loss"])
+        # the samples come from the very log-probs the update uses: no engine mismatch to measure
+        stats.update(clip_frac=clipped / max(n, 1), kl=stats["kl"] / max(n, 1), grad_norm=grad_norm, skipped=bad,
+                     logprob_mismatch=0.0)
+        return groups, stats
+
     # -- the step -----------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         c = self.config
-        timings = {"rollout_s": 0.0, "reward_s": 0.0}
+        timings = {"rollout_s": 0.0, "reward_s": 0.0, "advantage_s": 0.0, "update_s": 0.0, "weight_sync_s": 0.0}
         t0 = time.time()
+        if self.fused(step):
+            tasks = self.sampler.take(c.batch_size)
+            all_groups, upd = self.fused_rollout_and_update(tasks, step, timings)
+            timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]
+            zero_var = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in all_groups)
+            counts = {"drawn": len(tasks), "rounds": 1, "zero_var": zero_var, "kept": len(all_groups), "forward_tokens": 0}
+        else:
+            all_groups, upd, counts = self.two_pass(step, timings)
+        return self.finish(step, all_groups, upd, counts, timings, t0)
+
+    def two_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
+        """Rollouts (with dynamic sampling's extra rounds), rewards, advantages, then the update."""
+        c = self.config
         dynamic = 0 <= c.dynamic_sampling_from <= step
         kept: list[list[Rollout]] = []
         all_groups: list[list[Rollout]] = []
-        drawn = rounds = zero_var = gen_tokens = prompt_tokens = forward_tokens = 0
+        drawn = rounds = zero_var = forward_tokens = 0
         while True:
             tasks = self.sampler.take(c.batch_size)
             drawn += len(tasks)
@@ -223,8 +304,6 @@ class GRPOObjective:
             timings["reward_s"] += time.time() - t
             all_groups += groups
             for g in groups:
-                gen_tokens += sum(len(r.completion_ids) for r in g)
-                prompt_tokens += sum(len(r.prompt_ids) for r in g)
                 rewards = [r.reward for r in g]
                 if max(rewards) == min(rewards):
                     zero_var += 1
@@ -245,24 +324,32 @@ class GRPOObjective:
         if self.engine.name != "hf" and not upd["skipped"]:
             self.engine.update_weights(self.model)
         timings["weight_sync_s"] = time.time() - t
+        counts = {"drawn": drawn, "rounds": rounds, "zero_var": zero_var, "kept": len(kept), "forward_tokens": forward_tokens}
+        return all_groups, upd, counts
 
+    def finish(self, step: int, all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float) -> dict:
+        """Totals, metrics and samples of a step."""
+        c = self.config
+        rolls = [r for g in all_groups for r in g]
+        gen_tokens = sum(len(r.completion_ids) for r in rolls)
+        prompt_tokens = sum(len(r.prompt_ids) for r in rolls)
+        forward_tokens = counts["forward_tokens"]
         # compute actually spent: rollouts count the tokens the engine ran (a prompt its samples
-        # share counts once where the engine computes it once), not prompt x samples
+        # share counts once where the engine computes it once; none when fused), not prompt x samples
         flops = 6.0 * self.n_params * upd["update_tokens"] + 2.0 * self.n_params * forward_tokens
         self.totals["flops"] += flops
         self.totals["update_tokens"] += upd["update_tokens"]
         self.totals["rollout_tokens"] += gen_tokens + prompt_tokens
         self.totals["rollout_forward_tokens"] = self.totals.get("rollout_forward_tokens", 0) + forward_tokens
-        self.totals["samples"] += sum(len(g) for g in all_groups)
-        rolls = [r for g in all_groups for r in g]
+        self.totals["samples"] += len(rolls)
         lengths = [len(r.completion_ids) for r in rolls]
         metrics = {
             "reward_mean": float(np.mean([r.reward for r in rolls])),
             "accuracy": float(np.mean([r.reward == 1.0 for r in rolls])),
-            "zero_variance_share": zero_var / max(len(all_groups), 1),
-            "groups_trained": len(kept),
-            "contexts_drawn": drawn,
-            "sampling_rounds": rounds,
+            "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
+            "groups_trained": counts["kept"],
+            "contexts_drawn": counts["drawn"],
+            "sampling_rounds": counts["rounds"],
             "completion_len_mean": float(np.mean(lengths)),
             "completion_len_max": int(max(lengths)),
             "truncated_share": float(np.mean([r.truncated for r in rolls])),
