@@ -31,7 +31,7 @@ def make_tasks(scored_dir, out, threshold, context_tokens, continuation_tokens, 
       rpt make-tasks out/scored --out out/tasks
       rpt make-tasks out/scored --out out/tasks --threshold 1.0 --max-tasks 20000 --max-eval-tasks 1000
     """
-    from rpttrain.tasks import MakeTasksConfig, run_make_tasks
+    from rptdata.tasks import MakeTasksConfig, run_make_tasks
 
     config = MakeTasksConfig(
         scored_dir=scored_dir, out=out, threshold=threshold, context_tokens=context_tokens,

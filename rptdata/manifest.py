@@ -33,6 +33,14 @@ RUN_FILE = "run.json"
 DONE_DIR = "done"
 T = TypeVar("T")
 
+# The stage names: `rpt <name>`, and the "stage" field of every run.json and manifest.json.
+STAGE_PREPARE = "prepare"
+STAGE_SCORE = "score-entropy"
+STAGE_TASKS = "make-tasks"
+STAGE_EXPORT = "export-tasks"
+STAGE_TRAIN = "train"
+STAGE_EVAL = "eval"
+
 
 def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -58,6 +66,19 @@ def write_parquet_atomic(table, path: Path, **kwargs) -> None:
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def shard_index(path: str | Path) -> int:
+    """The index in a shard or marker name: the number after the last "-" of the file's stem.
+
+    >>> shard_index("out/docs/part-00012.parquet"), shard_index("done/train-00003.json")
+    (12, 3)
+    """
+    stem = Path(path).stem
+    try:
+        return int(stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: not a shard name (expected part-NNNNN.parquet or <dir>-NNNNN.json)") from None
 
 
 def list_shards(folder: Path) -> list[Path]:
@@ -182,7 +203,7 @@ class StageDir:
         """index -> stats of every shard whose marker exists (and whose file is there)."""
         out = {}
         for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
-            index = int(marker.stem.rsplit("-", 1)[1])
+            index = shard_index(marker)
             if self.shard_path(data_dir, index).exists() or json.loads(marker.read_text()).get("empty"):
                 out[index] = json.loads(marker.read_text())
         return out

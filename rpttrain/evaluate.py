@@ -80,7 +80,8 @@ import pyarrow.parquet as pq
 from rptdata.errors import ManifestMismatch, MissingUpstream, RptError
 from rptdata.manifest import list_shards, read_manifest, shard_name, write_json_atomic, write_parquet_atomic
 from rpttrain.reward import REWARDS, get_reward_fn
-from rpttrain.tasks import DEFAULT_BANDS, SPLITS, band_of, parse_bands
+from rptdata.bands import DEFAULT_BANDS, band_of, parse_bands
+from rptdata.taskdef import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +549,8 @@ def training_overlap(run: RunInfo, tasks_dir: Path, manifest: dict, split: str, 
     """The evaluated documents the run trained on, and how that was decided.
 
     Raises MissingUpstream when it cannot be decided (the run's tasks directory is gone)."""
-    from rpttrain.tasks import iter_tasks, split_of
+    from rptdata.taskdef import split_of
+    from rpttrain.data import iter_tasks
 
     run_tasks = run.tasks_dir
     run_manifest = None
@@ -899,7 +901,7 @@ def run_eval(config: EvalConfig) -> dict:
     started = time.time()
     tasks_dir = Path(config.tasks_dir)
     manifest = read_manifest(tasks_dir, "make-tasks")
-    from rpttrain.tasks import load_tasks
+    from rpttrain.data import load_tasks
 
     tasks = load_tasks(tasks_dir, config.split, limit=config.limit)
     if not tasks:

@@ -25,7 +25,7 @@ from rptdata.models import load_causal_lm, load_tokenizer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import get_reward_fn
 from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
-from rpttrain.tasks import load_tasks
+from rpttrain.data import load_tasks
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from rptdata.errors import RptError
 from rpttrain.data import EpochSampler, TaskRows, mmap_shards
-from rpttrain.tasks import load_tasks
+from rpttrain.data import load_tasks
 from tests.rpt_fixtures import write_tasks_dir
 
 

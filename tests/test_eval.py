@@ -33,7 +33,7 @@ from rpttrain.evaluate import (
     run_eval,
     wilson_interval,
 )
-from rpttrain.tasks import DEFAULT_BANDS
+from rptdata.bands import DEFAULT_BANDS
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -116,10 +116,10 @@ def test_config_rejects_bad_combinations(tmp_path):
 
 def champ_pairs(tokenizer, n: int, seed: int = 0, context_tokens: int = 32, k: int = 8) -> list[tuple[str, str]]:
     """(context, continuation) at random positions of CHAMP problems+solutions, cut on token
-    boundaries of `tokenizer` (rpttrain.tasks helpers, as make-tasks does)."""
+    boundaries of `tokenizer` (rptdata.taskdef helpers, as make-tasks does)."""
     from rptdata.sources import TextBuilder, expand_inputs, read_source
     from rptdata.spans import ByteSpanTokenizer
-    from rpttrain.tasks import continuation_at, cut_context
+    from rptdata.taskdef import continuation_at, cut_context
 
     texts = [r.text for r in read_source(expand_inputs(["builtin:champ"])[0], TextBuilder()) if r.text]
     rng = random.Random(seed)
@@ -341,7 +341,7 @@ def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_p
         row["doc_id"] = row["doc_id"].replace("eval-", "train-")
     import pyarrow as pa
 
-    from rpttrain.tasks import TASKS_SCHEMA
+    from rptdata.taskdef import TASKS_SCHEMA
 
     pq.write_table(pa.Table.from_pylist(table, schema=TASKS_SCHEMA), other / "eval" / "part-00000.parquet")
     with pytest.raises(EvalOverlap, match="trained on 2 of the 2"):
@@ -350,7 +350,7 @@ def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_p
 
 def test_whole_document_ntp_runs_count_every_train_document_of_their_rule(tmp_path, tiny_bpe_dir):
     from rpttrain.evaluate import RunInfo, training_overlap
-    from rpttrain.tasks import split_of
+    from rptdata.taskdef import split_of
 
     run_tasks = write_tasks_dir(tmp_path / "run_tasks", str(tiny_bpe_dir), PAIRS[:2])  # rule: seed 0, fraction 0.5
     docs = [f"champ#{i}" for i in range(20)]
