@@ -110,7 +110,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from rptdata.engines import entropy_from_logits
+    from rptdata.scorers import entropy_from_logits
     from rptdata.models import load_causal_lm, load_tokenizer
     from rpttrain.evaluate import EvalConfig, _pad_id, context_ids, format_table, run_eval
 

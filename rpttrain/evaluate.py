@@ -618,7 +618,7 @@ def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, p
             logp = torch.log_softmax(logits, dim=-1)
             ent = torch.special.entr(logp.exp()).sum(-1).tolist()
             if top_k:
-                from rptdata.engines import entropy_from_logits
+                from rptdata.scorers import entropy_from_logits
 
                 topk = entropy_from_logits(logits, k=top_k, mode=entropy_mode).tolist()
             for row, i in enumerate(batch):
@@ -838,7 +838,8 @@ def _evaluate_subject(ctx: _Ctx, subject: Subject, todo: dict[str, list[int]], d
             fmt = None
             if mode == "reasoning":
                 from rpttrain.prompts import load_prompt_format
-                from rpttrain.rollout import make_engine, pick_engine
+                from rptdata.engine_choice import choose_engine as pick_engine
+                from rpttrain.rollout import make_engine
 
                 fmt = load_prompt_format(subject.prompt_template)
                 name = pick_engine(c.engine, device)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rptdata.engine_choice import choose_engine as pick_engine
 from rptdata.errors import ManifestMismatch, RptError
 from rptdata.manifest import fingerprint, read_manifest
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
@@ -50,7 +51,7 @@ from rpttrain.data import DocWindows, EpochSampler, TaskRows
 from rpttrain.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARDS, get_reward_fn
-from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
+from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.rollout.hf import left_pad
 
 log = logging.getLogger(__name__)

@@ -419,7 +419,7 @@ def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch, forward_siz
 def test_band_model_recomputes_the_band_entropy(tiny, tmp_path):
     import torch
 
-    from rptdata.engines import entropy_from_logits
+    from rptdata.scorers import entropy_from_logits
     from rptdata.models import load_causal_lm, load_tokenizer
 
     model, tasks = tiny
