@@ -77,8 +77,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rptdata.errors import ManifestMismatch, MissingUpstream, RptError
-from rptdata.manifest import list_shards, read_manifest, shard_name, write_json_atomic, write_parquet_atomic
+from rptdata.errors import MissingUpstream, RptError
+from rptdata.manifest import (
+    claim_run_dir,
+    list_shards,
+    read_manifest,
+    shard_name,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from rpttrain.reward import REWARDS, get_reward_fn
 from rptdata.bands import DEFAULT_BANDS, band_of, parse_bands
 from rptdata.taskdef import SPLITS
@@ -704,31 +711,10 @@ class _Ctx:
 
 
 def _prepare_out(config: EvalConfig, out: Path, identity: dict) -> None:
-    run_file = out / "run.json"
-    ours = run_file.exists() or (out / PREDICTIONS_DIR).exists()
-    if out.exists() and not ours and any(p.name not in OWN_NAMES for p in out.iterdir()):
-        raise ManifestMismatch(f"{out} is not empty and is not an `rpt eval` report folder; choose another --out")
-    if ours and config.overwrite:
-        for name in OWN_NAMES:
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        ours = False
-    if ours and not config.resume:
-        raise ManifestMismatch(
-            f"{out} already holds an evaluation; pass --resume to continue it (rows already done are skipped), "
-            "--overwrite to start over, or choose another --out"
-        )
-    if ours and run_file.exists():
-        previous = json.loads(run_file.read_text()).get("identity", {})
-        diff = sorted(k for k in set(previous) | set(identity)
-                      if json.dumps(previous.get(k), default=str) != json.dumps(identity.get(k), default=str))
-        if diff:
-            raise ManifestMismatch(
-                f"{out} holds predictions made with other settings ({', '.join(diff)} differ); resume with the "
-                "same settings, pass --overwrite, or choose another --out"
-            )
+    """Claim `out` for this evaluation: a rerun needs --resume (same settings) or --overwrite."""
+    claim_run_dir(out, STAGE, identity, OWN_NAMES, overwrite=config.overwrite, resume=config.resume,
+                  progress=(f"{PREDICTIONS_DIR}/*",))
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, {"stage": STAGE, "identity": identity})
 
 
 def _band_entropies(config: EvalConfig, out: Path, tasks: list[dict], manifest: dict) -> tuple[list[float], dict]:
