@@ -10,7 +10,6 @@ Run: .venv/bin/python -m pytest -q tests/test_tasks.py
 
 from __future__ import annotations
 
-import doctest
 import hashlib
 import json
 import math
@@ -136,9 +135,6 @@ def tables(out) -> dict:
 # ---------------------------------------------------------------------------------------------
 # pure helpers
 
-
-def test_doctests():
-    assert doctest.testmod(tasks_mod).failed == 0
 
 
 def test_band_of_and_parse_bands():
