@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rptdata.engine_choice import choose_engine as pick_engine
+from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import fingerprint, read_manifest
+from rptdata.manifest import fingerprint, read_manifest, write_json_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
 from rpttrain import algos
-from rpttrain.data import DocWindows, EpochSampler, TaskRows
+from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
 from rpttrain.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARDS, get_reward_fn
@@ -227,6 +227,9 @@ class Trainer:
             checkpoints = []
         run_file.write_text(json.dumps({"fingerprint": fingerprint(ident), **ident}, indent=2, default=str))
         _write_yaml(self.run_dir / "config.yaml", asdict(c))
+        # what this run trains on, for `rpt eval`'s held-out check (atomic: a tmp file, then os.replace)
+        write_json_atomic(self.run_dir / TRAINED_ON,
+                          trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest))
 
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
@@ -265,7 +268,7 @@ class Trainer:
         else:
             source = TaskRows(c.tasks_dir, cache)
         self.sampler = EpochSampler(source, c.seed, **cursor)
-        engine = pick_engine(c.engine, self.device) if c.objective == "rpt" else "hf"
+        engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else "hf"
         kwargs = {}
         if engine == "vllm":
             from rptdata.models import local_model_dir
