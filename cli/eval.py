@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help
+from cli.common import library_errors, model_help, model_runtime_options, no_progress_option, overwrite_option, trust_remote_code_option
 
 
 @click.command("eval")
@@ -19,20 +19,18 @@ from cli.common import library_errors, model_help
 @click.option("--bands", default="0.5,1.0,1.5", show_default=True, help="Entropy thresholds of the nested bands (easy/medium/hard), or name=value pairs.")
 @click.option("--band-model", default=None, help=model_help("Recompute the band entropy (top-16) with this model instead of the tasks' column"))
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="REPORT_DIR: report.md, report.json, predictions.parquet, scaling.png. Default: print only.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "hf", "vllm"]), help="Rollout engine of the reasoning mode.")
 @click.option("--limit", default=None, type=int, help="Evaluate the first N tasks of the split.")
 @click.option("--split", default="eval", show_default=True, type=click.Choice(["eval", "train"]), help="Which split's tasks (eval: held out).")
 @click.option("--allow-overlap", is_flag=True, help="Evaluate even when a run trained on evaluated documents (warns loudly; not held-out accuracy).")
 @click.option("--resume", is_flag=True, help="Continue an evaluation in --out, skipping (task, model, mode) rows already written.")
-@click.option("--overwrite", is_flag=True, help="Replace an evaluation already in --out.")
+@overwrite_option
 @click.option("--batch-size", default=16, show_default=True, help="Sequences per forward pass (ntp) or per generate call (reasoning).")
 @click.option("--flush-every", default=128, show_default=True, help="Tasks per predictions part file (the most a crash can lose).")
 @click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule (prefix: the paper's Eq. 3).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype (auto: bf16 on GPU, fp32 on CPU).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's custom code.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@model_runtime_options("Rollout engine of the reasoning mode: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
+@trust_remote_code_option
+@no_progress_option
 @library_errors
 def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, max_new_tokens, max_prompt_tokens, prompt_template, bands,
              band_model, out, engine, limit, split, allow_overlap, resume, overwrite, batch_size, flush_every, reward, seed,
@@ -48,8 +46,8 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
       rpt eval out/tasks --checkpoints out/run --mode both --samples 8 --temperature 0.8 --out out/eval-run
       duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
     """
-    from rpttrain.evaluate import (PAIRED_LEGEND, EvalConfig, format_band_counts, format_paired, format_scaling,
-                                   format_table, run_eval)
+    from rpttrain.eval import (PAIRED_LEGEND, EvalConfig, format_band_counts, format_paired, format_scaling, format_table,
+                               run_eval)
 
     if not models and not runs:
         models = ("smollm2-135m",)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help
+from cli.common import library_errors, model_help, no_progress_option, overwrite_option
 
 
 @click.command("export-tasks")
@@ -13,8 +13,8 @@ from cli.common import library_errors, model_help
 @click.option("--prompt-template", default="v0", show_default=True, help="v0, v2, v6, continuation (raw text, for base models), or a template file holding {context} once.")
 @click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="The reward each row asks for (paper Eq. 3 prefix matching, or App. A first-token).")
 @click.option("--tokenizer", default=None, help=model_help("Also store the exact prompt string rendered with this tokenizer's chat template (prompt_text)"))
-@click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@overwrite_option
+@no_progress_option
 @library_errors
 def export_tasks(tasks_dir, format_, out, split, prompt_template, reward, tokenizer, overwrite, no_progress):
     """Write RPT tasks as a verl or TRL training dataset (parquet).

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors
+from cli.common import library_errors, no_progress_option, overwrite_option
 
 
 @click.command("make-tasks")
@@ -17,8 +17,8 @@ from cli.common import library_errors
 @click.option("--max-eval-tasks", default=None, type=int, help="Keep at most N evaluation tasks (same sampling). Default: all.")
 @click.option("--bands", default="0.5,1.0,1.5", show_default=True, help="Entropy thresholds of the bands: 3 values name easy/medium/hard; or name=value,... A task's band is the highest it exceeds.")
 @click.option("--prepared", "prepared_dir", default=None, type=click.Path(exists=True, file_okay=False), help="The `rpt prepare` directory, if it moved since scoring (default: the one the scored manifest names).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in OUT made with other options.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@overwrite_option
+@no_progress_option
 @library_errors
 def make_tasks(scored_dir, out, threshold, context_tokens, continuation_tokens, eval_fraction, seed, max_tasks, max_eval_tasks, bands, prepared_dir, overwrite, no_progress):
     """Turn scored positions into RPT tasks: context, continuation and token boundaries.
@@ -31,7 +31,7 @@ def make_tasks(scored_dir, out, threshold, context_tokens, continuation_tokens, 
       rpt make-tasks out/scored --out out/tasks
       rpt make-tasks out/scored --out out/tasks --threshold 1.0 --max-tasks 20000 --max-eval-tasks 1000
     """
-    from rpttrain.tasks import MakeTasksConfig, run_make_tasks
+    from rptdata.tasks import MakeTasksConfig, run_make_tasks
 
     config = MakeTasksConfig(
         scored_dir=scored_dir, out=out, threshold=threshold, context_tokens=context_tokens,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help
+from cli.common import library_errors, model_help, no_progress_option, overwrite_option, trust_remote_code_option
 
 
 @click.command()
@@ -18,9 +18,9 @@ from cli.common import library_errors, model_help
 @click.option("--shard-docs", default=10_000, show_default=True, type=int, help="Documents per output shard (also the resume granularity).")
 @click.option("--batch-docs", default=512, show_default=True, type=int, help="Documents per tokenizer batch.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records into OUT/rejects.jsonl (counted) instead of stopping at the first.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in OUT made with other inputs or options.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer's custom code from its repository (off by default).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@overwrite_option
+@trust_remote_code_option
+@no_progress_option
 @library_errors
 def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedupe, min_chars, shard_docs, batch_docs, skip_bad, overwrite, trust_remote_code, no_progress):
     """Ingest a corpus: clean, tokenize with exact byte spans, write document shards.

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help
+from cli.common import library_errors, model_help, model_runtime_options, trust_remote_code_option
 
 
 @click.command()
@@ -17,12 +17,10 @@ from cli.common import library_errors, model_help
 @click.option("--continuation-new-tokens", default=1, show_default=True, help="Tokens sampled in the continuation format (the prediction).")
 @click.option("--max-prompt-tokens", default=1024, show_default=True, help="Longest prompt; contexts lose their start beyond it.")
 @click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "hf", "vllm"]), help="Rollout engine.")
-@click.option("--dtype", default="auto", show_default=True, help="auto | float32 | bfloat16 | float16.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@model_runtime_options("Rollout engine: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the rows (with example completions) as JSON.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's custom code.")
+@trust_remote_code_option
 @library_errors
 def probe(tasks_dir, model, templates, samples, n_tasks, split, temperature, max_new_tokens, continuation_new_tokens,
           max_prompt_tokens, reward, engine, dtype, device, seed, out, trust_remote_code):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help
+from cli.common import library_errors, model_help, model_runtime_options, no_progress_option, overwrite_option, trust_remote_code_option
 
 
 @click.command("score-entropy")
@@ -24,20 +24,16 @@ from cli.common import library_errors, model_help
               help="Tokens of context each later window of a long document carries [default: half the window].")
 @click.option("--batch-tokens", type=int, default=None,
               help="Padded tokens per forward batch (length-sorted) [default: 8192 on CPU, 65536 on a GPU].")
-@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
-              help="hf: transformers (CPU/GPU); vllm: prompt log-probs; auto: vllm when it is installed and CUDA is present.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="auto: bfloat16 on a GPU, float32 on CPU.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (hf engine).")
+@model_runtime_options("Scorer: hf (transformers, CPU/GPU), vllm (prompt log-probs), or auto: vllm when it is installed and CUDA is present.")
 @click.option("--entropy", "entropy_mode", type=click.Choice(["full-softmax", "renormalized"]), default="full-softmax",
               show_default=True, help="Use the top-k full-softmax probabilities as they are, or renormalize them to sum to 1.")
 @click.option("--save-topk", is_flag=True, help="Also store topk_ids and topk_logprobs for every kept position.")
 @click.option("--num-workers", type=int, default=None, help="Split the input shards between N processes [default: torchrun's WORLD_SIZE, else 1].")
 @click.option("--worker-index", type=int, default=None, help="This process's share, 0..N-1 [default: torchrun's RANK, else 0].")
 @click.option("--merge", is_flag=True, help="Only write the manifest of a finished multi-worker run; the argument is then the scored directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out made with other inputs or options.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's custom code from its repository (off by default).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@overwrite_option
+@trust_remote_code_option
+@no_progress_option
 @library_errors
 def score_entropy(prepared_dir, model, out, top_k, threshold, keep_all, max_context, min_context, overlap, batch_tokens,
                   engine, dtype, device, entropy_mode, save_topk, num_workers, worker_index, merge, overwrite,

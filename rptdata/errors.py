@@ -23,3 +23,7 @@ class ManifestMismatch(RptError):
 
 class MissingUpstream(RptError):
     """The previous stage's output is absent or incomplete."""
+
+
+class MissingDependency(RptError):
+    """An optional package the chosen option needs (vllm) is not installed; the message says how to get it."""

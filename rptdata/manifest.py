@@ -9,7 +9,9 @@ Every stage writes into one directory with the same layout and rules:
 
 A run into a directory that holds another run (other inputs, options or model) is refused
 unless `overwrite=True`; a run with the same fingerprint resumes after the last completed shard.
-Readers only ever look at `part-*.parquet`, never at temporary names.
+Readers only ever look at `part-*.parquet`, never at temporary names. `claim_run_dir` is that
+rule (refuse / resume / overwrite) for every output directory: the data stages' `StageDir`,
+`rpt eval`'s report folder and `rpt train`'s run directory.
 
 Work is split between processes by `(worker_index, num_workers)` over shard indices, so one
 process, a pool and a multi-node launch share one code path.
@@ -32,6 +34,14 @@ MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
 DONE_DIR = "done"
 T = TypeVar("T")
+
+# The stage names: `rpt <name>`, and the "stage" field of every run.json and manifest.json.
+STAGE_PREPARE = "prepare"
+STAGE_SCORE = "score-entropy"
+STAGE_TASKS = "make-tasks"
+STAGE_EXPORT = "export-tasks"
+STAGE_TRAIN = "train"
+STAGE_EVAL = "eval"
 
 
 def fingerprint(payload: Any) -> str:
@@ -58,6 +68,19 @@ def write_parquet_atomic(table, path: Path, **kwargs) -> None:
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def shard_index(path: str | Path) -> int:
+    """The index in a shard or marker name: the number after the last "-" of the file's stem.
+
+    >>> shard_index("out/docs/part-00012.parquet"), shard_index("done/train-00003.json")
+    (12, 3)
+    """
+    stem = Path(path).stem
+    try:
+        return int(stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: not a shard name (expected part-NNNNN.parquet or <dir>-NNNNN.json)") from None
 
 
 def list_shards(folder: Path) -> list[Path]:
@@ -99,6 +122,118 @@ def worker_from_env(num_workers: int | None, worker_index: int | None) -> tuple[
     return worker_index, num_workers
 
 
+def claim_run_dir(
+    root: str | Path,
+    stage: str,
+    identity: dict,
+    own: Iterable[str],
+    *,
+    overwrite: bool = False,
+    resume: bool | None = None,
+    progress: Sequence[str] = (),
+    finished: str | None = None,
+) -> str:
+    """Claim the output directory `root` for a run of `stage` whose output depends on `identity`.
+
+    Returns "new" (start from scratch), "resume" (same identity, kept work to continue from) or
+    "done" (same identity, and `root/finished` exists). Raises ManifestMismatch, naming the
+    way out, when the directory must not be written.
+
+    The directory's record is ROOT/run.json, written here for a new run:
+    {"stage", "fingerprint" (of `identity`), "rpt_version", "config": identity}.
+
+    own: the names directly under `root` that this stage writes (files or folders). Only these,
+        and run.json, are ever removed; anything else in the folder is "foreign".
+    overwrite: remove `own` first, then claim the directory as if it were empty.
+    resume: None: a run with the same identity continues on its own (the data stages);
+        True: continue (`--resume`); False: kept work is refused with "pass --resume".
+    progress: glob patterns under `root` that match kept work (completion markers, predictions,
+        checkpoints). Work is protected: only `overwrite` removes it.
+    finished: a file under `root` whose existence means the run completed.
+
+    The rules, in order:
+      1. no run.json (nor a manifest) and foreign files: refused unless `overwrite` (which then
+         writes beside them); kept work without a record: refused (it cannot be verified).
+      2. the record is another stage's: refused.
+      3. another identity: refused (the differing keys are named) when there is kept work,
+         else a new run (`own` removed).
+      4. the same identity: "done" when finished; "resume" when there is kept work (refused if
+         `resume` is False); else "new" (nothing is removed, run.json is kept).
+    A caller starts its work from scratch on "new", continues on "resume", stops on "done".
+
+    E.g. `rpt train` would call: claim_run_dir(run_dir, STAGE_TRAIN, {"train": ..., "tasks": ...},
+    own=("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "summary.json", "config.yaml",
+    DATA_CACHE), resume=resume, progress=("checkpoints/step-*/state.json",), overwrite=overwrite).
+    """
+    root = Path(root)
+    own = {*own, RUN_FILE}
+    if overwrite:
+        _remove(root, own)
+    record = _recorded_run(root)
+    kept = root.exists() and any(next(root.glob(pattern), None) is not None for pattern in progress)
+    fp = fingerprint(identity)
+    if record is None:
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in own) if root.exists() else []
+        if foreign and not overwrite:
+            raise ManifestMismatch(
+                f"{root} is not empty ({foreign[0]}) and is not an `rpt {stage}` directory; refusing to write "
+                "into it (choose another --out, or pass --overwrite to clear our files there and write beside the rest)."
+            )
+        if kept:
+            raise ManifestMismatch(
+                f"{root} holds `rpt {stage}` output but no {RUN_FILE} saying how it was made; "
+                "pass --overwrite to replace it, or choose another --out."
+            )
+        return _start_run(root, stage, fp, identity, own)
+    if record.get("stage") != stage:
+        raise ManifestMismatch(
+            f"{root} holds a `rpt {record.get('stage')}` run, not `rpt {stage}`; choose another --out."
+        )
+    if record.get("fingerprint") != fp:
+        if not kept:  # an empty false start has nothing to protect
+            return _start_run(root, stage, fp, identity, own)
+        diff = _diff_keys(record.get("config") or {}, identity)
+        raise ManifestMismatch(
+            f"{root} already holds a `rpt {stage}` run with different settings ({', '.join(diff) or 'fingerprint'} "
+            "differ; other settings cannot resume it). Use another --out, or pass --overwrite to replace it."
+        )
+    if finished is not None and (root / finished).exists():
+        return "done"
+    if not kept:
+        return "new"
+    if resume is False:
+        raise ManifestMismatch(
+            f"{root} already holds a `rpt {stage}` run with these settings; pass --resume to continue it "
+            "(work already done is kept), --overwrite to start over, or choose another --out."
+        )
+    return "resume"
+
+
+def _recorded_run(root: Path) -> dict | None:
+    """What a directory says it holds: its run.json, else (an older layout) its manifest."""
+    for name in (RUN_FILE, MANIFEST):
+        path = root / name
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def _start_run(root: Path, stage: str, fp: str, identity: dict, own: set[str]) -> str:
+    _remove(root, own)
+    write_json_atomic(root / RUN_FILE, {"stage": stage, "fingerprint": fp, "rpt_version": __version__, "config": identity})
+    return "new"
+
+
+def _remove(root: Path, names: Iterable[str]) -> None:
+    """Remove these files or folders directly under `root` (never anything else)."""
+    for name in names:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 class StageDir:
     """One stage's output directory; see the module docstring for the layout."""
 
@@ -109,60 +244,18 @@ class StageDir:
 
     # -- run identity ---------------------------------------------------------------------
     def begin(self, config: dict, overwrite: bool = False) -> str:
-        """Claim the directory for a run with this config.
+        """Claim the directory for a run with this config (`claim_run_dir`; resume is automatic).
 
         Returns "new", "resume" (same config, unfinished) or "done" (same config, finished).
         Raises ManifestMismatch when the directory holds a different run and not `overwrite`.
         """
-        fp = fingerprint(config)
-        existing = self._existing_run()
-        if existing is not None and overwrite:
-            self.clear()
-            existing = None
-        if existing is not None and existing.get("fingerprint") != fp:
-            unfinished_and_empty = not (self.root / MANIFEST).exists() and not any(
-                (self.root / DONE_DIR).glob("*.json")
-            )
-            if not unfinished_and_empty:  # an empty false start has nothing to protect
-                diff = _diff_keys(existing.get("config", {}), config)
-                raise ManifestMismatch(
-                    f"{self.root} already holds a `rpt {existing.get('stage')}` run with different "
-                    f"settings ({', '.join(diff) or 'fingerprint'} differ). Use another --out, or pass "
-                    "--overwrite to replace it."
-                )
-            self.clear()
-            existing = None
-        if existing is None:
-            if self.root.exists() and any(p.name not in self._own_names() for p in self.root.iterdir()):
-                if not overwrite:
-                    raise ManifestMismatch(
-                        f"{self.root} is not empty and is not an rpt {self.stage} directory; "
-                        "refusing to write into it (pass --overwrite to clear our files there)."
-                    )
-            self.clear()
-            write_json_atomic(
-                self.root / RUN_FILE,
-                {"stage": self.stage, "fingerprint": fp, "rpt_version": __version__, "config": config},
-            )
-            return "new"
-        return "done" if (self.root / MANIFEST).exists() else "resume"
-
-    def _existing_run(self) -> dict | None:
-        for name in (MANIFEST, RUN_FILE):
-            path = self.root / name
-            if path.exists():
-                return json.loads(path.read_text())
-        return None
+        return claim_run_dir(
+            self.root, self.stage, config, self._own_names(), overwrite=overwrite,
+            progress=(MANIFEST, f"{DONE_DIR}/*.json"), finished=MANIFEST,
+        )
 
     def _own_names(self) -> set[str]:
         return {*self.data_dirs, DONE_DIR, MANIFEST, RUN_FILE, "rejects.jsonl"}
-
-    def clear(self) -> None:
-        """Remove this stage's own files (never anything else in the folder)."""
-        for name in [*self.data_dirs, DONE_DIR]:
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        for name in (MANIFEST, RUN_FILE, "rejects.jsonl"):
-            (self.root / name).unlink(missing_ok=True)
 
     # -- shards -----------------------------------------------------------------------------
     def shard_path(self, data_dir: str, index: int) -> Path:
@@ -182,7 +275,7 @@ class StageDir:
         """index -> stats of every shard whose marker exists (and whose file is there)."""
         out = {}
         for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
-            index = int(marker.stem.rsplit("-", 1)[1])
+            index = shard_index(marker)
             if self.shard_path(data_dir, index).exists() or json.loads(marker.read_text()).get("empty"):
                 out[index] = json.loads(marker.read_text())
         return out

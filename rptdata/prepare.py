@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from rptdata.errors import BadInput
-from rptdata.manifest import StageDir
+from rptdata.manifest import STAGE_PREPARE, StageDir
 from rptdata.models import DEFAULT_MODEL, load_tokenizer, model_name, vocab_hash
 from rptdata.sources import RawRecord, TextBuilder, expand_inputs, read_source
 from rptdata.spans import ByteSpanTokenizer
@@ -111,7 +111,7 @@ def run_prepare(config: PrepareConfig) -> dict:
     sources = expand_inputs(list(config.inputs))
     builder = TextBuilder(config.text_field, config.template)  # validates the template early
     tokenizer_info = {"name": model_name(config.tokenizer), "spec": config.tokenizer, "vocab_hash": vocab_hash(tokenizer)}
-    stage = StageDir(Path(config.out), "prepare", [DOCS_DIR])
+    stage = StageDir(Path(config.out), STAGE_PREPARE, [DOCS_DIR])
     state = stage.begin(
         {"inputs": [s.fingerprint() for s in sources], "options": config.identity(), "tokenizer": tokenizer_info},
         overwrite=config.overwrite,

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Sequence
 
 from rptdata.errors import BadInput, MissingUpstream
-from rptdata.manifest import read_manifest
+from rptdata.manifest import STAGE_PREPARE, STAGE_SCORE, read_manifest
 
 log = logging.getLogger(__name__)
 
-STAGE = "score-entropy"
+STAGE = STAGE_SCORE
 FORMATS = ("csv", "json", "parquet")
 DEFAULT_BANDS = (0.5, 1.0, 1.5)
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -70,7 +70,7 @@ def connect(scored_dir: str | Path, prepared: str | Path | None = None):
 
     prep_dir = Path(prepared) if prepared else Path(manifest["prepared"]["dir"])
     try:
-        prep = read_manifest(prep_dir, "prepare")
+        prep = read_manifest(prep_dir, STAGE_PREPARE)
     except MissingUpstream as e:
         if prepared:  # asked for explicitly: say so now
             raise

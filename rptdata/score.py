@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rptdata.engines import ENGINES, ENTROPY_MODES, MAX_CONTEXT_CAP, Engine, load_engine, resolve_engine
+from rptdata.engine_choice import ENGINE_CHOICES, choose_engine
 from rptdata.errors import ManifestMismatch, ModelResolutionError, RptError
-from rptdata.manifest import MANIFEST, RUN_FILE, StageDir, read_manifest, worker_from_env, worker_split
+from rptdata.manifest import (
+    MANIFEST,
+    RUN_FILE,
+    STAGE_PREPARE,
+    STAGE_SCORE,
+    StageDir,
+    read_manifest,
+    shard_index,
+    worker_from_env,
+    worker_split,
+)
+from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
 from rptdata.models import (
     DEFAULT_MODEL,
     load_tokenizer,
@@ -58,7 +68,7 @@ from rptdata.models import (
 
 log = logging.getLogger(__name__)
 
-STAGE = "score-entropy"
+STAGE = STAGE_SCORE
 POSITIONS_DIR = "positions"
 DEFAULT_THRESHOLD = 0.5
 POSITIONS_SCHEMA = pa.schema(
@@ -94,7 +104,7 @@ class ScoreConfig:
     max_context: int | None = None  # None: the model's max positions, capped at 2048
     min_context: int = 1
     overlap: int | None = None  # None: max(min_context, max_context // 2)
-    batch_tokens: int | None = None  # None: 8192 on CPU, 65536 on a GPU (hf engine)
+    batch_tokens: int | None = None  # None: 8192 on CPU, 65536 on a GPU (hf scorer)
     engine: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -127,8 +137,8 @@ class ScoreConfig:
                 )
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError("--batch-tokens must be at least 1")
-        if self.engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}")
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
         if self.entropy not in ENTROPY_MODES:
             raise ValueError(f"--entropy must be one of {', '.join(ENTROPY_MODES)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -183,7 +193,7 @@ def plan_windows(n_tokens: int, max_context: int, min_context: int = 1, overlap:
 
 
 def score_docs(
-    engine: Engine,
+    scorer: Scorer,
     doc_ids: Sequence[str],
     tokens: Sequence[np.ndarray],
     *,
@@ -207,15 +217,15 @@ def score_docs(
             starts.append(w.start)
     names = _SCORE_FIELDS + (_TOPK_NAMES if save_topk else ())
     kept: list = [None] * len(seqs)  # per window: {"pos": ..., field: array}, filtered
-    for i, scores in engine.score(seqs, firsts, progress=progress):
+    for i, scores in scorer.score(seqs, firsts, progress=progress):
         cols = {"pos": starts[i] + firsts[i] + np.arange(len(scores), dtype=np.int64)}
         cols.update((name, getattr(scores, name)) for name in names)
         if threshold is not None:
             mask = scores.entropy >= threshold
             cols = {name: col[mask] for name, col in cols.items()}
         kept[i] = cols
-    if any(c is None for c in kept):  # the engine contract: every sequence exactly once
-        raise AssertionError("the scoring engine left sequences unscored")
+    if any(c is None for c in kept):  # the scorer contract: every sequence exactly once
+        raise AssertionError("the scorer left sequences unscored")
 
     keep_counts = np.array([len(c["pos"]) for c in kept], dtype=np.int64)
     doc_index = np.repeat(np.array(owner, dtype=np.int64), keep_counts)
@@ -240,7 +250,7 @@ def score_docs(
     ]
     schema = POSITIONS_SCHEMA
     if save_topk:
-        k = engine.top_k
+        k = scorer.top_k
         offsets = pa.array(np.arange(0, (len(pos) + 1) * k, k, dtype=np.int32))
         columns += [
             pa.ListArray.from_arrays(offsets, pa.array(cat("topk_ids", np.int32, k).reshape(-1), pa.int32())),
@@ -269,22 +279,22 @@ def score_docs(
 # the stage
 
 
-def run_score_entropy(config: ScoreConfig, engine: Engine | None = None) -> dict:
+def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict:
     """Score this worker's share of the prepared shards; returns the manifest once the stage is
     complete, else a progress summary with `"complete": False`.
 
-    `engine` lets a caller (benchmarks, tests) pass an engine it already loaded; by default it is
+    `scorer` lets a caller (benchmarks, tests) pass a scorer it already loaded; by default it is
     built from the config, and only when there is work left.
     """
     started = time.time()
     prep_dir = Path(config.prepared).resolve()
-    prep = read_manifest(prep_dir, "prepare")
+    prep = read_manifest(prep_dir, STAGE_PREPARE)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     proxy = {"name": model_name(config.model), "spec": config.model, "vocab_hash": vocab_hash(tokenizer)}
     check_tokenizer(prep, proxy, prep_dir)
 
-    engine_name = engine.name if engine is not None else resolve_engine(config.engine, config.device)
-    max_context = config.max_context or _default_max_context(config, engine)
+    engine_name = scorer.name if scorer is not None else choose_engine(config.engine, config.device)
+    max_context = config.max_context or _default_max_context(config, scorer)
     if max_context <= config.min_context:
         raise ValueError(f"the window ({max_context} tokens) must exceed --min-context ({config.min_context})")
     overlap = config.overlap if config.overlap is not None else default_overlap(max_context, config.min_context)
@@ -296,7 +306,7 @@ def run_score_entropy(config: ScoreConfig, engine: Engine | None = None) -> dict
         "tokenizer": prep["tokenizer"],
         "options": {
             "engine": engine_name,
-            "dtype": engine.dtype if engine is not None else _resolved_dtype(config, engine_name),
+            "dtype": scorer.dtype if scorer is not None else _resolved_dtype(config, engine_name),
             "top_k": config.top_k,
             "entropy": config.entropy,
             "threshold": None if config.keep_all else config.threshold,
@@ -314,7 +324,7 @@ def run_score_entropy(config: ScoreConfig, engine: Engine | None = None) -> dict
         return read_manifest(config.out, STAGE)
 
     worker, workers = worker_from_env(config.num_workers, config.worker_index)
-    inputs = {_shard_index(s): s for s in prep["shards"]}
+    inputs = {shard_index(s): s for s in prep["shards"]}
     mine = worker_split(sorted(inputs), worker, workers)
     done = stage.done_shards(POSITIONS_DIR)
     todo = [i for i in mine if i not in done]
@@ -322,23 +332,23 @@ def run_score_entropy(config: ScoreConfig, engine: Engine | None = None) -> dict
         log.info("resuming: %d shard(s) already complete", len(done))
 
     if todo:
-        if engine is None:
-            engine = load_engine(
+        if scorer is None:
+            scorer = load_scorer(
                 engine_name, config.model, dtype=config.dtype, device=config.device, top_k=config.top_k,
                 entropy=config.entropy, batch_tokens=config.batch_tokens, max_context=max_context,
                 trust_remote_code=config.trust_remote_code,
             )
-        if engine.top_k != config.top_k or getattr(engine, "entropy", config.entropy) != config.entropy:
-            raise ValueError("the engine passed in was built with another top_k or entropy mode than the config")
-        _score_shards(stage, prep_dir, inputs, todo, engine, identity["options"], config)
+        if scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy:
+            raise ValueError("the scorer passed in was built with another top_k or entropy mode than the config")
+        _score_shards(stage, prep_dir, inputs, todo, scorer, identity["options"], config)
 
-    runtime = {"batch_tokens": getattr(engine, "batch_tokens", config.batch_tokens),
-               "device": getattr(engine, "device", config.device),
+    runtime = {"batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
+               "device": getattr(scorer, "device", config.device),
                "worker": [worker, workers], "seconds": round(time.time() - started, 2)}
     return _finish_if_complete(stage, identity, runtime) or _progress_summary(stage, identity, worker, workers)
 
 
-def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, engine, options: dict, config) -> None:
+def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, scorer, options: dict, config) -> None:
     from tqdm import tqdm
 
     total = 0
@@ -348,10 +358,10 @@ def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, eng
     with tqdm(total=total, desc="score-entropy", unit=" tok", unit_scale=True, disable=not config.progress,
               dynamic_ncols=True) as bar:
         for i in todo:
-            _score_shard(stage, prep_dir / inputs[i], i, engine, options, bar.update)
+            _score_shard(stage, prep_dir / inputs[i], i, scorer, options, bar.update)
 
 
-def _score_shard(stage: StageDir, path: Path, index: int, engine, options: dict, progress) -> dict:
+def _score_shard(stage: StageDir, path: Path, index: int, scorer, options: dict, progress) -> dict:
     """Score one input shard and write its positions shard + completion marker."""
     t0 = time.time()
     table = pq.read_table(path, columns=["doc_id", "token_ids"])
@@ -360,7 +370,7 @@ def _score_shard(stage: StageDir, path: Path, index: int, engine, options: dict,
     flat = token_lists.values.to_numpy(zero_copy_only=False)
     tokens = [flat[offsets[j] : offsets[j + 1]] for j in range(len(offsets) - 1)]
     positions, stats = score_docs(
-        engine, table.column("doc_id").to_pylist(), tokens,
+        scorer, table.column("doc_id").to_pylist(), tokens,
         max_context=options["max_context"], min_context=options["min_context"], overlap=options["overlap"],
         threshold=options["threshold"], save_topk=options["save_topk"], progress=progress,
     )
@@ -383,7 +393,7 @@ def merge_scored(out: str | Path) -> dict:
     stage = StageDir(Path(out), STAGE, [POSITIONS_DIR])
     manifest = _finish_if_complete(stage, run["config"], {"merged": True})
     if manifest is None:
-        inputs = sorted(_shard_index(s) for s in run["config"]["prepared"]["input_shards"])
+        inputs = sorted(shard_index(s) for s in run["config"]["prepared"]["input_shards"])
         missing = [i for i in inputs if i not in stage.done_shards(POSITIONS_DIR)]
         raise RptError(
             f"{out}: {len(missing)} of {len(inputs)} shard(s) are not finished yet "
@@ -407,13 +417,6 @@ def check_tokenizer(prep: dict, proxy: dict, prep_dir: Path | str = "") -> None:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _shard_index(shard: str) -> int:
-    m = re.search(r"part-(\d+)\.parquet$", shard)
-    if m is None:  # the prepare manifest is ours; a bad name is an internal error
-        raise AssertionError(f"unexpected shard name {shard}")
-    return int(m.group(1))
-
-
 def _resolved_dtype(config: ScoreConfig, engine_name: str) -> str:
     if engine_name == "vllm":
         import torch
@@ -424,10 +427,10 @@ def _resolved_dtype(config: ScoreConfig, engine_name: str) -> str:
     return str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
 
 
-def _default_max_context(config: ScoreConfig, engine) -> int:
+def _default_max_context(config: ScoreConfig, scorer) -> int:
     """The model's max positions capped at MAX_CONTEXT_CAP, read from its config (no weights)."""
-    max_positions = getattr(engine, "max_positions", None) if engine is not None else None
-    if engine is None:
+    max_positions = getattr(scorer, "max_positions", None) if scorer is not None else None
+    if scorer is None:
         from transformers import AutoConfig
 
         try:
@@ -439,7 +442,7 @@ def _default_max_context(config: ScoreConfig, engine) -> int:
 
 
 def _finish_if_complete(stage: StageDir, identity: dict, runtime: dict) -> dict | None:
-    inputs = {_shard_index(s): s for s in identity["prepared"]["input_shards"]}
+    inputs = {shard_index(s): s for s in identity["prepared"]["input_shards"]}
     done = stage.done_shards(POSITIONS_DIR)
     if any(i not in done for i in inputs):
         return None
@@ -464,7 +467,7 @@ def _finish_if_complete(stage: StageDir, identity: dict, runtime: dict) -> dict 
 
 
 def _progress_summary(stage: StageDir, identity: dict, worker: int, workers: int) -> dict:
-    inputs = [_shard_index(s) for s in identity["prepared"]["input_shards"]]
+    inputs = [shard_index(s) for s in identity["prepared"]["input_shards"]]
     done = stage.done_shards(POSITIONS_DIR)
     mine = worker_split(sorted(inputs), worker, workers)
     return {

@@ -1,10 +1,13 @@
-"""What `rpt train` reads, with memory bounded at any corpus size.
+"""Readers of a tasks directory (`rpt make-tasks` output), and what `rpt train` reads, with memory
+bounded at any corpus size.
 
+    for task in iter_tasks("out/tasks", "eval"): ...                    # one dict per task, streamed
+    first = load_tasks("out/tasks", "train", limit=8)                   # the first 8, as a list
     tasks = TaskRows("out/tasks", cache="out/run/data-cache")          # the train split's tasks
     windows = DocWindows(read_manifest(tasks_dir), 128, cache=...)      # --ntp-positions all
     sampler = EpochSampler(tasks, seed=0)                               # sampler.take(256) -> rows
 
-Nothing is loaded as Python objects up front. The Parquet shards are copied once (only the
+For training, nothing is loaded as Python objects up front. The Parquet shards are copied once (only the
 columns the trainer needs, uncompressed) into Arrow IPC files under CACHE/<fingerprint>/ and
 memory-mapped; a batch is a random-access `take`, and what stays resident is the OS page cache,
 which the kernel can drop. A resumed run finds its cache by the upstream stage's fingerprint.
@@ -16,18 +19,52 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import RptError
-from rptdata.manifest import list_shards, read_manifest
+from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, list_shards, read_manifest
+from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
 
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
+
+
+def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
+    """The shard files of one split of a finished `rpt make-tasks` directory, in index order
+    (for readers that want pyarrow directly, e.g. a column subset of a whole split)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    read_manifest(Path(tasks_dir), STAGE_TASKS)  # refuses unfinished or foreign directories
+    return list_shards(Path(tasks_dir) / split)
+
+
+def iter_tasks(tasks_dir: str | Path, split: str = "train", columns: Sequence[str] | None = None) -> Iterator[dict]:
+    """Tasks of a finished `rpt make-tasks` directory, one dict per task, shard by shard.
+
+    Memory is one record batch at a time. `columns` picks a subset of TASKS_SCHEMA.
+    """
+    for path in task_shards(tasks_dir, split):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=list(columns) if columns else None):
+            yield from batch.to_pylist()
+
+
+def load_tasks(tasks_dir: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
+    """The first `limit` tasks of a split (all with None), in shard order, as dicts."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be 0 or more, not {limit}")
+    out: list[dict] = []
+    if limit == 0:
+        return out
+    for task in iter_tasks(tasks_dir, split):
+        out.append(task)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
 
 
 def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.Table:
@@ -57,12 +94,10 @@ class TaskRows:
     """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts."""
 
     def __init__(self, tasks_dir: str | Path, cache: str | Path):
-        from rpttrain.tasks import task_shards
-
         shards = task_shards(tasks_dir, "train")
         if not shards:
             raise RptError(f"nothing to train on: {tasks_dir} has no train shards")
-        key = read_manifest(Path(tasks_dir), "make-tasks").get("fingerprint") or "unversioned"
+        key = read_manifest(Path(tasks_dir), STAGE_TASKS).get("fingerprint") or "unversioned"
         self.table = mmap_shards(shards, TASK_COLUMNS, Path(cache) / f"tasks-{key}")
 
     def __len__(self) -> int:
@@ -81,14 +116,12 @@ class DocWindows:
     The index is two integer arrays (document row, start); the token ids stay memory-mapped."""
 
     def __init__(self, tasks_manifest: dict, window: int, cache: str | Path):
-        from rpttrain.tasks import split_of
-
         if window < 1:
             raise ValueError(f"window must be at least 1, not {window}")
         prepared = tasks_manifest.get("prepared_dir")
         if not prepared or not Path(prepared).exists():
             raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")
-        key = read_manifest(Path(prepared), "prepare").get("fingerprint") or "unversioned"
+        key = read_manifest(Path(prepared), STAGE_PREPARE).get("fingerprint") or "unversioned"
         self.window = window
         self.docs = mmap_shards(list_shards(Path(prepared) / "docs"), ["doc_id", "token_ids", "n_tokens"],
                                 Path(cache) / f"docs-{key}")
@@ -146,3 +179,32 @@ class EpochSampler:
 
     def cursor(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run trained on, recorded by `rpt train` (RUN/trained_on.json) for `rpt eval`'s held-out check
+
+TRAINED_ON = "trained_on.json"
+
+
+def trained_on_record(objective: str, ntp_positions: str, tasks_dir: str | Path, tasks_manifest: dict) -> dict:
+    """What a run trains on, as JSON: the source `rpt train` reads (TaskRows: the train split's task
+    rows; DocWindows: every document the tasks' split rule puts in train) and the tasks it comes from.
+
+    >>> m = {"fingerprint": "ab12", "split": {"hash": "sha256", "seed": 1, "eval_fraction": 0.25}}
+    >>> r = trained_on_record("ntp", "all", "/data/tasks", m)
+    >>> r["source"], r["documents"], r["split_rule"]["seed"], r["tasks_fingerprint"]
+    ('doc-windows', 'train-split-documents', 1, 'ab12')
+    >>> r = trained_on_record("rpt", "all", "/data/tasks", m)   # ntp_positions only matters for ntp objectives
+    >>> r["source"], r["documents"], r["tasks_dir"]
+    ('task-rows', 'train-split-tasks', '/data/tasks')
+    """
+    whole_documents = objective != "rpt" and ntp_positions == "all"  # as Trainer.setup picks DocWindows
+    return {
+        "objective": objective,
+        "source": "doc-windows" if whole_documents else "task-rows",
+        "tasks_dir": str(Path(tasks_dir).resolve()),
+        "tasks_fingerprint": tasks_manifest.get("fingerprint"),
+        "split_rule": recorded_split_rule(tasks_manifest),
+        "documents": "train-split-documents" if whole_documents else "train-split-tasks",
+    }

@@ -31,16 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import ManifestMismatch
-from rptdata.manifest import MANIFEST, list_shards, read_manifest, write_json_atomic
+from rptdata.manifest import MANIFEST, STAGE_EXPORT, STAGE_TASKS, list_shards, read_manifest, write_json_atomic
+from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
 from rpttrain.reward import get_reward_fn
-from rpttrain.tasks import SPLITS, STAGE as TASKS_STAGE
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPORT_FORMATS", "ExportConfig", "export_schema", "run_export_tasks"]
 
-STAGE = "export-tasks"
+STAGE = STAGE_EXPORT
 EXPORT_FORMATS = ("verl", "trl")
 SPLIT_CHOICES = ("train", "eval", "both")
 BATCH_ROWS = 1024
@@ -179,7 +179,7 @@ def run_export_tasks(config: ExportConfig) -> dict:
     """Export the tasks; returns the manifest written to OUT/manifest.json."""
     started = time.time()
     tasks_dir = Path(config.tasks_dir)
-    tm = read_manifest(tasks_dir, TASKS_STAGE)
+    tm = read_manifest(tasks_dir, STAGE_TASKS)
     fmt = load_prompt_format(config.prompt_template)
     tokenizer = None
     if config.tokenizer is not None:

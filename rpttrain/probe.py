@@ -24,8 +24,9 @@ import numpy as np
 from rptdata.models import load_causal_lm, load_tokenizer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import get_reward_fn
-from rpttrain.rollout import Sampling, make_engine, pick_engine, stop_ids
-from rpttrain.tasks import load_tasks
+from rptdata.engine_choice import choose_engine
+from rpttrain.rollout import Sampling, make_engine, stop_ids
+from rpttrain.data import load_tasks
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def run_probe(config: ProbeConfig) -> list[dict]:
     tasks = load_tasks(config.tasks_dir, config.split, limit=config.tasks)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
-    engine = make_engine(pick_engine(config.engine, device), model, tokenizer)
+    engine = make_engine(choose_engine(config.engine, device), model, tokenizer)
     reward_fn = get_reward_fn(config.reward)
     rows = []
     try:

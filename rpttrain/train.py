@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import signal
 import warnings
 from dataclasses import asdict
@@ -39,20 +38,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import fingerprint, read_manifest
+from rptdata.manifest import STAGE_TASKS, STAGE_TRAIN, claim_run_dir, read_manifest, write_json_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
 from rpttrain.checkpoint import list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
-from rpttrain.data import DocWindows, EpochSampler, TaskRows
+from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
 from rpttrain.grpo import GRPOObjective, build_engine
 from rpttrain.ntp import NextTokenObjective
 from rpttrain.precision import dtype_name, resolve_precision
-from rpttrain.rollout import pick_engine
 
 log = logging.getLogger(__name__)
 
 DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
+# what `rpt train` writes under its run directory (removed by --overwrite; nothing else is)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "summary.json", "config.yaml", TRAINED_ON, DATA_CACHE)
 
 
 class TrainingDiverged(RptError):
@@ -65,13 +66,13 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.compute_dtype, config.master_dtype, self.device)
-        self.tasks_manifest = read_manifest(Path(config.tasks_dir), "make-tasks")
+        self.tasks_manifest = read_manifest(Path(config.tasks_dir), STAGE_TASKS)
         self.stop_flag = False
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self, resume: bool, overwrite: bool) -> None:
         c = self.config
-        engine = pick_engine(c.engine, self.device) if c.objective == "rpt" else None
+        engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
         if c.memory_check:  # before anything is loaded or written: a run that cannot fit stops here
             from rpttrain.memory import preflight
 
@@ -114,32 +115,20 @@ class Trainer:
         self.tb = _tensorboard(self.run_dir / "tb")
 
     def _claim_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
-        """Refuse another run's directory, resume this one's, or wipe it with --overwrite; then
-        write config.yaml and run.json. Returns the complete checkpoints to resume from."""
+        """Refuse another run's directory, resume this one's, or clear it with --overwrite (the
+        rules of `rptdata.manifest.claim_run_dir`, shared by every stage); then write config.yaml
+        and trained_on.json. Returns the complete checkpoints to resume from."""
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        run_file = self.run_dir / "run.json"
-        ident = {"train": c.identity(), "tasks": self.tasks_manifest.get("fingerprint")}
-        checkpoints = list_checkpoints(self.run_dir)
-        if run_file.exists() and not overwrite:
-            previous = json.loads(run_file.read_text())
-            if previous["fingerprint"] != fingerprint(ident):
-                raise ManifestMismatch(
-                    f"{self.run_dir} holds a run with other settings; use another --out or --overwrite"
-                )
-            if checkpoints and not resume:
-                raise ManifestMismatch(
-                    f"{self.run_dir} already has checkpoints (latest {checkpoints[-1].name}); pass --resume to "
-                    "continue it, or --overwrite to start over"
-                )
-        if overwrite:
-            for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "run.json", "summary.json", DATA_CACHE):
-                p = self.run_dir / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            checkpoints = []
-        run_file.write_text(json.dumps({"fingerprint": fingerprint(ident), **ident}, indent=2, default=str))
+        identity = {"train": c.identity(), "tasks": self.tasks_manifest.get("fingerprint")}
+        status = claim_run_dir(self.run_dir, STAGE_TRAIN, identity, own=RUN_OUTPUTS, overwrite=overwrite, resume=resume,
+                               progress=("checkpoints/step-*/state.json",))
+        if status == "new":  # lines of a run that died before its first checkpoint are redone
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (self.run_dir / name).unlink(missing_ok=True)
         _write_yaml(self.run_dir / "config.yaml", asdict(c))
-        return checkpoints
+        # what this run trains on, for `rpt eval`'s held-out check
+        write_json_atomic(self.run_dir / TRAINED_ON, trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest))
+        return list_checkpoints(self.run_dir) if status == "resume" else []
 
     def _load_model(self, start_from: Path | None) -> None:
         """Tokenizer (checked against the tasks'), then the policy in the master dtype: from the

@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from rptdata.manifest import StageDir
 from rptdata.models import load_tokenizer, vocab_hash
-from rpttrain.tasks import STAGE, TASKS_SCHEMA
+from rptdata.manifest import STAGE_TASKS as STAGE
+from rptdata.taskdef import TASKS_SCHEMA
 
 
 def tiny_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

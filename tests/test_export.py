@@ -22,7 +22,8 @@ from rpttrain.integrations.trl import rpt_reward
 from rpttrain.integrations.verl import compute_score
 from rpttrain.prompts import load_prompt_format, render_prompt
 from rpttrain.reward import extract_prediction, first_token_reward, prefix_reward
-from rpttrain.tasks import MakeTasksConfig, load_tasks, run_make_tasks
+from rptdata.tasks import MakeTasksConfig, run_make_tasks
+from rpttrain.data import load_tasks
 from tests.test_tasks import build_scored, pick_seed, read_docs
 
 

@@ -3,7 +3,6 @@
 Run: .venv/bin/python -m pytest -q tests/test_integrations.py
 """
 
-import doctest
 import json
 
 import datasets
@@ -11,8 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rpttrain.integrations import trl as rpt_trl
-from rpttrain.integrations import verl as rpt_verl
 from rpttrain.integrations.trl import completion_text, rpt_reward, task_to_trl_row
 from rpttrain.integrations.verl import compute_score, task_to_verl_row
 from rpttrain.prompts import PROMPT_FORMATS, extract_verbatim
@@ -173,7 +170,3 @@ def test_prompt_text_with_tokenizer():
     row = task_to_trl_row(TASKS[0], PROMPT_FORMATS["v0"], tokenizer=FakeTokenizer())
     assert row["prompt_text"].endswith("|assistant:")
 
-
-def test_doctests():
-    assert doctest.testmod(rpt_verl).failed == 0
-    assert doctest.testmod(rpt_trl).failed == 0

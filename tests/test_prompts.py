@@ -3,13 +3,11 @@
 Run: .venv/bin/python -m pytest -q tests/test_prompts.py
 """
 
-import doctest
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rpttrain import prompts
 from rpttrain.prompts import (
     PLACEHOLDER,
     PROMPT_FORMATS,
@@ -144,6 +142,3 @@ def test_get_extract():
     with pytest.raises(ValueError, match="unknown prompt format"):
         get_extract("v9")
 
-
-def test_doctests():
-    assert doctest.testmod(prompts).failed == 0

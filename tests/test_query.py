@@ -1,5 +1,5 @@
 """Tests of `rpt query` / `rpt stats` (rptdata/query.py) over a scored directory made with a
-fake engine (known entropies, no model), plus the stage logic that does not need a real model.
+fake scorer (known entropies, no model), plus the stage logic that does not need a real model.
 
 Run: .venv/bin/python -m pytest -q tests/test_query.py
 """
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from rptdata.engines import PositionScores
+from rptdata.scorers import PositionScores
 from rptdata.errors import BadInput, MissingUpstream
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.query import compute_stats, connect, export_query, parse_bands, plot_entropy_hist, query_rows
@@ -28,7 +28,7 @@ TEXTS = [
 ]
 
 
-class FakeEngine:
+class FakeScorer:
     """Known, deterministic statistics: entropy = (37 * target % 300) / 100, top-1 right at even j."""
 
     name = "fake"
@@ -70,7 +70,7 @@ def prep(tmp_path_factory):
 
 def _score(prep, out, **kw):
     config = ScoreConfig(prepared=str(prep), out=str(out), max_context=16, progress=False, **kw)
-    return run_score_entropy(config, engine=FakeEngine())
+    return run_score_entropy(config, scorer=FakeScorer())
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_stats_bands_match_numpy(prep, scored, tmp_path):
     assert sum(b["positions"] for b in s["disjoint"]) == len(e)
     assert s["quantiles"]["0.5"] == pytest.approx(float(np.quantile(e, 0.5)), abs=1e-6)
     assert sum(s["histogram"]["counts"]) == len(e)
-    # accuracy: the fake engine is right at even positions of each window (j relative to the window)
+    # accuracy: the fake scorer is right at even positions of each window (j relative to the window)
     assert 0 < s["accuracy"] < 1
     png = plot_entropy_hist(s, tmp_path / "h.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

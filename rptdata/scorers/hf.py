@@ -1,4 +1,4 @@
-"""The transformers scoring engine (CPU or GPU): batched forward passes, top-k per chunk of rows.
+"""The transformers scorer (CPU or GPU): batched forward passes, top-k per chunk of rows.
 
 Per batch (length-sorted, padded on the right to its longest sequence, at most `batch_tokens`
 padded tokens): run the model body once under `torch.inference_mode`, gather the hidden states
@@ -25,13 +25,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from rptdata.engines import PositionScores, plan_batches, topk_entropy
+from rptdata.scorers import PositionScores, plan_token_batches, topk_entropy
 from rptdata.models import load_causal_lm, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-class HFEngine:
+class HFScorer:
     name = "hf"
 
     def __init__(
@@ -106,7 +106,7 @@ class HFEngine:
             if not 1 <= f < len(s):
                 raise ValueError(f"first scored position {f} must be in 1..{len(s) - 1} for a sequence of {len(s)}")
         input_lengths = [len(s) - 1 for s in sequences]
-        for batch in plan_batches(input_lengths, self.batch_tokens):
+        for batch in plan_token_batches(input_lengths, self.batch_tokens):
             results = self._score_batch([sequences[i] for i in batch], [firsts[i] for i in batch])
             for i, scores in zip(batch, results):
                 yield i, scores

