@@ -174,8 +174,10 @@ def _run_pool(config: PrepareConfig, worker: int, workers: int) -> int:
     n = config.processes
     jobs = [replace(config, processes=1, num_workers=workers * n, worker_index=worker * n + p, progress=False,
                     overwrite=False) for p in range(n)]
-    # spawn, not fork: the parent already holds a tokenizer (and its thread pool)
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init) as pool:
+    # fork where there is one: a spawned worker spends seconds importing transformers and torch
+    # again; the tokenizers library turns its thread pool off in a forked child by itself
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context(method), initializer=_pool_init) as pool:
         summaries = list(pool.map(_pool_job, jobs))
     for summary in summaries:
         log.info("worker %s/%s: peak RSS %s MB", *summary["worker"], summary["peak_rss_mb"])
