@@ -100,11 +100,8 @@ class PrepareConfig:
     def __post_init__(self):
         if self.processes < 1:
             raise ValueError("--processes must be at least 1")
-        if self.dedupe and (self.processes > 1 or (self.num_workers or 1) > 1):
-            raise ValueError(
-                "--dedupe needs one process: exact dedupe keeps the first copy in corpus order, which a "
-                "worker cannot see in another worker's share (prepare with one process, or dedupe upstream)"
-            )
+        if self.dedupe:
+            _refuse_dedupe_across(self.num_workers or 1, self.processes)
         if not self.inputs:
             raise ValueError("give at least one input (file, folder, glob, builtin:champ or dataset id)")
         if self.text_field and self.template:
@@ -139,12 +136,8 @@ def run_prepare(config: PrepareConfig) -> dict:
     (whichever worker finishes last writes it), else a progress summary with "complete": False.
     With `processes > 1`, runs that many workers here (each a share of this worker's share)."""
     worker, workers = worker_from_env(config.num_workers, config.worker_index)
-    if config.dedupe and workers * config.processes > 1:
-        raise ValueError(
-            f"--dedupe needs one process ({workers} worker(s) x {config.processes} process(es) given): exact "
-            "dedupe keeps the first copy in corpus order, which a worker cannot see in another worker's share. "
-            "Prepare with one process, or without --dedupe (and dedupe upstream)."
-        )
+    if config.dedupe:
+        _refuse_dedupe_across(workers, config.processes)  # again: torchrun's WORLD_SIZE counts too
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
     sources = expand_inputs(list(config.inputs))
     TextBuilder(config.text_field, config.template)  # validates the template early
@@ -163,6 +156,15 @@ def run_prepare(config: PrepareConfig) -> dict:
         total = _run_worker(config, tokenizer, sources, stage, worker, workers)
     return (_finish_if_complete(stage, config, sources, tokenizer_info, total)
             or _progress_summary(stage, config, total, worker, workers))
+
+
+def _refuse_dedupe_across(workers: int, processes: int) -> None:
+    if workers * processes > 1:
+        raise ValueError(
+            f"--dedupe needs one process ({workers} worker(s) x {processes} process(es) given): exact dedupe "
+            "keeps the first copy in corpus order, which a worker cannot see in another worker's share. "
+            "Prepare with one process, or without --dedupe (and dedupe upstream)."
+        )
 
 
 def _run_pool(config: PrepareConfig, worker: int, workers: int) -> int:
