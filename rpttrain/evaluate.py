@@ -53,7 +53,8 @@ Output (REPORT_DIR = `out`):
     report.md                      the table(s), the band counts, the scaling fits
     report.json                    every number; written last
 Scaling fits (`rpttrain.scaling`): per run, mode and band, P(C) = A / C^alpha + P* on the
-checkpoints with C > 0 (at least 3).
+checkpoints with C > 0; with no more points than parameters, or a fit on a parameter bound, the
+report and the plot's legend say why there is no fit (`rpttrain.scaling.NoFit`) instead of numbers.
 
 Left out on purpose: vLLM for the ntp pass (a forward pass is all it needs), reusing one
 model's rows for another label, and significance tests between rows (the intervals are there).
@@ -1138,15 +1139,15 @@ def _scaling_fits(config: EvalConfig, rows: list[dict], runs: list[RunInfo]) -> 
                 fit = {"run": run, "mode": mode, "band": band, "points": len(pts),
                        "A": None, "alpha": None, "p_star": None, "r2": None}
                 if len(pts) < MIN_POINTS:
-                    fit["status"] = f"not enough points ({len(pts)} with compute > 0; need {MIN_POINTS})"
+                    fit["status"] = f"no fit: {len(pts)} points with compute > 0 for 3 parameters (need {MIN_POINTS})"
                 elif len({p[1] for p in pts}) == 1:  # R² is undefined and alpha arbitrary on a flat line
                     fit.update(A=0.0, p_star=pts[0][1], status=f"flat: every point at {100 * pts[0][1]:.2f}%")
                 else:
                     try:
                         a, alpha, p_star, r2 = fit_scaling([p[0] for p in pts], [p[1] for p in pts])
                         fit.update(A=a, alpha=alpha, p_star=p_star, r2=r2, status="ok")
-                    except (RuntimeError, ValueError) as e:
-                        fit["status"] = f"fit failed: {e}"
+                    except (RuntimeError, ValueError) as e:  # NoFit is a ValueError: the reason
+                        fit["status"] = f"no fit: {e}"
                 fits.append(fit)
     return fits
 
