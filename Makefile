@@ -22,7 +22,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast test-vllm demo pipeline compare bench-prepare bench-score bench-eval bench-train clean
+.PHONY: install test test-fast test-vllm demo pipeline compare bench-prepare bench-score bench-eval bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -101,6 +101,18 @@ test-vllm: $(VLLM_VENV)/.installed
 
 bench-train: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python bench/train.py $(BENCH_ARGS)
+
+# The one prepared GPU check (bench/gpu_check.py): on a GPU machine whose python3 has torch (CUDA)
+# and transformers, without installing rpt. `gpu-check-bundle` copies what it reads from ../shared
+# (which does not travel) into the git-ignored .gpu-check/; carry that folder to the GPU machine.
+GPU_CHECK_OUT ?= .gpu-check/out
+gpu-check-bundle:
+	mkdir -p .gpu-check/corpora
+	rm -rf .gpu-check/tokenizer && cp -r ../shared/tokenizers/r1-distill-qwen .gpu-check/tokenizer && chmod -R u+w .gpu-check/tokenizer
+	cp ../shared/corpora/omnimath-rule.jsonl ../shared/corpora/gsm8k-train.jsonl .gpu-check/corpora/ && chmod u+w .gpu-check/corpora/*
+
+gpu-check:
+	PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf out

@@ -4,7 +4,7 @@
 
 On ~64 real tasks cut from CHAMP problems+solutions with the embedded SmolLM2-135M (contexts of
 at most --context-tokens tokens, cut with the same helpers as `rpt make-tasks`), in one run:
-  1. bare forward: the same contexts, in the same batches (`rpttrain.evaluate.plan_batches`),
+  1. bare forward: the same contexts, in the same batches (`rpttrain.eval.plan_sequence_batches`),
      left-padded, logits_to_keep=1, nothing else: the limit of the ntp mode;
   2. ntp mode: `run_eval` (tokenize, forward, argmax, model entropy, decode, reward, write the
      predictions), in tasks/s, and the ratio 2/1 (target >= 0.8);
@@ -79,12 +79,12 @@ def bare_forward(model, ids: list[list[int]], batch_size: int, pad_id: int):
     """The limit: one forward pass per batch, last position only; returns (wall s, CPU s, last logits)."""
     import torch
 
-    from rpttrain.evaluate import plan_batches
+    from rpttrain.eval import plan_sequence_batches
 
     last = [None] * len(ids)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
-        for batch in plan_batches([len(x) for x in ids], batch_size):
+        for batch in plan_sequence_batches([len(x) for x in ids], batch_size):
             width = max(len(ids[i]) for i in batch)
             x = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -112,7 +112,7 @@ def main() -> None:
 
     from rptdata.scorers import entropy_from_logits
     from rptdata.models import load_causal_lm, load_tokenizer
-    from rpttrain.evaluate import EvalConfig, _pad_id, context_ids, format_table, run_eval
+    from rpttrain.eval import EvalConfig, context_ids, format_table, pad_id, run_eval
 
     tok = load_tokenizer("smollm2-135m")
     model = load_causal_lm("smollm2-135m", dtype="float32", device="cpu")
@@ -120,8 +120,8 @@ def main() -> None:
         tmp = Path(tmpdir)
         tasks = build_tasks(tmp / "tasks", tok, args.tasks, args.context_tokens)
         ids = context_ids(tok, [t["context"] for t in tasks], 4096)
-        bare_forward(model, ids[: args.batch_size], args.batch_size, _pad_id(tok))  # warm-up
-        bare_s, bare_cpu, last = bare_forward(model, ids, args.batch_size, _pad_id(tok))
+        bare_forward(model, ids[: args.batch_size], args.batch_size, pad_id(tok))  # warm-up
+        bare_s, bare_cpu, last = bare_forward(model, ids, args.batch_size, pad_id(tok))
         entropies = [float(entropy_from_logits(x, k=16)) for x in last]
         tasks_dir = write_tasks(tmp / "tasks", tasks, entropies, tok)
         common = dict(tasks_dir=str(tasks_dir), models=("smollm2-135m",), device="cpu", dtype="float32",
@@ -130,7 +130,7 @@ def main() -> None:
         report = None
         for rep in range(args.repeat):
             if rep:
-                wall, cpu, _ = bare_forward(model, ids, args.batch_size, _pad_id(tok))
+                wall, cpu, _ = bare_forward(model, ids, args.batch_size, pad_id(tok))
                 bare_s, bare_cpu = min(bare_s, wall), min(bare_cpu, cpu)
             c0 = time.process_time()
             report = run_eval(EvalConfig(out=str(tmp / "ntp"), mode="ntp", **common))

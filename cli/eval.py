@@ -46,8 +46,8 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
       rpt eval out/tasks --checkpoints out/run --mode both --samples 8 --temperature 0.8 --out out/eval-run
       duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
     """
-    from rpttrain.evaluate import (PAIRED_LEGEND, EvalConfig, format_band_counts, format_paired, format_scaling,
-                                   format_table, run_eval)
+    from rpttrain.eval import (PAIRED_LEGEND, EvalConfig, format_band_counts, format_paired, format_scaling, format_table,
+                               run_eval)
 
     if not models and not runs:
         models = ("smollm2-135m",)

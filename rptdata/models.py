@@ -246,6 +246,19 @@ def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto", trust_r
     return model.to(device).eval()
 
 
+def load_model_config(spec: str, trust_remote_code: bool = False):
+    """The transformers config of a model (config.json only, no weights): for sizing a run."""
+    from transformers import AutoConfig
+
+    src = resolve_model(spec)
+    if src.kind == "hub":
+        return _hub_call(src, AutoConfig.from_pretrained, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(local_model_dir(spec), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelResolutionError(f"{spec}: no loadable config.json: {e}") from e
+
+
 def vocab_hash(tokenizer) -> str:
     """A hash of the token -> id map (added tokens included): equal hash, equal token ids."""
     items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])

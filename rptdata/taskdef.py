@@ -11,7 +11,7 @@ is the text of tokens t .. t+K-1, and `boundaries` are the cumulative UTF-8 byte
 tokens: the lengths a prediction may have under prefix matching (paper Eq. 3,
 `rpttrain.reward.prefix_reward`). `rptdata.tasks` (`rpt make-tasks`) writes tasks with these
 definitions; readers of a tasks directory (training, eval) recompute the split with `split_of`
-and the rule the manifest records (`split_rule`). See docs/tasks.md for the schema.
+and the rule the manifest records (`split_rule`, read back by `recorded_split_rule`). See docs/tasks.md for the schema.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "TASKS_SCHEMA",
     "continuation_at",
     "cut_context",
+    "recorded_split_rule",
     "split_of",
     "split_rule",
     "task_id_of",
@@ -168,6 +169,7 @@ def split_of(doc_id: str, seed: int = 0, eval_fraction: float = 0.1) -> str:
     """
     return "eval" if _unit_hash(f"{seed}:{doc_id}") < eval_fraction else "train"
 
+
 def split_rule(seed: int, eval_fraction: float) -> dict:
     """The split rule as make-tasks records it in its manifest ("split"), so later stages can
     recompute it with `split_of(doc_id, rule["seed"], rule["eval_fraction"])`."""
@@ -180,6 +182,24 @@ def split_rule(seed: int, eval_fraction: float) -> dict:
         "eval_fraction": eval_fraction,
         "function": "rptdata.taskdef.split_of",
     }
+
+
+def recorded_split_rule(tasks_manifest: dict | None) -> dict | None:
+    """The split rule a tasks manifest records, rebuilt with `split_rule` (so two rules compare by
+    hash, seed and fraction alone); None when it records none, or one `split_of` cannot recompute.
+
+    >>> rule = recorded_split_rule({"split": {"hash": "sha256", "seed": 1, "eval_fraction": 0.25}})
+    >>> rule == split_rule(1, 0.25)
+    True
+    >>> recorded_split_rule({"split": {"seed": 1}}) is None   # no fraction
+    True
+    >>> recorded_split_rule({"split": {"hash": "md5", "seed": 1, "eval_fraction": 0.25}}) is None
+    True
+    """
+    split = (tasks_manifest or {}).get("split") or {}
+    if split.get("hash") != SPLIT_HASH or split.get("seed") is None or split.get("eval_fraction") is None:
+        return None
+    return split_rule(split["seed"], split["eval_fraction"])
 
 
 def task_id_of(doc_id: str, pos: int) -> str:

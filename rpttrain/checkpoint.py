@@ -1,7 +1,10 @@
 """Training checkpoints: HF-format model + optimizer/scheduler/RNG/data cursor, written atomically.
 
     RUN/checkpoints/step-000020/
-        model.safetensors, config.json, tokenizer files   (loadable by transformers and vLLM)
+        model.safetensors, config.json, tokenizer files   (loadable by transformers and vLLM), in the
+                             run's compute dtype (bf16 on GPU)
+        master.safetensors   the float32 master weights, when they differ from the HF folder's dtype
+                             (mixed precision): what --resume continues from, so it stays exact
         trainer_state.pt     optimizer + scheduler state dicts (loaded with weights_only=True)
         rng.pt               python / numpy / torch (+cuda) RNG states
         state.json           step, data cursor, cumulative counters (tokens, FLOPs), config fingerprint
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 CHECKPOINTS = "checkpoints"
+MASTER_WEIGHTS = "master.safetensors"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -53,12 +57,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
+                    hf_dtype: torch.dtype | None = None) -> Path:
+    """Write step-N atomically. `hf_dtype`: the dtype of the HF folder (default: the parameters');
+    when it differs from the parameters', the exact parameters also go to master.safetensors."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_hf_model(model, tmp, hf_dtype)
+    if hf_dtype is not None and hf_dtype != next(model.parameters()).dtype:
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied (shared) tensors
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     # RNG states hold numpy/python objects; pickle them apart from the tensors
@@ -72,6 +83,44 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     for stale in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_hf_model(model, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained, with the weights (and config.json's dtype) cast to `dtype` when given.
+
+    Tied weights stay one tensor after the cast (keyed by storage), so transformers still saves
+    them once; the cast copy lives on the CPU, one tensor at a time of the model's own size."""
+    have = next(model.parameters()).dtype
+    if dtype is None or dtype == have:
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    cast: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in cast:
+            cast[key] = t.detach().to("cpu", dtype=dtype if t.is_floating_point() else t.dtype)
+        state[name] = cast[key]
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_master_weights(ckpt: Path, model) -> bool:
+    """Overwrite `model`'s parameters with the checkpoint's exact master weights, if it has them
+    (mixed precision); returns whether it did. Without them the HF folder is the master."""
+    path = Path(ckpt) / MASTER_WEIGHTS
+    if not path.exists():
+        return False
+    from safetensors.torch import load_model
+
+    load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    return True
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from rptdata.errors import RptError
 from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, list_shards, read_manifest
-from rptdata.taskdef import SPLITS, split_of
+from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +188,32 @@ class EpochSampler:
 
     def cursor(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run trained on, recorded by `rpt train` (RUN/trained_on.json) for `rpt eval`'s held-out check
+
+TRAINED_ON = "trained_on.json"
+
+
+def trained_on_record(objective: str, ntp_positions: str, tasks_dir: str | Path, tasks_manifest: dict) -> dict:
+    """What a run trains on, as JSON: the source `rpt train` reads (TaskRows: the train split's task
+    rows; DocWindows: every document the tasks' split rule puts in train) and the tasks it comes from.
+
+    >>> m = {"fingerprint": "ab12", "split": {"hash": "sha256", "seed": 1, "eval_fraction": 0.25}}
+    >>> r = trained_on_record("ntp", "all", "/data/tasks", m)
+    >>> r["source"], r["documents"], r["split_rule"]["seed"], r["tasks_fingerprint"]
+    ('doc-windows', 'train-split-documents', 1, 'ab12')
+    >>> r = trained_on_record("rpt", "all", "/data/tasks", m)   # ntp_positions only matters for ntp objectives
+    >>> r["source"], r["documents"], r["tasks_dir"]
+    ('task-rows', 'train-split-tasks', '/data/tasks')
+    """
+    whole_documents = objective != "rpt" and ntp_positions == "all"  # as Trainer.setup picks DocWindows
+    return {
+        "objective": objective,
+        "source": "doc-windows" if whole_documents else "task-rows",
+        "tasks_dir": str(Path(tasks_dir).resolve()),
+        "tasks_fingerprint": tasks_manifest.get("fingerprint"),
+        "split_rule": recorded_split_rule(tasks_manifest),
+        "documents": "train-split-documents" if whole_documents else "train-split-tasks",
+    }

@@ -42,13 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rptdata.engine_choice import choose_engine as pick_engine
+from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import fingerprint, read_manifest
+from rptdata.manifest import fingerprint, read_manifest, write_json_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
 from rpttrain import algos
-from rpttrain.data import DocWindows, EpochSampler, TaskRows
-from rpttrain.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
+from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
+from rpttrain.checkpoint import list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint
+from rpttrain.precision import check_dtypes, dtype_name, resolve_precision
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARDS, get_reward_fn
 from rpttrain.rollout import Sampling, make_engine, stop_ids
@@ -96,7 +97,8 @@ class TrainConfig:
     dynamic_sampling_rounds: int = 3
     micro_batch_tokens: int = 16384
     engine: str = "auto"
-    dtype: str = "auto"
+    compute_dtype: str = "auto"  # forward/backward and rollouts: auto = bfloat16 on CUDA, float32 on CPU
+    master_dtype: str = "float32"  # parameters, gradients, AdamW state (rpttrain.precision)
     device: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -108,6 +110,8 @@ class TrainConfig:
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
     vllm_gpu_memory_utilization: float = 0.3
+    memory_check: bool = True  # estimate the run's memory before loading weights; refuse what cannot fit
+    memory_budget_gib: float | None = None  # memory to plan for instead of the device's free memory
     # next-token baselines (--objective ntp | shaped-ntp)
     ntp_positions: str = "all"  # all: every token of the training documents | tasks: the task positions
     beta: float = -0.25
@@ -117,6 +121,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_dtypes(self.compute_dtype, self.master_dtype)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.ntp_positions not in ("all", "tasks"):
@@ -149,7 +154,8 @@ class TrainConfig:
         if self.objective == "rpt":  # baseline-only knobs do not change an RPT run
             for k in ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail"):
                 d.pop(k)
-        for k in ("out", "steps", "progress", "save_every", "keep_checkpoints", "sample_every", "compute_budget"):
+        for k in ("out", "steps", "progress", "save_every", "keep_checkpoints", "sample_every", "compute_budget",
+                  "memory_check", "memory_budget_gib"):
             d.pop(k)
         return d
 
@@ -157,6 +163,11 @@ class TrainConfig:
 def config_from_dict(data: dict) -> TrainConfig:
     """Build a TrainConfig from YAML/dict, rejecting unknown keys by name."""
     known = {f.name for f in fields(TrainConfig)}
+    if "dtype" in data:
+        raise ValueError(
+            "option 'dtype' was replaced by compute_dtype (what forward/backward and rollouts run in) and "
+            "master_dtype (what the optimizer updates; float32 by default): see rpt train --help"
+        )
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
@@ -195,6 +206,7 @@ class Trainer:
         from rptdata.models import resolve_device
 
         self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.compute_dtype, config.master_dtype, self.device)
         self.fmt = load_prompt_format(config.prompt_template)
         self.reward_fn = get_reward_fn(config.reward)
         self.tasks_manifest = read_manifest(Path(config.tasks_dir), "make-tasks")
@@ -203,6 +215,11 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def setup(self, resume: bool, overwrite: bool) -> None:
         c = self.config
+        engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else "hf"
+        if c.memory_check:  # before anything is loaded or written: a run that cannot fit stops here
+            from rpttrain.memory import preflight
+
+            preflight(c, self.device, self.precision, engine)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_file = self.run_dir / "run.json"
         ident = {"train": c.identity(), "tasks": self.tasks_manifest.get("fingerprint")}
@@ -227,6 +244,9 @@ class Trainer:
             checkpoints = []
         run_file.write_text(json.dumps({"fingerprint": fingerprint(ident), **ident}, indent=2, default=str))
         _write_yaml(self.run_dir / "config.yaml", asdict(c))
+        # what this run trains on, for `rpt eval`'s held-out check (atomic: a tmp file, then os.replace)
+        write_json_atomic(self.run_dir / TRAINED_ON,
+                          trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest))
 
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
@@ -234,14 +254,17 @@ class Trainer:
         model_source = str(start_from) if start_from else c.model
         self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
         self._check_tokenizer()
-        self.model = load_causal_lm(model_source, dtype=c.dtype, device=self.device, trust_remote_code=c.trust_remote_code)
+        master = dtype_name(self.precision.master)
+        self.model = load_causal_lm(model_source, dtype=master, device=self.device, trust_remote_code=c.trust_remote_code)
+        if start_from and load_master_weights(start_from, self.model):
+            log.info("resumed the exact %s master weights of %s", master, start_from.name)
         if c.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.ref_model = None
         if c.kl_coef > 0:  # the paper uses 0: then no reference model is loaded at all
-            self.ref_model = load_causal_lm(c.model, dtype=c.dtype, device=self.device).eval()
+            self.ref_model = load_causal_lm(c.model, dtype=dtype_name(self.precision.compute), device=self.device).eval()
             self.ref_model.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay
@@ -265,13 +288,14 @@ class Trainer:
         else:
             source = TaskRows(c.tasks_dir, cache)
         self.sampler = EpochSampler(source, c.seed, **cursor)
-        engine = pick_engine(c.engine, self.device) if c.objective == "rpt" else "hf"
-        kwargs = {}
         if engine == "vllm":
             from rptdata.models import local_model_dir
 
             kwargs = {"model_path": str(start_from) if start_from else local_model_dir(c.model),
-                      "gpu_memory_utilization": c.vllm_gpu_memory_utilization, "seed": c.seed, "dtype": c.dtype}
+                      "gpu_memory_utilization": c.vllm_gpu_memory_utilization, "seed": c.seed,
+                      "dtype": dtype_name(self.precision.compute)}
+        else:  # the transformers engine shares the training model and generates in the compute dtype
+            kwargs = {"compute_dtype": self.precision.compute}
         self.engine = make_engine(engine, self.model, self.tokenizer, **kwargs)
         if engine == "vllm" and start_from:
             self.engine.update_weights(self.model)
@@ -335,17 +359,18 @@ class Trainer:
         mismatch_sum, mismatch_n = 0.0, 0
         for mb in batches:
             batch = [rollouts[i] for i in mb]
-            logp, mask = self._completion_logprobs(self.model, batch)
-            old = logp.detach()  # one on-policy update per batch: old policy == current policy
-            adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=logp.device)
-            loss_tok, was_clipped = algos.policy_loss(logp, old, adv, c.clip_eps, c.clip_eps_high)
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref, _ = self._completion_logprobs(self.ref_model, batch)
-                kl = algos.kl_k3(logp, ref)
-                loss_tok = loss_tok + c.kl_coef * kl
-                stats["kl"] += float((kl * mask).sum())
-            loss = algos.aggregate_loss(loss_tok, mask, c.loss_agg, denom)
+            with self.precision.autocast():  # log-probs and the loss come out in float32
+                logp, mask = self._completion_logprobs(self.model, batch)
+                old = logp.detach()  # one on-policy update per batch: old policy == current policy
+                adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=logp.device)
+                loss_tok, was_clipped = algos.policy_loss(logp, old, adv, c.clip_eps, c.clip_eps_high)
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref, _ = self._completion_logprobs(self.ref_model, batch)
+                    kl = algos.kl_k3(logp, ref)
+                    loss_tok = loss_tok + c.kl_coef * kl
+                    stats["kl"] += float((kl * mask).sum())
+                loss = algos.aggregate_loss(loss_tok, mask, c.loss_agg, denom)
             loss.backward()
             stats["loss"] += float(loss.detach())
             clipped += float((was_clipped.float() * mask).sum())
@@ -542,8 +567,9 @@ class Trainer:
             ids, attn, pos = left_pad([seq for seq, _ in batch])  # trained positions are the last ones
             width = ids.shape[1]
             keep = max(n for _, n in batch)
-            out = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                             position_ids=pos.to(self.device), logits_to_keep=keep + 1)
+            with self.precision.autocast():  # the losses below upcast the logits to float32
+                out = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                 position_ids=pos.to(self.device), logits_to_keep=keep + 1)
             logits = out.logits[:, :-1]  # [N, keep, V]: column j predicts token width - keep + j
             targets = ids[:, width - keep :].to(self.device)
             mask = torch.zeros(len(batch), keep, dtype=torch.bool)
@@ -684,8 +710,9 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(
             self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-            {"cursor": self.sampler.cursor(), "totals": self.totals, "n_params": self.n_params},
-            keep=self.config.keep_checkpoints,
+            {"cursor": self.sampler.cursor(), "totals": self.totals, "n_params": self.n_params,
+             "precision": self.precision.describe()},
+            keep=self.config.keep_checkpoints, hf_dtype=self.precision.compute,
         )
 
 

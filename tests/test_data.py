@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rptdata.errors import RptError
-from rpttrain.data import EpochSampler, TaskRows, mmap_shards
-from rpttrain.data import load_tasks
+from rptdata.taskdef import split_rule
+from rpttrain.data import EpochSampler, TaskRows, load_tasks, mmap_shards, trained_on_record
 from tests.rpt_fixtures import write_tasks_dir
 
 
@@ -99,3 +99,23 @@ def test_sampler_gives_the_same_rows_from_a_list_and_from_task_rows(tmp_path, ti
     for k in (5, 9, 13):
         assert a.take(k) == [r["task_id"] for r in b.take(k)]
     assert np.asarray(b._order).dtype == np.uint32
+
+
+def test_trained_on_record_names_the_source_train_reads(tmp_path, monkeypatch):
+    manifest = {"fingerprint": "f00d", "split": {"hash": "sha256", "seed": 3, "eval_fraction": 0.1, "key": "k"}}
+    rule = split_rule(3, 0.1)  # the full rule, as make-tasks writes it
+    (tmp_path / "tasks").mkdir()
+    for objective, positions, source, documents in (
+        ("rpt", "all", "task-rows", "train-split-tasks"),  # rpt always trains on the task rows
+        ("ntp", "all", "doc-windows", "train-split-documents"),
+        ("shaped-ntp", "all", "doc-windows", "train-split-documents"),
+        ("ntp", "tasks", "task-rows", "train-split-tasks"),
+    ):
+        record = trained_on_record(objective, positions, tmp_path / "tasks", manifest)
+        assert record == {"objective": objective, "source": source, "tasks_dir": str((tmp_path / "tasks").resolve()),
+                          "tasks_fingerprint": "f00d", "split_rule": rule, "documents": documents}
+    # a relative tasks_dir is recorded absolute, so eval finds it from anywhere
+    monkeypatch.chdir(tmp_path)
+    assert trained_on_record("rpt", "all", "tasks", manifest)["tasks_dir"] == str((tmp_path / "tasks").resolve())
+    assert trained_on_record("rpt", "all", "t", {"split": {"seed": 3}})["split_rule"] is None
+    assert trained_on_record("rpt", "all", "t", {})["split_rule"] is None

@@ -21,19 +21,19 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from rptdata.errors import ManifestMismatch
-from rpttrain import evaluate
-from rpttrain.evaluate import (
+from rpttrain.eval import (
     PREDICTIONS_SCHEMA,
     EvalConfig,
     EvalOverlap,
     band_table,
     disjoint_counts,
     pass_at_k,
-    plan_batches,
+    plan_sequence_batches,
     run_eval,
     wilson_interval,
 )
 from rptdata.bands import DEFAULT_BANDS
+from rpttrain.eval import markdown, passes, report as eval_report
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +87,8 @@ def test_band_table_is_nested_and_disjoint_counts_add_up():
     assert frac["hi"]["correct"] == 0.75 and frac["hi"]["accuracy"] == 0.375
 
 
-def test_plan_batches_cover_every_index_once():
-    plan = plan_batches([5, 1, 9, 3, 7], 2)
+def test_plan_sequence_batches_cover_every_index_once():
+    plan = plan_sequence_batches([5, 1, 9, 3, 7], 2)
     assert plan == [[2, 4], [0, 3], [1]]
     assert sorted(i for b in plan for i in b) == list(range(5))
 
@@ -246,7 +246,7 @@ def test_reasoning_mode_end_to_end_with_pass_at_k(tiny, tmp_path):
     # a random model writes no \boxed{}: nothing to extract, nothing rewarded
     assert all(r["prediction"] is None and r["reward"] == 0.0 for r in r_rows)
     assert {r["band"] for r in rows} <= {"other", "easy", "medium", "hard"}
-    assert "Pass@3 (all)" in evaluate.format_table(report)
+    assert "Pass@3 (all)" in markdown.format_table(report)
 
 
 def test_reasoning_with_the_continuation_format_scores_like_ntp(tiny, tmp_path):
@@ -279,7 +279,7 @@ def test_checkpoints_rows_compute_scaling_and_plot(tiny, tiny_run, tmp_path):
     assert report["overlap"][0]["documents"] == 0  # eval split of the run's own tasks directory
     png = tmp_path / "rep" / "scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = evaluate.format_table(report)
+    table = markdown.format_table(report)
     assert "| run@3 | 3 |" in table and "compute (FLOPs)" in table
     assert "## Scaling" in (tmp_path / "rep" / "report.md").read_text()
 
@@ -296,14 +296,14 @@ def test_scaling_fits_and_plot_from_report_rows(tmp_path):
         rows.append({"run": "r", "model": f"r@{step}", "step": step, "compute": c, "mode": "ntp",
                      "bands": {b: {"accuracy": a, "n": 100} for b, a in acc.items()}})
     config = EvalConfig(tasks_dir="t", models=("m",))
-    fits = evaluate._scaling_fits(config, rows, [])
+    fits = eval_report.scaling_fits(config, rows)
     assert [f["band"] for f in fits] == ["easy", "medium", "hard", "all"]
     for i, f in enumerate(fits):
         assert f["status"] == "ok" and f["points"] == 5  # the step-0 row (C = 0) is left out
         assert f["alpha"] == pytest.approx(0.4, rel=1e-3) and f["p_star"] == pytest.approx(0.3 + 0.05 * i, abs=1e-4)
         assert f["r2"] == pytest.approx(1.0, abs=1e-6)
     report = {"rows": rows, "bands": bands, "scaling": fits}
-    assert "| r | ntp | hard | 5 |" in evaluate.format_scaling(report)
+    assert "| r | ntp | hard | 5 |" in markdown.format_scaling(report)
     plot_scaling(report, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -350,34 +350,70 @@ def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_p
 
 
 def test_whole_document_ntp_runs_count_every_train_document_of_their_rule(tmp_path, tiny_bpe_dir):
-    from rpttrain.evaluate import RunInfo, training_overlap
     from rptdata.taskdef import split_of
+    from rpttrain.data import trained_on_record
+    from rpttrain.eval import RunInfo, training_overlap
 
     run_tasks = write_tasks_dir(tmp_path / "run_tasks", str(tiny_bpe_dir), PAIRS[:2])  # rule: seed 0, fraction 0.5
+    run_manifest = json.loads((run_tasks / "manifest.json").read_text())
     docs = [f"champ#{i}" for i in range(20)]
     in_train = {d for d in docs if split_of(d, 0, 0.5) == "train"}
     assert 0 < len(in_train) < len(docs)
     evaluated = write_tasks_dir(tmp_path / "other", str(tiny_bpe_dir), [], eval_pairs=PAIRS[:1])
     manifest = json.loads((evaluated / "manifest.json").read_text())
     manifest["split"]["seed"] = 7  # another rule: the check must read documents
+    # both sources of rpttrain.data: task rows (rpt) and whole documents (ntp over all positions)
     for objective, want in (("rpt", set()), ("ntp", in_train)):
-        run = RunInfo("r", tmp_path, {"objective": objective, "ntp_positions": "all"}, "m", run_tasks.resolve(), ())
+        record = trained_on_record(objective, "all", run_tasks, run_manifest)
+        run = RunInfo("r", tmp_path, {}, "m", run_tasks.resolve(), (), trained_on=record)
         overlap, how = training_overlap(run, evaluated, manifest, "eval", set(docs))
         assert overlap == want, objective
     assert "split rule puts in train" in how
+    # what the run records decides, not its config: the same documents with the record of a task-rows run
+    run = RunInfo("r", tmp_path, {"objective": "ntp", "ntp_positions": "all"}, "m", run_tasks.resolve(), (),
+                  trained_on=trained_on_record("ntp", "tasks", run_tasks, run_manifest))
+    assert training_overlap(run, evaluated, manifest, "eval", set(docs))[0] == set()
+
+
+def test_eval_reads_the_record_train_wrote(tiny, tiny_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from rptdata.errors import MissingUpstream
+    from rpttrain.data import TRAINED_ON, trained_on_record
+    from rpttrain.eval import read_run
+
+    _, tasks = tiny
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    written = json.loads((tiny_run / TRAINED_ON).read_text())
+    assert written == trained_on_record(cfg["objective"], cfg["ntp_positions"], cfg["tasks_dir"],
+                                        json.loads((tasks / "manifest.json").read_text()))
+    assert written["source"] == "task-rows" and written["tasks_dir"] == str(tasks.resolve())
+    assert read_run(tiny_run).trained_on == written
+    # a run directory from before train wrote the record: a clear error naming the file, or a warning
+    old = tmp_path / "old" / "run"
+    shutil.copytree(tiny_run, old)
+    (old / TRAINED_ON).unlink()
+    cfg = dict(models=(), checkpoints=(str(old),), limit=2)
+    with pytest.raises(MissingUpstream, match=r"trained_on\.json is missing.*--allow-overlap.*--resume"):
+        run_eval(tiny_config(tiny, None, **cfg))
+    report = run_eval(tiny_config(tiny, None, allow_overlap=True, **cfg))
+    assert report["overlap"] == [{"run": str(old.resolve()), "documents": None, "how": "unchecked"}]
+    assert any(TRAINED_ON in w for w in report["warnings"])
 
 
 @pytest.fixture
 def forward_sizes(monkeypatch) -> list[int]:
     """The number of sequences in each ntp forward pass the evaluation runs."""
     seen: list[int] = []
-    real = evaluate.next_token_pass
+    real = passes.next_token_pass
 
     def counting(model, id_lists, *args, **kwargs):
         seen.append(len(id_lists))
         return real(model, id_lists, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "next_token_pass", counting)
+    monkeypatch.setattr(passes, "next_token_pass", counting)
     return seen
 
 
@@ -393,7 +429,7 @@ def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch, forward_siz
 
     # a crash after the first chunk: the finished part survives and resume does the rest
     seen.clear()
-    real_chunk = evaluate._ntp_chunk
+    real_chunk = passes.ntp_chunk
     calls = []
 
     def crash_second(*args, **kwargs):
@@ -402,11 +438,11 @@ def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch, forward_siz
             raise KeyboardInterrupt
         return real_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "_ntp_chunk", crash_second)
+    monkeypatch.setattr(passes, "ntp_chunk", crash_second)
     with pytest.raises(KeyboardInterrupt):
         run_eval(tiny_config(tiny, out, resume=True, flush_every=1))  # limit None: 2 more tasks to do
     assert sum(seen) == 1
-    monkeypatch.setattr(evaluate, "_ntp_chunk", real_chunk)
+    monkeypatch.setattr(passes, "ntp_chunk", real_chunk)
     seen.clear()
     report = run_eval(tiny_config(tiny, out, resume=True))
     assert sum(seen) == 1  # only the task the crash lost
@@ -492,7 +528,7 @@ def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path,
 # paired differences
 
 def test_paired_difference_hand_values():
-    from rpttrain.evaluate import paired_difference
+    from rpttrain.eval import paired_difference
 
     d = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
     assert d["diff"] == pytest.approx(0.2) and (d["wins"], d["losses"]) == (2, 1)
@@ -514,7 +550,7 @@ def test_paired_difference_hand_values():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=2, max_size=60))
 def test_paired_difference_is_antisymmetric_and_brackets_the_mean(pairs):
-    from rpttrain.evaluate import paired_difference
+    from rpttrain.eval import paired_difference
 
     a, b = [p[0] for p in pairs], [p[1] for p in pairs]
     ab, ba = paired_difference(a, b), paired_difference(b, a)

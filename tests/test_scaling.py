@@ -67,11 +67,14 @@ def test_r_squared():
 def test_doctests_of_scaling_and_eval_helpers():
     import doctest
 
-    from rpttrain import evaluate, scaling
+    from rpttrain import data, scaling
+    from rpttrain.eval import config, markdown, passes, report, run, stats, store, subjects
 
-    for mod in (scaling, evaluate):
+    for mod in (scaling, data, stats, passes):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+    for mod in (config, markdown, report, run, store, subjects):  # no examples yet; none may fail
+        assert doctest.testmod(mod).failed == 0, mod.__name__
 
 
 def test_runs_sharing_a_base_model_share_one_step0_line():
@@ -108,18 +111,18 @@ def test_fits_on_a_parameter_bound_are_refused(accuracy, bound):
 
 def test_eval_report_and_plot_legend_say_why_there_is_no_fit(tmp_path):
     from rptdata.bands import DEFAULT_BANDS
-    from rpttrain import evaluate
-    from rpttrain.evaluate import EvalConfig
+    from rpttrain.eval import EvalConfig, markdown
+    from rpttrain.eval import report as eval_report
     from rpttrain.scaling import plot_scaling
 
     bands = dict(DEFAULT_BANDS)
     rows = [{"run": "r", "model": f"r@{i}", "step": i, "compute": c, "mode": "ntp",
              "bands": {b: {"accuracy": a, "n": 100} for b in [*bands, "all"]}}
             for i, (c, a) in enumerate([(0.0, 0.1), (1e15, 0.2), (2e15, 0.5), (4e15, 0.5), (8e15, 0.5), (1.6e16, 0.5)])]
-    fits = evaluate._scaling_fits(EvalConfig(tasks_dir="t", models=("m",)), rows, [])
+    fits = eval_report.scaling_fits(EvalConfig(tasks_dir="t", models=("m",)), rows)
     assert all(f["status"].startswith("no fit: the best fit sits on a bound") and f["A"] is None for f in fits)
     report = {"rows": rows, "bands": bands, "scaling": fits}
-    table = evaluate.format_scaling(report)
+    table = markdown.format_scaling(report)
     assert "no fit: the best fit sits on a bound (alpha = 5 (upper bound))" in table and "e+" not in table
     fig = plot_scaling(report, tmp_path / "s.png")
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]

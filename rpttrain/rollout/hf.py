@@ -67,10 +67,12 @@ class _SampledLogprobs(LogitsProcessor):
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, max_batch_sequences: int = 64):
+    def __init__(self, model, tokenizer, max_batch_sequences: int = 64, compute_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_sequences = max_batch_sequences
+        # a mixed-precision trainer's float32 model generates under autocast, in its compute dtype
+        self.compute_dtype = compute_dtype
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -97,12 +99,15 @@ class HFEngine:
         out: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()
+        param = next(self.model.parameters())
+        mixed = self.compute_dtype is not None and self.compute_dtype != param.dtype
         try:
-            for start in range(0, len(prompts), per_chunk):
-                chunk = prompts[start : start + per_chunk]
-                # one seed per chunk: reproducible, and independent of how many chunks came before
-                torch.manual_seed(sampling.seed + start)
-                out += self._one_token_chunk(chunk, sampling) if one_token else self._generate_chunk(chunk, sampling)
+            with torch.autocast(param.device.type, dtype=self.compute_dtype, enabled=mixed):
+                for start in range(0, len(prompts), per_chunk):
+                    chunk = prompts[start : start + per_chunk]
+                    # one seed per chunk: reproducible, and independent of how many chunks came before
+                    torch.manual_seed(sampling.seed + start)
+                    out += self._one_token_chunk(chunk, sampling) if one_token else self._generate_chunk(chunk, sampling)
         finally:
             self.model.train(was_training)
         return out

@@ -83,11 +83,15 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "big") % _SEED_SPACE
 
 
-def hf_named_tensors(model) -> Iterable[tuple[str, object]]:
+def hf_named_tensors(model, dtype=None) -> Iterable[tuple[str, object]]:
     """(name, tensor) pairs of a transformers model in checkpoint naming, for vLLM's `load_weights`.
 
-    Views of the live tensors (no copy); a `torch.compile` wrapper's `_orig_mod.` prefix is dropped."""
+    Views of the live tensors (no copy) when `dtype` is None or already theirs; otherwise each tensor
+    is cast to `dtype` (vLLM's) one at a time, so a float32 master model syncs into a bfloat16 engine
+    without a second full copy. A `torch.compile` wrapper's `_orig_mod.` prefix is dropped."""
     for name, tensor in model.state_dict().items():
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
         yield name.replace("_orig_mod.", ""), tensor
 
 
@@ -126,7 +130,7 @@ class VLLMEngine:
         if model is not None:
             have = str(next(model.parameters()).dtype).removeprefix("torch.")
             if have != self.dtype:
-                log.warning("vLLM runs in %s but the training model is %s: weights are cast on every sync", self.dtype, have)
+                log.info("vLLM runs in %s, the training model in %s: weights are cast at every sync", self.dtype, have)
         self.sleep_mode = on_gpu if sleep_mode is None else bool(sleep_mode and on_gpu)
         kwargs = dict(
             model=str(model_path),
@@ -176,7 +180,7 @@ class VLLMEngine:
             if self.on_gpu:
                 # TRL's colocate path: vLLM's loader copies into its (unchanged) GPU parameters
                 names = self.llm.apply_model(lambda m: {n for n, _ in m.named_parameters()})[0]
-                loaded = self.llm.apply_model(lambda m: set(m.load_weights(hf_named_tensors(self.model))))[0]
+                loaded = self.llm.apply_model(lambda m: set(m.load_weights(hf_named_tensors(self.model, getattr(torch, self.dtype)))))[0]
                 if names - loaded:  # a warning, not an error: this check has not run on a GPU here
                     log.warning(
                         "weight sync left %d vLLM parameters unloaded (e.g. %s): the training model's names "
@@ -188,7 +192,7 @@ class VLLMEngine:
                 # repacks them again
                 self.llm.collective_rpc(
                     "reload_weights",
-                    kwargs={"weights_iterator": hf_named_tensors(self.model), "is_checkpoint_format": True},
+                    kwargs={"weights_iterator": hf_named_tensors(self.model, getattr(torch, self.dtype)), "is_checkpoint_format": True},
                 )
         self.llm.reset_prefix_cache()  # cached prompt KV blocks came from the old weights
         self._pending_push = False

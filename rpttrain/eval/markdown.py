@@ -1,0 +1,122 @@
+"""`rpt eval`'s report as Markdown: the paper's Table 1, the band counts, the paired differences
+and the scaling fits (report.md; `rpt eval` prints the same tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _cell(stats: dict) -> str:
+    if not stats["n"]:
+        return "— (0)"
+    return (f"{_pct(stats['accuracy'])} ({stats['correct']:g}/{stats['n']}; "
+            f"{_pct(stats['ci_low'], 1)}–{_pct(stats['ci_high'], 1)})")
+
+
+def _compute_str(c: float | None) -> str:
+    if c is None:
+        return "—"
+    return "0" if c == 0 else f"{c:.3g}"
+
+
+def format_table(report: dict) -> str:
+    """The paper's Table 1 as Markdown: rows model x mode (run x checkpoint x mode), columns bands.
+
+    Each cell: accuracy % (correct/n; 95% Wilson interval %)."""
+    bands = list(report["bands"].items())
+    with_ckpt = any(r["run"] is not None for r in report["rows"])
+    with_pass = any(r.get("pass_at_k") for r in report["rows"])
+    k = max((r["samples"] for r in report["rows"] if r.get("pass_at_k")), default=1)
+    head = ["model"] + (["step", "compute (FLOPs)"] if with_ckpt else []) + ["mode"]
+    head += [f"{name} (H>{float(t)})" for name, t in bands] + ["all"]
+    head += [f"Pass@{k} (all)"] if with_pass else []
+    head += ["model entropy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        cells = [r["model"]]
+        if with_ckpt:
+            cells += ["—" if r["step"] is None else str(r["step"]), _compute_str(r["compute"])]
+        cells.append(r["mode"] if r["mode"] == "ntp" or r["samples"] == 1 else f"{r['mode']} (mean of {r['samples']})")
+        cells += [_cell(r["bands"][name]) for name, _ in bands] + [_cell(r["bands"]["all"])]
+        if with_pass:
+            cells.append(_pct((r.get("pass_at_k") or {}).get("all")) if r.get("pass_at_k") else "—")
+        cells.append("—" if r["model_entropy"] is None else f"{r['model_entropy']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_band_counts(report: dict) -> str:
+    """Two lines: where the band entropy comes from, and the tasks per nested and disjoint band."""
+    nested = report["band_counts"]["nested"]
+    disjoint = report["band_counts"]["disjoint"]
+    names = list(report["bands"])
+    src = report["band_entropy"]
+    source = (f"the band model {src['model']} (top-{src['top_k']}, {src['mode']})" if src["source"] == "band_model"
+              else f"the tasks' entropy column (proxy: {src.get('proxy') or 'unknown'})")
+    nest = " ⊇ ".join(f"{n} {nested[n]}" for n in names)
+    disj = " · ".join(f"{n} {disjoint[n]}" for n in ["other", *names])
+    return (f"{report['tasks']} tasks from {report['documents']} documents ({report['split']} split); entropy from {source}.\n"
+            f"Nested bands: {nest}. Disjoint: {disj}.")
+
+
+def format_scaling(report: dict) -> str:
+    """The scaling-law fits as Markdown (empty string when there are none)."""
+    fits = report.get("scaling") or []
+    if not fits:
+        return ""
+    lines = ["| run | mode | band | points | A | alpha | P* (%) | R² |", "|---|---|---|---|---|---|---|---|"]
+    for f in fits:
+        if f["status"] != "ok":
+            lines.append(f"| {f['run']} | {f['mode']} | {f['band']} | {f['points']} | {f['status']} | | | |")
+            continue
+        lines.append(f"| {f['run']} | {f['mode']} | {f['band']} | {f['points']} | {f['A']:.4g} | {f['alpha']:.4g} | "
+                     f"{100 * f['p_star']:.2f} | {f['r2']:.4f} |")
+    return "\n".join(lines)
+
+
+def _diff_cell(d: dict) -> str:
+    if not d["n"]:
+        return "— (0)"
+    if d["ci_low"] is None:
+        return f"{100 * d['diff']:+.2f}"
+    return (f"{100 * d['diff']:+.2f} ({100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f}; "
+            f"{d['wins']}/{d['losses']}; p={d['p_value']:.2g})")
+
+
+def format_paired(report: dict) -> str:
+    """Paired differences as Markdown (empty string when fewer than two models were evaluated)."""
+    rows = report.get("paired") or []
+    if not rows:
+        return ""
+    names = [*report["bands"], "all"]
+    head = ["A − B", "mode"] + [f"{n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([f"{r['a']} − {r['b']}", r["mode"]] + [_diff_cell(r["bands"][n]) for n in names]) + " |")
+    return "\n".join(lines)
+
+
+PAIRED_LEGEND = ("Accuracy points of A minus B on the same tasks: difference (95% interval; tasks only A got right / "
+                 "only B got right; p, exact McNemar). Compared: each --model, the base model, each run's last "
+                 "checkpoint.")
+
+
+def format_report_md(report: dict) -> str:
+    """report.md: the tables above with their captions and the warnings first."""
+    parts = ["# rpt eval", ""]
+    parts += [f"Tasks: `{report['tasks_dir']}`. Reward: {report['settings']['reward']} matching. "
+              f"Cells: accuracy % (correct/n; 95% Wilson interval).", ""]
+    parts += [w for w in report["warnings"]] + ([""] if report["warnings"] else [])
+    parts += [format_table(report), "", format_band_counts(report), ""]
+    if report.get("paired"):
+        parts += ["## Paired differences", "", PAIRED_LEGEND, "", format_paired(report), ""]
+    if report.get("scaling"):
+        parts += ["## Scaling: P(C) = A / C^alpha + P*", "", f"Compute C: {report['compute_formula']}.", "",
+                  format_scaling(report), ""]
+        if report["files"].get("plot"):
+            parts += [f"![accuracy against compute]({Path(report['files']['plot']).name})", ""]
+    return "\n".join(parts)
