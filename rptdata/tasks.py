@@ -298,8 +298,10 @@ class _Shard:
                 ok = [vocab.accepts(t, cont, boundaries) for t in ids]
                 topk = (ids, self.topk[1][i], ok)
             q = position_accept_mass(float(self.logprob[i]), target_ok, config.temperature, topk, int(self.token_id[i]))
-            self.accept_mass[i] = q
-            self.live[i] = live_probability(q, config.group_size)
+            # rounded to float32 as stored, so --min-live keeps exactly the rows whose stored
+            # `live` is >= it (as a query of the written shards would find)
+            self.accept_mass[i] = np.float32(q)
+            self.live[i] = np.float32(live_probability(q, config.group_size))
 
     def eligible(self) -> np.ndarray:
         return np.nonzero(self.reason == 0)[0]
