@@ -55,7 +55,8 @@ Output (REPORT_DIR = `out`):
     report.md                      the table(s), the band counts, the scaling fits
     report.json                    every number; written last
 Scaling fits (`rpttrain.scaling`): per run, mode and band, P(C) = A / C^alpha + P* on the
-checkpoints with C > 0 (at least 3).
+checkpoints with C > 0; with no more points than parameters, or a fit on a parameter bound, the
+report and the plot's legend say why there is no fit (`rpttrain.scaling.NoFit`) instead of numbers.
 
 Modules (each a step of the stage; read in this order):
     config.py    EvalConfig, the modes
