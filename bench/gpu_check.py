@@ -155,7 +155,7 @@ def weight_change(tasks: Path, out: Path, policy: Path, device: str, compute: st
     from rpttrain.train import Trainer
 
     config = TrainConfig(tasks_dir=str(tasks), out=str(out), model=str(policy), objective="ntp", ntp_positions="tasks",
-                         steps=steps, batch_size=16, max_prompt_tokens=256, lr=1e-6, grad_clip=1.0, weight_decay=0.0,
+                         steps=steps, batch_size=16 if device.startswith("cuda") else 4, max_prompt_tokens=256, lr=1e-6, grad_clip=1.0, weight_decay=0.0,
                          micro_batch_tokens=8192, device=device, compute_dtype=compute, master_dtype=master,
                          progress=False, seed=0)
     with Peak(device) as peak:
@@ -238,8 +238,9 @@ def main(argv=None) -> dict:
     figures["precision"] = {**runs, "mixed_over_fp32": round(mixed_ratio, 3), "pure_over_fp32": round(pure_ratio, 4),
                             "weights_moved": 0.5 < mixed_ratio < 2.0, "pure_bf16_collapses": pure_ratio < 0.25}
 
-    train = ["--model", policy, "--prompt-template", "v0", "--max-new-tokens", 32 if args.dry_run else 64,
-             "--max-prompt-tokens", 256, "--batch-size", 8 if args.dry_run else 16, "--group-size", 8, "--lr", "1e-6",
+    train = ["--model", policy, "--prompt-template", "v0", "--max-new-tokens", 8 if args.dry_run else 64,
+             "--max-prompt-tokens", 256, "--batch-size", 4 if args.dry_run else 16, "--group-size", 4 if args.dry_run else 8,
+             "--lr", "1e-6",
              "--compute-dtype", "bfloat16", "--engine", "hf", "--device", args.device, "--dynamic-sampling-from", -1,
              "--save-every", 1, "--keep-checkpoints", 3, "--micro-batch-tokens", 16384, "--no-progress"]
     with Peak(args.device) as peak:
@@ -293,8 +294,8 @@ def memory_estimate(tasks: Path, policy: Path, device: str, dry_run: bool) -> fl
     from rpttrain.config import TrainConfig
 
     config = TrainConfig(tasks_dir=str(tasks), out="unused", model=str(policy), compute_dtype="bfloat16",
-                         max_new_tokens=32 if dry_run else 64, max_prompt_tokens=256, micro_batch_tokens=16384,
-                         batch_size=8 if dry_run else 16)
+                         max_new_tokens=8 if dry_run else 64, max_prompt_tokens=256, micro_batch_tokens=16384,
+                         batch_size=4 if dry_run else 16, group_size=4 if dry_run else 8)
     sizing = TrainSizing.of(config, resolve_precision("bfloat16", "float32", device), device)
     total = available_bytes(device)[1]
     return round(estimate_train_memory(model_shape(str(policy)), sizing, total)["peak"] / 2**30, 2)
