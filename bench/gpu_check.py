@@ -125,8 +125,8 @@ def write_corpus(path: Path, corpora: Path, tokens: int) -> int:
 
 
 def bare_forward_tokens_per_s(policy: Path, device: str, tokens: int, window: int) -> float:
-    """A bf16 forward over `tokens` random tokens in [16, window] batches, logits of the last
-    position only (what a scorer that keeps nothing would cost), after one warm-up batch."""
+    """A bf16 forward over `tokens` random tokens in [rows, window] batches with the LM head on
+    every position (the work a scorer cannot avoid, nothing after it), after one warm-up batch."""
     import torch
 
     from rptdata.models import load_causal_lm
@@ -140,7 +140,7 @@ def bare_forward_tokens_per_s(policy: Path, device: str, tokens: int, window: in
             torch.cuda.synchronize()
         done, t0 = 0, time.time()
         while done < tokens:
-            model(input_ids=batch, logits_to_keep=1)
+            model(input_ids=batch)
             done += batch.numel()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -161,7 +161,7 @@ def weight_change(tasks: Path, out: Path, policy: Path, device: str, compute: st
     with Peak(device) as peak:
         trainer = Trainer(config)
         trainer.setup(resume=False, overwrite=True)
-        before = [p.detach().float().cpu() for p in trainer.model.parameters()]
+        before = [p.detach().float().cpu().clone() for p in trainer.model.parameters()]  # a copy, also of fp32 on CPU
         t0 = time.time()
         for _ in range(steps):
             trainer.train_step()
