@@ -53,8 +53,11 @@ from rptdata.manifest import (
     STAGE_SCORE,
     STAGE_TASKS,
     StageDir,
+    check_shard,
     list_shards,
+    parquet_errors,
     read_manifest,
+    read_parquet,
     shard_index,
     shard_name,
 )
@@ -313,14 +316,16 @@ def _open_inputs(config: MakeTasksConfig) -> _Inputs:
 
 
 def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
-    docs = pq.read_table(inputs.prepared / DOCS_DIR / shard_name(index), columns=["doc_id", "text", "token_ids", "token_end_bytes"])
-    pos_path = inputs.scored / POSITIONS_DIR / shard_name(index)
-    schema = pq.read_schema(pos_path)
+    docs_path = check_shard(inputs.prepared, f"{DOCS_DIR}/{shard_name(index)}", inputs.prepared_manifest)
+    docs = read_parquet(docs_path, columns=["doc_id", "text", "token_ids", "token_end_bytes"])
+    pos_path = check_shard(inputs.scored, f"{POSITIONS_DIR}/{shard_name(index)}", inputs.scored_manifest)
+    with parquet_errors(pos_path):
+        schema = pq.read_schema(pos_path)
     wanted = ["doc_id", "pos", "token_id", "entropy", "target_logprob", "target_rank"]
     missing = [c for c in wanted[:4] if c not in schema.names]
     if missing:
         raise BadInput(f"{pos_path}: missing column(s) {', '.join(missing)}; is this a score-entropy shard?")
-    positions = pq.read_table(pos_path, columns=[c for c in wanted if c in schema.names])
+    positions = read_parquet(pos_path, columns=[c for c in wanted if c in schema.names])
     return _Shard(index, docs, positions, config, str(pos_path))
 
 

@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import ManifestMismatch
-from rptdata.manifest import MANIFEST, STAGE_EXPORT, STAGE_TASKS, list_shards, read_manifest, write_json_atomic
+from rptdata.manifest import (
+    MANIFEST, STAGE_EXPORT, STAGE_TASKS, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
+)
 from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
 from rpttrain.reward import get_reward_fn
@@ -161,13 +163,14 @@ def _export_split(paths: list[Path], dest: Path, schema: pa.Schema, to_row: Call
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for path in paths:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-                    rows = [to_row(task) for task in batch.to_pylist()]
-                    if rows:
-                        _check_keys(rows[0], schema)
-                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                    rows_written += len(rows)
-                    bar.update(len(rows))
+                with parquet_errors(path):
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+                        rows = [to_row(task) for task in batch.to_pylist()]
+                        if rows:
+                            _check_keys(rows[0], schema)
+                        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                        rows_written += len(rows)
+                        bar.update(len(rows))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -210,7 +213,7 @@ def run_export_tasks(config: ExportConfig) -> dict:
     with tqdm(desc="export-tasks", unit=" rows", disable=not config.progress, dynamic_ncols=True) as bar:
         for split in config.splits():
             dest = out / f"{split}.parquet"
-            counts[split] = _export_split(list_shards(tasks_dir / split), dest, schema, to_row, bar)
+            counts[split] = _export_split(checked_shards(tasks_dir, split, tm), dest, schema, to_row, bar)
             files[split] = str(dest.resolve())
             expected = tm["counts"]["tasks"][split]
             if counts[split] != expected:  # an internal invariant: every task becomes one row
@@ -228,6 +231,7 @@ def run_export_tasks(config: ExportConfig) -> dict:
         "render_tokenizer": config.tokenizer,
         "files": files,
         "rows": counts,
+        "checksums": {split: file_digest(path) for split, path in files.items()},
         "schema": {f.name: str(f.type) for f in schema},
         "seconds": round(time.time() - started, 2),
     }

@@ -48,7 +48,9 @@ from rptdata.manifest import fingerprint, read_manifest, write_json_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
 from rpttrain import algos
 from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
-from rpttrain.checkpoint import list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint
+from rpttrain.checkpoint import (
+    list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint, verify_checkpoint,
+)
 from rpttrain.precision import check_dtypes, dtype_name, resolve_precision
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARDS, get_reward_fn
@@ -251,6 +253,8 @@ class Trainer:
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         start_from = checkpoints[-1] if (resume and checkpoints) else None
+        if start_from:  # sizes and checksums of its weights and optimizer state, before loading them
+            verify_checkpoint(start_from, checkpoints[-2] if len(checkpoints) > 1 else None)
         model_source = str(start_from) if start_from else c.model
         self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
         self._check_tokenizer()
