@@ -434,7 +434,8 @@ class StageDir:
             for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
                 shard = self.shard_path(data_dir, shard_index(marker))
                 record = self._marker(marker)
-                problem = "its marker does not parse" if record is None else digest_problem(shard, record)
+                problem = "its marker does not parse" if record is None else (
+                    digest_problem(shard, record) or _rows_problem(shard, record))
                 if problem is None:
                     records[f"{data_dir}/{shard.name}"] = record
                     continue
@@ -472,6 +473,20 @@ class StageDir:
         }
         write_json_atomic(self.root / MANIFEST, full)
         return full
+
+
+def _rows_problem(shard: Path, record: dict) -> str | None:
+    """Whether the shard's Parquet footer disagrees with its marker's row count (a cheap read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if "rows" not in record:
+        return None
+    try:
+        rows = pq.read_metadata(shard).num_rows
+    except (pa.ArrowException, OSError) as e:
+        return f"its footer does not parse ({e})"
+    return None if rows == record["rows"] else f"{rows} rows, its marker says {record['rows']}"
 
 
 def _files(records: dict[str, dict]) -> dict[str, dict]:

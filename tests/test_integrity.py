@@ -146,10 +146,31 @@ def test_resume_checks_the_checkpoint_files(tmp_path, tiny_bpe_dir):
     state = json.loads((last / "state.json").read_text())
     assert {"model.safetensors", "trainer_state.pt", "rng.pt", "config.json"} <= set(state["files"])
     assert state["files"]["trainer_state.pt"] == file_digest(last / "trainer_state.pt")
+    assert CliRunner().invoke(cli, ["verify", str(tmp_path / "run")]).exit_code == 0
     _flip_byte(last / "trainer_state.pt")
+    r = CliRunner().invoke(cli, ["verify", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "step-000002/trainer_state.pt: its sha256 differs" in r.output
     longer = TrainConfig(**{**config.__dict__, "steps": 3})
     with pytest.raises(DamagedFile, match=r"step-000002/trainer_state\.pt: damaged checkpoint file.*resume from step-000001"):
         run_train(longer, resume=True)
     (last / "model.safetensors").write_bytes(b"")
     with pytest.raises(DamagedFile, match=r"model\.safetensors: damaged checkpoint file: 0 bytes"):
         run_train(longer, resume=True)
+
+
+def test_rpt_verify_names_damaged_files_and_the_rebuild_command(tmp_path, tiny_bpe_dir):
+    _, prep = _prepare(tmp_path, tiny_bpe_dir)
+    r = CliRunner().invoke(cli, ["verify", str(prep), "--deep"])
+    assert r.exit_code == 0 and "rpt prepare output, 7 files checked (deep), none damaged" in r.output, r.output
+    _flip_byte(prep / "docs" / "part-00001.parquet")
+    marker = prep / "done" / "docs-00002.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows": 5}))  # a marker that lies about rows
+    r = CliRunner().invoke(cli, ["verify", str(prep)])
+    assert r.exit_code == 1
+    assert "docs/part-00001.parquet: its sha256 differs" in r.output and "rerun `rpt prepare ... --out" in r.output
+    assert "part-00002" in r.output and "marker and the manifest record differ" in r.output
+    r = CliRunner().invoke(cli, ["verify", str(prep), "--deep", "--json"])
+    problems = [(p["file"].rsplit("/", 1)[1], p["problem"]) for p in json.loads(r.output)["problems"]]
+    assert ("part-00002.parquet", "4 rows, its marker says 5") in problems
+    _prepare(tmp_path, tiny_bpe_dir)  # the rerun redoes both
+    assert CliRunner().invoke(cli, ["verify", str(prep), "--deep"]).exit_code == 0
