@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
-from rptdata import __version__
+from rptdata import __version__, faults
 from rptdata.errors import DamagedFile, ManifestMismatch, MissingUpstream
 
 MANIFEST = "manifest.json"
@@ -62,8 +62,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        faults.hit("json-tmp", tmp)
         os.replace(tmp, path)
     finally:  # a failed write (disk full) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
 
 
@@ -75,6 +86,7 @@ def write_parquet_atomic(table, path: Path, **kwargs) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         pq.write_table(table, tmp, **kwargs)
+        faults.hit("shard-tmp", tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -300,7 +312,7 @@ def claim_run_dir(
     kept = root.exists() and any(next(root.glob(pattern), None) is not None for pattern in progress)
     fp = fingerprint(identity)
     if record is None:
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in own) if root.exists() else []
+        foreign = sorted(p.name for p in root.iterdir() if _own_name(p.name) not in own) if root.exists() else []
         if foreign and not overwrite:
             raise ManifestMismatch(
                 f"{root} is not empty ({foreign[0]}) and is not an `rpt {stage}` directory; refusing to write "
@@ -351,14 +363,24 @@ def _start_run(root: Path, stage: str, fp: str, identity: dict, own: set[str]) -
     return "new"
 
 
+def _own_name(name: str) -> str:
+    """The file a temporary name stands for ("run.json.tmp-123" -> "run.json"): what a run killed
+    mid-write leaves is its own, not foreign.
+
+    >>> _own_name("run.json.tmp-4242"), _own_name("notes.txt")
+    ('run.json', 'notes.txt')
+    """
+    return name.split(".tmp-", 1)[0]
+
+
 def _remove(root: Path, names: Iterable[str]) -> None:
-    """Remove these files or folders directly under `root` (never anything else)."""
+    """Remove these files or folders directly under `root`, and their temporary copies (never anything else)."""
     for name in names:
-        path = root / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        for path in [root / name, *root.glob(f"{name}.tmp-*")] if root.exists() else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 class StageDir:
@@ -385,6 +407,7 @@ class StageDir:
                 log.warning("redoing a damaged shard: %s", line)
             if not (self.root / MANIFEST).exists():
                 state = "resume"
+        faults.hit("begin")
         return state
 
     def _own_names(self) -> set[str]:
@@ -401,6 +424,7 @@ class StageDir:
         """Write the shard, then its completion marker with its stats (in that order)."""
         path = self.shard_path(data_dir, index)
         write_parquet_atomic(table, path)
+        faults.hit("marker", path)
         record = {"shard": path.name, "rows": table.num_rows, **file_digest(path), "time": time.time()}
         write_json_atomic(self.marker_path(data_dir, index), {**record, **stats})
         return path
@@ -471,6 +495,7 @@ class StageDir:
             "files": _files(records),
             "config": run["config"],
         }
+        faults.hit("manifest")
         write_json_atomic(self.root / MANIFEST, full)
         return full
 

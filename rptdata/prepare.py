@@ -148,17 +148,21 @@ def run_prepare(config: PrepareConfig) -> dict:
         shard_index += 1
         buffer = []
 
-    with open(rejects_tmp, "w", encoding="utf-8") as rejects:
-        for rec in _records(sources, builder, config):
-            counts.read += 1
-            bar.update(1)
-            text = _accept(rec, config, spans, counts, seen, rejects)
-            if text is not None:
-                buffer.append((rec.doc_id, rec.source, text))
-                if len(buffer) >= config.shard_docs:
-                    flush()
-        if buffer:
-            flush()
+    try:
+        with open(rejects_tmp, "w", encoding="utf-8") as rejects:
+            for rec in _records(sources, builder, config):
+                counts.read += 1
+                bar.update(1)
+                text = _accept(rec, config, spans, counts, seen, rejects)
+                if text is not None:
+                    buffer.append((rec.doc_id, rec.source, text))
+                    if len(buffer) >= config.shard_docs:
+                        flush()
+            if buffer:
+                flush()
+    except BaseException:  # a failed run (a bad record, a full disk) leaves no temporary file
+        rejects_tmp.unlink(missing_ok=True)
+        raise
     bar.close()
     if counts.rejected:
         os.replace(rejects_tmp, Path(config.out) / "rejects.jsonl")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rptdata import faults
 from rptdata.errors import DamagedFile
 from rptdata.manifest import digest_problem, file_digest, read_json
 
@@ -72,6 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_hf_model(model, tmp, hf_dtype)
+    faults.hit("checkpoint-weights", tmp)
     if hf_dtype is not None and hf_dtype != next(model.parameters()).dtype:
         from safetensors.torch import save_model
 
@@ -82,9 +84,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     torch.save(_rng_to_tensors(rng_state()), tmp / "rng.pt")
     files = _digests(tmp)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, "files": files}, indent=2))
+    faults.hit("checkpoint-rename", tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    faults.hit("checkpoint-prune", final)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp-*"):

@@ -6,6 +6,7 @@ Output (one file per split, streamed shard by shard through a ParquetWriter, so 
 record batch, and renamed into place when complete):
     OUT/train.parquet   rows of `task_to_verl_row` / `task_to_trl_row` (rpttrain/integrations)
     OUT/eval.parquet    the held-out documents' tasks (with --split eval or both)
+    OUT/run.json        written first: these settings (a rerun after a crash redoes the export)
     OUT/manifest.json   written last: source tasks, format, prompt template, reward, row counts,
                         and for verl the reward-function path to pass as custom_reward_function.path
 
@@ -19,6 +20,7 @@ trainers shuffle).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -29,9 +31,10 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rptdata import faults
 from rptdata.errors import ManifestMismatch
 from rptdata.manifest import (
-    MANIFEST, STAGE_EXPORT, STAGE_TASKS, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
+    MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_TASKS, fingerprint, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
 )
 from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
@@ -171,10 +174,18 @@ def _export_split(paths: list[Path], dest: Path, schema: pa.Schema, to_row: Call
                         writer.write_table(pa.Table.from_pylist(rows, schema=schema))
                         rows_written += len(rows)
                         bar.update(len(rows))
+                        faults.hit("export-batch", tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return rows_written
+
+
+def _same_run(run_file: Path, record: dict) -> bool:
+    try:
+        return json.loads(run_file.read_text()).get("fingerprint") == record["fingerprint"]
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run_export_tasks(config: ExportConfig) -> dict:
@@ -192,14 +203,21 @@ def run_export_tasks(config: ExportConfig) -> dict:
     out = Path(config.out)
     ours = [out / f"{s}.parquet" for s in SPLITS] + [out / MANIFEST]
     existing = [p for p in ours if p.exists()]
-    if existing and not config.overwrite:
+    # run.json, written before any file: an export of these settings that stopped before its
+    # manifest (a crash) is redone without --overwrite; a finished or foreign one is refused
+    identity = {"tasks": tm.get("fingerprint"), **{k: v for k, v in config.__dict__.items() if k not in ("out", "overwrite", "progress")}}
+    record = {"stage": STAGE, "fingerprint": fingerprint(identity), "config": identity}
+    unfinished = (out / RUN_FILE).exists() and not (out / MANIFEST).exists() and _same_run(out / RUN_FILE, record)
+    if existing and not config.overwrite and not unfinished:
         raise ManifestMismatch(
             f"{out} already holds an export ({', '.join(p.name for p in existing)}); use another --out, "
             "or pass --overwrite to replace it"
         )
-    for p in existing:  # all of ours, so a narrower --split leaves no stale file behind
+    for p in existing + list(out.glob("*.parquet.tmp-*")):  # all of ours, so a narrower --split leaves no stale file behind
         p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_FILE, record)
+    faults.hit("begin")
 
     schema = export_schema(config.format, fmt, tokenizer is not None)
     row_fn = _row_fn(config.format)

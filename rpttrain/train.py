@@ -42,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rptdata import faults
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import fingerprint, read_manifest, write_json_atomic
+from rptdata.manifest import fingerprint, read_manifest, write_json_atomic, write_text_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, vocab_hash
 from rpttrain import algos
 from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
@@ -244,7 +245,7 @@ class Trainer:
                 p = self.run_dir / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             checkpoints = []
-        run_file.write_text(json.dumps({"fingerprint": fingerprint(ident), **ident}, indent=2, default=str))
+        write_json_atomic(run_file, {"fingerprint": fingerprint(ident), **ident})
         _write_yaml(self.run_dir / "config.yaml", asdict(c))
         # what this run trains on, for `rpt eval`'s held-out check (atomic: a tmp file, then os.replace)
         write_json_atomic(self.run_dir / TRAINED_ON,
@@ -283,9 +284,10 @@ class Trainer:
         if start_from:
             state = load_trainer_state(start_from, self.optimizer, self.scheduler)
             self.step, cursor, self.totals = state["step"], state["cursor"], state["totals"]
-            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-            _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
             log.info("resumed from %s", start_from)
+        # steps logged after the checkpoint we start from (all of them when starting afresh) are redone
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         cache = self.run_dir / DATA_CACHE
         if c.objective != "rpt" and c.ntp_positions == "all":
             source = DocWindows(self.tasks_manifest, c.max_prompt_tokens, cache)
@@ -305,6 +307,7 @@ class Trainer:
             self.engine.update_weights(self.model)
         self.stops = stop_ids(self.tokenizer)
         self.tb = _tensorboard(self.run_dir / "tb")
+        faults.hit("begin")
 
     def _check_tokenizer(self) -> None:
         want = self.tasks_manifest.get("tokenizer", {}).get("vocab_hash")
@@ -495,6 +498,7 @@ class Trainer:
                 self.step += 1
                 metrics["step"] = self.step
                 self._log(metrics)
+                faults.hit("train-step")
                 bar.update(1)
                 if "reward_mean" in metrics:
                     bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}")
@@ -523,7 +527,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
     def _on_signal(self, signum, frame) -> None:
@@ -733,14 +737,22 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     """Drop lines of steps after `step` (they are redone after a resume)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a crash (or empty) is dropped (step = inf)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _tensorboard(folder: Path):
