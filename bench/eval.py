@@ -4,7 +4,7 @@
 
 On ~64 real tasks cut from CHAMP problems+solutions with the embedded SmolLM2-135M (contexts of
 at most --context-tokens tokens, cut with the same helpers as `rpt make-tasks`), in one run:
-  1. bare forward: the same contexts, in the same batches (`rpttrain.eval.plan_sequence_batches`),
+  1. bare forward: the same contexts, in the same batches (`rptdata.batching.plan_batches`, --batch-size rows),
      left-padded, logits_to_keep=1, nothing else: the limit of the ntp mode;
   2. ntp mode: `run_eval` (tokenize, forward, argmax, model entropy, decode, reward, write the
      predictions), in tasks/s, and the ratio 2/1 (target >= 0.8);
@@ -79,12 +79,12 @@ def bare_forward(model, ids: list[list[int]], batch_size: int, pad_id: int):
     """The limit: one forward pass per batch, last position only; returns (wall s, CPU s, last logits)."""
     import torch
 
-    from rpttrain.eval import plan_sequence_batches
+    from rptdata.batching import plan_batches
 
     last = [None] * len(ids)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
-        for batch in plan_sequence_batches([len(x) for x in ids], batch_size):
+        for batch in plan_batches([len(x) for x in ids], max_rows=batch_size):
             width = max(len(ids[i]) for i in batch)
             x = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attn = torch.zeros((len(batch), width), dtype=torch.long)

@@ -97,20 +97,21 @@ def build_tasks(work: Path, docs: int, context_tokens: int) -> tuple[Path, Path]
 # 1 + 3. rpt train
 
 
-def bench_rpt(work: Path, tasks: Path, engine: str, a) -> dict:
-    out = work / f"rpt-{engine}"
+def bench_rpt(work: Path, tasks: Path, engine: str, a, max_new_tokens: int | None = None, fused: bool = True) -> dict:
+    name = f"rpt-{engine}" if max_new_tokens is None else f"rpt-{engine}-1tok-{'fused' if fused else 'two-pass'}"
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = rpt_cli() + [
-        "train", str(tasks), "--out", str(out), "--engine", engine, "--model", MODEL, "--dtype", "float32",
-        "--device", "cpu", "--prompt-template", "continuation", "--max-new-tokens", str(a.max_new_tokens),
+        "train", str(tasks), "--out", str(out), "--engine", engine, "--model", MODEL, "--compute-dtype", "float32",
+        "--device", "cpu", "--prompt-template", "continuation", "--max-new-tokens", str(max_new_tokens or a.max_new_tokens),
         "--max-prompt-tokens", "256", "--batch-size", str(a.batch), "--group-size", str(a.group),
         "--steps", str(a.steps), "--temperature", "0.8", "--top-p", "1.0", "--lr", "1e-6",
         "--weight-decay", "0.01", "--grad-clip", "0.2", "--clip-eps", "0.2", "--kl-coef", "0",
         "--loss-agg", "token-mean", "--scale-rewards", "group", "--dynamic-sampling-from", "-1",
         "--sample-every", "0", "--save-every", "100000", "--keep-checkpoints", "1", "--seed", "0",
-        "--no-progress",
+        "--no-progress", "--fused-one-token" if fused else "--no-fused-one-token",
     ]
-    wall = run(cmd, work / f"rpt-{engine}.log")
+    wall = run(cmd, work / f"{name}.log")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps = [
         {"generation": m["rollout_s"], "update": m["update_s"], "sync": m.get("weight_sync_s", 0.0),
@@ -118,7 +119,8 @@ def bench_rpt(work: Path, tasks: Path, engine: str, a) -> dict:
         for m in metrics
     ]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 0.5 GB each; only timings are kept
-    return {"name": f"rpt train --engine {engine}", "steps": steps, "wall": wall}
+    label = f"rpt train --engine {engine}" + ("" if max_new_tokens is None else f", 1 token, {'fused' if fused else 'two-pass'}")
+    return {"name": label, "steps": steps, "wall": wall}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +250,11 @@ def main() -> None:
     g.add_argument("--docs", type=int, default=4, help="CHAMP documents to prepare and score for the tasks")
     r = p.add_argument_group("run")
     r.add_argument("--work", default=str(ROOT / "out" / "bench-train"), help="scratch folder (tasks are reused)")
-    r.add_argument("--order", default="hf,trl,vllm", help="which trainers run, in this order (load drift on a "
-                   "shared machine favours whichever runs in a quiet moment: rerun in another order)")
+    r.add_argument("--order", default="hf1-two-pass,hf1-fused,hf,trl,vllm",
+                   help="which trainers run, in this order (load drift on a shared machine favours whichever runs "
+                        "in a quiet moment: rerun in another order); hf1-fused / hf1-two-pass: rpt train with one "
+                        "new token, the fused step against a rollout forward then the update (target: fused step "
+                        "time at least 20%% lower)")
     r.add_argument("--skip-trl", action="store_true", help="do not run TRL")
     r.add_argument("--skip-vllm", action="store_true", help="do not run rpt with vLLM rollouts")
     r.add_argument("--threads", type=int, default=None,
@@ -278,6 +283,9 @@ def main() -> None:
         if which == "hf":
             print("  running rpt train --engine hf ...", flush=True)
             results.append(bench_rpt(work, tasks, "hf", a))
+        elif which in ("hf1-fused", "hf1-two-pass"):
+            print(f"  running rpt train --engine hf, one new token, {which[4:]} ...", flush=True)
+            results.append(bench_rpt(work, tasks, "hf", a, max_new_tokens=1, fused=which == "hf1-fused"))
         elif which == "trl" and not a.skip_trl:
             if have_trl:
                 print("  running TRL GRPOTrainer ...", flush=True)
@@ -306,6 +314,11 @@ def main() -> None:
         for r in rows:
             if r is not trl_row:
                 print(f"generation vs TRL: {r['name']} {trl_row['generation'] / r['generation']:.2f}x faster")
+    fused = next((r for r in rows if r["name"].endswith("fused")), None)
+    two = next((r for r in rows if r["name"].endswith("two-pass")), None)
+    if fused and two:
+        print(f"one-token step: fused {fused['step']:.2f} s vs two-pass {two['step']:.2f} s: "
+              f"{1 - fused['step'] / two['step']:.0%} lower (target: at least 20%)")
     print("TRL update = its step minus its rollout phase (_prepare_inputs: generation + tokenizing + reward).")
     if a.json:
         Path(a.json).write_text(json.dumps({"settings": vars(a), "rows": rows, "raw": results}, indent=2))

@@ -37,7 +37,7 @@ def export_tasks(tasks_dir, format_, out, split, prompt_template, reward, tokeni
     rows = ", ".join(f"{split} {n:,} rows -> {m['files'][split]}" for split, n in m["rows"].items())
     click.echo(f"export-tasks ({m['format']}, prompt {m['prompt_template']}, reward {m['reward']}): {rows} ({m['seconds']:.1f} s)")
     if m["format"] == "verl":
-        crf = m["custom_reward_function"]
-        click.echo(f"  verl: custom_reward_function.path={crf['path']} custom_reward_function.name={crf['name']}")
+        click.echo(f"  verl: {' '.join(m['verl_overrides'])}")
+        click.echo("  or let `rpt train --backend verl` write the whole launch (docs/tasks.md)")
     else:
         click.echo("  TRL: GRPOTrainer(..., reward_funcs=rpttrain.integrations.trl.rpt_reward, train_dataset=...)")

@@ -16,12 +16,13 @@ from cli.common import library_errors, model_help, model_runtime_options, no_pro
               help="Keep positions with entropy >= H (the hard positions) [default: 0.5].")
 @click.option("--keep-all", is_flag=True, help="Keep every scored position (no threshold).")
 @click.option("--max-context", type=int, default=None,
-              help="Window size in tokens (context + target); longer documents are scored in overlapping windows "
+              help="Window size in tokens (context + target); longer documents are scored in chunks that carry the "
+                   "key/value cache (hf engine: each token once) or in overlapping windows (vllm) "
                    "[default: the model's max positions, capped at 2048].")
 @click.option("--min-context", type=int, default=1, show_default=True,
               help="Score only positions with at least this many tokens of context; every window gives them at least this many.")
 @click.option("--overlap", type=int, default=None,
-              help="Tokens of context each later window of a long document carries [default: half the window].")
+              help="Tokens of context each later chunk (or window) of a long document carries [default: half the window].")
 @click.option("--batch-tokens", type=int, default=None,
               help="Padded tokens per forward batch (length-sorted) [default: 8192 on CPU, 65536 on a GPU].")
 @model_runtime_options("Scorer: hf (transformers, CPU/GPU), vllm (prompt log-probs), or auto: vllm when it is installed and CUDA is present.")

@@ -436,7 +436,8 @@ class StageDir:
         for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
             index = shard_index(marker)
             record = self._marker(marker)
-            if record is not None and digest_problem(self.shard_path(data_dir, index), record, checksum=False) is None:
+            if record is not None and (record.get("empty") or  # a shard with no rows: its marker alone
+                                       digest_problem(self.shard_path(data_dir, index), record, checksum=False) is None):
                 out[index] = record
         return out
 
@@ -458,6 +459,8 @@ class StageDir:
             for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
                 shard = self.shard_path(data_dir, shard_index(marker))
                 record = self._marker(marker)
+                if record is not None and record.get("empty"):
+                    continue
                 problem = "its marker does not parse" if record is None else (
                     digest_problem(shard, record) or _rows_problem(shard, record))
                 if problem is None:
@@ -485,7 +488,8 @@ class StageDir:
         for data_dir in self.data_dirs:
             for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
                 record = read_json(marker, f"rerun `rpt {self.stage}` into {self.root}; it redoes that shard")
-                records[f"{data_dir}/{record['shard']}"] = record
+                if not record.get("empty"):
+                    records[f"{data_dir}/{record['shard']}"] = record
         full = {
             "stage": self.stage,
             "rpt_version": __version__,

@@ -12,31 +12,50 @@ Per record: build the text (field or template), normalize it the way the tokeniz
 `--min-chars`, `--dedupe` (exact, by content hash), then tokenize in batches without special
 tokens. Every record read is accounted for: read = written + rejected + dropped.
 
-Resume: shards are numbered by their position in the (deterministic) record stream; a rerun
-re-reads the stream (cheap) and only tokenizes and writes shards that have no completion marker.
+Shards and workers: all inputs in order form one record stream; shard i holds the documents
+kept from records [i*shard_docs, (i+1)*shard_docs), so a shard cuts through files and a large
+file through shards, and its name never depends on who made it. Each worker first indexes the
+inputs (`sources.index_source`: counts records, a line scan of each `.jsonl`, and notes where
+each shard's first record lies), then takes shards i, i+n, ... (`worker_split`, the split
+score-entropy uses; `--num-workers/--worker-index` or torchrun's RANK/WORLD_SIZE) and seeks to
+them. `processes=N` runs N such workers here (spawned; worker w's share split again). A shard's
+completion marker holds its full accounting (read, written, rejected and dropped by reason, its
+rejects); the worker that finds every marker present writes rejects.jsonl and the manifest from
+them (last finisher; running any worker again once all are done writes it too), so
+read = written + rejected + dropped holds summed over workers.
+
+Resume: a rerun (of any worker) only processes its shards that have no completion marker.
+`--dedupe` keeps the first copy in stream order, which needs the whole stream in one process:
+it is refused with several workers or processes; a resumed dedupe run re-reads the texts of the
+finished shards into its set of seen documents.
 
 Left out on purpose: fuzzy dedup, language or quality filters (use datatrove upstream), and
-splitting one corpus over many prepare processes (scoring, the expensive stage, scales out).
+dedupe across workers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import resource
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from rptdata.errors import BadInput
-from rptdata.manifest import STAGE_PREPARE, StageDir
+from rptdata.manifest import (
+    STAGE_PREPARE, StageDir, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
+)
 from rptdata.models import DEFAULT_MODEL, load_tokenizer, model_name, vocab_hash
-from rptdata.sources import RawRecord, TextBuilder, expand_inputs, read_source
+from rptdata.sources import RawRecord, TextBuilder, expand_inputs, index_source, read_source
 from rptdata.spans import ByteSpanTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,8 +92,15 @@ class PrepareConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    num_workers: int | None = None  # None: torchrun's WORLD_SIZE, else 1
+    worker_index: int | None = None  # None: torchrun's RANK, else 0
+    processes: int = 1  # local processes, each a share of this worker's share
 
     def __post_init__(self):
+        if self.processes < 1:
+            raise ValueError("--processes must be at least 1")
+        if self.dedupe:
+            _refuse_dedupe_across(self.num_workers or 1, self.processes)
         if not self.inputs:
             raise ValueError("give at least one input (file, folder, glob, builtin:champ or dataset id)")
         if self.text_field and self.template:
@@ -89,7 +115,7 @@ class PrepareConfig:
     def identity(self) -> dict:
         """The options that decide the output (not where it goes or how it is shown)."""
         d = asdict(self)
-        for k in ("out", "overwrite", "progress", "inputs", "batch_docs"):
+        for k in ("out", "overwrite", "progress", "inputs", "batch_docs", "num_workers", "worker_index", "processes"):
             d.pop(k)
         return d
 
@@ -105,11 +131,15 @@ class _Counts:
 
 
 def run_prepare(config: PrepareConfig) -> dict:
-    started = time.time()
+    """Prepare this worker's share of the corpus; returns the manifest once every shard is done
+    (whichever worker finishes last writes it), else a progress summary with "complete": False.
+    With `processes > 1`, runs that many workers here (each a share of this worker's share)."""
+    worker, workers = worker_from_env(config.num_workers, config.worker_index)
+    if config.dedupe:
+        _refuse_dedupe_across(workers, config.processes)  # again: torchrun's WORLD_SIZE counts too
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    spans = ByteSpanTokenizer(tokenizer, name=config.tokenizer)
     sources = expand_inputs(list(config.inputs))
-    builder = TextBuilder(config.text_field, config.template)  # validates the template early
+    TextBuilder(config.text_field, config.template)  # validates the template early
     tokenizer_info = {"name": model_name(config.tokenizer), "spec": config.tokenizer, "vocab_hash": vocab_hash(tokenizer)}
     stage = StageDir(Path(config.out), STAGE_PREPARE, [DOCS_DIR])
     state = stage.begin(
@@ -118,88 +148,209 @@ def run_prepare(config: PrepareConfig) -> dict:
     )
     if state == "done":
         log.info("%s is already complete; nothing to do", config.out)
-        return json.loads((Path(config.out) / "manifest.json").read_text())
+        return read_manifest(config.out, STAGE_PREPARE)
+    if config.processes > 1:
+        total = _run_pool(config, worker, workers)
+    else:
+        total = _run_worker(config, tokenizer, sources, stage, worker, workers)
+    return (_finish_if_complete(stage, config, sources, tokenizer_info, total)
+            or _progress_summary(stage, config, total, worker, workers))
+
+
+def _refuse_dedupe_across(workers: int, processes: int) -> None:
+    if workers * processes > 1:
+        raise ValueError(
+            f"--dedupe needs one process ({workers} worker(s) x {processes} process(es) given): exact dedupe "
+            "keeps the first copy in corpus order, which a worker cannot see in another worker's share. "
+            "Prepare with one process, or without --dedupe (and dedupe upstream)."
+        )
+
+
+def _run_pool(config: PrepareConfig, worker: int, workers: int) -> int:
+    """`processes` local workers, worker*P + p of workers*P: the same split as that many machines."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
+    n = config.processes
+    jobs = [replace(config, processes=1, num_workers=workers * n, worker_index=worker * n + p, progress=False,
+                    overwrite=False) for p in range(n)]
+    # fork where there is one: a spawned worker spends seconds importing transformers and torch
+    # again; the tokenizers library turns its thread pool off in a forked child by itself
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context(method), initializer=_pool_init) as pool:
+        summaries = list(pool.map(_pool_job, jobs))
+    for summary in summaries:
+        log.info("worker %s/%s: peak RSS %s MB", *summary["worker"], summary["peak_rss_mb"])
+    return summaries[0]["records_total"]
+
+
+def _pool_init() -> None:
+    # one process per core: the tokenizer's own thread pool would only oversubscribe the cores
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _pool_job(config: PrepareConfig) -> dict:
+    summary = run_prepare(config)
+    return {
+        "worker": [config.worker_index, config.num_workers],
+        "records_total": summary.get("records_total", summary.get("counts", {}).get("documents_read")),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    }
+
+
+def plan_units(total_records: int, shard_docs: int) -> list[tuple[int, int]]:
+    """Shard i holds the documents kept from records [i*shard_docs, (i+1)*shard_docs) of the
+    input stream (all inputs in order), so its name never depends on which worker made it.
+
+    >>> plan_units(5, 2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    return [(a, min(a + shard_docs, total_records)) for a in range(0, total_records, shard_docs)]
+
+
+class _Records:
+    """Records [a, b) of the input stream for one worker, reading forward from where the last
+    range ended when it can (one pass per source for a worker whose shards follow each other),
+    else starting the source at the record (`index_source` marks every shard's first record)."""
+
+    def __init__(self, sources, builder: TextBuilder, split: str, shard_docs: int, max_docs: int | None):
+        self.sources, self.builder, self.split = sources, builder, split
+        self.indexes, self.starts, total = [], [], 0
+        for src in sources:
+            index = index_source(src, split, mark_every=shard_docs, offset=total)
+            self.indexes.append(index)
+            self.starts.append(total)
+            total += index.records
+        self.total = total if max_docs is None else min(total, max_docs)
+        self._open: tuple[int, int, Iterator[RawRecord]] | None = None  # (source, next record, reader)
+
+    def read(self, a: int, b: int) -> Iterator[RawRecord]:
+        for i, (src, start) in enumerate(zip(self.sources, self.starts)):
+            lo, hi = max(a, start) - start, min(b, start + self.indexes[i].records) - start
+            if lo >= hi:
+                continue
+            if self._open is not None and self._open[:2] == (i, lo):
+                reader = self._open[2]
+            else:
+                reader = read_source(src, self.builder, self.split, start=lo, mark=self.indexes[i].marks.get(lo))
+            yield from itertools.islice(reader, hi - lo)
+            self._open = (i, hi, reader)
+
+
+def _run_worker(config: PrepareConfig, tokenizer, sources, stage: StageDir, worker: int, workers: int) -> int:
+    """Prepare this worker's shards; returns the number of records in the input stream."""
+    spans = ByteSpanTokenizer(tokenizer, name=config.tokenizer)
+    records = _Records(sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs,
+                       config.max_docs)
+    units = plan_units(records.total, config.shard_docs)
     done = stage.done_shards(DOCS_DIR)
+    todo = [u for u in worker_split(range(len(units)), worker, workers) if u not in done]
     if done:
         log.info("resuming: %d shard(s) already complete", len(done))
-
-    counts = _Counts()
-    rejects_tmp = Path(config.out) / f"rejects.jsonl.tmp-{os.getpid()}"
     seen: set[bytes] = set()
-    buffer: list[tuple[str, str, str]] = []  # (doc_id, source, text)
-    shard_index = 0
+    if config.dedupe:  # one process: the finished shards are the first ones, and hold every kept text
+        for path in list_shards(Path(config.out) / DOCS_DIR):
+            for text in read_parquet(path, columns=["text"]).column("text").to_pylist():
+                seen.add(_content_key(text))
 
     from tqdm import tqdm
 
-    bar = tqdm(desc="prepare", unit=" docs", disable=not config.progress, dynamic_ncols=True)
+    started, tokens = time.time(), 0
+    with tqdm(total=sum(units[u][1] - units[u][0] for u in todo), desc="prepare", unit=" docs",
+              disable=not config.progress, dynamic_ncols=True) as bar:
+        for u in todo:
+            stats = _prepare_unit(stage, u, records.read(*units[u]), spans, config, seen)
+            if stats["read"] != units[u][1] - units[u][0]:  # the index and the reader disagree: a bug
+                raise AssertionError(f"shard {u}: read {stats['read']} records, expected {units[u][1] - units[u][0]}")
+            tokens += stats["tokens"]
+            bar.update(stats["read"])
+            bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.time() - started, 1e-9):,.0f}")
+    return records.total
 
-    def flush() -> None:
-        nonlocal shard_index, buffer
-        if shard_index in done:
-            stats = done[shard_index]
-        else:
-            stats = _write_docs_shard(stage, shard_index, buffer, spans, config)
-        for doc_id, detail in stats["untokenizable"]:
-            counts.rejected["untokenizable"] += 1
-            rejects.write(json.dumps({"doc_id": doc_id, "reason": "untokenizable", "detail": detail}) + "\n")
-        counts.written += stats["documents"]
-        counts.tokens += stats["tokens"]
-        bar.set_postfix(tokens=counts.tokens, tok_s=f"{counts.tokens / max(time.time() - started, 1e-9):,.0f}")
-        shard_index += 1
-        buffer = []
 
-    try:
-        with open(rejects_tmp, "w", encoding="utf-8") as rejects:
-            for rec in _records(sources, builder, config):
-                counts.read += 1
-                bar.update(1)
-                text = _accept(rec, config, spans, counts, seen, rejects)
-                if text is not None:
-                    buffer.append((rec.doc_id, rec.source, text))
-                    if len(buffer) >= config.shard_docs:
-                        flush()
-            if buffer:
-                flush()
-    except BaseException:  # a failed run (a bad record, a full disk) leaves no temporary file
-        rejects_tmp.unlink(missing_ok=True)
-        raise
-    bar.close()
-    if counts.rejected:
-        os.replace(rejects_tmp, Path(config.out) / "rejects.jsonl")
+def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareConfig, seen: set) -> dict:
+    """Filter, tokenize and write one shard with its marker (the marker alone when nothing is kept)."""
+    t0 = time.time()
+    counts, rejects, docs = _Counts(), [], []
+    for rec in records:
+        counts.read += 1
+        text = _accept(rec, config, spans, counts, seen, rejects)
+        if text is not None:
+            docs.append((rec.doc_id, rec.source, text))
+    table, written = _tokenize_docs(docs, spans, config)
+    for doc_id, detail in written["untokenizable"]:
+        counts.rejected["untokenizable"] += 1
+        rejects.append({"doc_id": doc_id, "reason": "untokenizable", "detail": detail})
+    stats = {
+        "documents": written["documents"], "tokens": written["tokens"], "read": counts.read,
+        "normalized": counts.normalized, "rejected": dict(counts.rejected), "dropped": dict(counts.dropped),
+        "rejects": rejects, "seconds": round(time.time() - t0, 3),
+    }
+    if written["documents"]:
+        stage.write_shard(DOCS_DIR, index, table, stats)
     else:
-        rejects_tmp.unlink()
+        write_json_atomic(stage.marker_path(DOCS_DIR, index), {"empty": True, "time": time.time(), **stats})
+    return stats
 
-    accounted = counts.written + sum(counts.rejected.values()) + sum(counts.dropped.values())
-    if accounted != counts.read:  # an internal invariant, not user input
-        raise AssertionError(f"document accounting broke: read {counts.read} != accounted {accounted}")
+
+def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int) -> dict | None:
+    """The manifest, written from every shard's marker, once none is missing."""
+    done = stage.done_shards(DOCS_DIR)
+    n_units = len(plan_units(total, config.shard_docs))
+    if any(u not in done for u in range(n_units)):
+        return None
+    markers = [done[u] for u in range(n_units)]
+    rejected, dropped = Counter(), Counter()
+    for m in markers:
+        rejected.update(m["rejected"])
+        dropped.update(m["dropped"])
+    counts = {
+        "documents_read": sum(m["read"] for m in markers),
+        "documents_written": sum(m["documents"] for m in markers),
+        "documents_rejected": dict(sorted(rejected.items())),
+        "documents_dropped": dict(sorted(dropped.items())),
+        "documents_normalized": sum(m["normalized"] for m in markers),
+        "tokens": sum(m["tokens"] for m in markers),
+    }
+    accounted = counts["documents_written"] + sum(rejected.values()) + sum(dropped.values())
+    if accounted != counts["documents_read"] or counts["documents_read"] != total:  # internal invariants
+        raise AssertionError(f"document accounting broke: read {counts['documents_read']} of {total}, accounted {accounted}")
+    rejects_path = Path(config.out) / "rejects.jsonl"
+    if rejected:
+        tmp = rejects_path.with_name(f"rejects.jsonl.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for m in markers:
+                f.writelines(json.dumps(r) + "\n" for r in m["rejects"])
+        os.replace(tmp, rejects_path)
     return stage.finish(
         {
             "tokenizer": tokenizer_info,
             "inputs": [s.fingerprint() for s in sources],
-            "shards": [f"{DOCS_DIR}/part-{i:05d}.parquet" for i in range(shard_index)],
+            "shards": [f"{DOCS_DIR}/{shard_name(u)}" for u in range(n_units) if not done[u].get("empty")],
             "schema": {f.name: str(f.type) for f in DOCS_SCHEMA},
-            "counts": {
-                "documents_read": counts.read,
-                "documents_written": counts.written,
-                "documents_rejected": dict(sorted(counts.rejected.items())),
-                "documents_dropped": dict(sorted(counts.dropped.items())),
-                "documents_normalized": counts.normalized,
-                "tokens": counts.tokens,
-            },
-            "seconds": round(time.time() - started, 2),
+            "counts": counts,
+            "seconds": round(sum(float(m.get("seconds", 0)) for m in markers), 2),
         }
     )
 
 
-def _records(sources, builder, config: PrepareConfig):
-    """Every record of every source, in order; only the first --max-docs when given."""
-    n = 0
-    for src in sources:
-        for rec in read_source(src, builder, config.split):
-            if config.max_docs is not None and n >= config.max_docs:
-                return
-            n += 1
-            yield rec
+def _progress_summary(stage: StageDir, config: PrepareConfig, total: int, worker: int, workers: int) -> dict:
+    done = stage.done_shards(DOCS_DIR)
+    n_units = len(plan_units(total, config.shard_docs))
+    mine = [u for u in worker_split(range(n_units), worker, workers) if u in done]
+    return {
+        "stage": STAGE_PREPARE,
+        "complete": False,
+        "worker": [worker, workers],
+        "records_total": total,
+        "shards_done": sum(u in done for u in range(n_units)),
+        "shards_total": n_units,
+        "counts": {"documents_read": sum(done[u]["read"] for u in mine),
+                   "documents_written": sum(done[u]["documents"] for u in mine),
+                   "tokens": sum(done[u]["tokens"] for u in mine)},
+        "seconds": round(sum(float(done[u].get("seconds", 0)) for u in mine), 2),
+    }
 
 
 def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) -> str | None:
@@ -214,7 +365,7 @@ def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) 
         if not config.skip_bad:
             raise BadInput(f"{rec.where()}: {reason.replace('_', ' ')}: {detail} (pass --skip-bad to skip such records)")
         counts.rejected[reason] += 1
-        rejects.write(json.dumps({"doc_id": rec.doc_id, "reason": reason, "detail": detail}) + "\n")
+        rejects.append({"doc_id": rec.doc_id, "reason": reason, "detail": detail})
         return None
     normalized = spans.normalize(text)
     if normalized != text:
@@ -227,7 +378,7 @@ def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) 
         counts.dropped["too_short"] += 1
         return None
     if config.dedupe:
-        key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        key = _content_key(text)
         if key in seen:
             counts.dropped["duplicate"] += 1
             return None
@@ -235,8 +386,12 @@ def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) 
     return text
 
 
-def _write_docs_shard(stage: StageDir, index: int, docs: list, spans: ByteSpanTokenizer, config) -> dict:
-    """Tokenize and write one shard. Documents that cannot get exact spans are left out and
+def _content_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _tokenize_docs(docs: list, spans: ByteSpanTokenizer, config) -> tuple[pa.Table | None, dict]:
+    """One shard's table and stats. Documents that cannot get exact spans are left out and
     returned as `untokenizable` (an error without --skip-bad)."""
     ids_parts, ends_parts, counts_parts, kept, untokenizable = [], [], [], [], []
     for start in range(0, len(docs), config.batch_docs):
@@ -258,6 +413,8 @@ def _write_docs_shard(stage: StageDir, index: int, docs: list, spans: ByteSpanTo
         counts_parts.append(doc_counts[keep])
         kept += [d for d, k in zip(chunk, keep) if k]
     docs = kept
+    if not docs:
+        return None, {"documents": 0, "tokens": 0, "untokenizable": untokenizable}
     n_tokens = np.concatenate(counts_parts).astype(np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(n_tokens, dtype=np.int64)]).astype(np.int32))
     table = pa.Table.from_arrays(
@@ -271,6 +428,4 @@ def _write_docs_shard(stage: StageDir, index: int, docs: list, spans: ByteSpanTo
         ],
         schema=DOCS_SCHEMA,
     )
-    stats = {"documents": len(docs), "tokens": int(n_tokens.sum()), "untokenizable": untokenizable}
-    stage.write_shard(DOCS_DIR, index, table, stats)
-    return stats
+    return table, {"documents": len(docs), "tokens": int(n_tokens.sum()), "untokenizable": untokenizable}

@@ -3,11 +3,17 @@
     run_score_entropy(ScoreConfig(prepared="out/prep", out="out/scored")) -> manifest dict
 
 Position `pos` of a document has the context tokens[0:pos] and the target token_ids[pos]. Every
-position with at least `min_context` tokens of context is scored once. Documents longer than
-the window (`max_context` tokens: context + target) are cut into overlapping windows by
-`plan_windows`: each later window carries `overlap` tokens of context (default half the window)
-and the last one is shifted back so it is full, so every position sees at least
-min(pos, overlap) >= min_context tokens of context and each position is scored exactly once.
+position with at least `min_context` tokens of context is scored once, with at most
+`max_context - 1` tokens of context (the window: context + target). A document within the window
+is one forward pass. A longer one is scored in one of two ways (`options.long_documents`):
+  kv-carry  (hf scorer) consecutive chunks (`plan_chunks`): the first is the first window, each
+            later one scores `max_context - overlap` new positions and carries the key/value
+            cache of the `overlap` tokens before them, so each token is computed once;
+  windows   (vLLM, or a model whose cache cannot be carried) `plan_windows`: each later window
+            re-runs `overlap` tokens of context (default half the window), and the last one is
+            shifted back so it is full; the overlap is computed again (about twice per token).
+Either way every position sees at least min(pos, overlap) >= min_context tokens of context, and
+the first window's positions (context = the whole prefix) get the same numbers.
 
 Entropy over the proxy's k most likely next tokens (k = `top_k`, 16 as in the paper):
     full-softmax  H = -sum_{i<=k} p_i log p_i, p_i the full-vocabulary softmax probabilities
@@ -56,7 +62,7 @@ from rptdata.manifest import (
     worker_from_env,
     worker_split,
 )
-from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
+from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer, plan_chunks
 from rptdata.models import (
     DEFAULT_MODEL,
     load_tokenizer,
@@ -203,30 +209,64 @@ def score_docs(
     overlap: int | None = None,
     threshold: float | None = DEFAULT_THRESHOLD,
     save_topk: bool = False,
+    long_documents: str | None = None,
     progress=None,
 ) -> tuple[pa.Table, dict]:
     """Score every position of these documents; keep rows with entropy >= threshold (None: all).
 
-    Returns the positions table (rows in document order, then by pos) and the shard's counts.
+    Documents longer than `max_context` go in chunks that carry the key/value cache
+    (`long_documents="kv-carry"`, where the scorer can) or in overlapping windows ("windows");
+    None picks what the scorer can do. Returns the positions table (rows in document order, then
+    by pos) and the shard's counts.
     """
-    seqs, firsts, owner, starts = [], [], [], []
+    overlap = default_overlap(max_context, min_context) if overlap is None else overlap
+    long_documents = long_documents or long_document_method(scorer.name, getattr(scorer, "carries_kv", False))
+    if long_documents == "kv-carry" and not getattr(scorer, "carries_kv", False):
+        raise ValueError(f"the {scorer.name} scorer cannot carry a key/value cache; score long documents in windows")
+    carried = _carried_docs(scorer, tokens, max_context) if long_documents == "kv-carry" else set()
+    # units, in (document, first position) order: a window of a document, or a whole carried document
+    owner, firsts, seqs, unit_of = [], [], [], {}
+    n_windows = tokens_forwarded = 0
     for d, toks in enumerate(tokens):
+        if d in carried:
+            if len(toks) > min_context:
+                unit_of[("doc", d)] = len(owner)
+                owner.append(d)
+                firsts.append(min_context)
+                n_windows += len(plan_chunks(len(toks), max_context - overlap, max_context, min_context, max_context))
+                tokens_forwarded += len(toks) - 1
+            continue
         for w in plan_windows(len(toks), max_context, min_context, overlap):
-            seqs.append(toks[w.start : w.end])
-            firsts.append(w.first - w.start)
+            unit_of[("win", len(seqs))] = len(owner)
             owner.append(d)
-            starts.append(w.start)
+            firsts.append(w.first)
+            seqs.append((toks[w.start : w.end], w.first - w.start))
+            n_windows += 1
+            tokens_forwarded += w.end - w.start - 1
     names = _SCORE_FIELDS + (_TOPK_NAMES if save_topk else ())
-    kept: list = [None] * len(seqs)  # per window: {"pos": ..., field: array}, filtered
-    for i, scores in scorer.score(seqs, firsts, progress=progress):
-        cols = {"pos": starts[i] + firsts[i] + np.arange(len(scores), dtype=np.int64)}
+    kept: list = [None] * len(owner)  # per unit: {"pos": ..., field: array}, filtered
+    n_scored = 0
+
+    def keep(unit: int, scores) -> None:
+        nonlocal n_scored
+        n_scored += len(scores)
+        cols = {"pos": firsts[unit] + np.arange(len(scores), dtype=np.int64)}
         cols.update((name, getattr(scores, name)) for name in names)
         if threshold is not None:
             mask = scores.entropy >= threshold
             cols = {name: col[mask] for name, col in cols.items()}
-        kept[i] = cols
+        kept[unit] = cols
+
+    for i, scores in scorer.score([s for s, _ in seqs], [f for _, f in seqs], progress=progress):
+        keep(unit_of[("win", i)], scores)
+    if carried:
+        docs = sorted(carried)
+        for i, scores in scorer.score_carried([tokens[d] for d in docs], chunk=max_context - overlap,
+                                              max_context=max_context, min_context=min_context,
+                                              first_end=max_context, progress=progress):
+            keep(unit_of[("doc", docs[i])], scores)
     if any(c is None for c in kept):  # the scorer contract: every sequence exactly once
-        raise AssertionError("the scorer left sequences unscored")
+        raise AssertionError("the scoring scorer left sequences unscored")
 
     keep_counts = np.array([len(c["pos"]) for c in kept], dtype=np.int64)
     doc_index = np.repeat(np.array(owner, dtype=np.int64), keep_counts)
@@ -260,7 +300,6 @@ def score_docs(
         schema = pa.schema(list(POSITIONS_SCHEMA) + [pa.field(n, t) for n, t in TOPK_FIELDS])
     table = pa.Table.from_arrays(columns, schema=schema)
 
-    n_scored = sum(len(s) - f for s, f in zip(seqs, firsts))
     stats = {
         "documents": len(tokens),
         "documents_without_positions": int((lengths <= min_context).sum()),
@@ -268,12 +307,30 @@ def score_docs(
         "positions_kept": int(len(pos)),
         "positions_below_threshold": int(n_scored - len(pos)),
         "positions_skipped_short_context": int(np.minimum(lengths, min_context).sum()),
-        "windows": len(seqs),
-        "tokens_forwarded": int(sum(len(s) - 1 for s in seqs)),
+        "windows": n_windows,
+        "tokens_forwarded": int(tokens_forwarded),
     }
     if stats["positions_scored"] + stats["positions_skipped_short_context"] != int(lengths.sum()):
         raise AssertionError("position accounting broke: scored + skipped != tokens")  # internal invariant
     return table, stats
+
+
+def _carried_docs(scorer, tokens, max_context: int) -> set[int]:
+    """The documents scored with a carried key/value cache: longer than the window (shorter ones
+    fit one window, which already forwards each token once) and within the model's positions
+    (position ids are absolute; longer documents fall back to windows)."""
+    limit = getattr(scorer, "max_positions", None) or float("inf")
+    return {d for d, t in enumerate(tokens) if max_context < len(t) <= limit}
+
+
+def long_document_method(engine_name: str, carries_kv: bool) -> str:
+    """How documents longer than the window are scored: "kv-carry" (the transformers scorer, each
+    token once) or "windows" (vLLM, and models whose cache cannot be carried).
+
+    >>> long_document_method("vllm", False), long_document_method("hf", True)
+    ('windows', 'kv-carry')
+    """
+    return "kv-carry" if engine_name == "hf" and carries_kv else "windows"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +341,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     """Score this worker's share of the prepared shards; returns the manifest once the stage is
     complete, else a progress summary with `"complete": False`.
 
-    `scorer` lets a caller (benchmarks, tests) pass a scorer it already loaded; by default it is
+    `scorer` lets a caller (benchmarks, tests) pass an scorer it already loaded; by default it is
     built from the config, and only when there is work left.
     """
     started = time.time()
@@ -295,7 +352,8 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     check_tokenizer(prep, proxy, prep_dir)
 
     engine_name = scorer.name if scorer is not None else choose_engine(config.engine, config.device)
-    max_context = config.max_context or _default_max_context(config, scorer)
+    model_config = _model_config(config) if scorer is None else None
+    max_context = config.max_context or _default_max_context(scorer, model_config)
     if max_context <= config.min_context:
         raise ValueError(f"the window ({max_context} tokens) must exceed --min-context ({config.min_context})")
     overlap = config.overlap if config.overlap is not None else default_overlap(max_context, config.min_context)
@@ -316,6 +374,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
             "min_context": config.min_context,
             "overlap": overlap,
             "save_topk": config.save_topk,
+            "long_documents": _long_documents(engine_name, scorer, model_config),
         },
     }
     stage = StageDir(Path(config.out), STAGE, [POSITIONS_DIR])
@@ -375,7 +434,8 @@ def _score_shard(stage: StageDir, path: Path, index: int, scorer, options: dict,
     positions, stats = score_docs(
         scorer, table.column("doc_id").to_pylist(), tokens,
         max_context=options["max_context"], min_context=options["min_context"], overlap=options["overlap"],
-        threshold=options["threshold"], save_topk=options["save_topk"], progress=progress,
+        threshold=options["threshold"], save_topk=options["save_topk"],
+        long_documents=options.get("long_documents", "windows"), progress=progress,
     )
     stats["input_shard"] = f"{path.parent.name}/{path.name}"
     stats["seconds"] = round(time.time() - t0, 3)
@@ -430,18 +490,32 @@ def _resolved_dtype(config: ScoreConfig, engine_name: str) -> str:
     return str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
 
 
-def _default_max_context(config: ScoreConfig, scorer) -> int:
-    """The model's max positions capped at MAX_CONTEXT_CAP, read from its config (no weights)."""
-    max_positions = getattr(scorer, "max_positions", None) if scorer is not None else None
-    if scorer is None:
-        from transformers import AutoConfig
+def _model_config(config: ScoreConfig):
+    """The proxy's transformers config (no weights)."""
+    from transformers import AutoConfig
 
-        try:
-            cfg = AutoConfig.from_pretrained(local_model_dir(config.model), trust_remote_code=config.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ModelResolutionError(f"{config.model}: cannot read the model config: {e}") from e
-        max_positions = getattr(cfg, "max_position_embeddings", None)
+    try:
+        return AutoConfig.from_pretrained(local_model_dir(config.model), trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelResolutionError(f"{config.model}: cannot read the model config: {e}") from e
+
+
+def _default_max_context(scorer, model_config) -> int:
+    """The model's max positions capped at MAX_CONTEXT_CAP."""
+    source = scorer if scorer is not None else model_config
+    max_positions = getattr(source, "max_positions" if scorer is not None else "max_position_embeddings", None)
     return min(max_positions or MAX_CONTEXT_CAP, MAX_CONTEXT_CAP)
+
+
+def _long_documents(engine_name: str, scorer, model_config) -> str:
+    """long_document_method for a loaded scorer, or predicted from the config before loading."""
+    if scorer is not None:
+        return long_document_method(scorer.name, getattr(scorer, "carries_kv", False))
+    if engine_name != "hf":
+        return "windows"
+    from rptdata.scorers.hf import kv_carry_supported
+
+    return long_document_method(engine_name, kv_carry_supported(model_config))
 
 
 def _finish_if_complete(stage: StageDir, identity: dict, runtime: dict) -> dict | None:

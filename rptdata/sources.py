@@ -6,6 +6,12 @@ package `champ-dataset`), a local `datasets` folder (`save_to_disk`), or a `data
 
 Every record is streamed, never a whole corpus in memory; `.json` files (one array of objects)
 are the exception: they are parsed whole, so use `.jsonl` or `.parquet` for large corpora.
+
+Splitting between workers: `index_source` counts a source's records (a line scan for `.jsonl`,
+metadata for `.parquet` and saved datasets) and notes where chosen records begin (byte offset
+and line number in a `.jsonl`), so `read_source(..., start=i, mark=...)` starts at record i
+without reading what comes before (a `.jsonl.gz` is decompressed up to it, a hub dataset
+streamed up to it).
 A bad record is yielded as a `RawRecord` with `reject` set (file, line, reason), so the caller
 can stop with that message or, with `--skip-bad`, count it and go on.
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import glob as globlib
 import gzip
 import importlib.util
+import itertools
 import json
 import os
 import string
@@ -176,23 +183,78 @@ def unescape(template: str) -> str:
 # readers
 
 
-def read_source(src: InputSource, builder: TextBuilder, split: str = "train") -> Iterator[RawRecord]:
+def read_source(
+    src: InputSource, builder: TextBuilder, split: str = "train", start: int = 0, mark: tuple[int, int] | None = None
+) -> Iterator[RawRecord]:
+    """The source's records from record `start` on (0-based, in reading order). For a `.jsonl`,
+    `mark` is (byte offset, line number) of record `start`, from `index_source`."""
     builder = builder.for_source(src)
     try:
         if src.kind == "builtin":
-            yield from _read_champ(builder)
+            yield from itertools.islice(_read_champ(builder), start, None)
         elif src.kind in ("hf_disk", "hf_hub"):
-            yield from _read_hf(src, builder, split)
+            yield from _read_hf(src, builder, split, start)
         elif src.path.endswith((".jsonl", ".jsonl.gz")):
-            yield from _read_jsonl(src.path, builder)
+            if start and mark is None:
+                raise ValueError(f"{src.path}: starting at record {start} needs its mark from index_source")
+            yield from _read_jsonl(src.path, builder, *(mark or (0, 1)))
         elif src.path.endswith(".json"):
-            yield from _read_json(src.path, builder)
+            yield from itertools.islice(_read_json(src.path, builder), start, None)
         elif src.path.endswith(".parquet"):
-            yield from _read_parquet(src.path, builder)
-        else:
+            yield from _read_parquet(src.path, builder, start)
+        elif start == 0:
             yield from _read_text_file(src.path)
     except (OSError, EOFError) as e:  # unreadable / truncated file
         yield RawRecord(src.path, 0, reject="unreadable_file", detail=f"{type(e).__name__}: {e}")
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """How many records a source holds, and where the marked ones begin (`.jsonl` only:
+    record index -> (byte offset, 1-based line number))."""
+
+    records: int
+    marks: dict
+
+
+def index_source(src: InputSource, split: str = "train", mark_every: int = 1, offset: int = 0) -> SourceIndex:
+    """Count the records `read_source` yields for this source, marking every record whose global
+    index (`offset` + its index here) is a multiple of `mark_every`. An unreadable or truncated
+    file counts one more record: the reject `read_source` yields for it."""
+    try:
+        if src.kind == "builtin":
+            return SourceIndex(len(json.loads(_champ_file().read_text(encoding="utf-8"))["problems"]), {})
+        if src.kind in ("hf_disk", "hf_hub"):
+            return SourceIndex(_count_hf(src, split), {})
+        if src.path.endswith((".jsonl", ".jsonl.gz")):
+            return _index_jsonl(src.path, mark_every, offset)
+        if src.path.endswith(".json"):
+            return SourceIndex(sum(1 for _ in _read_json(src.path, TextBuilder())), {})
+        if src.path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return SourceIndex(pq.ParquetFile(src.path).metadata.num_rows, {})
+        return SourceIndex(1, {})
+    except (OSError, EOFError):
+        return SourceIndex(1, {})
+
+
+def _index_jsonl(path: str, mark_every: int, offset: int) -> SourceIndex:
+    opener = gzip.open if path.endswith(".gz") else open
+    marks, n, pos = {}, 0, 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():  # the reader's test for a blank line
+                    if (offset + n) % mark_every == 0:
+                        marks[n] = (pos, lineno)
+                    n += 1
+                pos += len(raw)
+    except (OSError, EOFError):  # the reader yields one reject for the broken rest
+        if (offset + n) % mark_every == 0:
+            marks[n] = (pos, 0)
+        n += 1
+    return SourceIndex(n, marks)
 
 
 def _record(source: str, row, obj, builder: TextBuilder) -> RawRecord:
@@ -200,17 +262,19 @@ def _record(source: str, row, obj, builder: TextBuilder) -> RawRecord:
     return RawRecord(source, row, text=text, reject=reason, detail=detail)
 
 
-def _read_jsonl(path: str, builder: TextBuilder) -> Iterator[RawRecord]:
+def _read_jsonl(path: str, builder: TextBuilder, byte_offset: int = 0, first_line: int = 1) -> Iterator[RawRecord]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        if byte_offset:
+            f.seek(byte_offset)  # gzip: decompresses up to it
+        for lineno, raw in enumerate(f, first_line):
+            if not raw.strip():
+                continue  # a blank line (ASCII whitespace only) is not a record
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield RawRecord(path, lineno, reject="invalid_utf8", detail=f"byte {e.start} of the line is not UTF-8")
                 continue
-            if not line.strip():
-                continue  # a blank line is not a record
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -235,13 +299,23 @@ def _read_json(path: str, builder: TextBuilder) -> Iterator[RawRecord]:
         yield _record(path, i, obj, builder)
 
 
-def _read_parquet(path: str, builder: TextBuilder) -> Iterator[RawRecord]:
+def _read_parquet(path: str, builder: TextBuilder, start: int = 0) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    f = pq.ParquetFile(path)
+    row, groups = 0, []
+    for g in range(f.metadata.num_row_groups):  # skip whole row groups before `start`
+        n = f.metadata.row_group(g).num_rows
+        if row + n <= start and not groups:
+            row += n
+        else:
+            groups.append(g)
+    if not groups:
+        return
+    for batch in f.iter_batches(batch_size=1024, row_groups=groups):
         for obj in batch.to_pylist():
-            yield _record(path, row, obj, builder)
+            if row >= start:
+                yield _record(path, row, obj, builder)
             row += 1
 
 
@@ -277,7 +351,24 @@ def _read_champ(builder: TextBuilder) -> Iterator[RawRecord]:
         yield _record("builtin:champ", pid, record, builder)
 
 
-def _read_hf(src: InputSource, builder: TextBuilder, split: str) -> Iterator[RawRecord]:
+def _read_hf(src: InputSource, builder: TextBuilder, split: str, start: int = 0) -> Iterator[RawRecord]:
+    ds, source = _open_hf(src, split)
+    if start:
+        ds = ds.skip(start) if src.kind == "hf_hub" else ds.select(range(start, len(ds)))
+    for i, obj in enumerate(ds, start):
+        yield _record(source, i, obj, builder)
+
+
+def _count_hf(src: InputSource, split: str) -> int:
+    ds, _ = _open_hf(src, split)
+    if src.kind == "hf_disk":
+        return len(ds)
+    info = getattr(ds, "info", None)
+    known = info.splits.get(split) if info is not None and info.splits else None
+    return known.num_examples if known is not None and known.num_examples else sum(1 for _ in ds)
+
+
+def _open_hf(src: InputSource, split: str):
     import datasets
 
     if src.kind == "hf_disk":
@@ -303,5 +394,4 @@ def _read_hf(src: InputSource, builder: TextBuilder, split: str) -> Iterator[Raw
                 f"as a dataset id ({type(e).__name__}: {str(e)[:200]}). Offline? Pass local files."
             ) from e
         source = f"hf:{src.path}/{split}"
-    for i, obj in enumerate(ds):
-        yield _record(source, i, obj, builder)
+    return ds, source

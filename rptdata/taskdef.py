@@ -50,6 +50,8 @@ TASKS_SCHEMA = pa.schema(
         ("context_tokens", pa.int32()),
         ("target_logprob", pa.float32()),
         ("target_rank", pa.int32()),
+        ("accept_mass", pa.float32()),  # q of rptdata.live: P(one sample at T is rewarded)
+        ("live", pa.float32()),  # 1 - q^G - (1-q)^G: P(a group of G gets mixed rewards)
     ]
 )
 

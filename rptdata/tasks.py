@@ -14,7 +14,13 @@ Output:
 
 Every position read is accounted for: positions_in = tasks_train + tasks_eval + sum(skipped),
 with one reason per skipped position (`nan_entropy`, `below_threshold`, `mid_character`,
-`empty_context`, `over_max_tasks`, `over_max_eval_tasks`).
+`empty_context`, `low_live`, `over_max_tasks`, `over_max_eval_tasks`).
+
+Live groups (`rptdata.live`): every task carries `accept_mass` (q, the proxy's probability at
+`temperature` of a one-token prediction the prefix reward accepts) and `live` (1 - q^G -
+(1-q)^G for G = `group_size`), from `target_logprob` and, when the scorer saved them, the top-k
+tokens (whose bytes are read with the tokenizer the manifest names). `min_live` drops training
+positions below it (`low_live`), before the caps; evaluation positions are never filtered.
 
 Documents go to `eval` when a seeded SHA-256 of their id falls below `eval_fraction`
 (`rptdata.taskdef.split_of`); the rule is in the manifest, so later stages can recompute it. `--max-tasks` keeps
@@ -46,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
+from rptdata.live import accepted_prediction, live_probability, position_accept_mass
 from rptdata.bands import DEFAULT_BANDS, OTHER_BAND, as_bands, band_of
 from rptdata.manifest import (
     MANIFEST,
@@ -75,6 +82,7 @@ SKIP_REASONS = (
     "below_threshold",  # entropy < --threshold
     "mid_character",  # the context would end inside a multi-byte character
     "empty_context",  # position 0, or a context window that holds no whole character
+    "low_live",  # a training position whose predicted live-group probability is below --min-live
     "over_max_tasks",  # an eligible training task beyond --max-tasks
     "over_max_eval_tasks",  # an eligible evaluation task beyond --max-eval-tasks
 )
@@ -108,6 +116,10 @@ class MakeTasksConfig:
         max_tasks / max_eval_tasks: keep at most this many training / evaluation tasks, a
             seeded uniform sample of the eligible ones (None: all).
         bands: (name, threshold) pairs, increasing; a task's band is the highest it exceeds.
+        min_live: drop training positions whose predicted probability of a mixed-reward group
+            (`live`) is below this (None: keep all). Evaluation positions are never dropped.
+        group_size / temperature: G and T of the live estimate (`rptdata.live`); match the
+            trainer's group size and sampling temperature.
         prepared_dir: the `rpt prepare` directory; default: the one the scored manifest names.
         overwrite: replace a run in `out` made with other options.
         progress: show a progress bar.
@@ -123,6 +135,9 @@ class MakeTasksConfig:
     max_tasks: int | None = None
     max_eval_tasks: int | None = None
     bands: tuple[tuple[str, float], ...] = DEFAULT_BANDS
+    min_live: float | None = None
+    group_size: int = 8
+    temperature: float = 0.8
     prepared_dir: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -137,6 +152,12 @@ class MakeTasksConfig:
             raise ValueError("--continuation-tokens must be at least 1: the continuation holds the target token")
         if not 0.0 <= self.eval_fraction <= 1.0:
             raise ValueError(f"--eval-fraction is a share of documents, between 0 and 1; got {self.eval_fraction}")
+        if self.min_live is not None and not 0.0 <= self.min_live <= 1.0:
+            raise ValueError(f"--min-live is a probability, between 0 and 1; got {self.min_live}")
+        if self.group_size < 2:
+            raise ValueError(f"--group-size must be at least 2: one sample cannot disagree with itself; got {self.group_size}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature must be a positive number (the sampling temperature); got {self.temperature}")
         for name, cap in (("--max-tasks", self.max_tasks), ("--max-eval-tasks", self.max_eval_tasks)):
             if cap is not None and cap < 0:
                 raise ValueError(f"{name} must be 0 or more (or left out for no cap); got {cap}")
@@ -162,7 +183,15 @@ class _Shard:
     token ends' values, indexed by each position's document row.
     """
 
-    def __init__(self, index: int, docs: pa.Table, positions: pa.Table, config: MakeTasksConfig, where: str):
+    def __init__(
+        self,
+        index: int,
+        docs: pa.Table,
+        positions: pa.Table,
+        config: MakeTasksConfig,
+        where: str,
+        vocab: "_Vocab | None" = None,
+    ):
         self.index = index
         self.doc_ids: list[str] = docs.column("doc_id").to_pylist()
         row_of = {d: r for r, d in enumerate(self.doc_ids)}
@@ -191,6 +220,9 @@ class _Shard:
         self.entropy = positions.column("entropy").to_numpy(zero_copy_only=False).astype(np.float32)
         self.logprob = _optional(positions, "target_logprob", np.float32, self.n)
         self.rank = _optional(positions, "target_rank", np.int64, self.n)
+        self.topk = None
+        if vocab is not None and "topk_ids" in positions.column_names and "topk_logprobs" in positions.column_names:
+            self.topk = (positions.column("topk_ids").to_pylist(), positions.column("topk_logprobs").to_pylist())
 
         if self.n and (np.any(self.pos < 0) or np.any(self.pos >= n_tok[self.row])):
             bad = int(np.nonzero((self.pos < 0) | (self.pos >= n_tok[self.row]))[0][0])
@@ -210,6 +242,15 @@ class _Shard:
         self._filter(config)
         self.split_eval = np.array([split_of(d, config.seed, config.eval_fraction) == "eval" for d in self.doc_ids], bool)
         self.pos_eval = self.split_eval[self.row] if self.n else np.zeros(0, bool)
+        self.accept_mass = np.full(self.n, np.nan, np.float64)
+        self.live = np.full(self.n, np.nan, np.float64)
+        if self.logprob is not None:
+            self._estimate_live(config, vocab)
+        elif config.min_live is not None:
+            raise BadInput(f"{where}: no target_logprob column, so --min-live has nothing to estimate from")
+        if config.min_live is not None:  # training positions only: the eval split is never filtered
+            low = ~(self.live >= config.min_live)  # NaN (no estimate) counts as low
+            self._mark(low & ~self.pos_eval, "low_live")
 
     def _end(self, token: np.ndarray) -> np.ndarray:
         """Byte offset (within each position's document) where `token` ends; token -1 ends at 0."""
@@ -242,6 +283,29 @@ class _Shard:
             self.start = self.start + move
         self._mark(self.start >= self.pos, "empty_context")
 
+    def _estimate_live(self, config: MakeTasksConfig, vocab: "_Vocab | None") -> None:
+        """accept_mass (q) and live for every position still eligible (`rptdata.live`)."""
+        cache_row, text_bytes, ends = -1, b"", np.zeros(0, np.int64)
+        for i in np.nonzero(self.reason == 0)[0]:
+            r = int(self.row[i])
+            if r != cache_row:
+                cache_row = r
+                text_bytes, ends = self.doc_bytes(r)
+            continuation, boundaries = continuation_at(text_bytes, ends, int(self.pos[i]), config.continuation_tokens)
+            cont = continuation.encode("utf-8")
+            # the true token is cont[:boundaries[0]]: accepted unless it ends inside a character
+            target_ok = accepted_prediction(cont[: boundaries[0]], cont, boundaries)
+            topk = None
+            if self.topk is not None and vocab is not None and self.topk[0][i]:
+                ids = self.topk[0][i]
+                ok = [vocab.accepts(t, cont, boundaries) for t in ids]
+                topk = (ids, self.topk[1][i], ok)
+            q = position_accept_mass(float(self.logprob[i]), target_ok, config.temperature, topk, int(self.token_id[i]))
+            # rounded to float32 as stored, so --min-live keeps exactly the rows whose stored
+            # `live` is >= it (as a query of the written shards would find)
+            self.accept_mass[i] = np.float32(q)
+            self.live[i] = np.float32(live_probability(q, config.group_size))
+
     def eligible(self) -> np.ndarray:
         return np.nonzero(self.reason == 0)[0]
 
@@ -253,6 +317,40 @@ class _Shard:
             self.text_data[self.text_off[r] : self.text_off[r + 1]].tobytes(),
             self.ends_flat[self.ends_off[r] : self.ends_off[r + 1]],
         )
+
+
+class _Vocab:
+    """Token id -> bytes, for judging the saved top-k tokens against a continuation. Special
+    tokens never count: a sampled stop token decodes to nothing."""
+
+    def __init__(self, tokenizer):
+        from rptdata.spans import ByteSpanTokenizer
+
+        self.token_bytes = ByteSpanTokenizer(tokenizer).token_bytes
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or [])
+
+    def accepts(self, token_id: int, continuation: bytes, boundaries) -> bool:
+        if token_id in self.special or not 0 <= token_id < len(self.token_bytes):
+            return False
+        return accepted_prediction(self.token_bytes[token_id], continuation, boundaries)
+
+
+def _load_vocab(sm: dict, scored: Path) -> _Vocab | None:
+    """The tokenizer the scored manifest names, when the scorer saved top-k tokens; else None."""
+    if not (sm.get("options") or {}).get("save_topk"):
+        return None
+    from rptdata.models import load_tokenizer, vocab_hash
+
+    info = sm.get("tokenizer") or {}
+    spec = info.get("spec") or info.get("name")
+    if not spec:
+        raise MissingUpstream(f"{scored}/{MANIFEST} names no tokenizer; the saved top-k tokens cannot be read")
+    tokenizer = load_tokenizer(spec)
+    if info.get("vocab_hash") and vocab_hash(tokenizer) != info["vocab_hash"]:
+        raise ManifestMismatch(
+            f"the tokenizer {spec!r} named by {scored}/{MANIFEST} now has another vocabulary than it was scored with"
+        )
+    return _Vocab(tokenizer)
 
 
 def _optional(table: pa.Table, name: str, dtype, n: int) -> np.ndarray | None:
@@ -272,6 +370,7 @@ class _Inputs:
     scored_manifest: dict
     prepared_manifest: dict
     shards: list[int]
+    vocab: _Vocab | None = None
 
 
 def _open_inputs(config: MakeTasksConfig) -> _Inputs:
@@ -312,7 +411,7 @@ def _open_inputs(config: MakeTasksConfig) -> _Inputs:
         if not (prepared / DOCS_DIR / shard_name(index)).exists():
             raise MissingUpstream(f"{path} has no matching docs shard {prepared / DOCS_DIR / shard_name(index)}")
         shards.append(index)
-    return _Inputs(scored, prepared, sm, pm, shards)
+    return _Inputs(scored, prepared, sm, pm, shards, _load_vocab(sm, scored))
 
 
 def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
@@ -321,12 +420,12 @@ def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
     pos_path = check_shard(inputs.scored, f"{POSITIONS_DIR}/{shard_name(index)}", inputs.scored_manifest)
     with parquet_errors(pos_path):
         schema = pq.read_schema(pos_path)
-    wanted = ["doc_id", "pos", "token_id", "entropy", "target_logprob", "target_rank"]
+    wanted = ["doc_id", "pos", "token_id", "entropy", "target_logprob", "target_rank", "topk_ids", "topk_logprobs"]
     missing = [c for c in wanted[:4] if c not in schema.names]
     if missing:
         raise BadInput(f"{pos_path}: missing column(s) {', '.join(missing)}; is this a score-entropy shard?")
     positions = read_parquet(pos_path, columns=[c for c in wanted if c in schema.names])
-    return _Shard(index, docs, positions, config, str(pos_path))
+    return _Shard(index, docs, positions, config, str(pos_path), inputs.vocab)
 
 
 def _select_capped(inputs: _Inputs, config: MakeTasksConfig) -> dict[str, dict[int, set[int]] | None]:
@@ -387,6 +486,9 @@ def _build_tasks(shard: _Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa
         cols["context_tokens"].append(n_ctx)
         cols["target_logprob"].append(None if shard.logprob is None else float(shard.logprob[i]))
         cols["target_rank"].append(None if shard.rank is None else int(shard.rank[i]))
+        q, live = float(shard.accept_mass[i]), float(shard.live[i])
+        cols["accept_mass"].append(None if math.isnan(q) else q)
+        cols["live"].append(None if math.isnan(live) else live)
     return pa.Table.from_pydict(cols, schema=TASKS_SCHEMA)
 
 
@@ -410,6 +512,9 @@ def _write_task_shard(stage: StageDir, shard: _Shard, chosen: dict, config: Make
         docs_in_split = np.unique(shard.row[shard.pos_eval == (split == "eval")])
         stats["documents"][split] = int(len(docs_in_split))
         stats["documents_with_tasks"][split] = int(len(np.unique(shard.row[in_split])))
+        live = shard.live[in_split]
+        stats.setdefault("live_sum", {})[split] = float(np.nansum(live))
+        stats.setdefault("live_n", {})[split] = int(np.count_nonzero(~np.isnan(live)))
     stats["skipped"] = {r: int(skipped.get(r, 0)) for r in SKIP_REASONS}
     # train first; the eval marker, written last, carries the whole shard's stats
     stage.write_shard("train", shard.index, tables["train"], {"tasks": tables["train"].num_rows})
@@ -476,6 +581,14 @@ def run_make_tasks(config: MakeTasksConfig) -> dict:
             "shards": {split: [f"{split}/{shard_name(i)}" for i in inputs.shards] for split in SPLITS},
             "schema": {f.name: str(f.type) for f in TASKS_SCHEMA},
             "counts": counts,
+            "live_estimate": {
+                "group_size": config.group_size,
+                "temperature": config.temperature,
+                "min_live": config.min_live,
+                "topk": inputs.vocab is not None,
+                "exact_when": "the policy is the proxy and the prompt format is `continuation` (one sampled token)",
+                "function": "rptdata.live.position_accept_mass",
+            },
             "seconds": round(time.time() - started, 2),
         }
     )
@@ -493,4 +606,10 @@ def _sum_counts(per_shard: list[dict], config: MakeTasksConfig) -> dict:
         "documents_with_tasks": {split: sum(s["documents_with_tasks"][split] for s in per_shard) for split in SPLITS},
         "skipped": {r: sum(s["skipped"][r] for s in per_shard) for r in SKIP_REASONS},
     }
+    # the mean of `live` over the written tasks: the share of groups predicted to carry signal
+    counts["predicted_live"] = {}
+    for split in SPLITS:
+        n = sum(s.get("live_n", {}).get(split, 0) for s in per_shard)
+        total = sum(s.get("live_sum", {}).get(split, 0.0) for s in per_shard)
+        counts["predicted_live"][split] = round(total / n, 6) if n else None
     return counts

@@ -81,7 +81,7 @@ def _verify_stage(root: Path, deep: bool, problems: list[dict]) -> int:
     for marker in sorted((root / DONE_DIR).glob("*.json")):
         record = _load(marker, problems)
         checked += 1
-        if record is None or "shard" not in record:
+        if record is None or "shard" not in record:  # unparsable (reported), or an empty shard's marker alone
             continue
         data_dir = marker.stem.rsplit("-", 1)[0]
         rel = f"{data_dir}/{record['shard']}"

@@ -32,6 +32,8 @@ from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 log = logging.getLogger(__name__)
 
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
+# carried when the tasks have them (make-tasks' live estimate, rptdata.live); older tasks load without
+OPTIONAL_TASK_COLUMNS = ["accept_mass", "live"]
 
 
 def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
@@ -101,14 +103,22 @@ def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.T
 
 
 class TaskRows:
-    """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts."""
+    """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts.
+
+    Rows hold TASK_COLUMNS, plus `accept_mass` and `live` when the tasks carry them
+    (`rptdata.live.predicted_zero_variance(rows, G)` then predicts a batch's dead groups)."""
 
     def __init__(self, tasks_dir: str | Path, cache: str | Path):
         shards = task_shards(tasks_dir, "train")
         if not shards:
             raise RptError(f"nothing to train on: {tasks_dir} has no train shards")
         key = read_manifest(Path(tasks_dir), STAGE_TASKS).get("fingerprint") or "unversioned"
-        self.table = mmap_shards(shards, TASK_COLUMNS, Path(cache) / f"tasks-{key}")
+        with parquet_errors(shards[0]):
+            present = set(pq.read_schema(shards[0]).names)
+        extra = [c for c in OPTIONAL_TASK_COLUMNS if c in present]
+        # the column set is part of the cache's name: a cache made without `live` is not reused with it
+        name = f"tasks-{key}" + ("-" + "-".join(extra) if extra else "")
+        self.table = mmap_shards(shards, TASK_COLUMNS + extra, Path(cache) / name)
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -8,7 +8,8 @@ record batch, and renamed into place when complete):
     OUT/eval.parquet    the held-out documents' tasks (with --split eval or both)
     OUT/run.json        written first: these settings (a rerun after a crash redoes the export)
     OUT/manifest.json   written last: source tasks, format, prompt template, reward, row counts,
-                        and for verl the reward-function path to pass as custom_reward_function.path
+                        and for verl the two overrides that point verl 0.9.1 at the rpt reward
+                        (verl_overrides: reward.custom_reward_function.path/name)
 
 The columns are fixed per (format, prompt template, tokenizer), see docs/tasks.md; every row is
 checked against them, so a change in the integration modules cannot drop a column silently.
@@ -256,7 +257,10 @@ def run_export_tasks(config: ExportConfig) -> dict:
     if config.format == "verl":
         import rpttrain.integrations.verl as verl_integration
 
-        manifest["custom_reward_function"] = {"path": str(Path(verl_integration.__file__).resolve()), "name": "compute_score"}
+        # verl 0.9.1's main_ppo reads the key under `reward.`; a top-level one is silently ignored
+        path = Path(verl_integration.__file__).resolve()
+        manifest["verl_overrides"] = [f"reward.custom_reward_function.path={path}",
+                                      "reward.custom_reward_function.name=compute_score"]
     else:
         manifest["reward_function"] = "rpttrain.integrations.trl.rpt_reward"
     write_json_atomic(out / MANIFEST, manifest)

@@ -9,12 +9,16 @@ engine, prompts and reward as `rpt train`) and reports:
     boxed         share of completions the format could extract a prediction from
     length        mean completion length in tokens; truncated: share that hit max_new_tokens
     signal        share of groups whose rewards are not all equal: the groups GRPO learns from
+    predicted     the share make-tasks predicted for the same tasks (`rptdata.live`: mean of
+                  1 - q^G - (1-q)^G, G = samples), when the tasks carry `accept_mass`; exact
+                  only for the proxy itself in the `continuation` format (one token)
 A format with signal 0 gives GRPO nothing to learn from; run this before spending GPU days.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,10 @@ from rpttrain.reward import get_reward_fn
 from rptdata.engine_choice import choose_engine
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.data import load_tasks
+from rptdata.live import live_probability
+from rptdata.manifest import STAGE_TASKS, read_manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,27 @@ class ProbeConfig:
             load_prompt_format(t)  # unknown names fail here, before any model loads
 
 
+def predicted_signal(tasks: list[dict], group_size: int) -> float | None:
+    """Mean predicted live-group probability of these tasks for groups of `group_size`, from
+    their `accept_mass`; None when no task carries one.
+
+    >>> predicted_signal([{"accept_mass": 0.5}, {"accept_mass": 0.0}, {"context": "old"}], 2)
+    0.25
+    """
+    lives = [live_probability(float(t["accept_mass"]), group_size) for t in tasks if t.get("accept_mass") is not None]
+    return sum(lives) / len(lives) if lives else None
+
+
 def run_probe(config: ProbeConfig) -> list[dict]:
     from rptdata.models import resolve_device
 
     device = resolve_device(config.device)
     tasks = load_tasks(config.tasks_dir, config.split, limit=config.tasks)
+    predicted = predicted_signal(tasks, config.samples)
+    estimate = read_manifest(Path(config.tasks_dir), STAGE_TASKS).get("live_estimate") or {}
+    if predicted is not None and estimate.get("temperature") not in (None, config.temperature):
+        log.warning("the tasks' live estimate is for temperature %s, this probe samples at %s",
+                    estimate["temperature"], config.temperature)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
     engine = make_engine(choose_engine(config.engine, device), model, tokenizer)
@@ -93,6 +117,7 @@ def run_probe(config: ProbeConfig) -> list[dict]:
                 "random_at_1": float(r.mean()), f"pass_at_{config.samples}": float((r.max(axis=1) > 0).mean()),
                 "boxed": float(np.mean(boxed)), "length_mean": float(np.mean(lengths)),
                 "truncated": float(np.mean(truncated)), "signal": float((r.max(axis=1) != r.min(axis=1)).mean()),
+                "predicted_signal": predicted,
                 "tokens_per_s": float(sum(lengths) / max(seconds, 1e-9)), "examples": examples,
             })
     finally:
@@ -105,11 +130,13 @@ def run_probe(config: ProbeConfig) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     k = rows[0]["samples"] if rows else 8
-    head = f"| template | tasks | new tokens | Random@1 | Pass@{k} | boxed | mean length | truncated | groups with signal |"
-    lines = [head, "|" + "---|" * 9]
+    head = (f"| template | tasks | new tokens | Random@1 | Pass@{k} | boxed | mean length | truncated | groups with signal "
+            "| predicted (proxy, continuation) |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['template']} | {r['tasks']} | {r['max_new_tokens']} | {100 * r['random_at_1']:.1f}% | {100 * r[f'pass_at_{k}']:.1f}% | "
-            f"{100 * r['boxed']:.0f}% | {r['length_mean']:.1f} | {100 * r['truncated']:.0f}% | {100 * r['signal']:.0f}% |"
+            f"{100 * r['boxed']:.0f}% | {r['length_mean']:.1f} | {100 * r['truncated']:.0f}% | {100 * r['signal']:.0f}% | "
+            + ("—" if r.get("predicted_signal") is None else f"{100 * r['predicted_signal']:.0f}%") + " |"
         )
     return "\n".join(lines)

@@ -13,6 +13,12 @@ near 1 instead of FLOP counts near 1e18; A is converted back on return. Bounds: 
 [1e-4, 5], P* in [0, 1], a in [-2, 2]. Several starting values of alpha are tried and the fit
 with the smallest squared error wins.
 
+A fit is refused (`NoFit`, with the reason) rather than reported when it cannot mean anything:
+with no more points than the law's three parameters (three points are fit exactly by a whole
+family of curves, so R² says nothing), or when the best fit sits on a parameter bound (the data
+do not determine that parameter; the bound chose it). Callers print the reason instead of
+numbers; `rpt eval` puts it in the report's table and in the plot's legend.
+
 `plot_scaling(report, path)` draws an `rpt eval` report's checkpoint rows: accuracy against
 compute per (mode, band), one color per run, with the fitted curves (matplotlib, Agg canvas).
 
@@ -30,9 +36,18 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["MIN_POINTS", "fit_scaling", "plot_scaling", "r_squared", "scaling_law"]
+__all__ = ["MIN_POINTS", "NoFit", "fit_scaling", "plot_scaling", "r_squared", "scaling_law"]
 
-MIN_POINTS = 3  # three parameters: fewer points fit exactly and say nothing
+N_PARAMS = 3  # A, alpha, P*
+MIN_POINTS = N_PARAMS + 1  # more points than parameters: with 3, a family of curves fits exactly
+# bounds of the normalized fit (gap a = A / C0**alpha, alpha, P*); a parameter within BOUND_TOL
+# of the bound's range from one of them is "at the bound"
+BOUNDS = {"a": (-2.0, 2.0), "alpha": (1e-4, 5.0), "P*": (0.0, 1.0)}
+BOUND_TOL = 1e-3
+
+
+class NoFit(ValueError):
+    """The points cannot support a fit of the law; the message says why."""
 
 
 def scaling_law(compute, a: float, alpha: float, p_star: float):
@@ -65,19 +80,21 @@ def r_squared(y: Sequence[float], y_hat: Sequence[float]) -> float:
 def fit_scaling(compute: Sequence[float], accuracy: Sequence[float]) -> tuple[float, float, float, float]:
     """Fit P(C) = A / C**alpha + P* by least squares; return (A, alpha, P*, R²).
 
-    Only points with C > 0 are used (a base model at C = 0 has no place on the law); at least
-    3 such points are needed, else ValueError("not enough points ..."). `accuracy` is a
-    fraction in [0, 1]. RuntimeError when no start converges.
+    Only points with C > 0 are used (a base model at C = 0 has no place on the law); more such
+    points than the law's 3 parameters are needed, and the best fit must not sit on a parameter
+    bound, else NoFit (a ValueError) says why. `accuracy` is a fraction in [0, 1]. RuntimeError
+    when no start converges.
 
     >>> C = [1e15, 2e15, 4e15, 8e15, 1.6e16, 3.2e16]
     >>> P = [scaling_law(c, -3e3, 0.25, 0.5) for c in C]
     >>> A, alpha, p_star, r2 = fit_scaling(C, P)
     >>> round(alpha, 3), round(p_star, 3), round(A / -3e3, 3), round(r2, 6)
     (0.25, 0.5, 1.0, 1.0)
-    >>> fit_scaling([0.0, 1e15, 2e15], [0.1, 0.2, 0.3])
-    Traceback (most recent call last):
-    ...
-    ValueError: not enough points: 2 with compute > 0 (need at least 3)
+    >>> try:
+    ...     fit_scaling([0.0, 1e15, 2e15, 4e15], [0.1, 0.2, 0.3, 0.35])
+    ... except NoFit as e:
+    ...     print(e)
+    not enough points: 3 with compute > 0 for 3 parameters (need at least 4)
     """
     from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -88,14 +105,14 @@ def fit_scaling(compute: Sequence[float], accuracy: Sequence[float]) -> tuple[fl
     keep = np.isfinite(c) & np.isfinite(y) & (c > 0)
     c, y = c[keep], y[keep]
     if len(c) < MIN_POINTS:
-        raise ValueError(f"not enough points: {len(c)} with compute > 0 (need at least {MIN_POINTS})")
+        raise NoFit(f"not enough points: {len(c)} with compute > 0 for {N_PARAMS} parameters (need at least {MIN_POINTS})")
     c0 = float(c.min())
     x = c / c0
 
     def law(xs, gap, alpha, p_star):
         return gap * np.power(xs, -alpha) + p_star
 
-    bounds = ([-2.0, 1e-4, 0.0], [2.0, 5.0, 1.0])
+    bounds = tuple(list(b) for b in zip(*BOUNDS.values()))
     best, best_sse, last_error = None, math.inf, None
     first = float(y[np.argmin(x)])
     for alpha0 in (0.05, 0.2, 0.5, 1.0, 2.0):
@@ -116,8 +133,30 @@ def fit_scaling(compute: Sequence[float], accuracy: Sequence[float]) -> tuple[fl
     if best is None:
         raise RuntimeError(f"the scaling fit did not converge: {last_error}")
     gap, alpha, p_star = (float(v) for v in best)
+    at_bound = bound_hits(dict(zip(BOUNDS, (gap, alpha, p_star))))
+    if at_bound:
+        raise NoFit(f"the best fit sits on a bound ({'; '.join(at_bound)}): the points do not determine it")
     a = gap * c0**alpha
     return a, alpha, p_star, r_squared(y, scaling_law(c, a, alpha, p_star))
+
+
+def bound_hits(params: dict[str, float]) -> list[str]:
+    """The fitted (normalized) parameters that sit on one of BOUNDS, described.
+
+    >>> bound_hits({"a": -0.3, "alpha": 5.0, "P*": 0.4})
+    ['alpha = 5 (upper bound)']
+    >>> bound_hits({"a": -0.3, "alpha": 0.7, "P*": 0.4})
+    []
+    """
+    hits = []
+    for name, value in params.items():
+        lo, hi = BOUNDS[name]
+        tol = BOUND_TOL * (hi - lo)
+        if value <= lo + tol:
+            hits.append(f"{name} = {value:.4g} (lower bound)")
+        elif value >= hi - tol:
+            hits.append(f"{name} = {value:.4g} (upper bound)")
+    return hits
 
 
 def step0_lines(rows: list[dict], mode: str, band: str) -> list[tuple[float, list[str]]]:
@@ -139,9 +178,10 @@ def step0_lines(rows: list[dict], mode: str, band: str) -> list[tuple[float, lis
     return list(lines.items())
 
 
-def plot_scaling(report: dict, path) -> None:
+def plot_scaling(report: dict, path):
     """Accuracy against training compute, one color per run, one panel per (mode, band); the fitted
-    law as a dashed curve over the measured range, the base model (C = 0) as a dotted line."""
+    law as a dashed curve over the measured range, the base model (C = 0) as a dotted line. A run
+    without a fit gets the reason in its panel's legend. Returns the matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -154,6 +194,7 @@ def plot_scaling(report: dict, path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(max(len(modes), 1), len(bands), squeeze=False)
     colors = [f"C{i % 10}" for i in range(len(runs))]
+    no_fit_panels: set[tuple[int, int]] = set()
     for mi, mode in enumerate(modes):
         for bi, band in enumerate(bands):
             ax = axes[mi][bi]
@@ -167,6 +208,9 @@ def plot_scaling(report: dict, path) -> None:
                     xs = np.logspace(np.log10(pts[0][0]), np.log10(pts[-1][0]), 100)
                     ax.plot(xs, 100 * scaling_law(xs, f["A"], f["alpha"], f["p_star"]), "--", color=color,
                             label=f"{run} fit R²={f['r2']:.3f}")
+                elif f and pts:  # say why there is no curve, in this panel's legend
+                    ax.plot([], [], " ", label=f"{run}: {f['status']}")
+                    no_fit_panels.add((mi, bi))
             for value, names in step0_lines(rows, mode, band):
                 color = colors[runs.index(names[0])] if len(names) == 1 else "0.4"
                 ax.axhline(value, color=color, linestyle=":", linewidth=1, label=f"step 0 ({', '.join(names)})")
@@ -179,7 +223,8 @@ def plot_scaling(report: dict, path) -> None:
             ax.set_xlabel("training compute (FLOPs)")
             ax.set_ylabel("accuracy (%)")
             ax.grid(True, alpha=0.3)
-            if mi == 0 and bi == 0:
+            if (mi == 0 and bi == 0) or (mi, bi) in no_fit_panels:
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig

@@ -59,5 +59,6 @@ def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]],
         table = pa.Table.from_pylist(rows, schema=TASKS_SCHEMA) if rows else TASKS_SCHEMA.empty_table()
         stage.write_shard(split, 0, table, {"tasks": len(rows)})
     stage.finish({"tokenizer": {"name": "tiny", "spec": tokenizer_dir, "vocab_hash": vocab_hash(tok)},
-                  "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}, "prepared_dir": prepared_dir})
+                  "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}, "prepared_dir": prepared_dir,
+                  "counts": {"tasks": {"train": len(pairs), "eval": len(eval_pairs)}}})
     return out

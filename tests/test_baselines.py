@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpttrain import algos
-from rpttrain.train import TrainConfig, run_train
+from rpttrain.config import TrainConfig
+from rpttrain.train import run_train
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
 

@@ -71,8 +71,9 @@ def test_verl_export_scores_like_prefix_reward(tasks_dir, tmp_path):
     m = run_export_tasks(ExportConfig(str(tasks_dir), str(out), "verl", progress=False))
     tm = json.loads((tasks_dir / "manifest.json").read_text())
     assert m["rows"] == tm["counts"]["tasks"] and m["rows"]["train"] == 120
-    assert m["custom_reward_function"]["name"] == "compute_score"
-    assert m["custom_reward_function"]["path"].endswith("rpttrain/integrations/verl.py")
+    path, name = m["verl_overrides"]
+    assert name == "reward.custom_reward_function.name=compute_score"
+    assert path.startswith("reward.custom_reward_function.path=") and path.endswith("rpttrain/integrations/verl.py")
     ds = load(out)
     wins = 0
     for split in ("train", "eval"):
@@ -163,7 +164,7 @@ def test_cli(tasks_dir, tmp_path):
     out = tmp_path / "c"
     r = CliRunner().invoke(cli, ["export-tasks", str(tasks_dir), "--format", "verl", "--out", str(out), "--prompt-template", "v2", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "custom_reward_function.path=" in r.output and "train 120 rows" in r.output
+    assert "reward.custom_reward_function.path=" in r.output and "train 120 rows" in r.output
     assert json.loads((out / "manifest.json").read_text())["prompt_template"] == "v2"
     r = CliRunner().invoke(cli, ["export-tasks", str(tasks_dir), "--format", "verl", "--out", str(out), "--no-progress"])
     assert r.exit_code == 1 and "--overwrite" in r.output

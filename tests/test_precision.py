@@ -16,7 +16,8 @@ import torch
 
 from rpttrain.memory import GIB, InsufficientMemory, ModelShape, TrainSizing, check_fits, estimate_train_memory
 from rpttrain.precision import resolve_precision
-from rpttrain.train import TrainConfig, Trainer, config_from_dict, run_train
+from rpttrain.config import TrainConfig, config_from_dict
+from rpttrain.train import Trainer, run_train
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
 CONTEXTS = [("The quick brown fox jumps over the", " lazy"), ("Once upon a time, there was a", " little"),
@@ -51,7 +52,7 @@ def _weight_change(tasks, out, compute_dtype, master_dtype, steps=3):
         sq += float((d * d).sum())
         changed += float((d != 0).sum())
         total += d.numel()
-    trainer.engine.close()
+    trainer.objective.close()
     return sq**0.5, changed / total
 
 
@@ -169,7 +170,8 @@ MEASURE = r"""
 import json, sys
 from rpttrain.memory import estimate_train_memory, model_shape, TrainSizing
 from rpttrain.precision import resolve_precision
-from rpttrain.train import TrainConfig, Trainer
+from rpttrain.config import TrainConfig
+from rpttrain.train import Trainer
 config = TrainConfig(**json.loads(sys.argv[1]))
 precision = resolve_precision(config.compute_dtype, config.master_dtype, "cpu")
 est = estimate_train_memory(model_shape(config.model), TrainSizing.of(config, precision, "cpu"))

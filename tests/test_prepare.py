@@ -93,7 +93,7 @@ def test_resume_after_crash_gives_identical_output(tmp_path, write_jsonl, monkey
     cfg = dict(inputs=(str(src),), shard_docs=8, progress=False)
     whole = run_prepare(PrepareConfig(out=str(tmp_path / "whole"), **cfg))
 
-    real_write, calls = prepare_mod._write_docs_shard, []
+    real_write, calls = prepare_mod._prepare_unit, []
 
     def crash_after_two(*args, **kwargs):
         if len(calls) == 2:
@@ -101,18 +101,157 @@ def test_resume_after_crash_gives_identical_output(tmp_path, write_jsonl, monkey
         calls.append(1)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_mod, "_write_docs_shard", crash_after_two)
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(PrepareConfig(out=str(tmp_path / "crash"), **cfg))
     assert len(list_shards(tmp_path / "crash" / "docs")) == 2
     assert not (tmp_path / "crash" / "manifest.json").exists()
 
     written = []
-    monkeypatch.setattr(prepare_mod, "_write_docs_shard", lambda stage, index, *a, **k: written.append(index) or real_write(stage, index, *a, **k))
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", lambda stage, index, *a, **k: written.append(index) or real_write(stage, index, *a, **k))
     resumed = run_prepare(PrepareConfig(out=str(tmp_path / "crash"), **cfg))
     assert written == [2, 3, 4, 5, 6]  # the two finished shards were not redone
     assert read_docs(tmp_path / "crash") == read_docs(tmp_path / "whole")
     assert resumed["counts"] == whole["counts"] and resumed["shards"] == whole["shards"]
+
+
+# ---------------------------------------------------------------------------------------------
+# several workers
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path, write_jsonl):
+    """Files of every kind, one large .jsonl (with blank lines) and its gzip copy, bad records,
+    empty and duplicate texts: shards cut through files and files through shards."""
+    import pyarrow as pa
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = []
+    for i in range(60):
+        lines.append(json.dumps({"text": f"record {i}: " + "théorème " * (i % 5) + "🎉" * (i % 3)}).encode())
+        if i % 11 == 0:
+            lines.append(b"   ")  # blank lines are not records but keep line numbers honest
+        if i % 17 == 0:
+            lines.append(b"{broken")
+        if i % 13 == 0:
+            lines.append(json.dumps({"text": "  "}).encode())  # empty after strip: dropped
+    (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with gzip.open(folder / "b.jsonl.gz", "wb") as f:
+        f.write(b"\n".join(lines[:40]) + b"\n")
+    pq.write_table(pa.table({"text": [f"parquet row {i}" for i in range(23)]}), folder / "c.parquet", row_group_size=5)
+    (folder / "d.txt").write_text("a text file, one document")
+    (folder / "e.json").write_text(json.dumps([{"text": f"json {i}"} for i in range(7)]))
+    return folder
+
+
+def _as_set(rows):
+    return sorted((r["doc_id"], r["source"], r["text"], tuple(r["token_ids"]), tuple(r["token_end_bytes"]), r["n_tokens"]) for r in rows)
+
+
+def _rejects(out):
+    path = out / "rejects.jsonl"
+    return sorted(path.read_text().splitlines()) if path.exists() else []
+
+
+def test_two_workers_equal_one(tmp_path, mixed_corpus, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = dict(inputs=(str(mixed_corpus),), shard_docs=9, skip_bad=True, min_chars=3, progress=False)
+    one = run_prepare(PrepareConfig(out=str(tmp_path / "one"), **cfg))
+    c = one["counts"]
+    assert c["documents_read"] == c["documents_written"] + sum(c["documents_rejected"].values()) + sum(c["documents_dropped"].values())
+    assert c["documents_rejected"]["malformed_json"] == 6 and c["documents_dropped"]["empty"] == 8
+
+    first = run_prepare(PrepareConfig(out=str(tmp_path / "two"), num_workers=2, worker_index=0, **cfg))
+    assert first["complete"] is False and not (tmp_path / "two" / "manifest.json").exists()
+    assert first["shards_done"] == (first["shards_total"] + 1) // 2  # shards 0, 2, 4, ...
+    two = run_prepare(PrepareConfig(out=str(tmp_path / "two"), num_workers=2, worker_index=1, **cfg))
+    assert (tmp_path / "two" / "manifest.json").exists(), "the worker finishing last writes the manifest"
+    assert two["counts"] == one["counts"] and two["shards"] == one["shards"]
+    assert _as_set(read_docs(tmp_path / "two")) == _as_set(read_docs(tmp_path / "one"))
+    assert read_docs(tmp_path / "two") == read_docs(tmp_path / "one"), "shards are named by record range, not by worker"
+    assert _rejects(tmp_path / "two") == _rejects(tmp_path / "one") != []
+    check_spans(read_docs(tmp_path / "two"))
+    # line numbers survive seeking into the middle of a file past blank lines
+    ids = {r["doc_id"]: r["text"] for r in read_docs(tmp_path / "two")}
+    lines = (mixed_corpus / "a.jsonl").read_bytes().split(b"\n")
+    for doc_id, text in ids.items():
+        if doc_id.endswith(".jsonl") or ".jsonl#" in doc_id:
+            assert json.loads(lines[int(doc_id.rsplit("#", 1)[1]) - 1])["text"] == text
+
+
+def test_process_pool_equals_one_process(tmp_path, mixed_corpus):
+    cfg = dict(inputs=(str(mixed_corpus),), shard_docs=20, skip_bad=True, progress=False)
+    one = run_prepare(PrepareConfig(out=str(tmp_path / "one"), **cfg))
+    pool = run_prepare(PrepareConfig(out=str(tmp_path / "pool"), processes=2, **cfg))
+    assert pool["counts"] == one["counts"]
+    assert _as_set(read_docs(tmp_path / "pool")) == _as_set(read_docs(tmp_path / "one"))
+    assert _rejects(tmp_path / "pool") == _rejects(tmp_path / "one")
+
+
+def test_killed_worker_resumes_to_the_same_output(tmp_path, mixed_corpus, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = dict(inputs=(str(mixed_corpus),), shard_docs=9, skip_bad=True, progress=False)
+    one = run_prepare(PrepareConfig(out=str(tmp_path / "one"), **cfg))
+    out = tmp_path / "two"
+    run_prepare(PrepareConfig(out=str(out), num_workers=2, worker_index=0, **cfg))
+
+    real, calls = prepare_mod._prepare_unit, []
+
+    def killed_after_one(stage, index, *a, **k):
+        if calls:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(index)
+        return real(stage, index, *a, **k)
+
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(PrepareConfig(out=str(out), num_workers=2, worker_index=1, **cfg))
+    assert calls == [1] and not (out / "manifest.json").exists()
+    redone = []
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", lambda stage, index, *a, **k: redone.append(index) or real(stage, index, *a, **k))
+    m = run_prepare(PrepareConfig(out=str(out), num_workers=2, worker_index=1, **cfg))
+    assert redone and 1 not in redone and all(i % 2 == 1 for i in redone), "only worker 1's unfinished shards"
+    assert m["counts"] == one["counts"]
+    assert read_docs(out) == read_docs(tmp_path / "one")
+    assert _rejects(out) == _rejects(tmp_path / "one")
+
+
+def test_torchrun_env_and_dedupe_refusal(tmp_path, mixed_corpus, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    out = tmp_path / "p"
+    partial = run_prepare(PrepareConfig(inputs=(str(mixed_corpus),), out=str(out), shard_docs=40, skip_bad=True, progress=False))
+    assert partial["worker"] == [2, 3] and partial["shards_total"] == 4
+    assert [p.name for p in list_shards(out / "docs")] == ["part-00002.parquet"]
+    with pytest.raises(ValueError, match="--dedupe needs one process"):
+        run_prepare(PrepareConfig(inputs=(str(mixed_corpus),), out=str(tmp_path / "d"), dedupe=True, progress=False))
+    with pytest.raises(ValueError, match="--dedupe needs one process"):
+        PrepareConfig(inputs=("x",), out="o", dedupe=True, processes=2)
+    monkeypatch.delenv("WORLD_SIZE")
+    r = CliRunner().invoke(cli, ["prepare", str(mixed_corpus), "--out", str(tmp_path / "c"), "--dedupe", "--num-workers", "2"])
+    assert r.exit_code == 2 and "--dedupe needs one process" in r.output
+
+
+def test_dedupe_resume_remembers_finished_shards(tmp_path, write_jsonl, monkeypatch):
+    src = write_jsonl("d.jsonl", [{"text": f"doc {i % 6}"} for i in range(30)])
+    cfg = dict(inputs=(str(src),), shard_docs=4, dedupe=True, progress=False)
+    whole = run_prepare(PrepareConfig(out=str(tmp_path / "whole"), **cfg))
+    assert whole["counts"]["documents_written"] == 6 and whole["counts"]["documents_dropped"] == {"duplicate": 24}
+    real, calls = prepare_mod._prepare_unit, []
+
+    def crash(*a, **k):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(PrepareConfig(out=str(tmp_path / "r"), **cfg))
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", real)
+    resumed = run_prepare(PrepareConfig(out=str(tmp_path / "r"), **cfg))
+    assert resumed["counts"] == whole["counts"] and read_docs(tmp_path / "r") == read_docs(tmp_path / "whole")
 
 
 def test_rerun_refuses_other_options_unless_overwrite(tmp_path, write_jsonl):

@@ -53,3 +53,22 @@ def test_plot_cli_writes_png(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     r = CliRunner().invoke(cli, ["plot", str(tmp_path)])
     assert r.exit_code == 1 and "no metrics.jsonl" in r.output
+
+
+def test_probe_shows_the_predicted_share_beside_the_observed_one(tmp_path, tiny_bpe_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rptdata.manifest import list_shards
+
+    model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
+    tasks = write_tasks_dir(tmp_path / "t", str(tiny_bpe_dir), PAIRS)
+    config = ProbeConfig(tasks_dir=str(tasks), model=str(model), templates=("continuation",), samples=4, tasks=4, device="cpu")
+    assert run_probe(config)[0]["predicted_signal"] is None  # tasks without the estimate: no prediction
+    (shard,) = list_shards(tasks / "train")
+    t = pq.read_table(shard)
+    t = t.set_column(t.schema.get_field_index("accept_mass"), "accept_mass", pa.array([0.5, 0.5, 0.0, 1.0], pa.float32()))
+    pq.write_table(t, shard)
+    row = run_probe(config)[0]
+    assert row["predicted_signal"] == 0.4375  # mean of 1 - q^4 - (1-q)^4: 0.875, 0.875, 0, 0
+    assert format_table([row]).endswith(f"| {100 * row['signal']:.0f}% | 44% |")

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from rpttrain.scaling import fit_scaling, r_squared, scaling_law
+from rpttrain.scaling import NoFit, fit_scaling, r_squared, scaling_law
 
 TRUE_ALPHA, TRUE_P_STAR = 0.3, 0.45
 C0 = 1e15
@@ -47,11 +47,11 @@ def test_decreasing_accuracy_fits_with_positive_a():
 
 
 def test_points_without_compute_are_ignored_and_three_are_needed():
-    c = [0.0, 1e15, 2e15, 4e15]
+    c = [0.0, 1e15, 2e15, 4e15, 8e15]
     y = [0.1] + [float(scaling_law(x, TRUE_A, TRUE_ALPHA, TRUE_P_STAR)) for x in c[1:]]
     a, alpha, p_star, r2 = fit_scaling(c, y)  # the C = 0 point (0.1, far off the law) is not used
     assert r2 == pytest.approx(1.0, abs=1e-6)
-    with pytest.raises(ValueError, match="not enough points: 2"):
+    with pytest.raises(NoFit, match="not enough points: 2"):
         fit_scaling([0.0, 1e15, 2e15], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="same length"):
         fit_scaling([1.0, 2.0, 3.0], [0.1, 0.2])
@@ -88,3 +88,42 @@ def test_runs_sharing_a_base_model_share_one_step0_line():
             row("empty", 0.0, None)]
     assert step0_lines(rows, "ntp", "hard") == [(30.0, ["rpt", "ntp"]), (45.0, ["big"])]
     assert step0_lines(rows, "reasoning", "hard") == [(20.0, ["rpt"])]
+
+
+def test_three_points_are_refused_even_on_the_law():
+    """Three points, three parameters: a family of curves fits exactly, so R² = 1 means nothing."""
+    c = [1e15, 2e15, 4e15]
+    with pytest.raises(NoFit, match="3 with compute > 0 for 3 parameters"):
+        fit_scaling(c, [float(scaling_law(x, TRUE_A, TRUE_ALPHA, TRUE_P_STAR)) for x in c])
+
+
+@pytest.mark.parametrize("accuracy, bound", [
+    ([0.20, 0.50, 0.50, 0.50, 0.50], "alpha = 5 (upper bound)"),  # a step: the law's alpha runs to its bound
+    ([0.35, 0.36, 0.38, 0.42, 0.50], "P* = 1 (upper bound)"),  # accelerating: no asymptote below 100%
+    ([0.50, 0.40, 0.45, 0.41, 0.44], "alpha = 5 (upper bound)"),  # noise around a level, as in issue 16
+])
+def test_fits_on_a_parameter_bound_are_refused(accuracy, bound):
+    c = [1e15, 2e15, 4e15, 8e15, 1.6e16]
+    with pytest.raises(NoFit, match="sits on a bound") as e:
+        fit_scaling(c, accuracy)
+    assert bound in str(e.value)
+
+
+def test_eval_report_and_plot_legend_say_why_there_is_no_fit(tmp_path):
+    from rptdata.bands import DEFAULT_BANDS
+    from rpttrain.eval import EvalConfig, markdown
+    from rpttrain.eval import report as eval_report
+    from rpttrain.scaling import plot_scaling
+
+    bands = dict(DEFAULT_BANDS)
+    rows = [{"run": "r", "model": f"r@{i}", "step": i, "compute": c, "mode": "ntp",
+             "bands": {b: {"accuracy": a, "n": 100} for b in [*bands, "all"]}}
+            for i, (c, a) in enumerate([(0.0, 0.1), (1e15, 0.2), (2e15, 0.5), (4e15, 0.5), (8e15, 0.5), (1.6e16, 0.5)])]
+    fits = eval_report.scaling_fits(EvalConfig(tasks_dir="t", models=("m",)), rows)
+    assert all(f["status"].startswith("no fit: the best fit sits on a bound") and f["A"] is None for f in fits)
+    report = {"rows": rows, "bands": bands, "scaling": fits}
+    table = markdown.format_scaling(report)
+    assert "no fit: the best fit sits on a bound (alpha = 5 (upper bound))" in table and "e+" not in table
+    fig = plot_scaling(report, tmp_path / "s.png")
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert sum(label.startswith("r: no fit: the best fit sits on a bound") for label in labels) == len(bands)  # a panel per band

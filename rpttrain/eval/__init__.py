@@ -55,7 +55,8 @@ Output (REPORT_DIR = `out`):
     report.md                      the table(s), the band counts, the scaling fits
     report.json                    every number; written last
 Scaling fits (`rpttrain.scaling`): per run, mode and band, P(C) = A / C^alpha + P* on the
-checkpoints with C > 0 (at least 3).
+checkpoints with C > 0; with no more points than parameters, or a fit on a parameter bound, the
+report and the plot's legend say why there is no fit (`rpttrain.scaling.NoFit`) instead of numbers.
 
 Modules (each a step of the stage; read in this order):
     config.py    EvalConfig, the modes
@@ -72,7 +73,7 @@ Left out on purpose: vLLM for the ntp pass (a forward pass is all it needs).
 
 from rpttrain.eval.config import MODES, EvalConfig
 from rpttrain.eval.markdown import PAIRED_LEGEND, format_band_counts, format_paired, format_report_md, format_scaling, format_table
-from rpttrain.eval.passes import NextTokens, context_ids, next_token_pass, pad_id, plan_sequence_batches
+from rpttrain.eval.passes import NextTokens, context_ids, next_token_pass, pad_id
 from rpttrain.eval.report import FLOPS_FORMULA
 from rpttrain.eval.run import run_eval
 from rpttrain.eval.stats import band_table, disjoint_counts, paired_difference, pass_at_k, wilson_interval
@@ -100,7 +101,6 @@ __all__ = [
     "pad_id",
     "paired_difference",
     "pass_at_k",
-    "plan_sequence_batches",
     "read_run",
     "run_eval",
     "training_overlap",

@@ -34,24 +34,9 @@ from rpttrain.eval.store import BAND_ENTROPY_FILE, Store, empty_rows
 from rpttrain.eval.subjects import Subject
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine, stop_ids
-from rpttrain.rollout.hf import left_pad
+from rpttrain.batching import last_positions_logits, plan_batches
 
 log = logging.getLogger(__name__)
-
-
-def plan_sequence_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of at most `batch_size` sequences (a count; `rptdata.scorers.plan_token_batches`
-    bounds tokens instead), longest sequences first (little padding).
-
-    Ties keep their input order, so the plan is deterministic.
-
-    >>> plan_sequence_batches([3, 10, 4, 9, 1], batch_size=2)
-    [[1, 3], [2, 0], [4]]
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @dataclass
@@ -69,12 +54,11 @@ def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, p
     LM head); returns the argmax next token and entropies of each context, in input order."""
     n = len(id_lists)
     out = NextTokens([0] * n, [0.0] * n, [0.0] * n if top_k else None)
-    device = next(model.parameters()).device
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     with torch.no_grad():
-        for batch in plan_sequence_batches([len(x) for x in id_lists], batch_size):
-            ids, attn, pos = left_pad([id_lists[i] for i in batch], pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                           logits_to_keep=1).logits[:, -1].float()
+        for batch in plan_batches([len(x) for x in id_lists], max_rows=batch_size):
+            logits = last_positions_logits(model, [id_lists[i] for i in batch], k=1, pad_id=pad_id)[:, -1].float()
             top1 = logits.argmax(-1).tolist()
             logp = torch.log_softmax(logits, dim=-1)
             ent = torch.special.entr(logp.exp()).sum(-1).tolist()

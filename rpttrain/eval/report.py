@@ -188,7 +188,7 @@ def scaling_fits(config: EvalConfig, rows: list[dict]) -> list[dict]:
                 fit = {"run": run, "mode": mode, "band": band, "points": len(pts),
                        "A": None, "alpha": None, "p_star": None, "r2": None}
                 if len(pts) < MIN_POINTS:
-                    fit["status"] = f"not enough points ({len(pts)} with compute > 0; need {MIN_POINTS})"
+                    fit["status"] = f"no fit: {len(pts)} points with compute > 0 for 3 parameters (need {MIN_POINTS})"
                 elif len({p[1] for p in pts}) == 1:  # R² is undefined and alpha arbitrary on a flat line
                     fit.update(A=0.0, p_star=pts[0][1], status=f"flat: every point at {100 * pts[0][1]:.2f}%")
                 else:
@@ -196,6 +196,6 @@ def scaling_fits(config: EvalConfig, rows: list[dict]) -> list[dict]:
                         a, alpha, p_star, r2 = fit_scaling([p[0] for p in pts], [p[1] for p in pts])
                         fit.update(A=a, alpha=alpha, p_star=p_star, r2=r2, status="ok")
                     except (RuntimeError, ValueError) as e:
-                        fit["status"] = f"fit failed: {e}"
+                        fit["status"] = f"no fit: {e}"  # NoFit (a ValueError) says why
                 fits.append(fit)
     return fits

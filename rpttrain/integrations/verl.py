@@ -3,8 +3,9 @@
 verl is not imported; this file only speaks its data contract.
 
 - ``compute_score(data_source, solution_str, ground_truth, extra_info=None)`` is
-  verl's custom reward signature. Point verl at it with
-  ``custom_reward_function.path=<this file> custom_reward_function.name=compute_score``.
+  verl's custom reward signature. Point verl (0.9.1) at it with
+  ``reward.custom_reward_function.path=<this file> reward.custom_reward_function.name=compute_score``
+  (a top-level ``custom_reward_function.*`` is silently ignored by ``verl.trainer.main_ppo``).
 - ``task_to_verl_row(task, fmt)`` turns one task (a row of ``TASKS/*/part-*.parquet``)
   into a verl dataset row::
 
@@ -18,16 +19,16 @@ verl is not imported; this file only speaks its data contract.
   "format"}`` rather than a struct, so RPT rows can be concatenated with other verl
   datasets (whose ground truth is usually a string); ``compute_score`` also takes a dict.
 
-The raw ``continuation`` format: verl's ``RLHFDataset`` always passes ``prompt`` through
-the tokenizer's chat template, and there is no per-row switch. We still emit a single
+The raw ``continuation`` format: in verl 0.9.1 the dataset does not tokenize; its agent
+loops apply the tokenizer's chat template, with no per-row switch. We still emit a single
 user message holding the raw context (so the column keeps verl's type) and mark the
 row with ``extra_info["raw_prompt"] = True`` and ``extra_info["prompt_text"]`` = the
-context. To train a base model on raw text, plug a dataset class that tokenizes
-``extra_info["prompt_text"]`` when ``raw_prompt`` is set (verl's ``data.custom_cls``);
-with the stock dataset the model sees the context wrapped in its chat template.
+context. The agent loop in ``rpttrain/backends/verl_agent_loop.py`` feeds those rows
+tokenized exactly as ``rpt train`` does (``rpt train --backend verl`` configures it);
+with verl's stock loop the model sees the context wrapped in its chat template.
 
 Left out on purpose: the paper's ``dense`` reward (needs log-probs, see
-``rpttrain/reward.py``) and any verl config; launch commands live in the docs.
+``rpttrain/reward.py``) and any verl config; ``rpttrain/backends/verl.py`` writes the launch.
 """
 
 from __future__ import annotations

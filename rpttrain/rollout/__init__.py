@@ -12,6 +12,7 @@ that keep their own copy (vLLM); the transformers engine shares the training mod
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -48,6 +49,20 @@ def fed_back_tokens(groups: Sequence[Sequence[Completion]]) -> int:
     """Generated tokens that go back through the model: all but each completion's last one (the
     last is sampled from the previous step's logits and never fed)."""
     return sum(max(len(c.token_ids) - 1, 0) for g in groups for c in g)
+
+
+_SEED_SPACE = 2**31 - 2**20  # vLLM seeds are ints; keep seed + n below 2**31
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index` in a call seeded `seed`: each prompt's samples depend on its own
+    seed only, not on how prompts are chunked or ordered (vLLM: its n samples use seed .. seed+n-1).
+
+    >>> prompt_seed(0, 0) == prompt_seed(0, 0) != prompt_seed(0, 1)
+    True
+    """
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % _SEED_SPACE
 
 
 class RolloutEngine(Protocol):

@@ -13,22 +13,8 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from rpttrain.rollout import Completion, Sampling, fed_back_tokens
-
-
-def left_pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask, position_ids), all [N, width].
-
-    Every sequence ends at the last column, so `logits_to_keep=k` keeps each one's last k
-    positions; position ids restart at 0 on each sequence's first real token.
-    """
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        input_ids[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-        attention[i, width - len(seq) :] = 1
-    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+from rpttrain.batching import last_positions_logits, left_pad
+from rpttrain.rollout import Completion, Sampling, fed_back_tokens, prompt_seed
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -39,6 +25,37 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = sorted_p.cumsum(-1) - sorted_p > top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+
+
+@torch.no_grad()
+def sample_next_tokens(logits: torch.Tensor, sampling: Sampling, seeds: Sequence[int], tokenizer) -> list[list[Completion]]:
+    """`sampling.n` draws of one next token for each row of `logits` [P, V], row i from its own
+    generator seeded `seeds[i]` (so a row's samples do not depend on the other rows): the one-token
+    rollout of the engine, and of the trainer's fused step, which samples from its own forward."""
+    logits = logits.detach().float()
+    if sampling.temperature == 0:
+        picks = logits.argmax(-1, keepdim=True)
+        logp = torch.log_softmax(logits, -1)
+    else:
+        logp = torch.log_softmax(logits / sampling.temperature, -1)
+        probs = _nucleus(logp.exp(), sampling.top_p)
+        rows = []
+        for i, seed in enumerate(seeds):
+            gen = torch.Generator(device=probs.device).manual_seed(int(seed))
+            rows.append(torch.multinomial(probs[i], sampling.n, replacement=True, generator=gen))
+        picks = torch.stack(rows)
+    chosen = logp.gather(-1, picks).cpu()
+    picks = picks.cpu()
+    stop = set(sampling.stop_token_ids)
+    groups = []
+    for i in range(picks.shape[0]):
+        group = []
+        for j in range(picks.shape[1]):
+            t = int(picks[i, j])
+            group.append(Completion(token_ids=[t], text="" if t in stop else tokenizer.decode([t]),
+                                    finish_reason="stop" if t in stop else "length", logprobs=[float(chosen[i, j])]))
+        groups.append(group)
+    return groups
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -107,7 +124,7 @@ class HFEngine:
                     chunk = prompts[start : start + per_chunk]
                     # one seed per chunk: reproducible, and independent of how many chunks came before
                     torch.manual_seed(sampling.seed + start)
-                    out += self._one_token_chunk(chunk, sampling) if one_token else self._generate_chunk(chunk, sampling)
+                    out += self._one_token_chunk(chunk, sampling, start) if one_token else self._generate_chunk(chunk, sampling)
         finally:
             self.model.train(was_training)
         return out
@@ -116,30 +133,10 @@ class HFEngine:
         input_ids, attention, _ = left_pad(prompts, self.pad_id)
         return input_ids, attention
 
-    def _one_token_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
-        device = next(self.model.parameters()).device
-        input_ids, attention, position_ids = left_pad(prompts, self.pad_id)
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                            position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1].float()
-        if sampling.temperature == 0:
-            picks = logits.argmax(-1, keepdim=True)
-            logp = torch.log_softmax(logits, -1)
-        else:
-            logp = torch.log_softmax(logits / sampling.temperature, -1)
-            probs = _nucleus(logp.exp(), sampling.top_p)
-            picks = torch.multinomial(probs, sampling.n, replacement=True)
-        chosen = logp.gather(-1, picks).cpu()
-        picks = picks.cpu()
-        stop = set(sampling.stop_token_ids)
-        groups = []
-        for i in range(len(prompts)):
-            group = []
-            for j in range(picks.shape[1]):
-                t = int(picks[i, j])
-                group.append(Completion(token_ids=[t], text="" if t in stop else self.tokenizer.decode([t]),
-                                        finish_reason="stop" if t in stop else "length", logprobs=[float(chosen[i, j])]))
-            groups.append(group)
-        return groups
+    def _one_token_chunk(self, prompts, sampling: Sampling, first: int) -> list[list[Completion]]:
+        logits = last_positions_logits(self.model, prompts, k=1, pad_id=self.pad_id)[:, -1]
+        seeds = [prompt_seed(sampling.seed, first + i) for i in range(len(prompts))]
+        return sample_next_tokens(logits, sampling, seeds, self.tokenizer)
 
     def _generate_chunk(self, prompts, sampling: Sampling) -> list[list[Completion]]:
         device = next(self.model.parameters()).device

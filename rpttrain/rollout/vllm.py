@@ -60,28 +60,14 @@ adapters, and a separate vLLM server.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 from typing import Iterable, Sequence
 
 from rptdata.engine_choice import import_vllm
-from rpttrain.rollout import Completion, Sampling, fed_back_tokens
+from rpttrain.rollout import Completion, Sampling, fed_back_tokens, prompt_seed
 
 log = logging.getLogger(__name__)
-
-_SEED_SPACE = 2**31 - 2**20  # vLLM seeds are ints; keep seed + n below 2**31
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The vLLM seed of prompt `index` in a call seeded `seed` (its n samples use seed .. seed+n-1).
-
-    >>> prompt_seed(0, 0) == prompt_seed(0, 0) != prompt_seed(0, 1)
-    True
-    """
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % _SEED_SPACE
-
 
 def hf_named_tensors(model, dtype=None) -> Iterable[tuple[str, object]]:
     """(name, tensor) pairs of a transformers model in checkpoint naming, for vLLM's `load_weights`.

@@ -1,0 +1,393 @@
+"""`rpt train --backend trl`: TRL's GRPOTrainer on rpt's tasks, prompts, reward and run layout.
+
+    run_trl(config)                                        # one process, here (CPU or one GPU)
+    run_trl(config, gpus_per_node=8, launch=True)          # accelerate launch, DDP over 8 GPUs
+    run_trl(config, gpus_per_node=8, sharding="fsdp")      # writes the config and script, returns the command
+    python -m rpttrain.backends.trl RUN [--resume]         # what the script runs in every process
+
+How each TrainConfig option maps (`grpo_args`); anything else is refused when set (HONOURED):
+    batch_size B, group_size G  generation_batch_size = B*G completions per optimizer step, split
+                                into per_device_train_batch_size x gradient_accumulation_steps x
+                                processes (steps_per_generation = accumulation: one on-policy update
+                                per batch, as in the paper); micro_batch_tokens bounds the per-device
+                                batch by (max_prompt_tokens + max_new_tokens) tokens a row
+    temperature, top_p          the same; max_new_tokens -> max_completion_length
+    max_prompt_tokens, prompt_template   rendered and cut by rpt (`RptGRPOTrainer._tokenize_prompts`)
+    reward                      `RptReward` (rpttrain/backends/trl_grpo.py), logged as rewards/rpt/mean
+    kl_coef -> beta (k3 KL to the initial model, 0 loads none); clip_eps, clip_eps_high -> epsilon,
+    epsilon_high; scale_rewards group|none; loss_agg token-mean|seq-mean|dr-grpo -> loss_type
+    dapo|grpo|dr_grpo; lr, adam betas, weight_decay, grad_clip -> max_grad_norm, warmup_steps
+    (then constant, as rpt)
+    dynamic_sampling_from       all-equal groups masked out of the loss from that step (no refill;
+                                dynamic_sampling_rounds is not used, a value other than the default
+                                is refused)
+    engine hf|auto -> transformers generate; vllm -> use_vllm, colocated, vllm_gpu_memory_utilization
+    dtype (compute), device, gradient_checkpointing, seed, save_every, keep_checkpoints,
+    sample_every, compute_budget (stop with a checkpoint), trust_remote_code: the same meaning
+
+The run directory is the rpt backend's: config.yaml, metrics.jsonl (same keys where TRL logs them,
+plus the raw TRL line under "trl"), samples.jsonl, summary.json, and checkpoints/step-N, each a
+link to TRL's own checkpoint RUN/trl/checkpoint-N (HF weights + tokenizer + optimizer, scheduler,
+RNG and trainer state) holding a state.json with the cumulative FLOPs; a resume continues from
+TRL's newest checkpoint through TRL's own `resume_from_checkpoint`. FLOPs count 2N per token the
+rollout runs and 6N per token the update runs, every sample's prompt + completion (TRL generates
+and trains each of a group's G copies of the prompt).
+
+Left out on purpose: refilling the batch under dynamic sampling, skipping non-finite updates
+(max_bad_steps), the ntp objectives, and saving on SIGTERM (TRL saves every save_every steps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rptdata.errors import ManifestMismatch
+from rptdata.manifest import fingerprint, list_shards, read_manifest
+from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HONOURED", "SHARDINGS", "accelerate_config", "grpo_args", "run_trl", "train_trl"]
+
+HONOURED = frozenset({
+    "tasks_dir", "out", "model", "steps", "batch_size", "group_size", "temperature", "top_p", "max_new_tokens",
+    "max_prompt_tokens", "prompt_template", "reward", "scale_rewards", "loss_agg", "clip_eps", "clip_eps_high",
+    "kl_coef", "lr", "adam_beta1", "adam_beta2", "weight_decay", "grad_clip", "warmup_steps", "dynamic_sampling_from",
+    "micro_batch_tokens", "engine", "compute_dtype", "master_dtype", "device", "gradient_checkpointing",
+    "seed", "save_every", "keep_checkpoints", "sample_every", "compute_budget", "allow_tokenizer_mismatch",
+    "trust_remote_code", "vllm_gpu_memory_utilization", "progress",
+}) | IRRELEVANT_TO_RPT
+
+LOSS_TYPES = {"token-mean": "dapo", "seq-mean": "grpo", "dr-grpo": "dr_grpo"}
+SHARDINGS = ("ddp", "fsdp", "zero3")
+TRL_DIR = "trl"  # TRL's output_dir inside the run: checkpoint-N folders
+OWN_FILES = ("config.yaml", "backend.json", "metrics.jsonl", "samples.jsonl", "summary.json", "accelerate.yaml",
+             "launch-trl.sh", "checkpoints", TRL_DIR, "data-cache")
+
+
+def micro_rows(per_process: int, max_rows: int) -> int:
+    """The largest divisor of `per_process` that is at most `max_rows` (at least 1).
+
+    >>> micro_rows(16, 5), micro_rows(16, 100), micro_rows(7, 3)
+    (4, 16, 1)
+    """
+    return max(d for d in range(1, min(per_process, max(max_rows, 1)) + 1) if per_process % d == 0)
+
+
+def dtypes(config: Any, device: str) -> tuple[str, str]:
+    """(master dtype the weights are loaded in, compute dtype) as names; "auto" compute is bfloat16
+    on a GPU and float32 on a CPU, as in the rpt backend (bf16 then runs as accelerate's mixed
+    precision over the float32 weights).
+
+    >>> from rpttrain.config import TrainConfig
+    >>> dtypes(TrainConfig("t", "o"), "cpu"), dtypes(TrainConfig("t", "o"), "cuda")
+    (('float32', 'float32'), ('float32', 'bfloat16'))
+    """
+    compute = config.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.startswith("cuda") else "float32"
+    return config.master_dtype, compute
+
+
+def grpo_args(config: Any, world_size: int = 1, device: str = "cpu") -> dict:
+    """GRPOConfig keyword arguments for a TrainConfig (the module docstring's table).
+
+    >>> from rpttrain.config import TrainConfig
+    >>> a = grpo_args(TrainConfig("t", "o", batch_size=4, group_size=4, max_new_tokens=1, max_prompt_tokens=63,
+    ...                           micro_batch_tokens=256), world_size=2)
+    >>> a["per_device_train_batch_size"], a["steps_per_generation"], a["gradient_accumulation_steps"], a["loss_type"]
+    (4, 2, 2, 'dapo')
+    """
+    c = config
+    completions = c.batch_size * c.group_size
+    if completions % world_size:
+        raise BackendOptionError(
+            f"batch_size x group_size = {completions} completions per step must split evenly over {world_size} processes"
+        )
+    per_process = completions // world_size
+    rows = micro_rows(per_process, c.micro_batch_tokens // (c.max_prompt_tokens + c.max_new_tokens))
+    accumulation = per_process // rows
+    _, compute = dtypes(c, device)
+    return dict(
+        max_steps=c.steps,
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,
+        num_iterations=1,
+        num_generations=c.group_size,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        top_k=0,
+        max_completion_length=c.max_new_tokens,
+        beta=c.kl_coef,
+        epsilon=c.clip_eps,
+        epsilon_high=c.clip_eps if c.clip_eps_high is None else c.clip_eps_high,
+        scale_rewards=c.scale_rewards,
+        loss_type=LOSS_TYPES[c.loss_agg],
+        learning_rate=c.lr,
+        adam_beta1=c.adam_beta1,
+        adam_beta2=c.adam_beta2,
+        weight_decay=c.weight_decay,
+        max_grad_norm=c.grad_clip,
+        warmup_steps=c.warmup_steps,
+        lr_scheduler_type="constant_with_warmup",
+        bf16=compute == "bfloat16",
+        fp16=compute == "float16",
+        gradient_checkpointing=c.gradient_checkpointing,
+        seed=c.seed,
+        data_seed=c.seed,
+        save_strategy="steps",
+        save_steps=c.save_every,
+        save_total_limit=c.keep_checkpoints,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=not c.progress,
+        use_cpu=device == "cpu",
+        use_vllm=c.engine == "vllm",
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+        remove_unused_columns=False,
+        log_completions=False,
+        trust_remote_code=c.trust_remote_code,
+        model_init_kwargs={"dtype": dtypes(c, device)[0]},
+    )
+
+
+def accelerate_config(sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str = "bf16",
+                      cpu: bool = False) -> dict:
+    """An accelerate config: DDP, FSDP2 (full state dict, so checkpoints stay HF folders), or
+    DeepSpeed ZeRO-3 (needs `pip install deepspeed`).
+
+    `cpu`: DDP over gloo on a CPU. It is the MULTI_GPU launch on purpose: accelerate 1.15 runs
+    `--cpu` / use_cpu configs through its single-process launcher (one process, whatever
+    num_processes says), while the MULTI_GPU launch starts torchrun's processes, and the trainer's
+    use_cpu=True then joins them in a gloo group (accelerate's MULTI_CPU).
+
+    >>> accelerate_config("fsdp", 8, 2)["fsdp_config"]["fsdp_state_dict_type"]
+    'FULL_STATE_DICT'
+    >>> accelerate_config("ddp", 2, 1, "no", cpu=True)["distributed_type"]
+    'MULTI_GPU'
+    """
+    if sharding not in SHARDINGS:
+        raise BackendOptionError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {sharding!r}")
+    if cpu and sharding != "ddp":
+        raise BackendOptionError("--sharding fsdp/zero3 needs GPUs; on a CPU only ddp (gloo) runs")
+    out: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE", "debug": False, "downcast_bf16": "no", "machine_rank": 0,
+        "main_training_function": "main", "mixed_precision": mixed_precision, "num_machines": nodes,
+        "num_processes": gpus_per_node * nodes, "rdzv_backend": "static", "same_network": True, "use_cpu": False,
+        "distributed_type": "MULTI_GPU",
+    }
+    if sharding == "fsdp":
+        out["distributed_type"] = "FSDP"
+        out["fsdp_config"] = {
+            "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": False, "fsdp_reshard_after_forward": True, "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_activation_checkpointing": False,
+        }
+    elif sharding == "zero3":
+        out["distributed_type"] = "DEEPSPEED"
+        out["deepspeed_config"] = {
+            "deepspeed_multinode_launcher": "standard", "offload_optimizer_device": "none", "offload_param_device": "none",
+            "zero3_init_flag": True, "zero3_save_16bit_model": True, "zero_stage": 3,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory
+
+
+def _identity(config: Any) -> str:
+    ident = config.identity() if hasattr(config, "identity") else asdict(config)
+    return fingerprint({"backend": "trl", "train": ident})
+
+
+def prepare_run(config: Any, resume: bool, overwrite: bool) -> Path:
+    """Create or reopen RUN: refuse another run's directory, or checkpoints without --resume."""
+    import yaml
+
+    run = Path(config.out)
+    meta = run / "backend.json"
+    if overwrite:
+        for name in OWN_FILES:
+            p = run / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    elif meta.exists():
+        previous = json.loads(meta.read_text())
+        if previous.get("fingerprint") != _identity(config):
+            raise ManifestMismatch(f"{run} holds a run with other settings; use another --out or --overwrite")
+        if _last_trl_checkpoint(run) and not resume:
+            raise ManifestMismatch(f"{run} already has checkpoints; pass --resume to continue it, or --overwrite")
+    elif (run / "config.yaml").exists() or (run / "checkpoints").exists():
+        raise ManifestMismatch(f"{run} holds a run of another backend; use another --out or --overwrite")
+    run.mkdir(parents=True, exist_ok=True)
+    import trl
+
+    meta.write_text(json.dumps({"backend": "trl", "trl": trl.__version__, "fingerprint": _identity(config)}, indent=2))
+    (run / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    return run
+
+
+def _last_trl_checkpoint(run: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run / TRL_DIR
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(last) if last else None
+
+
+def link_checkpoint(run_dir: Path, folder: Path, step: int, state: dict) -> Path:
+    """Make TRL's checkpoint-N readable as an rpt checkpoint: state.json in it, and
+    RUN/checkpoints/step-N linking to it (links to checkpoints TRL has rotated away are removed)."""
+    from rpttrain.checkpoint import checkpoint_dir
+
+    (folder / "state.json").write_text(json.dumps({"step": step, "backend": "trl", **state}, indent=2))
+    link = checkpoint_dir(run_dir, step)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(folder, link.parent), target_is_directory=True)
+    for stale in link.parent.iterdir():
+        if stale.is_symlink() and not stale.exists():
+            stale.unlink()
+    return link
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop lines of steps after `step` (they are redone after a resume)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train_dataset(tasks_dir: str, cache: Path):
+    """The training tasks as a datasets.Dataset: prompt (the raw context), continuation,
+    boundaries, task_id; memory-mapped from the task shards."""
+    import datasets
+
+    files = [str(p) for p in list_shards(Path(tasks_dir) / "train")]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache))
+    return ds.select_columns(["context", "continuation", "boundaries", "task_id"]).rename_column("context", "prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train_trl(config: Any, resume: bool = False) -> dict:
+    """Train in this process (or in each process accelerate started); returns the summary."""
+    from rptdata.models import load_tokenizer, local_model_dir, resolve_device
+    from rpttrain.prompts import load_prompt_format
+    from rpttrain.reward import get_reward_fn
+    from trl import GRPOConfig
+
+    from rpttrain.backends.trl_grpo import RptGRPOTrainer, RptReward, RunLog
+
+    c = config
+    run = Path(c.out)
+    device = "cpu" if c.device == "cpu" else resolve_device(c.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fmt = load_prompt_format(c.prompt_template)
+    tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
+    check_tokenizer(c, read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer)
+    if 0 <= c.dynamic_sampling_from:
+        log.info("dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
+                 c.dynamic_sampling_from)
+    args = GRPOConfig(output_dir=str(run / TRL_DIR), **grpo_args(c, world, device))
+    reward = RptReward(fmt, get_reward_fn(c.reward), run / "samples.jsonl", c.sample_every)
+    trainer = RptGRPOTrainer(
+        model=local_model_dir(c.model), reward_funcs=reward, args=args, processing_class=tokenizer,
+        train_dataset=train_dataset(c.tasks_dir, run / "data-cache"),
+        rpt_format=fmt, max_prompt_tokens=c.max_prompt_tokens, dynamic_sampling_from=c.dynamic_sampling_from,
+    )
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
+    runlog = RunLog(run, n_params, c.compute_budget)
+    trainer.add_callback(runlog)
+    last = _last_trl_checkpoint(run) if resume else None
+    if last is not None:
+        step = json.loads((last / "trainer_state.json").read_text())["global_step"]
+        if trainer.accelerator.is_main_process:
+            _truncate_jsonl(run / "metrics.jsonl", step)
+            _truncate_jsonl(run / "samples.jsonl", step)
+        log.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    state = trainer.state
+    stopped_by = "compute_budget" if state.global_step < c.steps else None
+    summary = {"backend": "trl", "processes": trainer.accelerator.num_processes, "steps": state.global_step, "stopped_by": stopped_by, "run_dir": str(run),
+               "totals": {"flops": runlog.flops(state), "update_tokens": int(state.num_input_tokens_seen)}}
+    if trainer.accelerator.is_main_process:
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str, cpu: bool,
+                   resume: bool) -> list[str]:
+    """Write RUN/accelerate.yaml and RUN/launch-trl.sh; return the command that runs it.
+
+    Several nodes: run the script on each with MACHINE_RANK and MAIN_PROCESS_IP set.
+    """
+    import yaml
+
+    cfg = run / "accelerate.yaml"
+    cfg.write_text(yaml.safe_dump(accelerate_config(sharding, gpus_per_node, nodes, mixed_precision, cpu), sort_keys=False))
+    q = shlex.quote
+    lines = ["#!/usr/bin/env bash", "# written by `rpt train --backend trl`; run it on every node", "set -euo pipefail",
+             f"exec {q(sys.executable)} -m accelerate.commands.launch --config_file {q(str(cfg.resolve()))} \\"]
+    if nodes > 1:
+        lines.append('    --machine_rank "${MACHINE_RANK:?set MACHINE_RANK (0 on the main node)}" '
+                     '--main_process_ip "${MAIN_PROCESS_IP:?set MAIN_PROCESS_IP}" --main_process_port "${MAIN_PROCESS_PORT:-29500}" \\')
+    lines.append(f"    -m rpttrain.backends.trl {q(str(run.resolve()))}" + (" --resume" if resume else ""))
+    script = run / "launch-trl.sh"
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return ["bash", str(script)]
+
+
+def run_trl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes: int = 1, sharding: str = "ddp",
+            resume: bool = False, overwrite: bool = False) -> dict:
+    """`rpt train --backend trl`: in-process for one process, else through accelerate."""
+    run = prepare_run(config, resume, overwrite)
+    world = gpus_per_node * nodes
+    if world == 1:
+        if sharding != "ddp":
+            raise BackendOptionError("--sharding fsdp/zero3 needs more than one process (--gpus-per-node)")
+        return train_trl(config, resume=resume)
+    grpo_args(config, world)  # refuse a batch that does not split over the processes before launching
+    cpu = config.device == "cpu"
+    _, compute = dtypes(config, "cpu" if cpu else "cuda")
+    mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(compute, "no")
+    command = launch_command(run, sharding, gpus_per_node, nodes, mixed, cpu, resume)
+    summary = {"backend": "trl", "run_dir": str(run), "command": " ".join(shlex.quote(x) for x in command)}
+    if not launch:
+        return summary
+    subprocess.run(command, check=True)
+    return {**json.loads((run / "summary.json").read_text()), **summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m rpttrain.backends.trl RUN [--resume]`: train RUN/config.yaml in this process."""
+    import yaml
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m rpttrain.backends.trl RUN_DIR [--resume]")
+    run = Path(argv[0])
+    from rpttrain.config import config_from_dict
+
+    config = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    logging.basicConfig(level=logging.INFO)
+    train_trl(config, resume="--resume" in argv[1:])
+
+
+if __name__ == "__main__":
+    main()
