@@ -22,7 +22,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast test-vllm test-verl demo pipeline compare bench-prepare bench-score bench-eval bench-train gpu-check gpu-check-bundle clean
+.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare bench-prepare bench-score bench-eval bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,12 @@ test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not faults"
+
+# every stage killed (SIGKILL) at seeded points and rerun, every kind of file damaged (tests/test_faults.py);
+# prints the figures: kills survived per stage, damage detected per file kind
+test-faults: install
+	$(BIN)/python -m pytest -q -s -m faults tests/test_faults.py
 
 # The whole pipeline on the embedded corpus and model, sized for a 2-core CPU (10-15 minutes).
 demo: install

@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "cli.train:train",
     "plot": "cli.plot:plot",
     "eval": "cli.eval:eval_cmd",
+    "verify": "cli.verify:verify",
 }
 
 

@@ -67,7 +67,10 @@ def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_
     data = {}
     if config_file:
         with open(config_file) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise click.BadParameter(f"{config_file}: not valid YAML ({e})", param_hint="--config") from None
         if not isinstance(data, dict):
             raise click.UsageError(f"{config_file}: expected a mapping of option: value")
         data = {k.replace("-", "_"): v for k, v in data.items()}

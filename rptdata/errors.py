@@ -27,3 +27,8 @@ class MissingUpstream(RptError):
 
 class MissingDependency(RptError):
     """An optional package the chosen option needs (vllm) is not installed; the message says how to get it."""
+
+
+class DamagedFile(RptError):
+    """A file a stage wrote is truncated, altered or unreadable; the message names the file, what is
+    wrong with it, and the command that rebuilds it."""

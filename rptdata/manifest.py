@@ -4,14 +4,20 @@ Every stage writes into one directory with the same layout and rules:
 
     OUT/run.json                  what this run is (stage, fingerprint, config); written first
     OUT/<data>/part-00000.parquet shards, each written to a temporary name and renamed
-    OUT/done/<data>-00000.json    completion marker + that shard's stats, written after the shard
-    OUT/manifest.json             written last: its existence proves the stage finished
+    OUT/done/<data>-00000.json    completion marker: that shard's rows, bytes and sha256 + its stats,
+                                  written after the shard
+    OUT/manifest.json             written last: its existence proves the stage finished; its "files"
+                                  gathers every marker's {rows, bytes, sha256}
 
 A run into a directory that holds another run (other inputs, options or model) is refused
 unless `overwrite=True`; a run with the same fingerprint resumes after the last completed shard.
 Readers only ever look at `part-*.parquet`, never at temporary names. `claim_run_dir` is that
 rule (refuse / resume / overwrite) for every output directory: the data stages' `StageDir`,
 `rpt eval`'s report folder and `rpt train`'s run directory.
+
+Integrity: a consumer checks each shard it opens against its producer's manifest (size, then
+sha256) and stops with DamagedFile naming the file and the command that rebuilds it; a producer
+rerun into its own directory re-checks every marker and redoes only the damaged shards.
 
 Work is split between processes by `(worker_index, num_workers)` over shard indices, so one
 process, a pool and a multi-node launch share one code path.
@@ -21,19 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
-from rptdata import __version__
-from rptdata.errors import ManifestMismatch, MissingUpstream
+from rptdata import __version__, faults
+from rptdata.errors import DamagedFile, ManifestMismatch, MissingUpstream
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
 DONE_DIR = "done"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The stage names: `rpt <name>`, and the "stage" field of every run.json and manifest.json.
 STAGE_PREPARE = "prepare"
@@ -52,8 +60,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        faults.hit("json-tmp", tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_parquet_atomic(table, path: Path, **kwargs) -> None:
@@ -62,8 +84,12 @@ def write_parquet_atomic(table, path: Path, **kwargs) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, **kwargs)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        faults.hit("shard-tmp", tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def shard_name(index: int) -> str:
@@ -89,6 +115,119 @@ def list_shards(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("part-*.parquet") if p.name.endswith(".parquet"))
 
 
+# -- integrity -------------------------------------------------------------------------------------
+DIGEST_CHUNK = 1 << 20
+
+
+def file_digest(path: str | Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 1 MiB chunks (hashlib releases the GIL meanwhile).
+
+    >>> import tempfile; f = Path(tempfile.mkdtemp()) / "x"; _ = f.write_bytes(b"abc")
+    >>> file_digest(f)["bytes"], file_digest(f)["sha256"][:12]
+    (3, 'ba7816bf8f01')
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(DIGEST_CHUNK):
+            h.update(chunk)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def digest_problem(path: Path, record: dict, checksum: bool = True) -> str | None:
+    """What is wrong with `path` against its record {"bytes", "sha256"} (None: it matches).
+
+    Size first (a stat); the checksum only when the size matches and `checksum` is asked for.
+    """
+    if not path.exists():
+        return "missing"
+    size = path.stat().st_size
+    if "bytes" in record and size != record["bytes"]:
+        return f"{size:,} bytes, its record says {record['bytes']:,} (truncated or overwritten)"
+    if checksum and "sha256" in record and file_digest(path)["sha256"] != record["sha256"]:
+        return "its sha256 differs from its record (the bytes were altered)"
+    return None
+
+
+def rebuild_hint(root: str | Path) -> str:
+    """The command that rebuilds a damaged file of the stage directory `root`."""
+    root = Path(root)
+    try:
+        stage = json.loads((root / RUN_FILE).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    if stage in (STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS):
+        return (f"rebuild it: rerun `rpt {stage} ... --out {root}` with the options it was made with "
+                f"(recorded in {root / RUN_FILE}); it redoes only the damaged shards")
+    if stage == STAGE_TRAIN:
+        return f"rerun `rpt train ... --out {root} --resume`"
+    return f"rebuild {root} with the command that wrote it"
+
+
+def read_json(path: Path, hint: str) -> Any:
+    """json.load of a file this toolkit wrote; DamagedFile (naming it, with `hint`) if it does not parse."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{path}: damaged, not valid JSON ({e}); {hint}") from None
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns) already checksummed by this process
+
+
+def check_shard(root: str | Path, rel: str, manifest: dict) -> Path:
+    """ROOT/rel after checking it against the manifest's record of it (size, sha256); each file
+    is checksummed once per process. Manifests older than the records are not checked."""
+    path = Path(root) / rel
+    record = (manifest.get("files") or {}).get(rel)
+    if not path.exists():
+        raise DamagedFile(f"{path}: missing, though {Path(root) / MANIFEST} lists it; {rebuild_hint(root)}")
+    if record is None:
+        return path
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        problem = digest_problem(path, record)
+        if problem:
+            raise DamagedFile(f"{path}: damaged: {problem}; {rebuild_hint(root)}")
+        _VERIFIED.add(key)
+    return path
+
+
+def checked_shards(root: str | Path, data_dir: str, manifest: dict) -> list[Path]:
+    """The shards of ROOT/data_dir in index order, each checked with `check_shard`."""
+    return [check_shard(root, f"{data_dir}/{p.name}", manifest) for p in list_shards(Path(root) / data_dir)]
+
+
+def read_parquet(path: str | Path, **kwargs):
+    """pq.read_table, with a file that does not parse reported as DamagedFile naming it."""
+    import pyarrow.parquet as pq
+
+    with parquet_errors(path):
+        return pq.read_table(path, **kwargs)
+
+
+class parquet_errors:
+    """`with parquet_errors(path):` around reads of one shard: pyarrow's errors become DamagedFile."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        import pyarrow as pa
+
+        # pyarrow reports bad bytes as ArrowException, or as OSError without an errno (a corrupt
+        # page); an OSError with an errno (disk full, permissions) is the system's, not damage
+        damaged = isinstance(error, pa.ArrowException) or (isinstance(error, OSError) and error.errno is None)
+        if damaged and not isinstance(error, DamagedFile):
+            raise DamagedFile(
+                f"{self.path}: damaged, cannot be read as Parquet ({error}); {rebuild_hint(self.path.parent.parent)}"
+            ) from None
+        return False
+
+
 def read_manifest(root: Path, stage: str | None = None) -> dict:
     """The manifest of a finished stage directory, or MissingUpstream with a reason."""
     path = Path(root) / MANIFEST
@@ -97,7 +236,7 @@ def read_manifest(root: Path, stage: str | None = None) -> dict:
             Path(root) / RUN_FILE
         ).exists() else ""
         raise MissingUpstream(f"{root}: no {MANIFEST}; not a finished rpt stage directory{hint}")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, rebuild_hint(root))
     if stage is not None and manifest.get("stage") != stage:
         raise MissingUpstream(f"{root}: expected the output of `rpt {stage}`, found `{manifest.get('stage')}`")
     return manifest
@@ -173,7 +312,7 @@ def claim_run_dir(
     kept = root.exists() and any(next(root.glob(pattern), None) is not None for pattern in progress)
     fp = fingerprint(identity)
     if record is None:
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in own) if root.exists() else []
+        foreign = sorted(p.name for p in root.iterdir() if _own_name(p.name) not in own) if root.exists() else []
         if foreign and not overwrite:
             raise ManifestMismatch(
                 f"{root} is not empty ({foreign[0]}) and is not an `rpt {stage}` directory; refusing to write "
@@ -214,7 +353,7 @@ def _recorded_run(root: Path) -> dict | None:
     for name in (RUN_FILE, MANIFEST):
         path = root / name
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path, f"pass --overwrite to start {root} over, or choose another --out")
     return None
 
 
@@ -224,14 +363,24 @@ def _start_run(root: Path, stage: str, fp: str, identity: dict, own: set[str]) -
     return "new"
 
 
+def _own_name(name: str) -> str:
+    """The file a temporary name stands for ("run.json.tmp-123" -> "run.json"): what a run killed
+    mid-write leaves is its own, not foreign.
+
+    >>> _own_name("run.json.tmp-4242"), _own_name("notes.txt")
+    ('run.json', 'notes.txt')
+    """
+    return name.split(".tmp-", 1)[0]
+
+
 def _remove(root: Path, names: Iterable[str]) -> None:
-    """Remove these files or folders directly under `root` (never anything else)."""
+    """Remove these files or folders directly under `root`, and their temporary copies (never anything else)."""
     for name in names:
-        path = root / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        for path in [root / name, *root.glob(f"{name}.tmp-*")] if root.exists() else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 class StageDir:
@@ -249,10 +398,17 @@ class StageDir:
         Returns "new", "resume" (same config, unfinished) or "done" (same config, finished).
         Raises ManifestMismatch when the directory holds a different run and not `overwrite`.
         """
-        return claim_run_dir(
+        state = claim_run_dir(
             self.root, self.stage, config, self._own_names(), overwrite=overwrite,
             progress=(MANIFEST, f"{DONE_DIR}/*.json"), finished=MANIFEST,
         )
+        if state != "new":
+            for line in self.repair():
+                log.warning("redoing a damaged shard: %s", line)
+            if not (self.root / MANIFEST).exists():
+                state = "resume"
+        faults.hit("begin")
+        return state
 
     def _own_names(self) -> set[str]:
         return {*self.data_dirs, DONE_DIR, MANIFEST, RUN_FILE, "rejects.jsonl"}
@@ -268,31 +424,103 @@ class StageDir:
         """Write the shard, then its completion marker with its stats (in that order)."""
         path = self.shard_path(data_dir, index)
         write_parquet_atomic(table, path)
-        write_json_atomic(self.marker_path(data_dir, index), {"shard": path.name, "time": time.time(), **stats})
+        faults.hit("marker", path)
+        record = {"shard": path.name, "rows": table.num_rows, **file_digest(path), "time": time.time()}
+        write_json_atomic(self.marker_path(data_dir, index), {**record, **stats})
         return path
 
     def done_shards(self, data_dir: str) -> dict[int, dict]:
-        """index -> stats of every shard whose marker exists (and whose file is there)."""
+        """index -> marker of every shard whose marker parses and whose file is there, of the
+        recorded size (`begin` has checked the checksums of what an earlier run left)."""
         out = {}
         for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
             index = shard_index(marker)
-            if self.shard_path(data_dir, index).exists() or json.loads(marker.read_text()).get("empty"):
-                out[index] = json.loads(marker.read_text())
+            record = self._marker(marker)
+            if record is not None and (record.get("empty") or  # a shard with no rows: its marker alone
+                                       digest_problem(self.shard_path(data_dir, index), record, checksum=False) is None):
+                out[index] = record
         return out
+
+    @staticmethod
+    def _marker(path: Path) -> dict | None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def repair(self) -> list[str]:
+        """Check every completion marker and its shard (size, sha256) and the manifest against them;
+        remove what is damaged (a shard and its marker, a stale manifest) so that the run redoes it.
+        Returns what was removed, one line each."""
+        removed = []
+        records = {}
+        for data_dir in self.data_dirs:
+            for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
+                shard = self.shard_path(data_dir, shard_index(marker))
+                record = self._marker(marker)
+                if record is not None and record.get("empty"):
+                    continue
+                problem = "its marker does not parse" if record is None else (
+                    digest_problem(shard, record) or _rows_problem(shard, record))
+                if problem is None:
+                    records[f"{data_dir}/{shard.name}"] = record
+                    continue
+                removed.append(f"{shard}: {problem}")
+                shard.unlink(missing_ok=True)
+                marker.unlink()
+        manifest = self.root / MANIFEST
+        if manifest.exists():
+            recorded = self._marker(manifest)
+            if recorded is None:
+                removed.append(f"{manifest}: does not parse")
+            elif removed or ("files" in recorded and recorded["files"] != _files(records)):
+                removed.append(f"{manifest}: its shards changed")
+            else:
+                return removed
+            manifest.unlink()
+        return removed
 
     def finish(self, manifest: dict) -> dict:
         """Write manifest.json last; it carries the run's fingerprint and config."""
-        run = json.loads((self.root / RUN_FILE).read_text())
+        run = read_json(self.root / RUN_FILE, f"pass --overwrite to redo {self.root}")
+        records = {}
+        for data_dir in self.data_dirs:
+            for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
+                record = read_json(marker, f"rerun `rpt {self.stage}` into {self.root}; it redoes that shard")
+                if not record.get("empty"):
+                    records[f"{data_dir}/{record['shard']}"] = record
         full = {
             "stage": self.stage,
             "rpt_version": __version__,
             "fingerprint": run["fingerprint"],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **manifest,
+            "files": _files(records),
             "config": run["config"],
         }
+        faults.hit("manifest")
         write_json_atomic(self.root / MANIFEST, full)
         return full
+
+
+def _rows_problem(shard: Path, record: dict) -> str | None:
+    """Whether the shard's Parquet footer disagrees with its marker's row count (a cheap read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if "rows" not in record:
+        return None
+    try:
+        rows = pq.read_metadata(shard).num_rows
+    except (pa.ArrowException, OSError) as e:
+        return f"its footer does not parse ({e})"
+    return None if rows == record["rows"] else f"{rows} rows, its marker says {record['rows']}"
+
+
+def _files(records: dict[str, dict]) -> dict[str, dict]:
+    """The manifest's "files": shard path -> {rows, bytes, sha256} from its completion marker."""
+    return {rel: {k: r[k] for k in ("rows", "bytes", "sha256") if k in r} for rel, r in sorted(records.items())}
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

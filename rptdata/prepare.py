@@ -49,11 +49,10 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rptdata.errors import BadInput
 from rptdata.manifest import (
-    STAGE_PREPARE, StageDir, list_shards, read_manifest, shard_name, worker_from_env, worker_split, write_json_atomic,
+    STAGE_PREPARE, StageDir, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
 )
 from rptdata.models import DEFAULT_MODEL, load_tokenizer, model_name, vocab_hash
 from rptdata.sources import RawRecord, TextBuilder, expand_inputs, index_source, read_source
@@ -252,7 +251,7 @@ def _run_worker(config: PrepareConfig, tokenizer, sources, stage: StageDir, work
     seen: set[bytes] = set()
     if config.dedupe:  # one process: the finished shards are the first ones, and hold every kept text
         for path in list_shards(Path(config.out) / DOCS_DIR):
-            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
+            for text in read_parquet(path, columns=["text"]).column("text").to_pylist():
                 seen.add(_content_key(text))
 
     from tqdm import tqdm

@@ -46,7 +46,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rptdata.engine_choice import ENGINE_CHOICES, choose_engine
 from rptdata.errors import ManifestMismatch, ModelResolutionError, RptError
@@ -56,7 +55,9 @@ from rptdata.manifest import (
     STAGE_PREPARE,
     STAGE_SCORE,
     StageDir,
+    check_shard,
     read_manifest,
+    read_parquet,
     shard_index,
     worker_from_env,
     worker_split,
@@ -390,6 +391,8 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     if done:
         log.info("resuming: %d shard(s) already complete", len(done))
 
+    for i in todo:  # a damaged prepared shard stops the run before any work, naming it
+        check_shard(prep_dir, inputs[i], prep)
     if todo:
         if scorer is None:
             scorer = load_scorer(
@@ -412,7 +415,7 @@ def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, sco
 
     total = 0
     for i in todo:
-        n = pq.read_table(prep_dir / inputs[i], columns=["n_tokens"]).column("n_tokens").to_numpy()
+        n = read_parquet(prep_dir / inputs[i], columns=["n_tokens"]).column("n_tokens").to_numpy()
         total += int(np.maximum(n - options["min_context"], 0).sum())
     with tqdm(total=total, desc="score-entropy", unit=" tok", unit_scale=True, disable=not config.progress,
               dynamic_ncols=True) as bar:
@@ -423,7 +426,7 @@ def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, sco
 def _score_shard(stage: StageDir, path: Path, index: int, scorer, options: dict, progress) -> dict:
     """Score one input shard and write its positions shard + completion marker."""
     t0 = time.time()
-    table = pq.read_table(path, columns=["doc_id", "token_ids"])
+    table = read_parquet(path, columns=["doc_id", "token_ids"])
     token_lists = table.column("token_ids").combine_chunks()
     offsets = token_lists.offsets.to_numpy()
     flat = token_lists.values.to_numpy(zero_copy_only=False)

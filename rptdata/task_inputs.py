@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
 from rptdata.live import accepted_prediction, live_probability, position_accept_mass
 from rptdata.manifest import (
+    check_shard,
+    parquet_errors,
+    read_parquet,
     MANIFEST,
     STAGE_PREPARE,
     STAGE_SCORE,
@@ -275,12 +278,14 @@ def _open_inputs(config: MakeTasksConfig) -> _Inputs:
 
 
 def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
-    docs = pq.read_table(inputs.prepared / DOCS_DIR / shard_name(index), columns=["doc_id", "text", "token_ids", "token_end_bytes"])
-    pos_path = inputs.scored / POSITIONS_DIR / shard_name(index)
-    schema = pq.read_schema(pos_path)
+    docs_path = check_shard(inputs.prepared, f"{DOCS_DIR}/{shard_name(index)}", inputs.prepared_manifest)
+    docs = read_parquet(docs_path, columns=["doc_id", "text", "token_ids", "token_end_bytes"])
+    pos_path = check_shard(inputs.scored, f"{POSITIONS_DIR}/{shard_name(index)}", inputs.scored_manifest)
+    with parquet_errors(pos_path):
+        schema = pq.read_schema(pos_path)
     wanted = ["doc_id", "pos", "token_id", "entropy", "target_logprob", "target_rank", "topk_ids", "topk_logprobs"]
     missing = [c for c in wanted[:4] if c not in schema.names]
     if missing:
         raise BadInput(f"{pos_path}: missing column(s) {', '.join(missing)}; is this a score-entropy shard?")
-    positions = pq.read_table(pos_path, columns=[c for c in wanted if c in schema.names])
+    positions = read_parquet(pos_path, columns=[c for c in wanted if c in schema.names])
     return _Shard(index, docs, positions, config, str(pos_path), inputs.vocab)

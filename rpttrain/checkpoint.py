@@ -7,11 +7,13 @@
                              (mixed precision): what --resume continues from, so it stays exact
         trainer_state.pt     optimizer + scheduler state dicts (loaded with weights_only=True)
         rng.pt               python / numpy / torch (+cuda) RNG states
-        state.json           step, data cursor, cumulative counters (tokens, FLOPs), config fingerprint
+        state.json           step, data cursor, cumulative counters (tokens, FLOPs), config fingerprint,
+                             and "files": {name: {bytes, sha256}} of every other file, checked on --resume
 
 A checkpoint is written into `step-N.tmp-<pid>/` and renamed when complete, so a run killed in the
 middle of a write resumes from the previous complete checkpoint; temporary folders are ignored and
-cleaned up. Only the newest `keep` checkpoints are kept.
+cleaned up. Only the newest `keep` checkpoints are kept. A checkpoint whose files no longer match
+state.json's record (truncated, altered, missing) is refused by `verify_checkpoint` with DamagedFile.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rptdata import faults
+from rptdata.errors import DamagedFile
+from rptdata.manifest import digest_problem, file_digest, read_json
+
 CHECKPOINTS = "checkpoints"
 MASTER_WEIGHTS = "master.safetensors"
+STATE_FILE = "state.json"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -66,6 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_hf_model(model, tmp, hf_dtype)
+    faults.hit("checkpoint-weights", tmp)
     if hf_dtype is not None and hf_dtype != next(model.parameters()).dtype:
         from safetensors.torch import save_model
 
@@ -74,15 +82,42 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     # RNG states hold numpy/python objects; pickle them apart from the tensors
     torch.save(_rng_to_tensors(rng_state()), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    files = _digests(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, "files": files}, indent=2))
+    faults.hit("checkpoint-rename", tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    faults.hit("checkpoint-prune", final)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _digests(folder: Path) -> dict[str, dict]:
+    """{name: {bytes, sha256}} of the folder's files, hashed in parallel threads (hashlib releases
+    the GIL), so a large checkpoint costs about one read of its biggest file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(p.name for p in Path(folder).iterdir() if p.is_file() and p.name != STATE_FILE)
+    with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
+        return dict(zip(names, pool.map(lambda n: file_digest(Path(folder) / n), names)))
+
+
+def verify_checkpoint(ckpt: Path, previous: Path | None = None) -> dict:
+    """state.json of `ckpt` after checking every file it records (size, sha256); DamagedFile
+    naming the first damaged file and the way out. Checkpoints older than the record pass."""
+    ckpt = Path(ckpt)
+    way_out = (f"remove {ckpt} to resume from {previous.name}" if previous is not None
+               else f"remove {ckpt} and rerun, or start over with --overwrite")
+    state = read_json(ckpt / STATE_FILE, way_out)
+    for name, record in (state.get("files") or {}).items():
+        problem = digest_problem(ckpt / name, record)
+        if problem:
+            raise DamagedFile(f"{ckpt / name}: damaged checkpoint file: {problem}; {way_out}")
+    return state
 
 
 def save_hf_model(model, folder: Path, dtype: torch.dtype | None = None) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import RptError
-from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, list_shards, read_manifest
+from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, checked_shards, parquet_errors, read_manifest
 from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
     (for readers that want pyarrow directly, e.g. a column subset of a whole split)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    read_manifest(Path(tasks_dir), STAGE_TASKS)  # refuses unfinished or foreign directories
-    return list_shards(Path(tasks_dir) / split)
+    manifest = read_manifest(Path(tasks_dir), STAGE_TASKS)  # refuses unfinished or foreign directories
+    return checked_shards(tasks_dir, split, manifest)  # DamagedFile for a truncated or altered shard
 
 
 def iter_tasks(tasks_dir: str | Path, split: str = "train", columns: Sequence[str] | None = None) -> Iterator[dict]:
@@ -51,8 +51,9 @@ def iter_tasks(tasks_dir: str | Path, split: str = "train", columns: Sequence[st
     Memory is one record batch at a time. `columns` picks a subset of TASKS_SCHEMA.
     """
     for path in task_shards(tasks_dir, split):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=list(columns) if columns else None):
-            yield from batch.to_pylist()
+        with parquet_errors(path):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=list(columns) if columns else None):
+                yield from batch.to_pylist()
 
 
 def load_tasks(tasks_dir: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
@@ -78,14 +79,23 @@ def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.T
     tables = []
     for i, shard in enumerate(shards):
         dst = cache / f"part-{i:05d}.arrow"
-        if not dst.exists():
+        if dst.exists():
+            try:
+                tables.append(pa.ipc.open_file(pa.memory_map(str(dst))).read_all())
+                continue
+            except (pa.ArrowException, OSError):  # a damaged cache file is derived data: rebuild it
+                log.warning("%s is damaged; rebuilding it from %s", dst, shard)
+        with parquet_errors(shard):
             pf = pq.ParquetFile(shard)
             schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
             tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for batch in pf.iter_batches(batch_size=8192, columns=columns):
-                    writer.write_batch(batch)
-            os.replace(tmp, dst)
+            try:
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                    for batch in pf.iter_batches(batch_size=8192, columns=columns):
+                        writer.write_batch(batch)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
         tables.append(pa.ipc.open_file(pa.memory_map(str(dst))).read_all())
     if not tables:
         raise RptError(f"nothing to read: no shards for {cache.name}")
@@ -103,7 +113,8 @@ class TaskRows:
         if not shards:
             raise RptError(f"nothing to train on: {tasks_dir} has no train shards")
         key = read_manifest(Path(tasks_dir), STAGE_TASKS).get("fingerprint") or "unversioned"
-        present = set(pq.read_schema(shards[0]).names)
+        with parquet_errors(shards[0]):
+            present = set(pq.read_schema(shards[0]).names)
         extra = [c for c in OPTIONAL_TASK_COLUMNS if c in present]
         # the column set is part of the cache's name: a cache made without `live` is not reused with it
         name = f"tasks-{key}" + ("-" + "-".join(extra) if extra else "")
@@ -130,9 +141,10 @@ class DocWindows:
         prepared = tasks_manifest.get("prepared_dir")
         if not prepared or not Path(prepared).exists():
             raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")
-        key = read_manifest(Path(prepared), STAGE_PREPARE).get("fingerprint") or "unversioned"
+        prep_manifest = read_manifest(Path(prepared), STAGE_PREPARE)
+        key = prep_manifest.get("fingerprint") or "unversioned"
         self.window = window
-        self.docs = mmap_shards(list_shards(Path(prepared) / "docs"), ["doc_id", "token_ids", "n_tokens"],
+        self.docs = mmap_shards(checked_shards(prepared, "docs", prep_manifest), ["doc_id", "token_ids", "n_tokens"],
                                 Path(cache) / f"docs-{key}")
         rule = tasks_manifest["split"]
         keep, lengths = [], []

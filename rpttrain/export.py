@@ -6,6 +6,7 @@ Output (one file per split, streamed shard by shard through a ParquetWriter, so 
 record batch, and renamed into place when complete):
     OUT/train.parquet   rows of `task_to_verl_row` / `task_to_trl_row` (rpttrain/integrations)
     OUT/eval.parquet    the held-out documents' tasks (with --split eval or both)
+    OUT/run.json        written first: these settings (a rerun after a crash redoes the export)
     OUT/manifest.json   written last: source tasks, format, prompt template, reward, row counts,
                         and for verl the two overrides that point verl 0.9.1 at the rpt reward
                         (verl_overrides: reward.custom_reward_function.path/name)
@@ -20,6 +21,7 @@ trainers shuffle).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,8 +32,11 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rptdata import faults
 from rptdata.errors import ManifestMismatch
-from rptdata.manifest import MANIFEST, STAGE_EXPORT, STAGE_TASKS, list_shards, read_manifest, write_json_atomic
+from rptdata.manifest import (
+    MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_TASKS, fingerprint, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
+)
 from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
 from rpttrain.reward import get_reward_fn
@@ -162,17 +167,26 @@ def _export_split(paths: list[Path], dest: Path, schema: pa.Schema, to_row: Call
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             for path in paths:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-                    rows = [to_row(task) for task in batch.to_pylist()]
-                    if rows:
-                        _check_keys(rows[0], schema)
-                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                    rows_written += len(rows)
-                    bar.update(len(rows))
+                with parquet_errors(path):
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+                        rows = [to_row(task) for task in batch.to_pylist()]
+                        if rows:
+                            _check_keys(rows[0], schema)
+                        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                        rows_written += len(rows)
+                        bar.update(len(rows))
+                        faults.hit("export-batch", tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return rows_written
+
+
+def _same_run(run_file: Path, record: dict) -> bool:
+    try:
+        return json.loads(run_file.read_text()).get("fingerprint") == record["fingerprint"]
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run_export_tasks(config: ExportConfig) -> dict:
@@ -190,14 +204,21 @@ def run_export_tasks(config: ExportConfig) -> dict:
     out = Path(config.out)
     ours = [out / f"{s}.parquet" for s in SPLITS] + [out / MANIFEST]
     existing = [p for p in ours if p.exists()]
-    if existing and not config.overwrite:
+    # run.json, written before any file: an export of these settings that stopped before its
+    # manifest (a crash) is redone without --overwrite; a finished or foreign one is refused
+    identity = {"tasks": tm.get("fingerprint"), **{k: v for k, v in config.__dict__.items() if k not in ("out", "overwrite", "progress")}}
+    record = {"stage": STAGE, "fingerprint": fingerprint(identity), "config": identity}
+    unfinished = (out / RUN_FILE).exists() and not (out / MANIFEST).exists() and _same_run(out / RUN_FILE, record)
+    if existing and not config.overwrite and not unfinished:
         raise ManifestMismatch(
             f"{out} already holds an export ({', '.join(p.name for p in existing)}); use another --out, "
             "or pass --overwrite to replace it"
         )
-    for p in existing:  # all of ours, so a narrower --split leaves no stale file behind
+    for p in existing + list(out.glob("*.parquet.tmp-*")):  # all of ours, so a narrower --split leaves no stale file behind
         p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_FILE, record)
+    faults.hit("begin")
 
     schema = export_schema(config.format, fmt, tokenizer is not None)
     row_fn = _row_fn(config.format)
@@ -211,7 +232,7 @@ def run_export_tasks(config: ExportConfig) -> dict:
     with tqdm(desc="export-tasks", unit=" rows", disable=not config.progress, dynamic_ncols=True) as bar:
         for split in config.splits():
             dest = out / f"{split}.parquet"
-            counts[split] = _export_split(list_shards(tasks_dir / split), dest, schema, to_row, bar)
+            counts[split] = _export_split(checked_shards(tasks_dir, split, tm), dest, schema, to_row, bar)
             files[split] = str(dest.resolve())
             expected = tm["counts"]["tasks"][split]
             if counts[split] != expected:  # an internal invariant: every task becomes one row
@@ -229,6 +250,7 @@ def run_export_tasks(config: ExportConfig) -> dict:
         "render_tokenizer": config.tokenizer,
         "files": files,
         "rows": counts,
+        "checksums": {split: file_digest(path) for split, path in files.items()},
         "schema": {f.name: str(f.type) for f in schema},
         "seconds": round(time.time() - started, 2),
     }

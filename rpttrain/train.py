@@ -38,11 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rptdata import faults
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import STAGE_TASKS, STAGE_TRAIN, claim_run_dir, read_manifest, write_json_atomic
+from rptdata.manifest import STAGE_TASKS, STAGE_TRAIN, claim_run_dir, read_manifest, write_json_atomic, write_text_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
-from rpttrain.checkpoint import list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint
+from rpttrain.checkpoint import (
+    list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint, verify_checkpoint,
+)
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
 from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
 from rpttrain.grpo import GRPOObjective, build_engine
@@ -81,6 +84,8 @@ class Trainer:
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         start_from = checkpoints[-1] if (resume and checkpoints) else None
+        if start_from:  # sizes and checksums of its weights and optimizer state, before loading them
+            verify_checkpoint(start_from, checkpoints[-2] if len(checkpoints) > 1 else None)
         self._load_model(start_from)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay
@@ -113,6 +118,7 @@ class Trainer:
         else:
             self.objective = NextTokenObjective(c, **common)
         self.tb = _tensorboard(self.run_dir / "tb")
+        faults.hit("begin")
 
     def _claim_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
         """Refuse another run's directory, resume this one's, or clear it with --overwrite (the
@@ -195,6 +201,7 @@ class Trainer:
                 self.step += 1
                 metrics["step"] = self.step
                 self._log(metrics)
+                faults.hit("train-step")
                 bar.update(1)
                 if "reward_mean" in metrics:
                     bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}")
@@ -223,7 +230,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
     def _on_signal(self, signum, frame) -> None:
@@ -265,14 +272,22 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     """Drop lines of steps after `step` (they are redone after a resume)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a crash (or empty) is dropped (step = inf)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _tensorboard(folder: Path):

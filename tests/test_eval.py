@@ -335,18 +335,20 @@ def test_evaluating_the_training_split_is_refused(tiny, tiny_run, tmp_path):
 def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_path, tiny_bpe_dir):
     # other tasks over some of the run's training documents, under a different split rule
     other = write_tasks_dir(tmp_path / "other", str(tiny_bpe_dir), [], eval_pairs=PAIRS[:2])
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["split"]["seed"] = 7
-    (other / "manifest.json").write_text(json.dumps(manifest))
     # write_tasks_dir names documents "{split}-doc{i}": rename the eval ones to the run's training ids
     table = pq.read_table(other / "eval" / "part-00000.parquet").to_pylist()
     for row in table:
         row["doc_id"] = row["doc_id"].replace("eval-", "train-")
     import pyarrow as pa
 
+    from rptdata.manifest import file_digest
     from rptdata.taskdef import TASKS_SCHEMA
 
     pq.write_table(pa.Table.from_pylist(table, schema=TASKS_SCHEMA), other / "eval" / "part-00000.parquet")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["split"]["seed"] = 7
+    manifest["files"]["eval/part-00000.parquet"].update(file_digest(other / "eval" / "part-00000.parquet"))
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EvalOverlap, match="trained on 2 of the 2"):
         run_eval(EvalConfig(tasks_dir=str(other), checkpoints=(str(tiny_run),), device="cpu", progress=False))
 

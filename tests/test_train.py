@@ -14,7 +14,7 @@ from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
 from rpttrain.config import TrainConfig
 from rpttrain.train import Trainer, run_train
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import rewrite_shard, tiny_llama, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -241,7 +241,7 @@ def test_train_logs_the_predicted_zero_variance_share_beside_the_observed(tiny_b
     table = pq.read_table(shard)
     q = [0.0, 1.0, 0.5, 0.25] * (table.num_rows // 4)
     table = table.set_column(table.schema.get_field_index("accept_mass"), "accept_mass", pa_array(q))
-    pq.write_table(table, shard)
+    rewrite_shard(tasks, shard, table)
     run_train(tiny_config((model, tasks), tmp_path / "run", steps=1, batch_size=8, group_size=2))
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     # G = 2: dead with probability q^2 + (1-q)^2 -> 1, 1, 0.5, 0.625; the batch holds every task once

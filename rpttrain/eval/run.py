@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rptdata.bands import band_of
 from rptdata.errors import RptError
+from rptdata import faults
 from rptdata.manifest import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic
 from rptdata.models import resolve_device
 from rpttrain.eval.config import EvalConfig
@@ -51,6 +52,7 @@ def run_eval(config: EvalConfig) -> dict:
     out = Path(config.out or tmp)
     try:
         claim_report_dir(config, out, config.identity(manifest.get("fingerprint")))
+        faults.hit("begin")
         entropy, entropy_source = band_entropies(config, out, tasks, manifest)
         ctx = Context(config, tasks, entropy, [band_of(h, config.bands) for h in entropy], Store(out),
                       get_reward_fn(config.reward))

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rptdata import faults
 from rptdata.manifest import RUN_FILE, claim_run_dir, list_shards, shard_index, shard_name, write_parquet_atomic
 from rpttrain.eval.config import STAGE, EvalConfig
 
@@ -60,6 +61,7 @@ class Store:
         return keys
 
     def write(self, rows: dict[str, list]) -> None:
+        faults.hit("eval-chunk")
         path = self.dir / shard_name(self.next)
         write_parquet_atomic(pa.Table.from_pydict(rows, schema=PREDICTIONS_SCHEMA), path)
         self.parts.append(path)

@@ -10,7 +10,6 @@ The held-out check reads what the run recorded it trained on (RUN/trained_on.jso
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Sequence
 
 import yaml
 
-from rptdata.errors import MissingUpstream, RptError
-from rptdata.manifest import read_manifest
+from rptdata.errors import DamagedFile, MissingUpstream, RptError
+from rptdata.manifest import read_json, read_manifest
 from rptdata.models import model_name
 from rptdata.taskdef import recorded_split_rule, split_of
 from rpttrain.data import TRAINED_ON, iter_tasks
@@ -72,23 +71,27 @@ def _local_path(value: str, run_dir: Path) -> Path | None:
 def read_run(run_dir: str | Path) -> RunInfo:
     """Read a run's config.yaml, its trained_on.json and its complete checkpoints (step, folder, totals.flops)."""
     # rpttrain.checkpoint imports torch at module top; kept lazy so the config and stats load without it
-    from rpttrain.checkpoint import list_checkpoints
+    from rpttrain.checkpoint import list_checkpoints, verify_checkpoint
 
     root = Path(run_dir).resolve()
     cfg_path = root / "config.yaml"
     if not cfg_path.exists():
         raise MissingUpstream(f"{run_dir}: no config.yaml; not an `rpt train` run directory")
-    config = yaml.safe_load(cfg_path.read_text()) or {}
+    try:
+        config = yaml.safe_load(cfg_path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{cfg_path}: damaged, not valid YAML ({e}); `rpt train ... --out {root} --resume` "
+                          "writes it again") from None
     for key in ("model", "tasks_dir"):
-        if key not in config:
+        if not isinstance(config, dict) or key not in config:
             raise MissingUpstream(f"{cfg_path} has no {key!r}; not an `rpt train` config")
     record_path = root / TRAINED_ON
-    trained_on = json.loads(record_path.read_text()) if record_path.exists() else None
+    trained_on = read_json(record_path, f"`rpt train ... --out {root} --resume` writes it again") if record_path.exists() else None
     model_path = _local_path(str(config["model"]), root)
     tasks_dir = _local_path(str(trained_on["tasks_dir"]), root) if trained_on else None
     checkpoints = []
     for folder in list_checkpoints(root):
-        state = json.loads((folder / "state.json").read_text())
+        state = verify_checkpoint(folder)  # the weights' sizes and checksums, before eval loads them
         flops = float((state.get("totals") or {}).get("flops", float("nan")))
         checkpoints.append((int(state.get("step", folder.name.split("-")[-1])), folder, flops))
     return RunInfo(
