@@ -110,10 +110,11 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
     n_params = sum(p.numel() for p in load_causal_lm(str(model), dtype="float32", device="cpu").parameters())
     assert [m["flops"] for m in steps] == [6.0 * n_params * m["update_tokens"] for m in steps]
     assert steps[1]["flops_total"] == steps[0]["flops"] + steps[1]["flops"] == summary["totals"]["flops"]
-    # GRPO: 6N per update token + 2N per rollout token, logged the same way
+    # GRPO: 6N per update token + 2N per rollout token, logged the same way (the two-pass step;
+    # the fused one-token step runs no rollout forward: tests/test_train.py)
     run_train(TrainConfig(**{**baseline_config(model, tasks, tmp_path / "rpt").__dict__, "objective": "rpt",
                              "prompt_template": "continuation", "max_new_tokens": 1, "group_size": 4, "temperature": 1.0,
-                             "dynamic_sampling_from": -1}))
+                             "dynamic_sampling_from": -1, "fused_one_token": False}))
     rpt_steps = [json.loads(x) for x in (tmp_path / "rpt" / "metrics.jsonl").read_text().splitlines()]
     assert rpt_steps[0]["flops"] > 0 and rpt_steps[0]["flops_total"] == rpt_steps[0]["flops"]
     for m in rpt_steps:
