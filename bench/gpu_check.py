@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
     figures["score"] = {
         "positions": scored_tokens, "seconds": scored["seconds"], "tokens_per_s": round(score_tps),
         "bare_forward_tokens_per_s": round(bare_tps), "ratio_to_bare_forward": round(score_tps / bare_tps, 3),
-        "mfu": round(score_tps * 2 * n / (args.peak_tflops * 1e12), 4), "peak_gib": peak.gib,
+        "mfu": float(f"{score_tps * 2 * n / (args.peak_tflops * 1e12):.3g}"), "peak_gib": peak.gib,
         "counts": scored["counts"],
     }
 
