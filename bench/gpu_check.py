@@ -221,7 +221,7 @@ def main(argv=None) -> dict:
     bare_tps = bare_forward_tokens_per_s(policy, args.device, min(scored_tokens, 2_000_000), window)
     figures["score"] = {
         "positions": scored_tokens, "seconds": scored["seconds"], "tokens_per_s": round(score_tps),
-        "bare_forward_tokens_per_s": round(bare_tps), "ratio_to_bare_forward": round(score_tps / bare_tps, 3),
+        "bare_forward_tokens_per_s": round(bare_tps), "ratio_to_bare_forward": float(f"{score_tps / bare_tps:.3g}"),
         "mfu": float(f"{score_tps * 2 * n / (args.peak_tflops * 1e12):.3g}"), "peak_gib": peak.gib,
         "counts": scored["counts"],
     }
@@ -271,7 +271,6 @@ def main(argv=None) -> dict:
 
 def compare_runs(whole: Path, part: Path) -> dict:
     """Step 3 of an uninterrupted run against 2 steps + --resume: metrics and master weights."""
-    import torch
     from safetensors.torch import load_file
 
     from rpttrain.checkpoint import MASTER_WEIGHTS, list_checkpoints
