@@ -125,8 +125,8 @@ def write_corpus(path: Path, corpora: Path, tokens: int) -> int:
 
 
 def bare_forward_tokens_per_s(policy: Path, device: str, tokens: int, window: int) -> float:
-    """A bf16 forward over `tokens` random tokens in [16, window] batches, logits of the last
-    position only (what a scorer that keeps nothing would cost), after one warm-up batch."""
+    """A bf16 forward over `tokens` random tokens in [rows, window] batches with the LM head on
+    every position (the work a scorer cannot avoid, nothing after it), after one warm-up batch."""
     import torch
 
     from rptdata.models import load_causal_lm
@@ -140,7 +140,7 @@ def bare_forward_tokens_per_s(policy: Path, device: str, tokens: int, window: in
             torch.cuda.synchronize()
         done, t0 = 0, time.time()
         while done < tokens:
-            model(input_ids=batch, logits_to_keep=1)
+            model(input_ids=batch)
             done += batch.numel()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -155,13 +155,13 @@ def weight_change(tasks: Path, out: Path, policy: Path, device: str, compute: st
     from rpttrain.train import Trainer
 
     config = TrainConfig(tasks_dir=str(tasks), out=str(out), model=str(policy), objective="ntp", ntp_positions="tasks",
-                         steps=steps, batch_size=16, max_prompt_tokens=256, lr=1e-6, grad_clip=1.0, weight_decay=0.0,
+                         steps=steps, batch_size=16 if device.startswith("cuda") else 4, max_prompt_tokens=256, lr=1e-6, grad_clip=1.0, weight_decay=0.0,
                          micro_batch_tokens=8192, device=device, compute_dtype=compute, master_dtype=master,
                          progress=False, seed=0)
     with Peak(device) as peak:
         trainer = Trainer(config)
         trainer.setup(resume=False, overwrite=True)
-        before = [p.detach().float().cpu() for p in trainer.model.parameters()]
+        before = [p.detach().float().cpu().clone() for p in trainer.model.parameters()]  # a copy, also of fp32 on CPU
         t0 = time.time()
         for _ in range(steps):
             trainer.train_step()
@@ -238,8 +238,9 @@ def main(argv=None) -> dict:
     figures["precision"] = {**runs, "mixed_over_fp32": round(mixed_ratio, 3), "pure_over_fp32": round(pure_ratio, 4),
                             "weights_moved": 0.5 < mixed_ratio < 2.0, "pure_bf16_collapses": pure_ratio < 0.25}
 
-    train = ["--model", policy, "--prompt-template", "v0", "--max-new-tokens", 32 if args.dry_run else 64,
-             "--max-prompt-tokens", 256, "--batch-size", 8 if args.dry_run else 16, "--group-size", 8, "--lr", "1e-6",
+    train = ["--model", policy, "--prompt-template", "v0", "--max-new-tokens", 8 if args.dry_run else 64,
+             "--max-prompt-tokens", 256, "--batch-size", 4 if args.dry_run else 16, "--group-size", 4 if args.dry_run else 8,
+             "--lr", "1e-6",
              "--compute-dtype", "bfloat16", "--engine", "hf", "--device", args.device, "--dynamic-sampling-from", -1,
              "--save-every", 1, "--keep-checkpoints", 3, "--micro-batch-tokens", 16384, "--no-progress"]
     with Peak(args.device) as peak:
@@ -293,8 +294,8 @@ def memory_estimate(tasks: Path, policy: Path, device: str, dry_run: bool) -> fl
     from rpttrain.config import TrainConfig
 
     config = TrainConfig(tasks_dir=str(tasks), out="unused", model=str(policy), compute_dtype="bfloat16",
-                         max_new_tokens=32 if dry_run else 64, max_prompt_tokens=256, micro_batch_tokens=16384,
-                         batch_size=8 if dry_run else 16)
+                         max_new_tokens=8 if dry_run else 64, max_prompt_tokens=256, micro_batch_tokens=16384,
+                         batch_size=4 if dry_run else 16, group_size=4 if dry_run else 8)
     sizing = TrainSizing.of(config, resolve_precision("bfloat16", "float32", device), device)
     total = available_bytes(device)[1]
     return round(estimate_train_memory(model_shape(str(policy)), sizing, total)["peak"] / 2**30, 2)

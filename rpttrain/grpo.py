@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rptdata.live import predicted_zero_variance
 from rptdata.models import local_model_dir
 from rpttrain import algos
 from rpttrain.batching import last_positions_logits, plan_batches
@@ -280,7 +281,8 @@ class GRPOObjective:
             all_groups, upd = self.fused_rollout_and_update(tasks, step, timings)
             timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]
             zero_var = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in all_groups)
-            counts = {"drawn": len(tasks), "rounds": 1, "zero_var": zero_var, "kept": len(all_groups), "forward_tokens": 0}
+            counts = {"drawn": len(tasks), "rounds": 1, "zero_var": zero_var, "kept": len(all_groups), "forward_tokens": 0,
+                      "predicted_zero_var": predicted_zero_variance(tasks, c.group_size)}
         else:
             all_groups, upd, counts = self.two_pass(step, timings)
         return self.finish(step, all_groups, upd, counts, timings, t0)
@@ -292,9 +294,11 @@ class GRPOObjective:
         kept: list[list[Rollout]] = []
         all_groups: list[list[Rollout]] = []
         drawn = rounds = zero_var = forward_tokens = 0
+        all_tasks: list[dict] = []
         while True:
             tasks = self.sampler.take(c.batch_size)
             drawn += len(tasks)
+            all_tasks += tasks
             t = time.time()
             prompted, ran = self.rollout(tasks, step, rounds)
             forward_tokens += ran
@@ -324,7 +328,8 @@ class GRPOObjective:
         if self.engine.name != "hf" and not upd["skipped"]:
             self.engine.update_weights(self.model)
         timings["weight_sync_s"] = time.time() - t
-        counts = {"drawn": drawn, "rounds": rounds, "zero_var": zero_var, "kept": len(kept), "forward_tokens": forward_tokens}
+        counts = {"drawn": drawn, "rounds": rounds, "zero_var": zero_var, "kept": len(kept), "forward_tokens": forward_tokens,
+                  "predicted_zero_var": predicted_zero_variance(all_tasks, c.group_size)}
         return all_groups, upd, counts
 
     def finish(self, step: int, all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float) -> dict:
@@ -347,6 +352,9 @@ class GRPOObjective:
             "reward_mean": float(np.mean([r.reward for r in rolls])),
             "accuracy": float(np.mean([r.reward == 1.0 for r in rolls])),
             "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
+            # make-tasks' estimate for the same tasks (rptdata.live), when the tasks carry it
+            **({"predicted_zero_variance_share": counts["predicted_zero_var"]}
+               if counts["predicted_zero_var"] is not None else {}),
             "groups_trained": counts["kept"],
             "contexts_drawn": counts["drawn"],
             "sampling_rounds": counts["rounds"],

@@ -88,7 +88,7 @@ class TrainSizing:
     device: str
     compute_bytes: int
     master_bytes: int
-    micro_batch_tokens: int
+    micro_batch_tokens: int  # tokens in the largest micro-batch (the budget, or one step's worth if less)
     sequence_tokens: int  # longest sequence through the update (prompt + completion)
     logit_positions: int  # positions that reach the LM head in one micro-batch
     gradient_checkpointing: bool
@@ -101,9 +101,13 @@ class TrainSizing:
         c = config
         rpt = c.objective == "rpt"
         seq = c.max_prompt_tokens + (c.max_new_tokens if rpt else 1)
-        rows = max(1, c.micro_batch_tokens // max(seq, 1))
+        # a micro-batch holds at most one step's sequences: B distinct prompts on the one-token
+        # path and for the baselines, B x G completions otherwise (dynamic sampling keeps B groups)
+        step_rows = c.batch_size * (c.group_size if rpt and c.max_new_tokens > 1 else 1)
+        tokens = min(c.micro_batch_tokens, step_rows * seq)
+        rows = max(1, min(step_rows, c.micro_batch_tokens // max(seq, 1)))
         if not rpt:
-            logits = c.micro_batch_tokens if c.ntp_positions == "all" else rows
+            logits = tokens if c.ntp_positions == "all" else rows
         elif c.max_new_tokens == 1:
             logits = rows  # one-token fast path: the last position of each distinct prompt
         else:
@@ -111,7 +115,7 @@ class TrainSizing:
         generating = rpt and engine == "hf" and c.max_new_tokens > 1
         return cls(
             device=device, compute_bytes=precision.compute.itemsize, master_bytes=precision.master.itemsize,
-            micro_batch_tokens=c.micro_batch_tokens, sequence_tokens=seq, logit_positions=logits,
+            micro_batch_tokens=tokens, sequence_tokens=seq, logit_positions=logits,
             gradient_checkpointing=c.gradient_checkpointing, reference_model=rpt and c.kl_coef > 0,
             rollout_kv_tokens=ROLLOUT_SEQUENCES * seq if generating else 0,
             vllm_fraction=c.vllm_gpu_memory_utilization if (rpt and engine == "vllm" and device.startswith("cuda")) else 0.0,

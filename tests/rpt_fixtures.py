@@ -62,3 +62,21 @@ def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]],
                   "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}, "prepared_dir": prepared_dir,
                   "counts": {"tasks": {"train": len(pairs), "eval": len(eval_pairs)}}})
     return out
+
+
+def rewrite_shard(root: Path, path: Path, table) -> None:
+    """Replace a finished stage's shard with `table` and re-record its size and checksum in the
+    manifest, as a stage that wrote it would have (tests that edit shards on purpose)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from rptdata.manifest import MANIFEST, file_digest
+
+    pq.write_table(table, path)
+    manifest_path = Path(root) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    rel = str(Path(path).relative_to(root))
+    if rel in (manifest.get("files") or {}):
+        manifest["files"][rel].update(file_digest(path), rows=table.num_rows)
+        manifest_path.write_text(json.dumps(manifest, indent=2))

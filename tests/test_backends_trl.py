@@ -19,7 +19,7 @@ import pytest
 
 from rpttrain import backends
 from rpttrain.backends import BackendOptionError, check_backend, run_backend, unsupported_options
-from rpttrain.train import TrainConfig
+from rpttrain.config import TrainConfig
 from tests.rpt_fixtures import write_tasks_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def _max_weight_change(a_spec: str, b_spec: str) -> float:
 def test_trl_trains_is_killed_and_resumes_from_its_checkpoint(tmp_path):
     from rpttrain.backends.trl import prepare_run
     from rpttrain.checkpoint import list_checkpoints
-    from rpttrain.evaluate import read_run
+    from rpttrain.eval import read_run
     from rpttrain.plot import plot_run
 
     config = _config(tmp_path)

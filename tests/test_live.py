@@ -29,6 +29,7 @@ from rptdata.live import (
 from rptdata.manifest import StageDir, list_shards, read_manifest
 from rptdata.spans import ByteSpanTokenizer
 from rptdata.tasks import SKIP_REASONS, run_make_tasks
+from tests.rpt_fixtures import rewrite_shard
 from rpttrain.data import OPTIONAL_TASK_COLUMNS, TASK_COLUMNS, TaskRows
 from rpttrain.reward import prefix_reward
 from tests.test_tasks import build_scored, cfg, corpus_texts, pick_seed, read_docs, read_split
@@ -267,7 +268,7 @@ def test_task_rows_carry_live_when_present_and_old_dirs_still_load(scored, tmp_p
     # an older tasks directory: the shards lack both columns
     for path in list_shards(out / "train"):
         t = pq.read_table(path)
-        pq.write_table(t.drop_columns(OPTIONAL_TASK_COLUMNS), path)
+        rewrite_shard(out, path, t.drop_columns(OPTIONAL_TASK_COLUMNS))
     old = TaskRows(out, cache=tmp_path / "cache").take([0])
     assert set(old[0]) == set(TASK_COLUMNS)
     assert predicted_zero_variance(old, group_size=8) is None

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from rpttrain.probe import ProbeConfig, format_table, run_probe
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import rewrite_shard, tiny_llama, write_tasks_dir
 
 PAIRS = [("The quick brown", " fox"), ("over the lazy", " dog"), ("12345", "6"), ("héllo", " wörld")]
 
@@ -68,7 +68,7 @@ def test_probe_shows_the_predicted_share_beside_the_observed_one(tmp_path, tiny_
     (shard,) = list_shards(tasks / "train")
     t = pq.read_table(shard)
     t = t.set_column(t.schema.get_field_index("accept_mass"), "accept_mass", pa.array([0.5, 0.5, 0.0, 1.0], pa.float32()))
-    pq.write_table(t, shard)
+    rewrite_shard(tasks, shard, t)
     row = run_probe(config)[0]
     assert row["predicted_signal"] == 0.4375  # mean of 1 - q^4 - (1-q)^4: 0.875, 0.875, 0, 0
     assert format_table([row]).endswith(f"| {100 * row['signal']:.0f}% | 44% |")

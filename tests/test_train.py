@@ -14,7 +14,7 @@ from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
 from rpttrain.config import TrainConfig
 from rpttrain.train import Trainer, run_train
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import rewrite_shard, tiny_llama, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -229,3 +229,27 @@ def test_fused_one_token_step_equals_the_two_pass_step(tiny, tmp_path):
     wa = load_file(str(list_checkpoints(fused)[-1] / "model.safetensors"))
     wb = load_file(str(list_checkpoints(two)[-1] / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_train_logs_the_predicted_zero_variance_share_beside_the_observed(tiny_bpe_dir, tmp_path):
+    """Tasks that carry make-tasks' live estimate get it logged per step (rptdata.live)."""
+    import pyarrow.parquet as pq
+
+    model = tiny_llama(tmp_path / "model", tiny_bpe_dir)
+    tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), PAIRS)
+    shard = next((tasks / "train").glob("part-*.parquet"))
+    table = pq.read_table(shard)
+    q = [0.0, 1.0, 0.5, 0.25] * (table.num_rows // 4)
+    table = table.set_column(table.schema.get_field_index("accept_mass"), "accept_mass", pa_array(q))
+    rewrite_shard(tasks, shard, table)
+    run_train(tiny_config((model, tasks), tmp_path / "run", steps=1, batch_size=8, group_size=2))
+    m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # G = 2: dead with probability q^2 + (1-q)^2 -> 1, 1, 0.5, 0.625; the batch holds every task once
+    assert m["predicted_zero_variance_share"] == pytest.approx((1 + 1 + 0.5 + 0.625) / 4)
+    assert 0.0 <= m["zero_variance_share"] <= 1.0
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.float32())

@@ -26,7 +26,7 @@ from rptdata.models import load_tokenizer  # noqa: E402
 from rpttrain.backends import run_backend  # noqa: E402
 from rpttrain.prompts import build_prompt_ids, load_prompt_format  # noqa: E402
 from rpttrain.reward import prefix_reward  # noqa: E402
-from rpttrain.train import TrainConfig  # noqa: E402
+from rpttrain.config import TrainConfig  # noqa: E402
 
 # verl's wheel ships a top-level `tests` package that shadows ours: load the fixture file by path
 _spec = importlib.util.spec_from_file_location("rpt_fixtures", Path(__file__).parents[1] / "rpt_fixtures.py")
