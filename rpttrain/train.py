@@ -100,9 +100,11 @@ class Trainer:
         if start_from:
             state = load_trainer_state(start_from, self.optimizer, self.scheduler)
             self.step, cursor, self.totals = state["step"], state["cursor"], state["totals"]
-            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-            _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
             log.info("resumed from %s", start_from)
+        # lines logged after the step this run starts from are redone: all of them when it starts
+        # afresh (a run killed while writing its first checkpoint counts as "resume" but has none)
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         cache = self.run_dir / DATA_CACHE
         if c.objective != "rpt" and c.ntp_positions == "all":
             source = DocWindows(self.tasks_manifest, c.max_prompt_tokens, cache)

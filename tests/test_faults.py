@@ -310,3 +310,28 @@ def test_damaged_file_is_named_or_redone(pipeline, tmp_path, kind, producer, rel
         assert str(copy / rel) in r.output and message in r.output, r.output
     FIGURES["damage_detected"].setdefault(kind, 0)
     FIGURES["damage_detected"][kind] += 1
+
+
+def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_path, tiny_bpe_dir):
+    """A run that dies while writing its first checkpoint leaves checkpoints/step-1.tmp-PID: the rerun
+    starts from step 0 and must not log step 1 twice (it did, before the fault suite found it)."""
+    from rptdata import faults
+    from rpttrain.config import TrainConfig
+    from rpttrain.train import run_train
+    from tests.rpt_fixtures import write_tasks_dir
+
+    tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
+    config = TrainConfig(tasks_dir=str(tasks), out=str(tmp_path / "run"), model=str(tiny_llama(tmp_path / "m", tiny_bpe_dir)),
+                         steps=2, batch_size=2, group_size=2, max_new_tokens=1, max_prompt_tokens=32,
+                         prompt_template="continuation", micro_batch_tokens=256, save_every=1, sample_every=0,
+                         progress=False, device="cpu", dynamic_sampling_from=-1)
+    faults.arm("checkpoint-rename:1:enospc")
+    try:
+        with pytest.raises(OSError):
+            run_train(config)
+    finally:
+        faults.arm(None)
+    assert list((tmp_path / "run" / "checkpoints").glob("step-000001.tmp-*"))
+    run_train(config, resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
