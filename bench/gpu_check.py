@@ -228,8 +228,11 @@ def main(argv=None) -> dict:
 
     # -- b. training -------------------------------------------------------------------------------
     tasks = work / "tasks"
+    # A tenth of the documents is held out; a small corpus (the dry run's few records) holds out
+    # more, so step c always has an eval split to read.
+    eval_fraction = max(0.1, min(0.5, 4 / figures["corpus_records"]))
     rpt("make-tasks", work / "scored", "--out", tasks, "--threshold", "0", "--context-tokens", 256,
-        "--eval-fraction", "0.1", "--max-eval-tasks", 64, "--seed", 1, "--overwrite")
+        "--eval-fraction", eval_fraction, "--max-eval-tasks", 64, "--seed", 1, "--overwrite")
     runs = {name: weight_change(tasks, work / f"ntp-{name}", policy, args.device, compute, master)
             for name, compute, master in (("fp32", "float32", "float32"), ("bf16_mixed", "bfloat16", "float32"),
                                           ("bf16_pure", "bfloat16", "bfloat16"))}
