@@ -43,7 +43,7 @@ from rptdata.batching import plan_batches
 from rptdata.scorers import MAX_CONTEXT_CAP
 from rptdata.scorers.hf import HFScorer
 from rptdata.prepare import PrepareConfig, run_prepare
-from rptdata.score import score_docs
+from rptdata.scorers.positions import score_docs
 
 OMNIMATH = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "omnimath-rule.jsonl"
 

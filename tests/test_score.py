@@ -30,9 +30,8 @@ from rptdata.batching import plan_batches
 from rptdata.scorers import entropy_from_logits, plan_chunks, topk_entropy
 from rptdata.errors import ManifestMismatch, RptError
 from rptdata.prepare import PrepareConfig, run_prepare
-from rptdata.score import (
-    POSITIONS_SCHEMA, ScoreConfig, Window, merge_scored, plan_windows, run_score_entropy, score_docs,
-)
+from rptdata.score import POSITIONS_SCHEMA, ScoreConfig, merge_scored, run_score_entropy
+from rptdata.scorers.positions import Window, plan_windows, score_docs
 
 TOL = 1e-4
 WINDOW = 64  # small, so the 187-token document is scored in overlapping windows
