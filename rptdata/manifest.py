@@ -32,7 +32,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 from rptdata import __version__, faults
 from rptdata.errors import DamagedFile, ManifestMismatch, MissingUpstream
@@ -56,40 +57,40 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-        faults.hit("json-tmp", tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write (disk full) leaves no temporary file behind
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: Path, fault: str | None = None) -> Iterator[Path]:
+    """Write to the yielded temporary path beside `path`; when the block ends without an error it
+    is renamed onto `path` (readers see the old file or the whole new one, never a part). A failed
+    write (disk full) leaves no temporary file behind. `fault`: the RPT_FAULT point hit between
+    the write and the rename."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        yield tmp
+        if fault:
+            faults.hit(fault, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, fault="json-tmp") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_parquet_atomic(table, path: Path, **kwargs) -> None:
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, fault="shard-tmp") as tmp:
         pq.write_table(table, tmp, **kwargs)
-        faults.hit("shard-tmp", tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def shard_name(index: int) -> str:

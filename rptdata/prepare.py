@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from rptdata.errors import BadInput
 from rptdata.manifest import (
-    STAGE_PREPARE, StageDir, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
+    STAGE_PREPARE, StageDir, atomic_file, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
 )
 from rptdata.models import DEFAULT_MODEL, load_tokenizer, model_name, vocab_hash
 from rptdata.sources import RawRecord, TextBuilder, expand_inputs, index_source, read_source
@@ -318,11 +318,9 @@ def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokeniz
         raise AssertionError(f"document accounting broke: read {counts['documents_read']} of {total}, accounted {accounted}")
     rejects_path = Path(config.out) / "rejects.jsonl"
     if rejected:
-        tmp = rejects_path.with_name(f"rejects.jsonl.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(rejects_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for m in markers:
                 f.writelines(json.dumps(r) + "\n" for r in m["rejects"])
-        os.replace(tmp, rejects_path)
     return stage.finish(
         {
             "tokenizer": tokenizer_info,

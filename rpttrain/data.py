@@ -17,7 +17,6 @@ The sampler holds one permutation (4 or 8 bytes a row) and a cursor (epoch, offs
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import RptError
-from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, checked_shards, parquet_errors, read_manifest
+from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, atomic_file, checked_shards, parquet_errors, read_manifest
 from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
@@ -88,14 +87,9 @@ def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.T
         with parquet_errors(shard):
             pf = pq.ParquetFile(shard)
             schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
-            tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-            try:
-                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                    for batch in pf.iter_batches(batch_size=8192, columns=columns):
-                        writer.write_batch(batch)
-                os.replace(tmp, dst)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_file(dst) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for batch in pf.iter_batches(batch_size=8192, columns=columns):
+                    writer.write_batch(batch)
         tables.append(pa.ipc.open_file(pa.memory_map(str(dst))).read_all())
     if not tables:
         raise RptError(f"nothing to read: no shards for {cache.name}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 from rptdata import faults
 from rptdata.errors import ManifestMismatch
 from rptdata.manifest import (
-    MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_TASKS, fingerprint, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
+    MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_TASKS, atomic_file, fingerprint, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
 )
 from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
@@ -162,23 +161,18 @@ def _check_keys(row: dict, schema: pa.Schema | pa.StructType, where: str = "") -
 
 
 def _export_split(paths: list[Path], dest: Path, schema: pa.Schema, to_row: Callable[[dict], dict], bar) -> int:
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     rows_written = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for path in paths:
-                with parquet_errors(path):
-                    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-                        rows = [to_row(task) for task in batch.to_pylist()]
-                        if rows:
-                            _check_keys(rows[0], schema)
-                        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                        rows_written += len(rows)
-                        bar.update(len(rows))
-                        faults.hit("export-batch", tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for path in paths:
+            with parquet_errors(path):
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+                    rows = [to_row(task) for task in batch.to_pylist()]
+                    if rows:
+                        _check_keys(rows[0], schema)
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    rows_written += len(rows)
+                    bar.update(len(rows))
+                    faults.hit("export-batch", tmp)
     return rows_written
 
 

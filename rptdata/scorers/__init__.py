@@ -80,6 +80,13 @@ class Scorer(Protocol):
     # score_carried(documents, *, chunk, max_context, min_context=1, first_end=None, progress=None)
 
 
+def check_first(sequence: Sequence[int], first: int) -> None:
+    """`Scorer.score`'s contract: a sequence's first scored position has context and a target."""
+    n = len(sequence)
+    if not 1 <= first < n:
+        raise ValueError(f"first scored position {first} must be in 1..{n - 1} for a sequence of {n}")
+
+
 # ---------------------------------------------------------------------------------------------
 # entropy math (torch; shared by both scorers)
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from rptdata.batching import plan_batches
-from rptdata.scorers import PositionScores, plan_chunks, topk_entropy
+from rptdata.scorers import PositionScores, check_first, plan_chunks, topk_entropy
 from rptdata.models import load_causal_lm, resolve_device
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ class HFScorer:
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[tuple[int, PositionScores]]:
         for s, f in zip(sequences, firsts):
-            if not 1 <= f < len(s):
-                raise ValueError(f"first scored position {f} must be in 1..{len(s) - 1} for a sequence of {len(s)}")
+            check_first(s, f)
         input_lengths = [len(s) - 1 for s in sequences]
         for batch in plan_batches(input_lengths, max_tokens=self.batch_tokens):
             results = self._score_batch([sequences[i] for i in batch], [firsts[i] for i in batch])

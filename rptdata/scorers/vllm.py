@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from rptdata.engine_choice import import_vllm
-from rptdata.scorers import MAX_CONTEXT_CAP, PositionScores, topk_entropy
+from rptdata.scorers import MAX_CONTEXT_CAP, PositionScores, check_first, topk_entropy
 from rptdata.models import local_model_dir, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ class VLLMScorer:
         group: list[int] = []
         tokens = 0
         for i, (s, f) in enumerate(zip(sequences, firsts)):
-            if not 1 <= f < len(s):
-                raise ValueError(f"first scored position {f} must be in 1..{len(s) - 1} for a sequence of {len(s)}")
+            check_first(s, f)
             group.append(i)
             tokens += len(s)
             if tokens >= self.batch_tokens:
