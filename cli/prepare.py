@@ -21,12 +21,13 @@ from cli.common import library_errors, model_help, no_progress_option, overwrite
 @click.option("--num-workers", type=int, default=None, help="Split the shards between N processes or machines [default: torchrun's WORLD_SIZE, else 1].")
 @click.option("--worker-index", type=int, default=None, help="This process's share, 0..N-1 [default: torchrun's RANK, else 0].")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records into OUT/rejects.jsonl (counted) instead of stopping at the first.")
+@click.option("--allow-empty", is_flag=True, help="Write the output even when the inputs yield no document (an error otherwise).")
 @overwrite_option
 @trust_remote_code_option
 @no_progress_option
 @library_errors
 def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedupe, min_chars, shard_docs, batch_docs,
-            processes, num_workers, worker_index, skip_bad, overwrite, trust_remote_code, no_progress):
+            processes, num_workers, worker_index, skip_bad, allow_empty, overwrite, trust_remote_code, no_progress):
     """Ingest a corpus: clean, tokenize with exact byte spans, write document shards.
 
     INPUTS are files (.jsonl, .jsonl.gz, .json, .parquet, .txt, .md), folders, globs, the
@@ -45,7 +46,7 @@ def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedup
         inputs=tuple(inputs), out=out, tokenizer=tokenizer, text_field=text_field, template=template,
         split=split, max_docs=max_docs, dedupe=dedupe, min_chars=min_chars, shard_docs=shard_docs, batch_docs=batch_docs,
         skip_bad=skip_bad, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not no_progress,
-        num_workers=num_workers, worker_index=worker_index, processes=processes,
+        num_workers=num_workers, worker_index=worker_index, processes=processes, allow_empty=allow_empty,
     )
     m = run_prepare(config)
     c = m["counts"]

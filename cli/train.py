@@ -41,9 +41,14 @@ def _options(fn):
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes, --backend trl|verl.")
 @click.option("--sharding", type=click.Choice(["ddp", "fsdp", "zero3"]), default="ddp", show_default=True,
               help="--backend trl on several GPUs: DDP, FSDP2, or DeepSpeed ZeRO-3 (pip install deepspeed).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the memory estimate by part and what it was sized from (the tasks' longest context, "
+                   "the micro-batch, the attention kernel), then exit: 0 when the run fits, 1 when it does not. "
+                   "Loads no weight and writes nothing.")
 @_options
 @library_errors
-def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, **options):
+def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, dry_run,
+          **options):
     """Train a policy with GRPO on RPT tasks (the prefix-matching reward).
 
     Defaults are the paper's recipe (Table 5). On a CPU, use a small batch, the continuation
@@ -76,6 +81,20 @@ def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_
         data = {k.replace("-", "_"): v for k, v in data.items()}
     data.update({k: v for k, v in options.items() if v is not None})
     data.update(tasks_dir=tasks_dir, out=out)
+    if data.get("progress") is False:
+        from rptdata.models import hide_library_progress
+
+        hide_library_progress()
+    if dry_run:
+        from rpttrain.memory import format_plan
+        from rpttrain.train import memory_dry_run
+
+        record = memory_dry_run(config_from_dict(data), backend, gpus_per_node * nodes)
+        click.echo(format_plan(record))
+        if record["verdict"] == "does-not-fit":
+            click.echo(record["refusal"], err=True)
+            raise SystemExit(1)
+        return
     summary = run_backend(config_from_dict(data), backend, launch=launch, gpus_per_node=gpus_per_node, nodes=nodes,
                           sharding=sharding, resume=resume, overwrite=overwrite)
     if "command" in summary and "totals" not in summary:
@@ -83,5 +102,5 @@ def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_
         click.echo(f"train --backend {backend}: {what}: {summary['command']}")
         return
     t = summary["totals"]
-    why = {"signal": " (stopped by a signal; continue with --resume)", "compute_budget": " (compute budget reached)"}.get(summary["stopped_by"] or "", "")
-    click.echo(f"train: {summary['steps']} steps{why}, {t['samples']:,} samples, {t['flops']:.3g} FLOPs -> {out}")
+    why = {"signal": " (stopped by a signal; continue with --resume)", "compute_budget": " (compute budget reached)"}.get(summary.get("stopped_by") or "", "")
+    click.echo(f"train: {summary['steps']} steps{why}, {t.get('samples', 0):,} samples, {t.get('flops', 0):.3g} FLOPs -> {out}")

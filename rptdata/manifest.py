@@ -85,6 +85,28 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    r"""Keep the lines of a step log (metrics.jsonl, samples.jsonl) up to `step`, atomically: the
+    lines after it are redone after a resume, and a line cut short by a crash (or empty) is dropped.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "m.jsonl"
+    >>> _ = p.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    >>> truncate_jsonl(p, 2); p.read_text()
+    '{"step": 1}\n{"step": 2}\n'
+    """
+    if not path.exists():
+        return
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            return float("inf")
+
+    keep = [line for line in path.read_text().splitlines() if step_of(line) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
 def write_parquet_atomic(table, path: Path, **kwargs) -> None:
     import pyarrow.parquet as pq
 

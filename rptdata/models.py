@@ -228,6 +228,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def hide_library_progress() -> None:
+    """Turn off transformers' and the hub client's own bars ("Loading weights", "Writing model
+    shards"), for --no-progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
     """A causal LM in eval mode on `device`; GGUF specs go through the safetensors cache."""
     from transformers import AutoModelForCausalLM

@@ -95,6 +95,7 @@ class PrepareConfig:
     num_workers: int | None = None  # None: torchrun's WORLD_SIZE, else 1
     worker_index: int | None = None  # None: torchrun's RANK, else 0
     processes: int = 1  # local processes, each a share of this worker's share
+    allow_empty: bool = False  # an input that yields no document is an error unless this is set
 
     def __post_init__(self):
         if self.processes < 1:
@@ -115,7 +116,8 @@ class PrepareConfig:
     def identity(self) -> dict:
         """The options that decide the output (not where it goes or how it is shown)."""
         d = asdict(self)
-        for k in ("out", "overwrite", "progress", "inputs", "batch_docs", "num_workers", "worker_index", "processes"):
+        for k in ("out", "overwrite", "progress", "inputs", "batch_docs", "num_workers", "worker_index", "processes",
+                  "allow_empty"):
             d.pop(k)
         return d
 
@@ -316,6 +318,13 @@ def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokeniz
     accounted = counts["documents_written"] + sum(rejected.values()) + sum(dropped.values())
     if accounted != counts["documents_read"] or counts["documents_read"] != total:  # internal invariants
         raise AssertionError(f"document accounting broke: read {counts['documents_read']} of {total}, accounted {accounted}")
+    if not counts["documents_written"] and not config.allow_empty:
+        why = ", ".join(f"{k} {v}" for k, v in {**rejected, **dropped}.items())
+        raise BadInput(
+            f"{', '.join(config.inputs)}: no documents: {counts['documents_read']:,} records read"
+            + (f" ({why})" if why else "") + "; every later stage would run on nothing. Check the path, glob and "
+            "--text-field/--template, or pass --allow-empty to write an empty prepared directory anyway."
+        )
     rejects_path = Path(config.out) / "rejects.jsonl"
     if rejected:
         with atomic_file(rejects_path) as tmp, open(tmp, "w", encoding="utf-8") as f:

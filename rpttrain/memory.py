@@ -1,9 +1,11 @@
-"""Memory preflight for `rpt train`: estimate what a run needs before any weight is loaded, and
-refuse a run that cannot fit, with the numbers and the ways out.
+"""Memory preflight for `rpt train`: estimate what a run will hold before any weight is loaded,
+sized from the run's own data, and refuse only a run that cannot fit even if the estimate is as
+pessimistic as its measured error allows; warn where it may not fit or cannot know.
 
     shape = model_shape("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B")     # config.json only, meta tensors
-    est = estimate_train_memory(shape, TrainSizing.of(config, precision, device))
-    check_fits(est, available_bytes("cuda"), "cuda")                      # raises InsufficientMemory
+    sizing = TrainSizing.of(config, precision, "cuda", data=data_shape(...), attention="flash")
+    parts = estimate_train_memory(shape, sizing)                          # bytes by part, and "peak"
+    verdict = check_fits(parts, free)                                     # fits | may-not-fit | does-not-fit
 
 What is counted (bytes; N parameters, layers L, hidden h, MLP width i, vocabulary V):
     weights      N x master bytes (float32: 4)
@@ -12,24 +14,38 @@ What is counted (bytes; N parameters, layers L, hidden h, MLP width i, vocabular
     compute copy N x compute bytes when mixed: autocast keeps the cast weights for the backward
     reference    N x compute bytes when --kl-coef > 0
     vllm         --vllm-gpu-memory-utilization x device total (vLLM reserves it up front), on CUDA
-    activations  per micro-batch: T tokens x L x (14 h + 4 i) x compute bytes without gradient
-                 checkpointing (the tensors one decoder layer keeps for its backward); with it,
-                 T x L x h (each layer's input) plus one layer's full set; plus the attention
-                 score matrices on CPU (math attention keeps them; flash/SDPA on GPU does not)
-    logits       positions that reach the LM head x V x (compute + 4 + 4) (the logits, their
-                 float32 upcast for log-softmax, and its gradient)
-    rollout      the transformers engine's KV cache for 64 sequences of prompt + completion
+    activations  per micro-batch of T tokens (rows x the longest sequence the tasks give, after
+                 the prompt format and the --max-prompt-tokens cap): T x L x (14 h + 4 i) x compute
+                 bytes without gradient checkpointing (the tensors one decoder layer keeps for its
+                 backward), plus 28 h bytes a token and layer under autocast (norms and the
+                 residual stream stay float32); with checkpointing, T x L x h master bytes (each
+                 layer's input) plus what the recomputed layer's backward holds, measured at
+                 about 8 layers' full set (CHECKPOINTED_BACKWARD_LAYERS)
+    attention    the score matrices (2 x rows x heads x T^2 per layer) only when the kernel torch
+                 dispatches keeps them ("math", or transformers' eager attention); flash, efficient
+                 and cudnn SDPA keep O(T) (`rpttrain.memory_probe.attention_kernel` asks torch);
+                 plus the boolean padding mask, rows x T^2 bytes, once
+    logits       positions that reach the LM head x V x (compute + 12) (the logits, the float32
+                 copies for log-softmax and the selected rows, and their gradient)
+    rollout      the transformers engine's KV cache for the sequences it generates at once
                  (overlaps the update in time, so the peak takes the larger of the two)
-Left out: allocator fragmentation and the CUDA context (about 1 GiB, added as `runtime`), and
-buffers of custom kernels. Checked against a measured peak on CPU for the embedded model
-(tests/test_precision.py); on a GPU `make gpu-check` records the measured peak beside it.
+    runtime      1 GiB: the CUDA context, or on CPU the allocator's and kernels' working memory
+                 (measured: about 1 GiB for the embedded model's forward and backward)
+The activation terms were fitted to measured peaks of the embedded model on CPU (float32 and bf16
+autocast, 1k-16k tokens; `make bench-memory` prints the grid, estimate against measured); every
+run writes its estimate and its measured peak to RUN/preflight.json, and `make gpu-check` records
+the CUDA peak beside the estimate.
+
+The estimate's error on that grid stays inside ESTIMATE_ERROR (estimate / measured): a run is
+refused only when it cannot fit even if the sized parts (activations, logits, rollout) are over-
+estimated by that much; when the estimate alone does not fit, or a term cannot be known here, the
+run goes on with a warning.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from rptdata.errors import RptError
 
@@ -37,6 +53,12 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 ROLLOUT_SEQUENCES = 64  # rpttrain.rollout.hf.HFEngine's max_batch_sequences
+# estimate / measured peak over `make bench-memory`'s grid stays inside this range
+ESTIMATE_ERROR = (0.5, 2.0)
+SIZED_PARTS = ("activations", "attention", "logits", "rollout")
+# with gradient checkpointing, a layer's recomputation and backward held as much as this many
+# layers' saved activations (fitted on the embedded model: 0.47 MiB a token against 0.12 for one)
+CHECKPOINTED_BACKWARD_LAYERS = 8
 
 
 class InsufficientMemory(RptError):
@@ -83,42 +105,59 @@ def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
 
 @dataclass(frozen=True)
 class TrainSizing:
-    """What a run's settings say about its memory (everything but the model's shape)."""
+    """What a run's settings and data say about its memory (everything but the model's shape)."""
 
     device: str
     compute_bytes: int
     master_bytes: int
-    micro_batch_tokens: int  # tokens in the largest micro-batch (the budget, or one step's worth if less)
+    micro_batch_rows: int  # sequences in the largest micro-batch
     sequence_tokens: int  # longest sequence through the update (prompt + completion)
     logit_positions: int  # positions that reach the LM head in one micro-batch
     gradient_checkpointing: bool
     reference_model: bool
-    rollout_kv_tokens: int  # tokens of KV cache the transformers engine holds while generating
+    rollout_sequences: int  # sequences the transformers engine generates at once (0: no generate)
     vllm_fraction: float  # share of the device vLLM reserves (0 without vLLM on CUDA)
+    attention: str = "flash"  # the kernel: flash | efficient | cudnn | math | eager | unknown
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        return self.micro_batch_rows * self.sequence_tokens
 
     @classmethod
-    def of(cls, config, precision, device: str, engine: str = "hf") -> "TrainSizing":
+    def of(cls, config, precision, device: str, engine: str = "hf", data=None, attention: str = "flash") -> "TrainSizing":
+        """From the config and, when given, the data's longest context (`memory_probe.DataShape`);
+        without it, from the limits (--max-prompt-tokens), as a bound."""
         c = config
         rpt = c.objective == "rpt"
-        seq = c.max_prompt_tokens + (c.max_new_tokens if rpt else 1)
+        all_positions = not rpt and c.ntp_positions == "all"
+        if all_positions:  # windows of at most max_prompt_tokens + 1 tokens of a document
+            cap = c.max_prompt_tokens + 1
+            seq = min(cap, data.longest_context_tokens) if data else cap
+        elif rpt:
+            prompt = min(c.max_prompt_tokens, data.longest_context_tokens + data.prompt_overhead_tokens) if data else c.max_prompt_tokens
+            seq = prompt + c.max_new_tokens
+        else:  # the raw context, cut to max_prompt_tokens - 1, and the target token
+            seq = (min(c.max_prompt_tokens - 1, data.longest_context_tokens) if data else c.max_prompt_tokens - 1) + 1
+        seq = max(seq, 2)
         # a micro-batch holds at most one step's sequences: B distinct prompts on the one-token
         # path and for the baselines, B x G completions otherwise (dynamic sampling keeps B groups)
         step_rows = c.batch_size * (c.group_size if rpt and c.max_new_tokens > 1 else 1)
-        tokens = min(c.micro_batch_tokens, step_rows * seq)
-        rows = max(1, min(step_rows, c.micro_batch_tokens // max(seq, 1)))
+        rows = max(1, min(step_rows, c.micro_batch_tokens // seq))
         if not rpt:
-            logits = tokens if c.ntp_positions == "all" else rows
+            logits = rows * (seq - 1) if all_positions else rows
         elif c.max_new_tokens == 1:
             logits = rows  # one-token fast path: the last position of each distinct prompt
         else:
             logits = rows * (c.max_new_tokens + 1)
         generating = rpt and engine == "hf" and c.max_new_tokens > 1
+        per_chunk = max(1, ROLLOUT_SEQUENCES // c.group_size)  # HFEngine: prompts per generate() call
         return cls(
             device=device, compute_bytes=precision.compute.itemsize, master_bytes=precision.master.itemsize,
-            micro_batch_tokens=tokens, sequence_tokens=seq, logit_positions=logits,
+            micro_batch_rows=rows, sequence_tokens=seq, logit_positions=logits,
             gradient_checkpointing=c.gradient_checkpointing, reference_model=rpt and c.kl_coef > 0,
-            rollout_kv_tokens=ROLLOUT_SEQUENCES * seq if generating else 0,
+            rollout_sequences=min(c.batch_size, per_chunk) * c.group_size if generating else 0,
             vllm_fraction=c.vllm_gpu_memory_utilization if (rpt and engine == "vllm" and device.startswith("cuda")) else 0.0,
+            attention=attention,
         )
 
 
@@ -126,22 +165,21 @@ def estimate_train_memory(shape: ModelShape, s: TrainSizing, device_total: int |
     """Bytes by part (see the module docstring) and `peak`, their total at the busiest moment.
 
     >>> qwen14b = ModelShape(14_770_033_664, 48, 5120, 13824, 152064, 40, 1024)
-    >>> s = TrainSizing("cuda", 2, 4, 32768, 12288, 4, True, False, 0, 0.0)
+    >>> s = TrainSizing("cuda", 2, 4, 2, 12288, 4, True, False, 0, 0.0)
     >>> round(estimate_train_memory(qwen14b, s)["peak"] / 2**30)   # weights + grads + AdamW + bf16 copy alone: 248 GiB
-    271
+    344
     """
     n, L, h = shape.n_params, shape.layers, shape.hidden
-    per_layer_token = (14 * h + 4 * shape.intermediate) * s.compute_bytes
-    tokens = s.micro_batch_tokens
-    if s.gradient_checkpointing:
-        activations = tokens * L * h * s.compute_bytes + tokens * per_layer_token
+    mixed = s.compute_bytes != s.master_bytes
+    per_layer_token = (14 * h + 4 * shape.intermediate) * s.compute_bytes + (28 * h if mixed else 0)
+    tokens, rows, seq = s.micro_batch_tokens, s.micro_batch_rows, s.sequence_tokens
+    if s.gradient_checkpointing:  # each layer's input, and the recomputed layer's backward (measured: 8 layers' worth)
+        activations = tokens * L * h * s.master_bytes + tokens * per_layer_token * min(L, CHECKPOINTED_BACKWARD_LAYERS)
     else:
         activations = tokens * L * per_layer_token
-    if not s.device.startswith("cuda"):  # math attention keeps scores and probabilities per layer
-        rows = max(1, tokens // max(s.sequence_tokens, 1))
-        scores = 2 * rows * shape.heads * s.sequence_tokens**2 * s.compute_bytes
-        activations += scores * (1 if s.gradient_checkpointing else L)
-    mixed = s.compute_bytes != s.master_bytes
+    attention = rows * seq * seq  # the boolean padding mask, built once per forward
+    if s.attention in ("math", "eager", "unknown"):  # scores and probabilities, per layer kept for backward
+        attention += 2 * rows * shape.heads * seq * seq * s.compute_bytes * (1 if s.gradient_checkpointing else L)
     parts = {
         "weights": n * s.master_bytes,
         "gradients": n * s.master_bytes,
@@ -149,33 +187,30 @@ def estimate_train_memory(shape: ModelShape, s: TrainSizing, device_total: int |
         "compute_copy": n * s.compute_bytes if mixed else 0,
         "reference": n * s.compute_bytes if s.reference_model else 0,
         "vllm": int(s.vllm_fraction * device_total) if (s.vllm_fraction and device_total) else 0,
+        "runtime": GIB,
         "activations": activations,
-        "logits": s.logit_positions * shape.vocab * (s.compute_bytes + 8),
-        "rollout": s.rollout_kv_tokens * L * 2 * shape.kv_dim * s.compute_bytes,
-        "runtime": GIB if s.device.startswith("cuda") else 0,
+        "attention": attention,
+        "logits": s.logit_positions * shape.vocab * (s.compute_bytes + 12),
+        "rollout": s.rollout_sequences * seq * L * 2 * shape.kv_dim * s.compute_bytes,
     }
-    static = sum(v for k, v in parts.items() if k not in ("activations", "logits", "rollout"))
-    parts["peak"] = static + max(parts["activations"] + parts["logits"], parts["rollout"])
+    static = sum(v for k, v in parts.items() if k not in SIZED_PARTS)
+    parts["peak"] = static + max(parts["activations"] + parts["attention"] + parts["logits"], parts["rollout"])
     return parts
 
 
-def available_bytes(device: str) -> tuple[int, int]:
-    """(free, total) bytes of the device: CUDA's free memory, or the host's available RAM on CPU."""
-    if device.startswith("cuda"):
-        import torch
+def lower_bound(parts: dict[str, int]) -> int:
+    """The least the run can need if the sized parts are overestimated by the most the grid saw:
+    the exact parts (weights, gradients, AdamW, copies) plus the sized ones over ESTIMATE_ERROR[1]."""
+    sized = parts["peak"] - sum(v for k, v in parts.items() if k not in SIZED_PARTS and k != "peak")
+    return parts["peak"] - sized + int(sized / ESTIMATE_ERROR[1])
 
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free), int(total)
-    info = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                info[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return pages, pages
-    return info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0)
+
+def deciding_part(parts: dict[str, int], free: int) -> str:
+    """The largest of the exact parts when they alone exceed `free` (only sharding helps), else
+    the largest sized part."""
+    exact = [k for k in parts if k not in SIZED_PARTS and k != "peak"]
+    pool = exact if sum(parts[k] for k in exact) > free else [k for k in SIZED_PARTS if k in parts]
+    return max(pool, key=lambda k: parts[k])
 
 
 def describe(parts: dict[str, int]) -> str:
@@ -183,33 +218,159 @@ def describe(parts: dict[str, int]) -> str:
     return f"{parts['peak'] / GIB:.1f} GiB ({', '.join(shown)})"
 
 
-def check_fits(parts: dict[str, int], free: int, device: str, gradient_checkpointing: bool) -> None:
-    """Raise InsufficientMemory, naming the needed and free GiB and the ways out, when the peak
-    estimate does not fit in `free` bytes."""
+def way_out(shape: ModelShape, config, sizing_of, free: int) -> str | None:
+    """The one option (with its value) under which the estimate fits `free`, trying the cheapest
+    first; None when no single option does. `sizing_of(config)` sizes a changed config."""
+    from dataclasses import replace
+
+    def fits(**change) -> bool:
+        return estimate_train_memory(shape, sizing_of(replace(config, **change)))["peak"] <= free
+
+    seq = sizing_of(config).sequence_tokens
+    mbt = config.micro_batch_tokens
+    while mbt // 2 >= seq:
+        mbt //= 2
+        if fits(micro_batch_tokens=mbt):
+            return f"--micro-batch-tokens {mbt}"
+    if not config.gradient_checkpointing and fits(gradient_checkpointing=True):
+        return "--gradient-checkpointing"
+    new = config.max_new_tokens
+    while config.objective == "rpt" and new // 2 >= 1:
+        new //= 2
+        if fits(max_new_tokens=new):
+            return f"--max-new-tokens {new}"
+    tokens = config.max_prompt_tokens
+    while tokens // 2 >= 16:
+        tokens //= 2
+        if fits(max_prompt_tokens=tokens, micro_batch_tokens=max(config.micro_batch_tokens, tokens + config.max_new_tokens)):
+            return f"--max-prompt-tokens {tokens}"
+    return None
+
+
+def check_fits(parts: dict[str, int], free: int) -> str:
+    """"fits"; "may-not-fit" when the estimate exceeds `free` but its lower bound does not (a
+    warning: the run goes on); "does-not-fit" when even the lower bound exceeds it."""
     if parts["peak"] <= free:
-        return
-    ways = []
-    if not gradient_checkpointing:
-        ways.append("--gradient-checkpointing (keeps one layer's activations instead of all)")
-    ways.append("a smaller --micro-batch-tokens (activations and logits scale with it)")
-    ways.append("a multi-GPU backend that shards weights, gradients and AdamW state (--backend verl, or trl "
-                "with FSDP / DeepSpeed ZeRO-3; README 'Past one GPU')")
-    ways.append("--memory-budget-gib to plan for another amount, or --no-memory-check to skip this check")
-    raise InsufficientMemory(
-        f"this run needs about {describe(parts)} on {device}, but only {free / GIB:.1f} GiB are free; "
-        "stopped before loading the model. Ways out: " + "; ".join(ways) + "."
+        return "fits"
+    return "may-not-fit" if lower_bound(parts) <= free else "does-not-fit"
+
+
+def refusal(parts: dict[str, int], free: int, device: str, way: str | None) -> str:
+    """Why a run that does not fit is refused: the numbers, the part that decides it, the way out."""
+    part = deciding_part(parts, free)
+    if way is None:
+        way = ("a multi-GPU backend that shards weights, gradients and AdamW state (--backend verl, or --backend "
+               "trl --sharding fsdp|zero3; README 'Past one GPU')")
+    return (
+        f"this run needs about {describe(parts)} on {device}, but only {free / GIB:.1f} GiB are free (even "
+        f"{lower_bound(parts) / GIB:.1f} GiB if the estimate is {ESTIMATE_ERROR[1]:g}x too high). What decides it: "
+        f"{part} ({parts[part] / GIB:.1f} GiB). It fits with {way}. "
+        "(--memory-budget-gib plans for another amount; --no-memory-check skips this check.)"
     )
 
 
-def preflight(config, device: str, precision, engine: str = "hf") -> dict[str, int]:
-    """Estimate the run's memory from the model's config (no weights loaded) and refuse it when it
-    cannot fit the device's free memory (or `config.memory_budget_gib`)."""
-    shape = model_shape(config.model, trust_remote_code=config.trust_remote_code)
+def plan(config, device: str, precision, engine: str = "hf", tasks_manifest: dict | None = None,
+         tokenizer=None) -> dict:
+    """The preflight record of a run (what RUN/preflight.json holds): the estimate by part, what
+    the device has free, what the estimate was sized from, the verdict ("fits", "may-not-fit",
+    "does-not-fit"), its warnings, and for a run that does not fit the `refusal` message."""
+    from rpttrain.memory_probe import attention_kernel, available_bytes, data_shape
+
+    cfg = load_model_config_for(config)
+    shape = shape_from_config(cfg)
     free, total = available_bytes(device)
     if config.memory_budget_gib is not None:
         free = total = int(config.memory_budget_gib * GIB)
-    parts = estimate_train_memory(shape, TrainSizing.of(config, precision, device, engine), total)
-    log.info("memory estimate for %s (%.2fB parameters, %s): %s; free: %.1f GiB", config.model,
-             shape.n_params / 1e9, precision.describe(), describe(parts), free / GIB)
-    check_fits(parts, free, device, config.gradient_checkpointing)
-    return parts
+    warnings = []
+    data = None
+    if tasks_manifest is not None and tokenizer is not None:
+        try:
+            data = data_shape(config, tasks_manifest, tokenizer)
+        except (OSError, ValueError) as e:
+            warnings.append(f"sized from the limits, not the data ({e})")
+        if data is not None and not data.exact:
+            warnings.append("--allow-tokenizer-mismatch: context lengths are in the corpus tokenizer's tokens")
+    implementation = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    kernel = attention_kernel(device, precision.compute, shape.heads, shape.hidden // shape.heads, implementation)
+    if kernel == "unknown":
+        warnings.append(f"attention kernel unknown ({implementation}): score matrices counted as kept")
+    if config.trust_remote_code:
+        warnings.append("remote modeling code: its activations may differ from a standard decoder's")
+    if device.startswith("cuda") and engine == "vllm":
+        warnings.append("vLLM's share is its --vllm-gpu-memory-utilization of the device, not measured")
+
+    def sizing_of(c):
+        return TrainSizing.of(c, precision, device, engine, data=data, attention=kernel)
+
+    sizing = sizing_of(config)
+    parts = estimate_train_memory(shape, sizing, total)
+    record = {
+        "device": device, "model": config.model, "n_params": shape.n_params, "precision": precision.describe(),
+        "estimate_bytes": parts, "available_bytes": free,
+        "sized_from": {**{k: v for k, v in asdict(sizing).items() if k not in ("device",)},
+                       "micro_batch_tokens": sizing.micro_batch_tokens,
+                       "data": data.as_dict() if data else None},
+        "warnings": warnings,
+    }
+    log.info("memory estimate for %s (%.2fB parameters, %s, attention %s, sequences of %d tokens, %d a micro-batch): "
+             "%s; free: %.1f GiB", config.model, shape.n_params / 1e9, precision.describe(), kernel,
+             sizing.sequence_tokens, sizing.micro_batch_rows, describe(parts), free / GIB)
+    way = way_out(shape, config, sizing_of, free) if parts["peak"] > free else None
+    record["verdict"] = check_fits(parts, free)
+    if record["verdict"] == "does-not-fit":
+        record["refusal"] = refusal(parts, free, device, way)
+    if record["verdict"] == "may-not-fit":
+        record["warnings"].append(
+            f"the estimate ({describe(parts)}) is more than the {free / GIB:.1f} GiB free, though within its "
+            f"error; if it runs out of memory, use {way or 'a multi-GPU backend'}")
+    return record
+
+
+def preflight(config, device: str, precision, engine: str = "hf", tasks_manifest: dict | None = None,
+              tokenizer=None, enforce: bool = True) -> dict:
+    """`plan`, with its warnings logged; raises InsufficientMemory for a run that does not fit
+    when `enforce` (--memory-check, the default). Without it, a failure to estimate is recorded,
+    not raised: the user asked to run unchecked."""
+    try:
+        record = plan(config, device, precision, engine, tasks_manifest, tokenizer)
+    except Exception as e:  # noqa: BLE001  (an unchecked run does not stop for its estimate)
+        if enforce:
+            raise
+        log.warning("memory preflight: no estimate (%s)", e)
+        return {"device": device, "model": config.model, "error": str(e), "verdict": "unchecked"}
+    for w in record["warnings"]:
+        log.warning("memory preflight: %s", w)
+    if record["verdict"] == "does-not-fit":
+        if enforce:
+            raise InsufficientMemory(record["refusal"] + " Stopped before loading the model.")
+        if not config.memory_check:  # a dry run prints it itself
+            log.warning("memory preflight (not enforced, --no-memory-check): %s", record["refusal"])
+    return record
+
+
+def load_model_config_for(config):
+    from rptdata.models import load_model_config
+
+    return load_model_config(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def format_plan(record: dict) -> str:
+    """The preflight record as `rpt train --dry-run` prints it."""
+    parts = record["estimate_bytes"]
+    lines = [f"memory preflight: {record['model']} on {record['device']} ({record['precision']})"]
+    for k, v in parts.items():
+        if k != "peak":
+            lines.append(f"  {k:<13} {v / GIB:8.2f} GiB")
+    lines.append(f"  {'peak':<13} {parts['peak'] / GIB:8.2f} GiB   (available: {record['available_bytes'] / GIB:.1f} GiB)")
+    s = record["sized_from"]
+    lines.append(f"sized from: sequences of {s['sequence_tokens']} tokens, {s['micro_batch_rows']} a micro-batch "
+                 f"({s['micro_batch_tokens']} tokens), {s['logit_positions']} positions through the LM head, "
+                 f"attention kernel {s['attention']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
+    if s.get("data"):
+        d = s["data"]
+        lines.append(f"  longest context {d['longest_context_tokens']} tokens + prompt format {d['prompt_overhead_tokens']} "
+                     f"(from {d['source']})")
+    for w in record["warnings"]:
+        lines.append(f"warning: {w}")
+    lines.append(f"verdict: {record['verdict']}")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ import torch
 from rptdata import faults
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import STAGE_TASKS, STAGE_TRAIN, claim_run_dir, read_manifest, write_json_atomic, write_text_atomic
+from rptdata.manifest import STAGE_TASKS, STAGE_TRAIN, claim_run_dir, read_manifest, truncate_jsonl, write_json_atomic, write_text_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
 from rpttrain.checkpoint import (
     list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint, verify_checkpoint,
@@ -55,8 +55,10 @@ from rpttrain.precision import dtype_name, resolve_precision
 log = logging.getLogger(__name__)
 
 DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
+PREFLIGHT = "preflight.json"  # the memory estimate, what it was sized from, and the measured peak
 # what `rpt train` writes under its run directory (removed by --overwrite; nothing else is)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "summary.json", "config.yaml", TRAINED_ON, DATA_CACHE)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "summary.json", "config.yaml", TRAINED_ON, DATA_CACHE,
+               PREFLIGHT)
 
 
 class TrainingDiverged(RptError):
@@ -73,14 +75,28 @@ class Trainer:
         self.stop_flag = False
 
     # -- setup --------------------------------------------------------------------------------
-    def setup(self, resume: bool, overwrite: bool) -> None:
+    def memory_plan(self, enforce: bool) -> dict:
+        """The memory preflight (`rpttrain.memory`), sized from these tasks with the policy's
+        tokenizer; no weight is loaded and nothing is written."""
+        from rpttrain.memory import preflight
+
         c = self.config
         engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
-        if c.memory_check:  # before anything is loaded or written: a run that cannot fit stops here
-            from rpttrain.memory import preflight
+        self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
+        self._check_tokenizer()
+        return preflight(c, self.device, self.precision, engine or "hf", self.tasks_manifest, self.tokenizer,
+                         enforce=enforce)
 
-            preflight(c, self.device, self.precision, engine or "hf")
+    def setup(self, resume: bool, overwrite: bool) -> None:
+        from rpttrain.memory_probe import PeakMeter
+
+        c = self.config
+        engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
+        # before anything is loaded or written: a run that cannot fit stops here
+        self.preflight = self.memory_plan(enforce=c.memory_check)
         checkpoints = self._claim_run_dir(resume, overwrite)
+        write_json_atomic(self.run_dir / PREFLIGHT, self.preflight)
+        self.meter = PeakMeter(self.device)  # what the run adds from here on, beside the estimate
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         start_from = checkpoints[-1] if (resume and checkpoints) else None
@@ -103,8 +119,8 @@ class Trainer:
             log.info("resumed from %s", start_from)
         # lines logged after the step this run starts from are redone: all of them when it starts
         # afresh (a run killed while writing its first checkpoint counts as "resume" but has none)
-        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         cache = self.run_dir / DATA_CACHE
         if c.objective != "rpt" and c.ntp_positions == "all":
             source = DocWindows(self.tasks_manifest, c.max_prompt_tokens, cache)
@@ -142,8 +158,6 @@ class Trainer:
         """Tokenizer (checked against the tasks'), then the policy in the master dtype: from the
         base model, or a checkpoint's HF folder overwritten by its exact master weights."""
         c = self.config
-        self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
-        self._check_tokenizer()
         master = dtype_name(self.precision.master)
         source = str(start_from) if start_from else c.model
         self.model = load_causal_lm(source, dtype=master, device=self.device, trust_remote_code=c.trust_remote_code)
@@ -233,6 +247,7 @@ class Trainer:
                 self.tb.close()
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
         write_json_atomic(self.run_dir / "summary.json", summary)
+        record_measured_peak(self.run_dir / PREFLIGHT, self.preflight, self.meter)
         return summary
 
     def _on_signal(self, signum, frame) -> None:
@@ -261,6 +276,19 @@ class Trainer:
         )
 
 
+def memory_dry_run(config: TrainConfig, backend: str = "rpt", processes: int = 1) -> dict:
+    """`rpt train --dry-run`: the preflight record, without loading a weight or writing a file."""
+    from rpttrain.backends import BackendOptionError
+
+    if backend == "verl" or processes > 1:
+        raise BackendOptionError("--dry-run sizes one process on one device (--backend rpt, or trl with one "
+                                 "process); verl and multi-process trl shard the run across their workers")
+    record = Trainer(config).memory_plan(enforce=False)
+    if backend == "trl":
+        record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
+    return record
+
+
 def run_train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     trainer = Trainer(config)
     trainer.setup(resume=resume, overwrite=overwrite)
@@ -270,20 +298,16 @@ def run_train(config: TrainConfig, resume: bool = False, overwrite: bool = False
         trainer.objective.close()
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop lines of steps after `step` (they are redone after a resume)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
-def _step_of(line: str) -> float:
-    """A metrics line's step; a line cut short by a crash (or empty) is dropped (step = inf)."""
-    try:
-        return json.loads(line).get("step", 0)
-    except ValueError:
-        return float("inf")
+def record_measured_peak(path: Path, record: dict, meter) -> None:
+    """Add the measured peak rise (and estimate / measured) to the run's preflight.json."""
+    measured = meter.read()
+    peak = (record.get("estimate_bytes") or {}).get("peak")
+    if peak and measured["rise_bytes"]:
+        measured["estimate_over_measured"] = round(peak / measured["rise_bytes"], 3)
+    record["measured"] = measured
+    write_json_atomic(path, record)
+    log.info("memory: measured peak rise %.2f GiB (%s)%s", measured["rise_bytes"] / 2**30, measured["what"],
+             f", estimate / measured {measured['estimate_over_measured']}" if "estimate_over_measured" in measured else "")
 
 
 def _write_yaml(path: Path, data: dict) -> None:

@@ -37,5 +37,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     precision = figures["precision"]
     assert precision["weights_moved"] and precision["pure_bf16_collapses"]
     assert figures["train"]["resume_equal"] and figures["train"]["master_dtype"] == "torch.float32"
-    assert figures["train"]["memory_estimate_gib"] > 0
+    memory = figures["train"]["memory"]
+    assert memory["estimate_gib"] > 0 and memory["measured_gib"] > 0 and memory["estimate_over_measured"] > 0, memory
     assert figures["eval"]["rows"], figures["eval"]

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from rpttrain.memory import GIB, InsufficientMemory, ModelShape, TrainSizing, check_fits, estimate_train_memory
+from rpttrain.memory import GIB, ModelShape, TrainSizing, check_fits, estimate_train_memory, refusal
 from rpttrain.precision import resolve_precision
 from rpttrain.config import TrainConfig, config_from_dict
 from rpttrain.train import Trainer, run_train
@@ -125,30 +125,31 @@ QWEN_14B = ModelShape(n_params=14_770_033_664, layers=48, hidden=5120, intermedi
 
 
 def test_estimate_counts_master_weights_gradients_and_adamw():
-    mixed = TrainSizing("cuda", 2, 4, 32768, 12288, 4, gradient_checkpointing=True, reference_model=False,
-                        rollout_kv_tokens=0, vllm_fraction=0.3)
+    mixed = TrainSizing("cuda", 2, 4, micro_batch_rows=2, sequence_tokens=12288, logit_positions=4,
+                        gradient_checkpointing=True, reference_model=False, rollout_sequences=0, vllm_fraction=0.3)
     parts = estimate_train_memory(QWEN_14B, mixed, device_total=141 * GIB)
     n = QWEN_14B.n_params
     assert parts["weights"] == parts["gradients"] == 4 * n and parts["adamw"] == 8 * n
     assert parts["compute_copy"] == 2 * n and parts["vllm"] == int(0.3 * 141 * GIB)
     assert parts["peak"] > 16 * n > 224e9  # the issue's ~224 GB before activations and vLLM
-    # gradient checkpointing keeps one layer's activations: far less than all 48
+    # gradient checkpointing keeps each layer's input and one recomputed layer's backward: far less than all 48
     full = estimate_train_memory(QWEN_14B, TrainSizing(**{**mixed.__dict__, "gradient_checkpointing": False}), 141 * GIB)
-    assert full["activations"] > 10 * parts["activations"]
+    assert full["activations"] > 4 * parts["activations"]
+    assert full["attention"] == parts["attention"] == 2 * 12288**2  # flash: only the boolean padding mask
+    math = estimate_train_memory(QWEN_14B, TrainSizing(**{**mixed.__dict__, "attention": "math"}), 141 * GIB)
+    assert math["attention"] > 100 * parts["attention"]  # the math kernel keeps the score matrices
     pure = estimate_train_memory(QWEN_14B, TrainSizing(**{**mixed.__dict__, "master_bytes": 2}), 141 * GIB)
     assert pure["weights"] == 2 * n and pure["compute_copy"] == 0
 
 
-def test_refusal_names_needed_and_free_memory_and_the_ways_out():
-    s = TrainSizing("cuda", 2, 4, 32768, 12288, 4, False, False, 0, 0.3)
+def test_refusal_names_needed_and_free_memory_and_the_deciding_part():
+    s = TrainSizing("cuda", 2, 4, 2, 12288, 4, False, False, 0, 0.3)
     parts = estimate_train_memory(QWEN_14B, s, device_total=141 * GIB)
-    with pytest.raises(InsufficientMemory) as e:
-        check_fits(parts, 139 * GIB, "cuda", gradient_checkpointing=False)
-    msg = str(e.value)
+    assert check_fits(parts, 139 * GIB) == "does-not-fit"  # weights, gradients and AdamW alone: 248 GiB
+    msg = refusal(parts, 139 * GIB, "cuda", None)
     assert f"{parts['peak'] / GIB:.1f} GiB" in msg and "139.0 GiB are free" in msg
-    for way in ("--gradient-checkpointing", "--micro-batch-tokens", "--backend verl", "--no-memory-check"):
-        assert way in msg
-    check_fits(parts, parts["peak"], "cuda", False)  # exactly enough: no error
+    assert "What decides it: adamw" in msg and "--backend verl" in msg and "--no-memory-check" in msg
+    assert check_fits(parts, parts["peak"]) == "fits"  # exactly enough
 
 
 def test_train_refuses_before_loading_or_writing(smol_tasks, tmp_path):

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from rptdata.errors import ManifestMismatch
-from rptdata.manifest import fingerprint, list_shards, read_manifest
+from rptdata.manifest import fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ LOSS_TYPES = {"token-mean": "dapo", "seq-mean": "grpo", "dr-grpo": "dr_grpo"}
 SHARDINGS = ("ddp", "fsdp", "zero3")
 TRL_DIR = "trl"  # TRL's output_dir inside the run: checkpoint-N folders
 OWN_FILES = ("config.yaml", "backend.json", "metrics.jsonl", "samples.jsonl", "summary.json", "accelerate.yaml",
-             "launch-trl.sh", "checkpoints", TRL_DIR, "data-cache")
+             "launch-trl.sh", "checkpoints", TRL_DIR, "data-cache", "preflight.json")
 
 
 def micro_rows(per_process: int, max_rows: int) -> int:
@@ -263,13 +263,6 @@ def link_checkpoint(run_dir: Path, folder: Path, step: int, state: dict) -> Path
     return link
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop lines of steps after `step` (they are redone after a resume)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
 def train_dataset(tasks_dir: str, cache: Path):
     """The training tasks as a datasets.Dataset: prompt (the raw context), continuation,
     boundaries, task_id; memory-mapped from the task shards."""
@@ -303,6 +296,9 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     if 0 <= c.dynamic_sampling_from:
         log.info("dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
                  c.dynamic_sampling_from)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        record, meter = _memory_preflight(c, device, tokenizer)
     args = GRPOConfig(output_dir=str(run / TRL_DIR), **grpo_args(c, world, device))
     reward = RptReward(fmt, get_reward_fn(c.reward), run / "samples.jsonl", c.sample_every)
     trainer = RptGRPOTrainer(
@@ -317,17 +313,40 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     if last is not None:
         step = json.loads((last / "trainer_state.json").read_text())["global_step"]
         if trainer.accelerator.is_main_process:
-            _truncate_jsonl(run / "metrics.jsonl", step)
-            _truncate_jsonl(run / "samples.jsonl", step)
+            truncate_jsonl(run / "metrics.jsonl", step)
+            truncate_jsonl(run / "samples.jsonl", step)
         log.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     state = trainer.state
     stopped_by = "compute_budget" if state.global_step < c.steps else None
-    summary = {"backend": "trl", "processes": trainer.accelerator.num_processes, "steps": state.global_step, "stopped_by": stopped_by, "run_dir": str(run),
-               "totals": {"flops": runlog.flops(state), "update_tokens": int(state.num_input_tokens_seen)}}
+    summary = {"backend": "trl", "processes": trainer.accelerator.num_processes, "steps": state.global_step,
+               "stopped_by": stopped_by, "run_dir": str(run),
+               "totals": {"flops": runlog.flops(state), "update_tokens": int(state.num_input_tokens_seen),
+                          "samples": state.global_step * c.batch_size * c.group_size}}
     if trainer.accelerator.is_main_process:
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(run / "summary.json", summary)
+    if main_process:
+        from rpttrain.train import PREFLIGHT, record_measured_peak
+
+        record_measured_peak(run / PREFLIGHT, record, meter)
     return summary
+
+
+def _memory_preflight(c: Any, device: str, tokenizer) -> tuple[dict, Any]:
+    """rpt's memory estimate for this run, written to RUN/preflight.json, as a warning only: it is
+    calibrated on rpt's own trainer, not on TRL's (which holds, e.g., logits for every completion
+    token); the measured peak is added at the end, beside it."""
+    from rpttrain.memory import preflight
+    from rpttrain.memory_probe import PeakMeter
+    from rpttrain.precision import resolve_precision
+    from rpttrain.train import PREFLIGHT
+
+    precision = resolve_precision(c.compute_dtype, c.master_dtype, device)
+    record = preflight(c, device, precision, "hf", read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer,
+                       enforce=False)
+    record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
+    write_json_atomic(Path(c.out) / PREFLIGHT, record)
+    return record, PeakMeter(device)
 
 
 def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str, cpu: bool,
