@@ -207,6 +207,40 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return _hub_call(src, AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
 
 
+# tokenizer_config.json classes that transformers loads from tokenizer.json as it is (no rebuild)
+PLAIN_TOKENIZER_CLASSES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_plain_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The `tokenizers.Tokenizer` of a folder's tokenizer.json, loaded without importing
+    transformers or torch (seconds saved per process), when that is exactly what `load_tokenizer`
+    would give: a local folder (or the converted embedded/GGUF model) whose tokenizer_config.json
+    names a plain class and adds no token of its own. Anything else: `load_tokenizer(spec)`."""
+    src = resolve_model(spec)
+    folder = None
+    if src.kind == "dir":
+        folder = Path(src.path)
+    elif src.kind in ("alias", "gguf"):
+        root = _gguf_cache_dir(src)  # what `_gguf_tokenizer_dir` loads, once it has been converted
+        folder = root / "model" if (root / "model" / "config.json").exists() else root / "tokenizer"
+    if folder is None or not (folder / "tokenizer.json").exists() or trust_remote_code or not _plain_tokenizer_folder(folder):
+        return load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def _plain_tokenizer_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+        added = {t["id"]: t["content"] for t in json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    extra = config.get("added_tokens_decoder") or {}
+    return (config.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES and "auto_map" not in config
+            and not config.get("add_prefix_space") and all(added.get(int(i)) == t.get("content") for i, t in extra.items()))
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
 
@@ -261,7 +295,7 @@ def load_model_config(spec: str, trust_remote_code: bool = False):
 
 def vocab_hash(tokenizer) -> str:
     """A hash of the token -> id map (added tokens included): equal hash, equal token ids."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])  # a transformers or a tokenizers tokenizer
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 

@@ -54,10 +54,12 @@ class TokenizedBatch:
 
 
 class ByteSpanTokenizer:
-    """Wraps a Hugging Face fast tokenizer; encodes batches with exact byte ends."""
+    """Wraps a Hugging Face fast tokenizer (or its `tokenizers.Tokenizer`); encodes batches with exact byte ends."""
 
     def __init__(self, tokenizer, name: str = "tokenizer"):
-        backend = getattr(tokenizer, "backend_tokenizer", None)
+        from tokenizers import Tokenizer
+
+        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise TokenizerNotSupported(f"{name}: a fast (Rust-backed) tokenizer is required")
         if not _is_byte_level(backend):
@@ -117,8 +119,9 @@ class ByteSpanTokenizer:
         """Indices of documents whose token bytes, end to end, differ from their UTF-8 bytes."""
         encoded = [t.encode("utf-8") for t in texts]
         want = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(texts))
-        got = np.add.reduceat(lens, np.cumsum(counts) - counts) if len(lens) else np.zeros(len(texts), np.int64)
-        got = np.where(counts > 0, got, 0)  # reduceat repeats a value for empty documents
+        cum = np.concatenate([[0], np.cumsum(lens)])
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        got = cum[offsets[1:]] - cum[offsets[:-1]]  # bytes of each document's tokens (0 for none)
         same_len = got == want
         bad = set(np.nonzero(~same_len)[0].tolist())
         tok_mask = np.repeat(same_len, counts)
