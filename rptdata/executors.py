@@ -24,8 +24,8 @@ same paths (a shared file system) and have rpt installed.
   tasks   (`actors=False`, prepare) one CPU task per unit, `max_retries=MAX_RETRIES`: Ray reruns a
           task whose worker process or node died, on any node with a free slot.
   actors  (`actors=True`, score-entropy) one actor per GPU (`num_gpus=1`; on a cluster without GPUs,
-          one per CPU, `num_cpus=1`), each loading one scorer and taking units from one queue, so
-          a fast node takes more. A unit whose actor died (its node left) goes back to the queue,
+          one per node with all its CPU slots), each loading one scorer and taking units from one
+          queue, so a fast node takes more. A unit whose actor died (its node left) goes back to the queue,
           at most MAX_RETRIES times, and the dead actor is replaced when the cluster has room.
 An error raised by a unit's own code (a bad record, a damaged input) is not retried: the other
 units finish, then `UnitsFailed` names each failed shard and its input. A rerun skips every
@@ -41,6 +41,7 @@ import pickle
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from rptdata import faults
 from rptdata.errors import MissingDependency, RptError
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,12 @@ class Executor:
             raise ValueError("--ray-address is for --executor ray")
 
     def refuse(self, **options) -> None:
-        """ValueError naming the first option (name -> given value, None when not given) that the
-        ray executor cannot honour: it runs every shard of the stage itself."""
+        """ValueError naming the first option (name -> given value; None or False: not given) that
+        the ray executor cannot honour: it runs every shard of the stage itself."""
         if self.kind != "ray":
             return
         for name, value in options.items():
-            if value not in (None, False, 1):
+            if value is not None and value is not False:
                 raise ValueError(
                     f"--executor ray runs every shard of the stage on the cluster; it does not combine with {name} "
                     f"(given: {value}). Drop {name}, or use --executor local."
@@ -130,7 +131,9 @@ def _worker_for(factory):
 
 
 def _task(factory, unit: int) -> dict:
-    return _worker_for(factory).run(unit, _no_progress)
+    worker = _worker_for(factory)
+    faults.hit("unit", unit)
+    return worker.run(unit, _no_progress)
 
 
 def _no_progress(n: int) -> None:
@@ -147,6 +150,7 @@ class _UnitActor:
         return True
 
     def run(self, unit: int) -> dict:
+        faults.hit("unit", unit)
         return self.worker.run(unit, _no_progress)
 
 
@@ -194,18 +198,34 @@ class _RayRun:
             if result is not None:
                 yield result
 
+    def _actor_shapes(self) -> list[dict]:
+        """Ray options of each actor: one per GPU; on a cluster without GPUs one per node, holding
+        all its CPU slots (torch then uses as many threads as a local run on that node, so the
+        floats come out bit for bit the same)."""
+        ray = self.ray
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus:
+            return [{"num_gpus": 1, "num_cpus": 1}] * gpus
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return [{"num_cpus": int(node["Resources"]["CPU"]),
+                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)}
+                for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1] or [{"num_cpus": 1}]
+
     def _actors(self) -> Iterator[tuple[int, dict]]:
         ray = self.ray
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        slots = gpus or max(1, int(resources.get("CPU", 1)))
-        actor_cls = ray.remote(_UnitActor).options(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=0)
         queue, attempts = list(self.todo), {u: 0 for u in self.todo}
-        starting = {}  # ready() ref -> actor still loading its scorer
-        for _ in range(min(slots, len(queue))):
-            actor = actor_cls.remote(self.factory)
+        shapes = self._actor_shapes()[: len(queue)]
+        starting, shape_of = {}, {}  # ready() ref -> actor still loading its scorer; actor -> its options
+
+        def start(shape: dict) -> None:
+            actor = ray.remote(_UnitActor).options(max_restarts=0, **shape).remote(self.factory)
             starting[actor.ready.remote()] = actor
-        busy, idle, dead, replacements = {}, [], [], MAX_RETRIES * min(slots, len(queue))
+            shape_of[actor] = shape
+
+        for shape in shapes:
+            start(shape)
+        busy, idle, dead, replacements = {}, [], [], MAX_RETRIES * len(shapes)
         try:
             while queue or busy:
                 while idle and queue:
@@ -236,8 +256,7 @@ class _RayRun:
                         queue.insert(0, unit)
                     if replacements > 0:  # it starts when the cluster has room (a node joins)
                         replacements -= 1
-                        new = actor_cls.remote(self.factory)
-                        starting[new.ready.remote()] = new
+                        start(shape_of[actor])
                     continue
                 idle.append(actor)
                 if result is not None:

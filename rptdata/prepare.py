@@ -42,6 +42,7 @@ import os
 import resource
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -103,7 +104,7 @@ class PrepareConfig:
         if self.processes < 1:
             raise ValueError("--processes must be at least 1")
         Executor(self.executor, self.ray_address).refuse(
-            **{"--processes": self.processes, "--num-workers": self.num_workers, "--worker-index": self.worker_index,
+            **{"--processes": self.processes if self.processes > 1 else None, "--num-workers": self.num_workers, "--worker-index": self.worker_index,
                "--dedupe": self.dedupe})
         if self.dedupe:
             _refuse_dedupe_across(self.num_workers or 1, self.processes)
@@ -144,7 +145,7 @@ def run_prepare(config: PrepareConfig) -> dict:
     `executor="ray"`, every shard as a task on a Ray cluster (`rptdata.executors`)."""
     executor = Executor(config.executor, config.ray_address)
     worker, workers = worker_from_env(config.num_workers, config.worker_index)
-    executor.refuse(**{"torchrun's WORLD_SIZE": workers})
+    executor.refuse(**{"torchrun's WORLD_SIZE": workers if workers > 1 else None})
     if config.dedupe:
         _refuse_dedupe_across(workers, config.processes)  # again: torchrun's WORLD_SIZE counts too
     tokenizer = load_plain_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -260,13 +261,21 @@ class _UnitWorker:
 def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareConfig, seen: set) -> dict:
     """Filter, tokenize and write one shard with its marker (the marker alone when nothing is kept)."""
     t0 = time.time()
-    counts, rejects, docs = _Counts(), [], []
-    for rec in records:
-        counts.read += 1
-        text = _accept(rec, config, spans, counts, seen, rejects)
-        if text is not None:
-            docs.append((rec.doc_id, rec.source, text))
-    table, written = _tokenize_docs(docs, spans, config)
+    counts, rejects, docs, batches = _Counts(), [], [], []
+    # each full batch is encoded on a second thread (the tokenizer releases the GIL) while this one
+    # reads and decodes the next records
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+        for rec in records:
+            counts.read += 1
+            text = _accept(rec, config, spans, counts, seen, rejects)
+            if text is not None:
+                docs.append((rec.doc_id, rec.source, text))
+                if len(docs) % config.batch_docs == 0:
+                    batches.append(encoder.submit(spans.encode_batch, [d[2] for d in docs[-config.batch_docs:]]))
+        if len(docs) % config.batch_docs:
+            batches.append(encoder.submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs:]]))
+        batches = [b.result() for b in batches]
+    table, written = _tokenize_docs(docs, batches, spans, config)
     for doc_id, detail in written["untokenizable"]:
         counts.rejected["untokenizable"] += 1
         rejects.append({"doc_id": doc_id, "reason": "untokenizable", "detail": detail})
@@ -376,13 +385,13 @@ def _content_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def _tokenize_docs(docs: list, spans: ByteSpanTokenizer, config) -> tuple[pa.Table | None, dict]:
-    """One shard's table and stats. Documents that cannot get exact spans are left out and
-    returned as `untokenizable` (an error without --skip-bad)."""
+def _tokenize_docs(docs: list, batches: list, spans: ByteSpanTokenizer, config) -> tuple[pa.Table | None, dict]:
+    """One shard's table and stats from its documents and their encoded batches (`batch_docs`
+    each). Documents that cannot get exact spans are left out and returned as `untokenizable`
+    (an error without --skip-bad)."""
     ids_parts, ends_parts, counts_parts, kept, untokenizable = [], [], [], [], []
-    for start in range(0, len(docs), config.batch_docs):
+    for start, batch in zip(range(0, len(docs), config.batch_docs), batches):
         chunk = docs[start : start + config.batch_docs]
-        batch = spans.encode_batch([d[2] for d in chunk])
         keep = np.ones(len(chunk), dtype=bool)
         for j in batch.bad:
             if not config.skip_bad:

@@ -161,7 +161,8 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     if executor.kind == "ray":
         if scorer is not None:
             raise ValueError("a scorer passed in runs in this process; --executor ray loads one per actor")
-        executor.refuse(**{"torchrun's WORLD_SIZE": worker_from_env(None, None)[1]})
+        world = worker_from_env(None, None)[1]
+        executor.refuse(**{"torchrun's WORLD_SIZE": world if world > 1 else None})
         config = _on_cluster(config, executor)
     prep_dir = Path(config.prepared).resolve()
     prep = read_manifest(prep_dir, STAGE_PREPARE)

@@ -43,6 +43,15 @@ def _is_byte_level(backend) -> bool:
     return "ByteLevel" in text
 
 
+@lru_cache(maxsize=1)
+def _byte_translation() -> dict[int, int | None]:
+    """str.translate table: stand-in character -> the character whose code is its byte; the other
+    characters below 256 -> deleted (so a token holding one comes out shorter: not byte-level)."""
+    table: dict[int, int | None] = {c: None for c in range(256)}
+    table.update({ord(ch): b for ch, b in _byte_decoder().items()})
+    return table
+
+
 @dataclass
 class TokenizedBatch:
     """ids and byte ends of a batch, flat (like Arrow list arrays): doc j is [offsets[j], offsets[j+1])."""
@@ -73,17 +82,21 @@ class ByteSpanTokenizer:
         self._build_table(backend)
 
     def _build_table(self, backend) -> None:
-        decoder = _byte_decoder()
         vocab = backend.get_vocab(with_added_tokens=True)
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         size = max(vocab.values()) + 1
         pieces: list[bytes] = [b""] * size
+        table = _byte_translation()
         for token, idx in vocab.items():
             if token in added:
                 pieces[idx] = token.encode("utf-8")  # added tokens match their literal text
-            elif all(ch in decoder for ch in token):
-                pieces[idx] = bytes(decoder[ch] for ch in token)
-            else:
+                continue
+            raw = token.translate(table)  # stand-ins -> chars 0..255; any other char is dropped or stays > 255
+            try:
+                pieces[idx] = raw.encode("latin-1")
+            except UnicodeEncodeError:
+                raw = ""
+            if len(raw) != len(token):
                 raise TokenizerNotSupported(
                     f"{self.name}: token {idx} ({token!r}) is not in byte-level form; cannot map ids to bytes"
                 )
