@@ -42,7 +42,7 @@ import os
 import resource
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -263,8 +263,8 @@ def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareCo
     t0 = time.time()
     counts, rejects, docs, batches = _Counts(), [], [], []
     # each full batch is encoded on a second thread (the tokenizer releases the GIL) while this one
-    # reads and decodes the next records
-    with ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+    # reads and decodes the next records; inline in a process meant to take one core
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") if _tokenizer_threads() else _Inline() as encoder:
         for rec in records:
             counts.read += 1
             text = _accept(rec, config, spans, counts, seen, rejects)
@@ -289,6 +289,30 @@ def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareCo
     else:
         write_json_atomic(stage.marker_path(DOCS_DIR, index), {"empty": True, "time": time.time(), **stats})
     return stats
+
+
+def _tokenizer_threads() -> bool:
+    """Whether the tokenizer may use its thread pool (TOKENIZERS_PARALLELISM, read as `tokenizers` reads
+    it): off in --processes workers and Ray tasks, which take one core each."""
+    return os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() not in ("", "off", "false", "f", "no", "n", "0")
+
+
+class _Inline:
+    """An executor that runs each call when it is submitted."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def submit(self, fn, *args) -> Future:
+        done = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - handed to the caller by result(), as a thread would
+            done.set_exception(e)
+        return done
 
 
 def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int) -> dict | None:
