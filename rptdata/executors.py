@@ -113,8 +113,7 @@ def connect(address: str | None):
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         log.info("ray: %s", "starting a local cluster" if address == "local" else f"connecting to {address}")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 **({"configure_logging": False} if address != "local" else {}))
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
     return ray
 
 
