@@ -18,7 +18,8 @@ file through shards, and its name never depends on who made it. Each worker firs
 inputs (`sources.index_source`: counts records, a line scan of each `.jsonl`, and notes where
 each shard's first record lies), then takes shards i, i+n, ... (`worker_split`, the split
 score-entropy uses; `--num-workers/--worker-index` or torchrun's RANK/WORLD_SIZE) and seeks to
-them. `processes=N` runs N such workers here (spawned; worker w's share split again). A shard's
+them. `processes=N` runs N such workers here (forked; worker w's share split again);
+`executor="ray"` runs every shard as a task on a Ray cluster (`rptdata.executors`, docs/ray.md). A shard's
 completion marker holds its full accounting (read, written, rejected and dropped by reason, its
 rejects); the worker that finds every marker present writes rejects.jsonl and the manifest from
 them (last finisher; running any worker again once all are done writes it too), so
@@ -28,6 +29,11 @@ Resume: a rerun (of any worker) only processes its shards that have no completio
 `--dedupe` keeps the first copy in stream order, which needs the whole stream in one process:
 it is refused with several workers or processes; a resumed dedupe run re-reads the texts of the
 finished shards into its set of seen documents.
+
+Speed: the tokenizer is `tokenizers` alone when that is what transformers would load
+(`models.load_plain_tokenizer`: no transformers or torch import), JSON lines go through orjson,
+and each batch is encoded on a second thread while the next records are read (not in a process
+meant to take one core: TOKENIZERS_PARALLELISM=false). `make bench-prepare` measures it.
 
 Left out on purpose: fuzzy dedup, language or quality filters (use datatrove upstream), and
 dedupe across workers.
@@ -264,16 +270,17 @@ def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareCo
     counts, rejects, docs, batches = _Counts(), [], [], []
     # each full batch is encoded on a second thread (the tokenizer releases the GIL) while this one
     # reads and decodes the next records; inline in a process meant to take one core
-    with ThreadPoolExecutor(1, thread_name_prefix="encode") if _tokenizer_threads() else _Inline() as encoder:
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        submit = pool.submit if _tokenizer_threads() else _run_now
         for rec in records:
             counts.read += 1
             text = _accept(rec, config, spans, counts, seen, rejects)
             if text is not None:
                 docs.append((rec.doc_id, rec.source, text))
                 if len(docs) % config.batch_docs == 0:
-                    batches.append(encoder.submit(spans.encode_batch, [d[2] for d in docs[-config.batch_docs:]]))
+                    batches.append(submit(spans.encode_batch, [d[2] for d in docs[-config.batch_docs:]]))
         if len(docs) % config.batch_docs:
-            batches.append(encoder.submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs:]]))
+            batches.append(submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs:]]))
         batches = [b.result() for b in batches]
     table, written = _tokenize_docs(docs, batches, spans, config)
     for doc_id, detail in written["untokenizable"]:
@@ -297,22 +304,10 @@ def _tokenizer_threads() -> bool:
     return os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() not in ("", "off", "false", "f", "no", "n", "0")
 
 
-class _Inline:
-    """An executor that runs each call when it is submitted."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def submit(self, fn, *args) -> Future:
-        done = Future()
-        try:
-            done.set_result(fn(*args))
-        except Exception as e:  # noqa: BLE001 - handed to the caller by result(), as a thread would
-            done.set_exception(e)
-        return done
+def _run_now(fn, *args) -> Future:
+    done = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int) -> dict | None:
