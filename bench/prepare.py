@@ -11,7 +11,9 @@ Prints, from one run on the same input, with the machine's load average (1 min) 
      JSON decode, normalize, encode, exact byte spans and their check, Parquet, markers, manifest),
      as a ratio to 1 (target >= 0.6);
   3. one tokenizer thread per process (TOKENIZERS_PARALLELISM=false): `--processes 2` over
-     `--processes 1` (target >= 1.6: linear in processes);
+     `--processes 1` (target >= 1.6: linear in processes), with the CPU seconds each run took:
+     on a loaded machine the wall-clock ratio is the scheduler's share, and twice the CPU-time
+     ratio is what two free cores would give;
   4. time to the first shard written, from the launch of the process (target <= 3 s);
   5. peak RSS of each process (with --rss also on a corpus --rss-scale times larger: memory
      independent of corpus size).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,13 +66,20 @@ def run_prepare_process(corpus: Path, out: Path, processes: int, shard_docs: int
         "'rss_workers': r(resource.RUSAGE_CHILDREN).ru_maxrss // 1024, 'counts': m['counts']}))"
     )
     env = {**os.environ, **({"TOKENIZERS_PARALLELISM": "false"} if one_thread else {})}
-    before = load()
+    before, cpu = load(), _cpu_seconds()
     launched = time.time()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     wall = time.time() - launched
+    cpu = _cpu_seconds() - cpu
     result = json.loads(res.stdout.strip().splitlines()[-1])
     first = min(json.loads(p.read_text())["time"] for p in (out / "done").glob("docs-*.json"))
-    return {**result, "wall": wall, "first_shard": first - launched, "load": before}
+    return {**result, "wall": wall, "cpu": cpu, "first_shard": first - launched, "load": before}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process (and theirs) so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def repeat_file(src: Path, dst: Path, times: int) -> Path:
@@ -137,6 +147,10 @@ def main() -> None:
     row("one tokenizer thread per process: --processes 1", f"{rate['p1-t1']:,.0f} tok/s", runs["p1-t1"]["load"])
     row("one tokenizer thread per process: --processes 2", f"{rate['p2-t1']:,.0f} tok/s", runs["p2-t1"]["load"])
     row("  ratio 2 processes / 1 (target >= 1.6)", f"{rate['p2-t1'] / rate['p1-t1']:.2f}")
+    row("  CPU seconds, 1 process / 2 processes (work added by splitting)",
+        f"{runs['p1-t1']['cpu']:.1f} / {runs['p2-t1']['cpu']:.1f}")
+    row("  ratio if each process had its own core (CPU-time bound)",
+        f"{2 * runs['p1-t1']['cpu'] / runs['p2-t1']['cpu']:.2f}")
     row("  peak RSS, largest worker", f"{runs['p2-t1']['rss_workers']:,} MB")
     if args.rss:
         row(f"peak RSS per worker, sample ({small['counts']['tokens']:,} tokens)", f"{small['rss_workers']:,} MB")
