@@ -184,7 +184,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
         "tokenizer": prep["tokenizer"],
         "options": {
             "engine": engine_name,
-            "dtype": scorer.dtype if scorer is not None else _resolved_dtype(config, engine_name),
+            "dtype": scorer.dtype if scorer is not None else _resolved_dtype(config, engine_name, executor.kind == "ray"),
             "top_k": config.top_k,
             "entropy": config.entropy,
             "threshold": None if config.keep_all else config.threshold,
@@ -325,8 +325,10 @@ def check_tokenizer(prep: dict, proxy: dict, prep_dir: Path | str = "") -> None:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _resolved_dtype(config: ScoreConfig, engine_name: str) -> str:
-    if engine_name == "vllm":
+def _resolved_dtype(config: ScoreConfig, engine_name: str, on_cluster: bool = False) -> str:
+    if on_cluster:  # the device is the cluster's (`_on_cluster`), which this machine may lack
+        device = config.device
+    elif engine_name == "vllm":
         import torch
 
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
