@@ -53,9 +53,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
+from rptdata.doc_table import DOCS_SCHEMA, docs_table
 from rptdata.errors import BadInput
 from rptdata.executors import Executor, run_units
 from rptdata.manifest import (
@@ -69,16 +67,6 @@ from rptdata.spans import ByteSpanTokenizer
 log = logging.getLogger(__name__)
 
 DOCS_DIR = "docs"
-DOCS_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("text", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),
-        ("token_end_bytes", pa.list_(pa.int32())),
-        ("n_tokens", pa.int32()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -282,7 +270,7 @@ def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareCo
         if len(docs) % config.batch_docs:
             batches.append(submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs:]]))
         batches = [b.result() for b in batches]
-    table, written = _tokenize_docs(docs, batches, spans, config)
+    table, written = docs_table(docs, batches, spans, config)
     for doc_id, detail in written["untokenizable"]:
         counts.rejected["untokenizable"] += 1
         rejects.append({"doc_id": doc_id, "reason": "untokenizable", "detail": detail})
@@ -402,44 +390,3 @@ def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) 
 
 def _content_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def _tokenize_docs(docs: list, batches: list, spans: ByteSpanTokenizer, config) -> tuple[pa.Table | None, dict]:
-    """One shard's table and stats from its documents and their encoded batches (`batch_docs`
-    each). Documents that cannot get exact spans are left out and returned as `untokenizable`
-    (an error without --skip-bad)."""
-    ids_parts, ends_parts, counts_parts, kept, untokenizable = [], [], [], [], []
-    for start, batch in zip(range(0, len(docs), config.batch_docs), batches):
-        chunk = docs[start : start + config.batch_docs]
-        keep = np.ones(len(chunk), dtype=bool)
-        for j in batch.bad:
-            if not config.skip_bad:
-                raise BadInput(
-                    f"{chunk[j][0]}: cannot record exact byte spans: {spans.explain(chunk[j][2])} "
-                    "(pass --skip-bad to skip such documents)"
-                )
-            untokenizable.append((chunk[j][0], spans.explain(chunk[j][2])))
-            keep[j] = False
-        doc_counts = np.diff(batch.offsets)
-        tok_keep = np.repeat(keep, doc_counts)
-        ids_parts.append(batch.ids[tok_keep])
-        ends_parts.append(batch.ends[tok_keep])
-        counts_parts.append(doc_counts[keep])
-        kept += [d for d, k in zip(chunk, keep) if k]
-    docs = kept
-    if not docs:
-        return None, {"documents": 0, "tokens": 0, "untokenizable": untokenizable}
-    n_tokens = np.concatenate(counts_parts).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(n_tokens, dtype=np.int64)]).astype(np.int32))
-    table = pa.Table.from_arrays(
-        [
-            pa.array([d[0] for d in docs], pa.string()),
-            pa.array([d[1] for d in docs], pa.string()),
-            pa.array([d[2] for d in docs], pa.string()),
-            pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(ids_parts), pa.int32())),
-            pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(ends_parts), pa.int32())),
-            pa.array(n_tokens, pa.int32()),
-        ],
-        schema=DOCS_SCHEMA,
-    )
-    return table, {"documents": len(docs), "tokens": int(n_tokens.sum()), "untokenizable": untokenizable}

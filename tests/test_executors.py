@@ -54,10 +54,10 @@ def _same_output(a: Path, b: Path, stage: str) -> None:
     assert ma["files"] == mb["files"] and ma["files"]
     for key in ("shards", "counts", "fingerprint", "config"):
         assert ma[key] == mb[key], key
-    assert [p.read_bytes() for p in list_shards(a / ("docs" if stage == "prepare" else "positions"))] == \
-           [p.read_bytes() for p in list_shards(b / ("docs" if stage == "prepare" else "positions"))]
-    rejects = [p / "rejects.jsonl" for p in (a, b)]
-    assert [r.read_text() if r.exists() else None for r in rejects][0] == [r.read_text() if r.exists() else None for r in rejects][1]
+    data = "docs" if stage == "prepare" else "positions"
+    assert [p.read_bytes() for p in list_shards(a / data)] == [p.read_bytes() for p in list_shards(b / data)]
+    ra, rb = a / "rejects.jsonl", b / "rejects.jsonl"
+    assert (ra.read_text() if ra.exists() else None) == (rb.read_text() if rb.exists() else None)
 
 
 def _prepare_cfg(corpus, out, **kw):
