@@ -233,12 +233,20 @@ def load_plain_tokenizer(spec: str, trust_remote_code: bool = False):
 def _plain_tokenizer_folder(folder: Path) -> bool:
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-        added = {t["id"]: t["content"] for t in json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])}
+        added = {t["id"]: t["content"] for t in _loads((folder / "tokenizer.json").read_bytes()).get("added_tokens", [])}
     except (OSError, ValueError, KeyError, TypeError):
         return False
     extra = config.get("added_tokens_decoder") or {}
     return (config.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES and "auto_map" not in config
             and not config.get("add_prefix_space") and all(added.get(int(i)) == t.get("content") for i, t in extra.items()))
+
+
+def _loads(raw: bytes):
+    try:
+        from orjson import loads
+    except ImportError:
+        loads = json.loads
+    return loads(raw)
 
 
 def resolve_dtype(dtype: str, device: str):
