@@ -75,7 +75,7 @@ def test_cli_prepare_on_ray_equals_local_and_redoes_a_deleted_shard_alone(local_
     out = tmp_path / "ray"
     cmd = [*RPT, "prepare", str(corpus), "--out", str(out), "--shard-docs", "7", "--skip-bad", "--executor", "ray",
            "--ray-address", local_ray]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "prepare: 40 documents read, 36 written" in r.stdout and "prepare: 100%" in r.stderr  # the driver's progress bar
     _same_output(prepared, out, "prepare")
@@ -84,7 +84,7 @@ def test_cli_prepare_on_ray_equals_local_and_redoes_a_deleted_shard_alone(local_
     shards = list_shards(out / "docs")
     before = {p.name: p.stat().st_mtime_ns for p in shards}
     shards[2].unlink()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     after = {p.name: p.stat().st_mtime_ns for p in list_shards(out / "docs")}
     assert [n for n in after if after[n] != before[n]] == [shards[2].name], "only the deleted shard is redone"
@@ -94,7 +94,7 @@ def test_cli_prepare_on_ray_equals_local_and_redoes_a_deleted_shard_alone(local_
 def test_failed_shard_names_shard_and_input_and_the_rest_finish(local_ray, corpus, tmp_path):
     out = tmp_path / "bad"
     r = subprocess.run([*RPT, "prepare", str(corpus), "--out", str(out), "--shard-docs", "7", "--executor", "ray",
-                        "--ray-address", local_ray, "--no-progress"], capture_output=True, text=True, timeout=300)
+                        "--ray-address", local_ray, "--no-progress"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "3 of 6 unit(s) failed" in r.stderr
     assert f"shard docs/part-00000.parquet (records 0-6 of the input stream, in {corpus / 'a.jsonl'})" in r.stderr
@@ -128,7 +128,7 @@ def _run_in_thread(fn, *args):
     return thread, result
 
 
-def _wait_for(path: Path, timeout: float = 180) -> str:
+def _wait_for(path: Path, timeout: float = 600) -> str:
     deadline = time.time() + timeout
     while not (path.exists() and path.read_text().strip()):
         assert time.time() < deadline, f"{path} never appeared"
@@ -154,7 +154,7 @@ def test_node_removed_mid_run_its_shards_finish_on_the_other_node(corpus, prepar
         ray.init(address=cluster.address, log_to_driver=False)
         score_local = tmp_path / "score-local"  # torch with one thread, as in the actors of these 1-CPU nodes
         subprocess.run([*RPT, "score-entropy", str(prepared), "--out", str(score_local), "--keep-all", "--max-context", "24",
-                        "--engine", "hf", "--device", "cpu", "--no-progress"], check=True, timeout=300,
+                        "--engine", "hf", "--device", "cpu", "--no-progress"], check=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         for stage, run, cfg, expected in (
             ("prepare", run_prepare, _prepare_cfg(corpus, tmp_path / "prep", executor="ray"), prepared),
@@ -167,7 +167,7 @@ def test_node_removed_mid_run_its_shards_finish_on_the_other_node(corpus, prepar
             hung = int(_wait_for(note))
             assert not (Path(cfg.out) / "done" / f"{'docs' if stage == 'prepare' else 'positions'}-{hung:05d}.json").exists()
             cluster.remove_node(doomed)
-            thread.join(timeout=300)
+            thread.join(timeout=600)
             assert not thread.is_alive() and result["value"].get("complete", True), f"{stage} did not finish"
             assert (Path(cfg.out) / "done" / f"{'docs' if stage == 'prepare' else 'positions'}-{hung:05d}.json").exists()
             _same_output(expected, Path(cfg.out), stage)
