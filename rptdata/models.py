@@ -207,15 +207,17 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return _hub_call(src, AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
 
 
-# tokenizer_config.json classes that transformers loads from tokenizer.json as it is (no rebuild)
-PLAIN_TOKENIZER_CLASSES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
+# the parts of a tokenizer that decide ids: what prepare's encode (no special tokens) depends on
+TOKENIZER_PARTS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "decoder")
 
 
 def load_plain_tokenizer(spec: str, trust_remote_code: bool = False):
     """The `tokenizers.Tokenizer` of a folder's tokenizer.json, loaded without importing
     transformers or torch (seconds saved per process), when that is exactly what `load_tokenizer`
-    would give: a local folder (or the converted embedded/GGUF model) whose tokenizer_config.json
-    names a plain class and adds no token of its own. Anything else: `load_tokenizer(spec)`."""
+    gives: the first load of a folder (per machine, per transformers version) loads both and
+    compares their added tokens, normalizer, pre-tokenizer, model and decoder (transformers may
+    add tokens or rebuild a tokenizer from its class), and records the answer in the rpt cache.
+    Anything else (no tokenizer.json, remote code, a difference): `load_tokenizer(spec)`."""
     src = resolve_model(spec)
     folder = None
     if src.kind == "dir":
@@ -223,30 +225,41 @@ def load_plain_tokenizer(spec: str, trust_remote_code: bool = False):
     elif src.kind in ("alias", "gguf"):
         root = _gguf_cache_dir(src)  # what `_gguf_tokenizer_dir` loads, once it has been converted
         folder = root / "model" if (root / "model" / "config.json").exists() else root / "tokenizer"
-    if folder is None or not (folder / "tokenizer.json").exists() or trust_remote_code or not _plain_tokenizer_folder(folder):
+    if folder is None or not (folder / "tokenizer.json").exists() or trust_remote_code:
         return load_tokenizer(spec, trust_remote_code=trust_remote_code)
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    stamp = cache_root() / "plain-tokenizers" / f"{_folder_key(folder)}.json"
+    if stamp.exists():
+        try:
+            same = json.loads(stamp.read_text())["same"]
+        except (OSError, ValueError, KeyError, TypeError):
+            same = None
+        if same is not None:
+            return plain if same else load_tokenizer(spec)
+    auto = load_tokenizer(spec)
+    same = _parts(auto.backend_tokenizer) == _parts(plain) and auto.get_vocab() == plain.get_vocab()
+    from rptdata.manifest import write_json_atomic
+
+    write_json_atomic(stamp, {"folder": str(folder), "same": same})
+    return plain if same else auto
 
 
-def _plain_tokenizer_folder(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-        added = {t["id"]: t["content"] for t in _loads((folder / "tokenizer.json").read_bytes()).get("added_tokens", [])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    extra = config.get("added_tokens_decoder") or {}
-    return (config.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES and "auto_map" not in config
-            and not config.get("add_prefix_space") and all(added.get(int(i)) == t.get("content") for i, t in extra.items()))
+def _parts(backend) -> dict:
+    full = json.loads(backend.to_str())
+    return {k: full.get(k) for k in TOKENIZER_PARTS}
 
 
-def _loads(raw: bytes):
-    try:
-        from orjson import loads
-    except ImportError:
-        loads = json.loads
-    return loads(raw)
+def _folder_key(folder: Path) -> str:
+    """A hash of the files a tokenizer load reads, and of the transformers version that reads them."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(version("transformers").encode())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        path = folder / name
+        h.update(name.encode() + (path.read_bytes() if path.exists() else b"-"))
+    return h.hexdigest()[:24]
 
 
 def resolve_dtype(dtype: str, device: str):

@@ -30,8 +30,8 @@ Resume: a rerun (of any worker) only processes its shards that have no completio
 it is refused with several workers or processes; a resumed dedupe run re-reads the texts of the
 finished shards into its set of seen documents.
 
-Speed: the tokenizer is `tokenizers` alone when that is what transformers would load
-(`models.load_plain_tokenizer`: no transformers or torch import), JSON lines go through orjson,
+Speed: the tokenizer is `tokenizers` alone when that is what transformers loads
+(`models.load_plain_tokenizer`: no transformers or torch import once a folder was checked), JSON lines go through orjson,
 and each batch is encoded on a second thread while the next records are read (not in a process
 meant to take one core: TOKENIZERS_PARALLELISM=false). `make bench-prepare` measures it.
 
