@@ -108,6 +108,14 @@ trust_remote_code_option = click.option(
 )
 
 
+executor_options = options(
+    click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="Run the shards here (local), or as tasks/actors on a Ray cluster with retries (ray; the `ray` extra)."),
+    click.option("--ray-address", default=None,
+                 help="With --executor ray: the cluster to join [default: RAY_ADDRESS, else a local cluster started for the run]."),
+)
+
+
 def model_runtime_options(engine_help: str):
     """--engine (auto/hf/vllm), --dtype and --device; `engine_help` says what the engine runs."""
     from rptdata.engine_choice import ENGINE_CHOICES

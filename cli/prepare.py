@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help, no_progress_option, overwrite_option, trust_remote_code_option
+from cli.common import executor_options, library_errors, model_help, no_progress_option, overwrite_option, trust_remote_code_option
 
 
 @click.command()
@@ -20,6 +20,7 @@ from cli.common import library_errors, model_help, no_progress_option, overwrite
 @click.option("--processes", default=1, show_default=True, type=int, help="Prepare with N local processes (one per core; the shards are split between them).")
 @click.option("--num-workers", type=int, default=None, help="Split the shards between N processes or machines [default: torchrun's WORLD_SIZE, else 1].")
 @click.option("--worker-index", type=int, default=None, help="This process's share, 0..N-1 [default: torchrun's RANK, else 0].")
+@executor_options
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records into OUT/rejects.jsonl (counted) instead of stopping at the first.")
 @click.option("--allow-empty", is_flag=True, help="Write the output even when the inputs yield no document (an error otherwise).")
 @overwrite_option
@@ -27,7 +28,8 @@ from cli.common import library_errors, model_help, no_progress_option, overwrite
 @no_progress_option
 @library_errors
 def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedupe, min_chars, shard_docs, batch_docs,
-            processes, num_workers, worker_index, skip_bad, allow_empty, overwrite, trust_remote_code, no_progress):
+            processes, num_workers, worker_index, executor, ray_address, skip_bad, allow_empty, overwrite, trust_remote_code,
+            no_progress):
     """Ingest a corpus: clean, tokenize with exact byte spans, write document shards.
 
     INPUTS are files (.jsonl, .jsonl.gz, .json, .parquet, .txt, .md), folders, globs, the
@@ -39,6 +41,7 @@ def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedup
       rpt prepare corpus/*.jsonl --template "{problem}\\n\\n{solution}" --out out/prep --dedupe
       rpt prepare corpus/*.jsonl --out out/prep --processes 8
       rpt prepare corpus/*.jsonl --out out/prep --num-workers 4 --worker-index 0   # and 1..3, anywhere
+      rpt prepare builtin:champ --out out/prep --executor ray   # every shard a task on a Ray cluster
     """
     from rptdata.prepare import PrepareConfig, run_prepare
 
@@ -46,7 +49,8 @@ def prepare(inputs, out, tokenizer, text_field, template, split, max_docs, dedup
         inputs=tuple(inputs), out=out, tokenizer=tokenizer, text_field=text_field, template=template,
         split=split, max_docs=max_docs, dedupe=dedupe, min_chars=min_chars, shard_docs=shard_docs, batch_docs=batch_docs,
         skip_bad=skip_bad, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not no_progress,
-        num_workers=num_workers, worker_index=worker_index, processes=processes, allow_empty=allow_empty,
+        num_workers=num_workers, worker_index=worker_index, processes=processes, executor=executor,
+        ray_address=ray_address, allow_empty=allow_empty,
     )
     m = run_prepare(config)
     c = m["counts"]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import library_errors, model_help, model_runtime_options, no_progress_option, overwrite_option, trust_remote_code_option
+from cli.common import executor_options, library_errors, model_help, model_runtime_options, no_progress_option, overwrite_option, trust_remote_code_option
 
 
 @click.command("score-entropy")
@@ -31,13 +31,14 @@ from cli.common import library_errors, model_help, model_runtime_options, no_pro
 @click.option("--save-topk", is_flag=True, help="Also store topk_ids and topk_logprobs for every kept position.")
 @click.option("--num-workers", type=int, default=None, help="Split the input shards between N processes [default: torchrun's WORLD_SIZE, else 1].")
 @click.option("--worker-index", type=int, default=None, help="This process's share, 0..N-1 [default: torchrun's RANK, else 0].")
+@executor_options
 @click.option("--merge", is_flag=True, help="Only write the manifest of a finished multi-worker run; the argument is then the scored directory.")
 @overwrite_option
 @trust_remote_code_option
 @no_progress_option
 @library_errors
 def score_entropy(prepared_dir, model, out, top_k, threshold, keep_all, max_context, min_context, overlap, batch_tokens,
-                  engine, dtype, device, entropy_mode, save_topk, num_workers, worker_index, merge, overwrite,
+                  engine, dtype, device, entropy_mode, save_topk, num_workers, worker_index, executor, ray_address, merge, overwrite,
                   trust_remote_code, no_progress):
     """Score every position of a prepared corpus with a proxy model's top-k entropy.
 
@@ -57,6 +58,7 @@ def score_entropy(prepared_dir, model, out, top_k, threshold, keep_all, max_cont
       rpt score-entropy out/prep --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --out out/scored
       rpt score-entropy out/prep --out out/scored --num-workers 2 --worker-index 0   # and 1, then:
       rpt score-entropy out/scored --merge
+      rpt score-entropy out/prep --out out/scored --executor ray   # one scorer per GPU (or CPU) of a Ray cluster
     """
     from rptdata.score import DEFAULT_THRESHOLD, ScoreConfig, merge_scored, run_score_entropy
 
@@ -73,7 +75,7 @@ def score_entropy(prepared_dir, model, out, top_k, threshold, keep_all, max_cont
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, keep_all=keep_all,
         max_context=max_context, min_context=min_context, overlap=overlap, batch_tokens=batch_tokens,
         engine=engine, dtype=dtype, device=device, entropy=entropy_mode, save_topk=save_topk,
-        num_workers=num_workers, worker_index=worker_index, overwrite=overwrite,
+        num_workers=num_workers, worker_index=worker_index, executor=executor, ray_address=ray_address, overwrite=overwrite,
         trust_remote_code=trust_remote_code, progress=not no_progress,
     )
     m = run_score_entropy(config)

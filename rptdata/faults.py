@@ -5,6 +5,8 @@ that call kills the process.
     RPT_FAULT=shard-tmp:3 rpt prepare ...         # SIGKILL itself the 3rd time a shard's temp file is written
     RPT_FAULT=shard-tmp:1:enospc rpt prepare ...  # raise OSError(ENOSPC) there instead (a full disk)
     RPT_FAULT_COUNT=hits.json rpt prepare ...     # count every point reached; written at exit
+    RPT_FAULT=unit:1:hang RPT_FAULT_NOTE=f ...     # hang (until killed) at the 1st unit, after writing its name to f
+    RPT_FAULT=unit:1:wait RPT_FAULT_NOTE=f ...     # wait at the 1st unit until f exists (another process hangs)
 
 Points: begin (the output directory is claimed, nothing written yet), shard-tmp (a shard's
 temporary file is complete, not yet renamed), marker (the shard is in place, its marker is not),
@@ -12,7 +14,8 @@ json-tmp (a JSON file's temporary copy is written: markers, manifests, reports),
 shard is done, the manifest is not written), export-batch (mid-way through an export file),
 train-step (a step is logged, its checkpoint is not written), checkpoint-weights,
 checkpoint-rename, checkpoint-prune (inside a checkpoint write), eval-chunk (a chunk of
-predictions is computed, not yet stored).
+predictions is computed, not yet stored), unit (a Ray task or actor starts a shard: a node that
+hangs there can be removed mid-run, tests/test_executors.py).
 
 When neither variable is set, `hit` is one global lookup and a return: nothing to measure.
 """
@@ -24,6 +27,7 @@ import errno
 import json
 import os
 import signal
+import time
 from collections import Counter
 
 ENV, COUNT_ENV = "RPT_FAULT", "RPT_FAULT_COUNT"
@@ -63,6 +67,18 @@ def hit(point: str, path: str | os.PathLike | None = None) -> None:
         return
     if action == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path) if path else None)
+    note = os.environ.get("RPT_FAULT_NOTE")
+    if action == "hang":
+        if note:
+            with open(note, "a") as f:
+                f.write(f"{path}\n")
+        while True:
+            time.sleep(1)
+    if action == "wait":
+        deadline = time.time() + 600
+        while note and not os.path.exists(note) and time.time() < deadline:
+            time.sleep(0.1)
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

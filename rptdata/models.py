@@ -207,6 +207,61 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return _hub_call(src, AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
 
 
+# the parts of a tokenizer that decide ids: what prepare's encode (no special tokens) depends on
+TOKENIZER_PARTS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "decoder")
+
+
+def load_plain_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The `tokenizers.Tokenizer` of a folder's tokenizer.json, loaded without importing
+    transformers or torch (seconds saved per process), when that is exactly what `load_tokenizer`
+    gives: the first load of a folder (per machine, per transformers version) loads both and
+    compares their added tokens, normalizer, pre-tokenizer, model and decoder (transformers may
+    add tokens or rebuild a tokenizer from its class), and records the answer in the rpt cache.
+    Anything else (no tokenizer.json, remote code, a difference): `load_tokenizer(spec)`."""
+    src = resolve_model(spec)
+    folder = None
+    if src.kind == "dir":
+        folder = Path(src.path)
+    elif src.kind in ("alias", "gguf"):
+        root = _gguf_cache_dir(src)  # what `_gguf_tokenizer_dir` loads, once it has been converted
+        folder = root / "model" if (root / "model" / "config.json").exists() else root / "tokenizer"
+    if folder is None or not (folder / "tokenizer.json").exists() or trust_remote_code:
+        return load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    stamp = cache_root() / "plain-tokenizers" / f"{_folder_key(folder)}.json"
+    if stamp.exists():
+        try:
+            same = json.loads(stamp.read_text())["same"]
+        except (OSError, ValueError, KeyError, TypeError):
+            same = None
+        if same is not None:
+            return plain if same else load_tokenizer(spec)
+    auto = load_tokenizer(spec)
+    same = _parts(auto.backend_tokenizer) == _parts(plain) and auto.get_vocab() == plain.get_vocab()
+    from rptdata.manifest import write_json_atomic
+
+    write_json_atomic(stamp, {"folder": str(folder), "same": same})
+    return plain if same else auto
+
+
+def _parts(backend) -> dict:
+    full = json.loads(backend.to_str())
+    return {k: full.get(k) for k in TOKENIZER_PARTS}
+
+
+def _folder_key(folder: Path) -> str:
+    """A hash of the files a tokenizer load reads, and of the transformers version that reads them."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(version("transformers").encode())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        path = folder / name
+        h.update(name.encode() + (path.read_bytes() if path.exists() else b"-"))
+    return h.hexdigest()[:24]
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
 
@@ -274,7 +329,7 @@ def load_model_config(spec: str, trust_remote_code: bool = False):
 
 def vocab_hash(tokenizer) -> str:
     """A hash of the token -> id map (added tokens included): equal hash, equal token ids."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])  # a transformers or a tokenizers tokenizer
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 

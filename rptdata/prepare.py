@@ -18,7 +18,8 @@ file through shards, and its name never depends on who made it. Each worker firs
 inputs (`sources.index_source`: counts records, a line scan of each `.jsonl`, and notes where
 each shard's first record lies), then takes shards i, i+n, ... (`worker_split`, the split
 score-entropy uses; `--num-workers/--worker-index` or torchrun's RANK/WORLD_SIZE) and seeks to
-them. `processes=N` runs N such workers here (spawned; worker w's share split again). A shard's
+them. `processes=N` runs N such workers here (forked; worker w's share split again);
+`executor="ray"` runs every shard as a task on a Ray cluster (`rptdata.executors`, docs/ray.md). A shard's
 completion marker holds its full accounting (read, written, rejected and dropped by reason, its
 rejects); the worker that finds every marker present writes rejects.jsonl and the manifest from
 them (last finisher; running any worker again once all are done writes it too), so
@@ -29,6 +30,11 @@ Resume: a rerun (of any worker) only processes its shards that have no completio
 it is refused with several workers or processes; a resumed dedupe run re-reads the texts of the
 finished shards into its set of seen documents.
 
+Speed: the tokenizer is `tokenizers` alone when that is what transformers loads
+(`models.load_plain_tokenizer`: no transformers or torch import once a folder was checked), JSON lines go through orjson,
+and each batch is encoded on a second thread while the next records are read (not in a process
+meant to take one core: TOKENIZERS_PARALLELISM=false). `make bench-prepare` measures it.
+
 Left out on purpose: fuzzy dedup, language or quality filters (use datatrove upstream), and
 dedupe across workers.
 """
@@ -36,41 +42,31 @@ dedupe across workers.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
 import resource
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
-import pyarrow as pa
-
+from rptdata.doc_table import DOCS_SCHEMA, docs_table
 from rptdata.errors import BadInput
+from rptdata.executors import Executor, run_units
 from rptdata.manifest import (
     STAGE_PREPARE, StageDir, atomic_file, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
 )
-from rptdata.models import DEFAULT_MODEL, load_tokenizer, model_name, vocab_hash
-from rptdata.sources import RawRecord, TextBuilder, expand_inputs, index_source, read_source
+from rptdata.models import DEFAULT_MODEL, load_plain_tokenizer, model_name, vocab_hash
+from rptdata.sources import RawRecord, TextBuilder, expand_inputs
+from rptdata.stream import RecordStream, plan_units
 from rptdata.spans import ByteSpanTokenizer
 
 log = logging.getLogger(__name__)
 
 DOCS_DIR = "docs"
-DOCS_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("text", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),
-        ("token_end_bytes", pa.list_(pa.int32())),
-        ("n_tokens", pa.int32()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -96,10 +92,15 @@ class PrepareConfig:
     worker_index: int | None = None  # None: torchrun's RANK, else 0
     processes: int = 1  # local processes, each a share of this worker's share
     allow_empty: bool = False  # an input that yields no document is an error unless this is set
+    executor: str = "local"  # local | ray (rptdata.executors)
+    ray_address: str | None = None
 
     def __post_init__(self):
         if self.processes < 1:
             raise ValueError("--processes must be at least 1")
+        Executor(self.executor, self.ray_address).refuse(
+            **{"--processes": self.processes if self.processes > 1 else None, "--num-workers": self.num_workers, "--worker-index": self.worker_index,
+               "--dedupe": self.dedupe})
         if self.dedupe:
             _refuse_dedupe_across(self.num_workers or 1, self.processes)
         if not self.inputs:
@@ -117,7 +118,7 @@ class PrepareConfig:
         """The options that decide the output (not where it goes or how it is shown)."""
         d = asdict(self)
         for k in ("out", "overwrite", "progress", "inputs", "batch_docs", "num_workers", "worker_index", "processes",
-                  "allow_empty"):
+                  "allow_empty", "executor", "ray_address"):
             d.pop(k)
         return d
 
@@ -135,11 +136,14 @@ class _Counts:
 def run_prepare(config: PrepareConfig) -> dict:
     """Prepare this worker's share of the corpus; returns the manifest once every shard is done
     (whichever worker finishes last writes it), else a progress summary with "complete": False.
-    With `processes > 1`, runs that many workers here (each a share of this worker's share)."""
+    With `processes > 1`, runs that many workers here (each a share of this worker's share); with
+    `executor="ray"`, every shard as a task on a Ray cluster (`rptdata.executors`)."""
+    executor = Executor(config.executor, config.ray_address)
     worker, workers = worker_from_env(config.num_workers, config.worker_index)
+    executor.refuse(**{"torchrun's WORLD_SIZE": workers if workers > 1 else None})
     if config.dedupe:
         _refuse_dedupe_across(workers, config.processes)  # again: torchrun's WORLD_SIZE counts too
-    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_plain_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
     sources = expand_inputs(list(config.inputs))
     TextBuilder(config.text_field, config.template)  # validates the template early
     tokenizer_info = {"name": model_name(config.tokenizer), "spec": config.tokenizer, "vocab_hash": vocab_hash(tokenizer)}
@@ -154,7 +158,7 @@ def run_prepare(config: PrepareConfig) -> dict:
     if config.processes > 1:
         total = _run_pool(config, worker, workers)
     else:
-        total = _run_worker(config, tokenizer, sources, stage, worker, workers)
+        total = _run_worker(config, tokenizer, sources, stage, worker, workers, executor)
     return (_finish_if_complete(stage, config, sources, tokenizer_info, total)
             or _progress_summary(stage, config, total, worker, workers))
 
@@ -201,86 +205,73 @@ def _pool_job(config: PrepareConfig) -> dict:
     }
 
 
-def plan_units(total_records: int, shard_docs: int) -> list[tuple[int, int]]:
-    """Shard i holds the documents kept from records [i*shard_docs, (i+1)*shard_docs) of the
-    input stream (all inputs in order), so its name never depends on which worker made it.
-
-    >>> plan_units(5, 2)
-    [(0, 2), (2, 4), (4, 5)]
-    """
-    return [(a, min(a + shard_docs, total_records)) for a in range(0, total_records, shard_docs)]
-
-
-class _Records:
-    """Records [a, b) of the input stream for one worker, reading forward from where the last
-    range ended when it can (one pass per source for a worker whose shards follow each other),
-    else starting the source at the record (`index_source` marks every shard's first record)."""
-
-    def __init__(self, sources, builder: TextBuilder, split: str, shard_docs: int, max_docs: int | None):
-        self.sources, self.builder, self.split = sources, builder, split
-        self.indexes, self.starts, total = [], [], 0
-        for src in sources:
-            index = index_source(src, split, mark_every=shard_docs, offset=total)
-            self.indexes.append(index)
-            self.starts.append(total)
-            total += index.records
-        self.total = total if max_docs is None else min(total, max_docs)
-        self._open: tuple[int, int, Iterator[RawRecord]] | None = None  # (source, next record, reader)
-
-    def read(self, a: int, b: int) -> Iterator[RawRecord]:
-        for i, (src, start) in enumerate(zip(self.sources, self.starts)):
-            lo, hi = max(a, start) - start, min(b, start + self.indexes[i].records) - start
-            if lo >= hi:
-                continue
-            if self._open is not None and self._open[:2] == (i, lo):
-                reader = self._open[2]
-            else:
-                reader = read_source(src, self.builder, self.split, start=lo, mark=self.indexes[i].marks.get(lo))
-            yield from itertools.islice(reader, hi - lo)
-            self._open = (i, hi, reader)
-
-
-def _run_worker(config: PrepareConfig, tokenizer, sources, stage: StageDir, worker: int, workers: int) -> int:
-    """Prepare this worker's shards; returns the number of records in the input stream."""
-    spans = ByteSpanTokenizer(tokenizer, name=config.tokenizer)
-    records = _Records(sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs,
+def _run_worker(config: PrepareConfig, tokenizer, sources, stage: StageDir, worker: int, workers: int,
+                executor: Executor) -> int:
+    """Prepare this worker's shards (every shard on Ray); returns the number of records in the input stream."""
+    records = RecordStream(sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs,
                        config.max_docs)
     units = plan_units(records.total, config.shard_docs)
     done = stage.done_shards(DOCS_DIR)
     todo = [u for u in worker_split(range(len(units)), worker, workers) if u not in done]
     if done:
         log.info("resuming: %d shard(s) already complete", len(done))
-    seen: set[bytes] = set()
-    if config.dedupe:  # one process: the finished shards are the first ones, and hold every kept text
-        for path in list_shards(Path(config.out) / DOCS_DIR):
-            for text in read_parquet(path, columns=["text"]).column("text").to_pylist():
-                seen.add(_content_key(text))
+    local = executor.kind == "local"
+    factory = partial(_UnitWorker, config, stage, records, units, tokenizer if local else None)
 
     from tqdm import tqdm
 
     started, tokens = time.time(), 0
     with tqdm(total=sum(units[u][1] - units[u][0] for u in todo), desc="prepare", unit=" docs",
               disable=not config.progress, dynamic_ncols=True) as bar:
-        for u in todo:
-            stats = _prepare_unit(stage, u, records.read(*units[u]), spans, config, seen)
-            if stats["read"] != units[u][1] - units[u][0]:  # the index and the reader disagree: a bug
-                raise AssertionError(f"shard {u}: read {stats['read']} records, expected {units[u][1] - units[u][0]}")
+        for _, stats in run_units(todo, factory, executor, bar=bar, weights={u: units[u][1] - units[u][0] for u in todo},
+                                  describe=lambda u: f"shard {DOCS_DIR}/{shard_name(u)} ({records.where(*units[u])})"):
             tokens += stats["tokens"]
-            bar.update(stats["read"])
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.time() - started, 1e-9):,.0f}")
     return records.total
+
+
+class _UnitWorker:
+    """Prepares shards one at a time (`run`), in this process or in a Ray worker; the tokenizer
+    is loaded once (or handed over when this process has it already)."""
+
+    def __init__(self, config: PrepareConfig, stage: StageDir, records: RecordStream, units: list, tokenizer=None):
+        self.config, self.stage, self.records, self.units = config, stage, records, units
+        tokenizer = tokenizer or load_plain_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+        self.spans = ByteSpanTokenizer(tokenizer, name=config.tokenizer)
+        self.seen: set[bytes] = set()
+        if config.dedupe:  # one process: the finished shards are the first ones, and hold every kept text
+            for path in list_shards(Path(config.out) / DOCS_DIR):
+                for text in read_parquet(path, columns=["text"]).column("text").to_pylist():
+                    self.seen.add(_content_key(text))
+
+    def run(self, u: int, advance) -> dict:
+        a, b = self.units[u]
+        stats = _prepare_unit(self.stage, u, self.records.read(a, b), self.spans, self.config, self.seen)
+        if stats["read"] != b - a:  # the index and the reader disagree: a bug
+            raise AssertionError(f"shard {u}: read {stats['read']} records, expected {b - a}")
+        advance(stats["read"])
+        return stats
 
 
 def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareConfig, seen: set) -> dict:
     """Filter, tokenize and write one shard with its marker (the marker alone when nothing is kept)."""
     t0 = time.time()
-    counts, rejects, docs = _Counts(), [], []
-    for rec in records:
-        counts.read += 1
-        text = _accept(rec, config, spans, counts, seen, rejects)
-        if text is not None:
-            docs.append((rec.doc_id, rec.source, text))
-    table, written = _tokenize_docs(docs, spans, config)
+    counts, rejects, docs, batches = _Counts(), [], [], []
+    # each full batch is encoded on a second thread (the tokenizer releases the GIL) while this one
+    # reads and decodes the next records; inline in a process meant to take one core
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        submit = pool.submit if _tokenizer_threads() else _run_now
+        for rec in records:
+            counts.read += 1
+            text = _accept(rec, config, spans, counts, seen, rejects)
+            if text is not None:
+                docs.append((rec.doc_id, rec.source, text))
+                if len(docs) % config.batch_docs == 0:
+                    batches.append(submit(spans.encode_batch, [d[2] for d in docs[-config.batch_docs:]]))
+        if len(docs) % config.batch_docs:
+            batches.append(submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs:]]))
+        batches = [b.result() for b in batches]
+    table, written = docs_table(docs, batches, spans, config)
     for doc_id, detail in written["untokenizable"]:
         counts.rejected["untokenizable"] += 1
         rejects.append({"doc_id": doc_id, "reason": "untokenizable", "detail": detail})
@@ -294,6 +285,18 @@ def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareCo
     else:
         write_json_atomic(stage.marker_path(DOCS_DIR, index), {"empty": True, "time": time.time(), **stats})
     return stats
+
+
+def _tokenizer_threads() -> bool:
+    """Whether the tokenizer may use its thread pool (TOKENIZERS_PARALLELISM, read as `tokenizers` reads
+    it): off in --processes workers and Ray tasks, which take one core each."""
+    return os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() not in ("", "off", "false", "f", "no", "n", "0")
+
+
+def _run_now(fn, *args) -> Future:
+    done = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int) -> dict | None:
@@ -395,44 +398,3 @@ def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) 
 
 def _content_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def _tokenize_docs(docs: list, spans: ByteSpanTokenizer, config) -> tuple[pa.Table | None, dict]:
-    """One shard's table and stats. Documents that cannot get exact spans are left out and
-    returned as `untokenizable` (an error without --skip-bad)."""
-    ids_parts, ends_parts, counts_parts, kept, untokenizable = [], [], [], [], []
-    for start in range(0, len(docs), config.batch_docs):
-        chunk = docs[start : start + config.batch_docs]
-        batch = spans.encode_batch([d[2] for d in chunk])
-        keep = np.ones(len(chunk), dtype=bool)
-        for j in batch.bad:
-            if not config.skip_bad:
-                raise BadInput(
-                    f"{chunk[j][0]}: cannot record exact byte spans: {spans.explain(chunk[j][2])} "
-                    "(pass --skip-bad to skip such documents)"
-                )
-            untokenizable.append((chunk[j][0], spans.explain(chunk[j][2])))
-            keep[j] = False
-        doc_counts = np.diff(batch.offsets)
-        tok_keep = np.repeat(keep, doc_counts)
-        ids_parts.append(batch.ids[tok_keep])
-        ends_parts.append(batch.ends[tok_keep])
-        counts_parts.append(doc_counts[keep])
-        kept += [d for d, k in zip(chunk, keep) if k]
-    docs = kept
-    if not docs:
-        return None, {"documents": 0, "tokens": 0, "untokenizable": untokenizable}
-    n_tokens = np.concatenate(counts_parts).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(n_tokens, dtype=np.int64)]).astype(np.int32))
-    table = pa.Table.from_arrays(
-        [
-            pa.array([d[0] for d in docs], pa.string()),
-            pa.array([d[1] for d in docs], pa.string()),
-            pa.array([d[2] for d in docs], pa.string()),
-            pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(ids_parts), pa.int32())),
-            pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(ends_parts), pa.int32())),
-            pa.array(n_tokens, pa.int32()),
-        ],
-        schema=DOCS_SCHEMA,
-    )
-    return table, {"documents": len(docs), "tokens": int(n_tokens.sum()), "untokenizable": untokenizable}

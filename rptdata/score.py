@@ -40,7 +40,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ import pyarrow as pa
 
 from rptdata.engine_choice import ENGINE_CHOICES, choose_engine
 from rptdata.errors import ManifestMismatch, ModelResolutionError, RptError
+from rptdata.executors import Executor, connect, run_units
 from rptdata.manifest import (
     MANIFEST,
     RUN_FILE,
@@ -109,8 +111,12 @@ class ScoreConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    executor: str = "local"  # local | ray (rptdata.executors)
+    ray_address: str | None = None
 
     def __post_init__(self):
+        Executor(self.executor, self.ray_address).refuse(
+            **{"--num-workers": self.num_workers, "--worker-index": self.worker_index})
         if self.top_k < 1:
             raise ValueError("--top-k must be at least 1")
         if self.threshold < 0:
@@ -151,6 +157,13 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     built from the config, and only when there is work left.
     """
     started = time.time()
+    executor = Executor(config.executor, config.ray_address)
+    if executor.kind == "ray":
+        if scorer is not None:
+            raise ValueError("a scorer passed in runs in this process; --executor ray loads one per actor")
+        world = worker_from_env(None, None)[1]
+        executor.refuse(**{"torchrun's WORLD_SIZE": world if world > 1 else None})
+        config = _on_cluster(config, executor)
     prep_dir = Path(config.prepared).resolve()
     prep = read_manifest(prep_dir, STAGE_PREPARE)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -171,7 +184,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
         "tokenizer": prep["tokenizer"],
         "options": {
             "engine": engine_name,
-            "dtype": scorer.dtype if scorer is not None else _resolved_dtype(config, engine_name),
+            "dtype": scorer.dtype if scorer is not None else _resolved_dtype(config, engine_name, executor.kind == "ray"),
             "top_k": config.top_k,
             "entropy": config.entropy,
             "threshold": None if config.keep_all else config.threshold,
@@ -200,15 +213,12 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     for i in todo:  # a damaged prepared shard stops the run before any work, naming it
         check_shard(prep_dir, inputs[i], prep)
     if todo:
-        if scorer is None:
-            scorer = load_scorer(
-                engine_name, config.model, dtype=config.dtype, device=config.device, top_k=config.top_k,
-                entropy=config.entropy, batch_tokens=config.batch_tokens, max_context=max_context,
-                trust_remote_code=config.trust_remote_code,
-            )
-        if scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy:
+        if scorer is None and executor.kind == "local":
+            scorer = _ShardScorer.load(config, engine_name, max_context)
+        if scorer is not None and (scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy):
             raise ValueError("the scorer passed in was built with another top_k or entropy mode than the config")
-        _score_shards(stage, prep_dir, inputs, todo, scorer, identity["options"], config)
+        factory = partial(_ShardScorer, config, engine_name, max_context, stage, prep_dir, inputs, identity["options"], scorer)
+        _score_shards(prep_dir, inputs, todo, factory, identity["options"], config, executor)
 
     runtime = {"batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
                "device": getattr(scorer, "device", config.device),
@@ -216,17 +226,46 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     return _finish_if_complete(stage, identity, runtime) or _progress_summary(stage, identity, worker, workers)
 
 
-def _score_shards(stage: StageDir, prep_dir: Path, inputs: dict, todo: list, scorer, options: dict, config) -> None:
+def _score_shards(prep_dir: Path, inputs: dict, todo: list, factory, options: dict, config, executor) -> None:
     from tqdm import tqdm
 
-    total = 0
+    weights = {}
     for i in todo:
         n = read_parquet(prep_dir / inputs[i], columns=["n_tokens"]).column("n_tokens").to_numpy()
-        total += int(np.maximum(n - options["min_context"], 0).sum())
-    with tqdm(total=total, desc="score-entropy", unit=" tok", unit_scale=True, disable=not config.progress,
+        weights[i] = int(np.maximum(n - options["min_context"], 0).sum())
+    with tqdm(total=sum(weights.values()), desc="score-entropy", unit=" tok", unit_scale=True, disable=not config.progress,
               dynamic_ncols=True) as bar:
-        for i in todo:
-            _score_shard(stage, prep_dir / inputs[i], i, scorer, options, bar.update)
+        for _ in run_units(todo, factory, executor, bar=bar, weights=weights, actors=True,
+                           describe=lambda i: f"shard {POSITIONS_DIR}/part-{i:05d}.parquet (input {prep_dir / inputs[i]})"):
+            pass
+
+
+class _ShardScorer:
+    """Scores shards one at a time (`run`) with one scorer: in this process, or in a Ray actor."""
+
+    def __init__(self, config: ScoreConfig, engine_name: str, max_context: int, stage: StageDir, prep_dir: Path,
+                 inputs: dict, options: dict, scorer=None):
+        self.stage, self.prep_dir, self.inputs, self.options = stage, prep_dir, inputs, options
+        self.scorer = scorer or self.load(config, engine_name, max_context)
+
+    @staticmethod
+    def load(config: ScoreConfig, engine_name: str, max_context: int) -> Scorer:
+        return load_scorer(
+            engine_name, config.model, dtype=config.dtype, device=config.device, top_k=config.top_k,
+            entropy=config.entropy, batch_tokens=config.batch_tokens, max_context=max_context,
+            trust_remote_code=config.trust_remote_code,
+        )
+
+    def run(self, i: int, advance) -> dict:
+        return _score_shard(self.stage, self.prep_dir / self.inputs[i], i, self.scorer, self.options, advance)
+
+
+def _on_cluster(config: ScoreConfig, executor) -> ScoreConfig:
+    """--device auto means the cluster's devices (GPUs when it has any), not the driver's."""
+    if config.device != "auto":
+        return config
+    gpus = connect(executor.address).cluster_resources().get("GPU", 0)
+    return replace(config, device="cuda" if gpus else "cpu")
 
 
 def _score_shard(stage: StageDir, path: Path, index: int, scorer, options: dict, progress) -> dict:
@@ -286,11 +325,13 @@ def check_tokenizer(prep: dict, proxy: dict, prep_dir: Path | str = "") -> None:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _resolved_dtype(config: ScoreConfig, engine_name: str) -> str:
-    if engine_name == "vllm":
+def _resolved_dtype(config: ScoreConfig, engine_name: str, on_cluster: bool = False) -> str:
+    if on_cluster:  # the device is the cluster's (`_on_cluster`), which this machine may lack
+        device = config.device
+    elif engine_name == "vllm":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = resolve_device(config.device)
     return str(resolve_dtype(config.dtype, device)).removeprefix("torch.")

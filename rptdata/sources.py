@@ -137,6 +137,11 @@ class TextBuilder:
             if any(not f.isidentifier() for f in self.fields):
                 raise ValueError(f"--template {template!r}: fields must be plain names like {{problem}}")
 
+    @property
+    def names(self) -> list[str]:
+        """The record fields the text is built from."""
+        return self.fields if self.template is not None else [self.text_field]
+
     def for_source(self, source: InputSource) -> "TextBuilder":
         if source.kind == "builtin" and self.template is None and self.text_field == "text":
             return TextBuilder(template=BUILTINS[source.path])
@@ -146,9 +151,8 @@ class TextBuilder:
         """(text, reject_reason, detail)."""
         if not isinstance(record, dict):
             return None, "not_an_object", f"expected a JSON object, got {type(record).__name__}"
-        names = self.fields if self.template is not None else [self.text_field]
         values = {}
-        for name in names:
+        for name in self.names:
             value = record.get(name)
             if value is None:
                 fields = ", ".join(sorted(map(str, record))[:12])
@@ -270,6 +274,13 @@ def _read_jsonl(path: str, builder: TextBuilder, byte_offset: int = 0, first_lin
         for lineno, raw in enumerate(f, first_line):
             if not raw.strip():
                 continue  # a blank line (ASCII whitespace only) is not a record
+            try:  # orjson parses valid lines ~3x faster; whatever it refuses takes the json path below,
+                obj = _fast_loads(raw)  # so rejects read as they always did
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and not any(isinstance(obj.get(k), float) for k in builder.names):
+                yield _record(path, lineno, obj, builder)  # (a float may be an integer over 64 bits: json's)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -281,6 +292,18 @@ def _read_jsonl(path: str, builder: TextBuilder, byte_offset: int = 0, first_lin
                 yield RawRecord(path, lineno, reject="malformed_json", detail=f"{e.msg} at column {e.colno}")
                 continue
             yield _record(path, lineno, obj, builder)
+
+
+def _fast_loads(raw: bytes):
+    """orjson.loads (JSONDecodeError, a ValueError, for anything it refuses: invalid UTF-8, lone
+    surrogates, NaN, integers over 64 bits); json.loads when orjson is not installed."""
+    global _fast_loads
+    try:
+        from orjson import loads
+    except ImportError:
+        loads = json.loads
+    _fast_loads = loads
+    return loads(raw)
 
 
 def _read_json(path: str, builder: TextBuilder) -> Iterator[RawRecord]:

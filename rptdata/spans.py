@@ -43,6 +43,15 @@ def _is_byte_level(backend) -> bool:
     return "ByteLevel" in text
 
 
+@lru_cache(maxsize=1)
+def _byte_translation() -> dict[int, int | None]:
+    """str.translate table: stand-in character -> the character whose code is its byte; the other
+    characters below 256 -> deleted (so a token holding one comes out shorter: not byte-level)."""
+    table: dict[int, int | None] = {c: None for c in range(256)}
+    table.update({ord(ch): b for ch, b in _byte_decoder().items()})
+    return table
+
+
 @dataclass
 class TokenizedBatch:
     """ids and byte ends of a batch, flat (like Arrow list arrays): doc j is [offsets[j], offsets[j+1])."""
@@ -54,10 +63,12 @@ class TokenizedBatch:
 
 
 class ByteSpanTokenizer:
-    """Wraps a Hugging Face fast tokenizer; encodes batches with exact byte ends."""
+    """Wraps a Hugging Face fast tokenizer (or its `tokenizers.Tokenizer`); encodes batches with exact byte ends."""
 
     def __init__(self, tokenizer, name: str = "tokenizer"):
-        backend = getattr(tokenizer, "backend_tokenizer", None)
+        from tokenizers import Tokenizer
+
+        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise TokenizerNotSupported(f"{name}: a fast (Rust-backed) tokenizer is required")
         if not _is_byte_level(backend):
@@ -71,17 +82,21 @@ class ByteSpanTokenizer:
         self._build_table(backend)
 
     def _build_table(self, backend) -> None:
-        decoder = _byte_decoder()
         vocab = backend.get_vocab(with_added_tokens=True)
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         size = max(vocab.values()) + 1
         pieces: list[bytes] = [b""] * size
+        table = _byte_translation()
         for token, idx in vocab.items():
             if token in added:
                 pieces[idx] = token.encode("utf-8")  # added tokens match their literal text
-            elif all(ch in decoder for ch in token):
-                pieces[idx] = bytes(decoder[ch] for ch in token)
-            else:
+                continue
+            raw = token.translate(table)  # stand-ins -> chars 0..255; any other char is dropped or stays > 255
+            try:
+                pieces[idx] = raw.encode("latin-1")
+            except UnicodeEncodeError:
+                raw = ""
+            if len(raw) != len(token):
                 raise TokenizerNotSupported(
                     f"{self.name}: token {idx} ({token!r}) is not in byte-level form; cannot map ids to bytes"
                 )
@@ -117,8 +132,9 @@ class ByteSpanTokenizer:
         """Indices of documents whose token bytes, end to end, differ from their UTF-8 bytes."""
         encoded = [t.encode("utf-8") for t in texts]
         want = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(texts))
-        got = np.add.reduceat(lens, np.cumsum(counts) - counts) if len(lens) else np.zeros(len(texts), np.int64)
-        got = np.where(counts > 0, got, 0)  # reduceat repeats a value for empty documents
+        cum = np.concatenate([[0], np.cumsum(lens)])
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        got = cum[offsets[1:]] - cum[offsets[:-1]]  # bytes of each document's tokens (0 for none)
         same_len = got == want
         bad = set(np.nonzero(~same_len)[0].tolist())
         tok_mask = np.repeat(same_len, counts)

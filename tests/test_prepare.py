@@ -301,3 +301,19 @@ def test_prepare_omnimath(tmp_path):
     assert m["counts"]["documents_written"] == 2821
     assert m["counts"]["tokens"] == 1_231_196  # ENVIRONMENT.md's count for the same tokenizer and template
     check_spans(read_docs(tmp_path / "o")[:200])
+
+
+def test_jsonl_reader_reads_every_line_as_json_would(tmp_path):
+    """The fast JSON path (orjson) yields what json.loads gives, and leaves what it refuses to json:
+    integers over 64 bits, NaN, lone surrogates, a BOM, invalid UTF-8 come out as they always did."""
+    from rptdata.sources import TextBuilder, expand_inputs, read_source
+
+    lines = [b'{"text": "plain"}', b'{"text": 123456789012345678901234567890}', b'{"text": NaN}', b'{"text": 1.5e300}',
+             b'{"text": "lone \\ud800"}', b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "\xff"}', b'{"text": "a", "text": "b"}',
+             b'[1, 2]', b'{"text": "\\u00e9t\\u00e9 \xf0\x9f\x8e\x89"}', b'{"other": 1}', b'{"text": -0.0}']
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    got = [(r.text, r.reject) for r in read_source(expand_inputs([str(path)])[0], TextBuilder())]
+    assert got == [("plain", None), ("123456789012345678901234567890", None), ("nan", None), ("1.5e+300", None),
+                   ("lone \ud800", None), (None, "malformed_json"), (None, "invalid_utf8"), ("b", None),
+                   (None, "not_an_object"), ("été 🎉", None), (None, "missing_field"), ("-0.0", None)]

@@ -115,3 +115,46 @@ def test_byte_spans_on_real_corpus(all_tokenizers):
         batch = spans.encode_batch([spans.normalize(t) for t in texts])
         assert batch.bad == []
         assert batch.offsets[-1] > 50_000
+
+
+@pytest.fixture(scope="module")
+def plain_and_auto(smollm2_tokenizer, request):
+    """(tokenizer.json loaded by `tokenizers` alone, the AutoTokenizer) pairs: what prepare loads, what the other stages load."""
+    from rptdata.models import load_plain_tokenizer
+
+    pairs = {"smollm2": ("smollm2-135m", smollm2_tokenizer)}
+    try:
+        pairs["r1-distill-qwen"] = (str(request.getfixturevalue("qwen_tokenizer").name_or_path), request.getfixturevalue("qwen_tokenizer"))
+    except pytest.skip.Exception:
+        pass
+    out = {}
+    for name, (spec, auto) in pairs.items():
+        plain = load_plain_tokenizer(spec)
+        assert type(plain).__module__.startswith("tokenizers"), f"{name}: prepare should not need transformers"
+        out[name] = (ByteSpanTokenizer(plain, name), ByteSpanTokenizer(auto, name))
+    return out
+
+
+def _same_encoding(plain, auto, docs):
+    from rptdata.models import vocab_hash
+
+    assert vocab_hash(plain.backend) == vocab_hash(auto.backend)
+    assert [plain.normalize(d) for d in docs] == [auto.normalize(d) for d in docs]
+    a, b = plain.encode_batch([plain.normalize(d) for d in docs]), auto.encode_batch([auto.normalize(d) for d in docs])
+    assert a.ids.tolist() == b.ids.tolist() and a.ends.tolist() == b.ends.tolist()
+    assert a.offsets.tolist() == b.offsets.tolist() and a.bad == b.bad
+
+
+def test_plain_tokenizer_equals_autotokenizer_on_hostile_unicode_and_nfc(plain_and_auto):
+    docs = PIECES + ["".join(PIECES), "e\u0301cole", "Cafe\u0301 \u212b \u2126", "\x00\x16", " leading", "trailing  ", ""]
+    for plain, auto in plain_and_auto.values():
+        _same_encoding(plain, auto, docs)
+    if "r1-distill-qwen" in plain_and_auto:  # the NFC normalizer came along
+        assert plain_and_auto["r1-distill-qwen"][0].normalize("e\u0301cole") == "\u00e9cole"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(docs=st.lists(texts, min_size=1, max_size=5))
+def test_plain_tokenizer_equals_autotokenizer_property(plain_and_auto, docs):
+    for plain, auto in plain_and_auto.values():
+        _same_encoding(plain, auto, docs)
