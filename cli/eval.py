@@ -88,5 +88,5 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
         click.echo(scaling)
     if out:
         files = report["files"]
-        extra = f", {files['plot']}" if files.get("plot") else ""
+        extra = "".join(f", {files[k]}" for k in ("plot", "lm_eval_plot") if files.get(k))
         click.echo(f"\nwrote {files['report_md']}, {files['report_json']}, {files['predictions']}{extra} ({report['seconds']:.1f} s)")

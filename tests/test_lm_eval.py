@@ -61,10 +61,11 @@ def test_harness_table_shows_value_and_stderr():
     assert split_metric("acc_norm_stderr,none") == ("acc_norm", "none", True)
     report = {"rows": [{"model": "m", "mode": "ntp", "bands": {"all": {"accuracy": 0.25}}}],
               "lm_eval": {"settings": {}, "subjects": [{"model": "m", "run": None, "step": None, "compute": None, "lm_eval": {
-                  "t": {"name": "t", "acc,none": 0.5, "acc_stderr,none": 0.25, "bits_per_byte,none": 1.5,
+                  "t": {"name": "t", "sample_len": 4, "acc,none": 0.5, "acc_stderr,none": 0.25, "bits_per_byte,none": 1.5,
                         "bits_per_byte_stderr,none": None}}}]}}
     assert format_harness(report).splitlines()[2:] == [
-        "| model | acc | bits_per_byte | next-token accuracy (all) |", "|---|---|---|---|", "| m | 0.5 ± 0.25 | 1.5 | 25.00 |"]
+        "| model | documents | acc | bits_per_byte | next-token accuracy (all) |", "|---|---|---|---|---|",
+        "| m | 4 | 0.5 ± 0.25 | 1.5 | 25.00 |"]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_rpt_eval_reports_the_harness_numbers_of_a_direct_lm_eval_run(tiny_corpu
                 assert got[task][key] == (None if value == "N/A" else value), (task, key)
     assert got["rpt_heldout_bpb"]["bits_per_byte,none"] > 0 and got["tiny_mc"]["sample_len"] == 3
     md = (out / "report.md").read_text()
-    assert "### rpt_heldout_bpb" in md and f"{got['rpt_heldout_bpb']['bits_per_byte,none']:.4g}" in md
+    assert "### rpt_heldout_bpb" in md and f"{got['rpt_heldout_bpb']['bits_per_byte,none']:.5g}" in md
     # a resumed evaluation reuses the finished subject's harness results instead of running it again
     result_file = next((out / "lm_eval" / "results").glob("*.json"))
     stamp = result_file.stat().st_mtime_ns
@@ -133,3 +134,22 @@ def test_rpt_eval_reports_the_harness_numbers_of_a_direct_lm_eval_run(tiny_corpu
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert result_file.stat().st_mtime_ns == stamp and "Running loglikelihood" not in proc.stderr
     assert json.loads((out / "report.json").read_text())["lm_eval"]["subjects"][0]["lm_eval"] == got
+
+
+def test_checkpoint_tables_and_plot_against_compute(tmp_path):
+    from rpttrain.eval.harness_report import plot_harness
+
+    def subject(model, run, step, compute, bpb):
+        return {"model": model, "run": run, "step": step, "compute": compute,
+                "lm_eval": {"rpt_heldout_bpb": {"name": "rpt_heldout_bpb", "sample_len": 4, "bits_per_byte,none": bpb,
+                                                "bits_per_byte_stderr,none": None}}}
+
+    subjects = [subject("rpt@0", "rpt", 0, 0.0, 1.18), subject("rpt@1", "rpt", 1, 1e10, 1.17), subject("ntp@0", "ntp", 0, 0.0, 1.18),
+                subject("ntp@1", "ntp", 1, 2e10, 1.16)]
+    report = {"rows": [], "lm_eval": {"settings": {}, "subjects": subjects}}
+    lines = format_harness(report).splitlines()
+    assert lines[2] == "| model | step | compute (FLOPs) | documents | bits_per_byte |"
+    assert lines[5] == "| rpt@1 | 1 | 1e+10 | 4 | 1.17 |"
+    assert plot_harness(report, tmp_path / "lm_eval.png") and (tmp_path / "lm_eval.png").stat().st_size > 1000
+    # models without checkpoints: nothing against compute
+    assert not plot_harness({"lm_eval": {"subjects": [subject("m", None, None, None, 1.2)]}}, tmp_path / "none.png")

@@ -33,7 +33,8 @@ How each TrainConfig option maps (`verl_overrides`); anything else is refused wh
     gradient_checkpointing, trust_remote_code -> actor_rollout_ref.model.*; seed -> data.seed,
               rollout.seed, actor.data_loader_seed; vllm_gpu_memory_utilization -> rollout
     save_every, keep_checkpoints -> trainer.save_freq, trainer.max_actor_ckpt_to_keep
-    report_to -> trainer.logger: console and file always, plus tensorboard / wandb
+    report_to -> trainer.logger: console and file always, plus tensorboard (TENSORBOARD_DIR=RUN/verl/tb)
+              / wandb
     dtype (compute) -> actor fsdp_config.dtype and rollout.dtype; master_dtype -> fsdp_config.model_dtype
     engine must be auto or vllm, device auto or cuda (verl trains on GPUs with vLLM/SGLang rollouts)
 
@@ -211,6 +212,8 @@ def launch_script(phase_overrides: list[list[str]], metrics_files: list[Path]) -
              "# written by `rpt train --backend verl`; PYTHON selects verl's environment (rpt installed in it)",
              "# several nodes: start a Ray cluster first (ray start --head / --address) and run this on the head node",
              "set -euo pipefail", 'PYTHON="${PYTHON:-python3}"']
+    if metrics_files:  # where verl's tensorboard logger (--report-to tensorboard) writes
+        lines.append(f"export TENSORBOARD_DIR={shlex.quote(str(Path(metrics_files[0]).parent / 'tb'))}")
     for i, (overrides, metrics) in enumerate(zip(phase_overrides, metrics_files), 1):
         if len(phase_overrides) > 1:
             lines.append(f"# phase {i} of {len(phase_overrides)}" + (

@@ -190,7 +190,8 @@ def harness_scores(settings: HarnessSettings, out: Path, subjects: list, dtype: 
     scores: dict[str, dict] = {}
     by_path: dict[str, dict] = {}
     for subject in subjects:
-        path = str(Path(local_model_dir(subject.spec)).resolve())
+        path = local_model_dir(subject.spec)  # a folder, or a hub id transformers resolves
+        path = str(Path(path).resolve()) if Path(path).exists() else path
         if path in by_path:  # the same weights as an earlier subject (e.g. the shared base model)
             scores[subject.label] = by_path[path]
             continue

@@ -21,6 +21,9 @@ def harness_report(settings, subjects: list, scores: dict[str, dict]) -> dict:
     }
 
 
+COUNTS = ("sample_len",)  # the harness's count of documents, not a metric
+
+
 def split_metric(key: str) -> tuple[str, str | None, bool]:
     """The harness's key -> (metric, filter, is_stderr).
 
@@ -37,7 +40,7 @@ def metric_keys(report: dict, task: str) -> list[str]:
     keys: list[str] = []
     for s in report["lm_eval"]["subjects"]:
         for k, v in (s["lm_eval"].get(task) or {}).items():
-            if not split_metric(k)[2] and isinstance(v, (int, float)) and k not in keys:
+            if not split_metric(k)[2] and k not in COUNTS and isinstance(v, (int, float)) and k not in keys:
                 keys.append(k)
     return keys
 
@@ -48,7 +51,7 @@ def _stderr_key(key: str) -> str:
 
 
 def _value(v) -> str:
-    return "—" if v is None else f"{v:.4g}"
+    return "—" if v is None else f"{v:.5g}"
 
 
 def format_harness(report: dict) -> str:
@@ -62,7 +65,8 @@ def format_harness(report: dict) -> str:
     parts = []
     for task in tasks:
         keys = metric_keys(report, task)
-        head = ["model"] + (["step", "compute (FLOPs)"] if with_ckpt else []) + [k.replace(",none", "") for k in keys]
+        head = ["model"] + (["step", "compute (FLOPs)"] if with_ckpt else []) + ["documents"]
+        head += [k.replace(",none", "") for k in keys]
         head += ["next-token accuracy (all)"] if ntp else []
         lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in h["subjects"]:
@@ -71,6 +75,7 @@ def format_harness(report: dict) -> str:
             if with_ckpt:
                 cells += ["—" if s["step"] is None else str(s["step"]),
                           "—" if s["compute"] is None else ("0" if s["compute"] == 0 else f"{s['compute']:.3g}")]
+            cells.append(str(m.get("sample_len", "—")))
             for k in keys:
                 err = m.get(_stderr_key(k))
                 cells.append(_value(m.get(k)) + (f" ± {err:.2g}" if isinstance(err, (int, float)) else ""))
@@ -87,6 +92,7 @@ def plot_harness(report: dict, path) -> bool:
     checkpoint with compute > 0 (nothing to plot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     subjects = [s for s in report["lm_eval"]["subjects"] if s["run"] is not None]
     if not any(s["compute"] for s in subjects):
@@ -105,10 +111,20 @@ def plot_harness(report: dict, path) -> bool:
             pts = sorted((c, v) for c, v in mine if c and v is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{j % 10}", linewidth=1, label=run)
-            base = [v for c, v in mine if c == 0 and v is not None]
-            if base:
-                ax.axhline(base[0], color=f"C{j % 10}", linestyle=":", linewidth=1, label=f"step 0 ({run})")
-        ax.set_xscale("log")
+        base: dict[float, list[str]] = {}  # the base model, once per value (runs usually share it)
+        for s in subjects:
+            v = (s["lm_eval"].get(task) or {}).get(key)
+            if s["compute"] == 0 and v is not None and s["run"] not in base.setdefault(v, []):
+                base[v].append(s["run"])
+        for v, names in base.items():
+            color = f"C{runs.index(names[0]) % 10}" if len(names) == 1 else "0.4"
+            ax.axhline(v, color=color, linestyle=":", linewidth=1, label=f"step 0 ({', '.join(names)})")
+        xs = [s["compute"] for s in subjects if s["compute"]]
+        if max(xs) >= 10 * min(xs):  # log only over a decade or more (else its ticks are unlabelled)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.set_xlabel("training compute (FLOPs)")
         ax.set_title(f"{task}: {key.replace(',none', '')}", fontsize=9)
         ax.legend(fontsize=7)
