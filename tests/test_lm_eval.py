@@ -57,6 +57,15 @@ def test_options_are_checked(tmp_path):
         EvalConfig(tasks_dir="t", models=("m",), lm_eval_include=str(tmp_path))
 
 
+def test_unknown_task_names_are_refused_before_any_model_loads(tiny_corpus):
+    from rptdata.errors import RptError
+    from rpttrain.eval.harness import HarnessSettings, check_tasks
+
+    check_tasks(HarnessSettings(("rpt_heldout_bpb", "tiny_mc"), str(tiny_corpus / "include")))
+    with pytest.raises(RptError, match=r"nosuchtask not known to lm-eval or in .*include; local task YAMLs go in"):
+        check_tasks(HarnessSettings(("tiny_mc", "nosuchtask"), str(tiny_corpus / "include")))
+
+
 def test_harness_table_shows_value_and_stderr():
     assert split_metric("acc_norm_stderr,none") == ("acc_norm", "none", True)
     report = {"rows": [{"model": "m", "mode": "ntp", "bands": {"all": {"accuracy": 0.25}}}],

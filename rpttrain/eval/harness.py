@@ -104,6 +104,21 @@ def require_lm_eval():
     return lm_eval
 
 
+def check_tasks(settings: HarnessSettings) -> None:
+    """Refuse task names lm-eval does not know (its own, --lm-eval-include's, the built-in one)
+    before any model loads."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=[str(Path(settings.include).resolve())] if settings.include else None)
+    known = set(manager.all_tasks)
+    unknown = [t for t in settings.tasks if t != BUILTIN_BPB and t not in known]
+    if unknown:
+        raise RptError(f"--lm-eval-tasks: {', '.join(unknown)} not known to lm-eval"
+                       + (f" or in {settings.include}" if settings.include else "")
+                       + f"; local task YAMLs go in --lm-eval-include DIR; built in: {BUILTIN_BPB}")
+
+
 def write_builtin_task(tasks_dir: Path, manifest: dict, folder: Path) -> Path:
     """REPORT_DIR/lm_eval/tasks/: the built-in held-out bits-per-byte task, streamed from the
     prepared corpus's documents of the eval split. Returns the folder (an include path)."""

@@ -20,7 +20,7 @@ from rptdata import faults
 from rptdata.manifest import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic
 from rptdata.models import resolve_device
 from rpttrain.eval.config import EvalConfig
-from rpttrain.eval.harness import harness_scores, require_lm_eval
+from rpttrain.eval.harness import check_tasks, harness_scores
 from rpttrain.eval.harness_report import harness_report, plot_harness
 from rpttrain.eval.markdown import format_report_md
 from rpttrain.eval.passes import Context, band_entropies, evaluate_subject
@@ -49,7 +49,7 @@ def run_eval(config: EvalConfig) -> dict:
     overlap_report = check_runs(config, runs, tasks_dir, manifest, tasks, warnings)
     subjects = resolve_subjects(config, runs)
     if config.lm_eval_tasks:
-        require_lm_eval()  # before any model loads
+        check_tasks(config.harness)  # lm-eval installed and the task names known, before any model loads
 
     tmp = None
     if config.out is None:
