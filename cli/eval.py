@@ -28,13 +28,19 @@ from cli.common import library_errors, model_help, model_runtime_options, no_pro
 @click.option("--flush-every", default=128, show_default=True, help="Tasks per predictions part file (the most a crash can lose).")
 @click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule (prefix: the paper's Eq. 3).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--lm-eval-tasks", default=None, help="lm-evaluation-harness tasks (T1,T2) run on every evaluated model and checkpoint; rpt_heldout_bpb: bits per byte of the tasks' held-out documents (no download). Needs pip install 'rpt[lm-eval]'.")
+@click.option("--lm-eval-include", default=None, type=click.Path(exists=True, file_okay=False), help="Folder of local lm-eval task YAMLs (offline).")
+@click.option("--lm-eval-limit", default=None, type=int, help="lm-eval: the first N documents of each task.")
+@click.option("--lm-eval-fewshot", default=None, type=int, help="lm-eval: few-shot examples (default: each task's own).")
+@click.option("--lm-eval-batch-size", default=16, show_default=True, help="lm-eval: batch size.")
 @model_runtime_options("Rollout engine of the reasoning mode: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
 @trust_remote_code_option
 @no_progress_option
 @library_errors
 def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, max_new_tokens, max_prompt_tokens, prompt_template, bands,
              band_model, out, engine, limit, split, allow_overlap, resume, overwrite, batch_size, flush_every, reward, seed,
-             dtype, device, trust_remote_code, no_progress):
+             lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_batch_size, dtype, device,
+             trust_remote_code, no_progress):
     """Next-token accuracy per entropy band (the paper's Table 1), with scaling fits over checkpoints.
 
     Prints a Markdown table (rows: model x mode, or run x checkpoint x mode; columns: the nested
@@ -44,8 +50,10 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
     Example:
       rpt eval out/tasks --model smollm2-135m --out out/eval
       rpt eval out/tasks --checkpoints out/run --mode both --samples 8 --temperature 0.8 --out out/eval-run
+      rpt eval out/tasks --checkpoints out/run --lm-eval-tasks rpt_heldout_bpb --lm-eval-limit 20 --out out/eval-bpb
       duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
     """
+    from rpttrain.eval.harness_report import format_harness
     from rpttrain.eval import (PAIRED_LEGEND, EvalConfig, format_band_counts, format_paired, format_scaling, format_table,
                                run_eval)
 
@@ -58,6 +66,8 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
         split=split, allow_overlap=allow_overlap, resume=resume, overwrite=overwrite, batch_size=batch_size,
         flush_every=flush_every, reward=reward, seed=seed, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, progress=not no_progress,
+        lm_eval_tasks=tuple((lm_eval_tasks or "").split(",")) if lm_eval_tasks else (), lm_eval_include=lm_eval_include,
+        lm_eval_limit=lm_eval_limit, lm_eval_fewshot=lm_eval_fewshot, lm_eval_batch_size=lm_eval_batch_size,
     )
     report = run_eval(config)
     for warning in report["warnings"]:
@@ -69,6 +79,8 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
     if paired:
         click.echo(f"\nPaired differences. {PAIRED_LEGEND}")
         click.echo(paired)
+    if report.get("lm_eval"):
+        click.echo("\nlm-evaluation-harness:\n" + format_harness(report))
     scaling = format_scaling(report)
     if scaling:
         click.echo()
@@ -76,5 +88,5 @@ def eval_cmd(tasks_dir, models, runs, max_compute, mode, samples, temperature, m
         click.echo(scaling)
     if out:
         files = report["files"]
-        extra = f", {files['plot']}" if files.get("plot") else ""
+        extra = "".join(f", {files[k]}" for k in ("plot", "lm_eval_plot") if files.get(k))
         click.echo(f"\nwrote {files['report_md']}, {files['report_json']}, {files['predictions']}{extra} ({report['seconds']:.1f} s)")

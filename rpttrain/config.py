@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from rpttrain import algos
 from rpttrain.precision import check_dtypes
+from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARDS
 
 OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
@@ -21,7 +22,7 @@ OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
 NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
 # settings that do not change what a run computes (a resumed run may change them)
 NOT_IDENTITY = ("out", "steps", "progress", "save_every", "keep_checkpoints", "sample_every", "compute_budget",
-                "memory_check", "memory_budget_gib")
+                "memory_check", "memory_budget_gib", "report_to")
 
 
 def opt(default, help: str):
@@ -133,9 +134,15 @@ class TrainConfig:
         "penalizes the tail."
     )
     progress: bool = opt(True, "Show a progress bar.")
+    report_to: str = opt(
+        "tensorboard",
+        "Where metrics go besides metrics.jsonl: tensorboard | wandb | none, or a list (tensorboard,wandb). "
+        "wandb: pip install 'rpt[wandb]'; honours WANDB_MODE=offline and WANDB_PROJECT (rpttrain/report_to.py)."
+    )
 
     def __post_init__(self):
         check_dtypes(self.compute_dtype, self.master_dtype)
+        parse_report_to(self.report_to)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.batch_size < 1 or self.steps < 1 or self.save_every < 1:

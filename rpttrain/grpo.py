@@ -54,6 +54,8 @@ class Rollout:
     prediction: str | None
     truncated: bool
     engine_logprobs: list[float] | None
+    context: str = ""  # the task's, for samples.jsonl
+    target: str = ""  # the task's continuation, for samples.jsonl
 
 
 def build_engine(config, engine: str, model, tokenizer, precision: Precision, start_from: Path | None):
@@ -110,7 +112,8 @@ class GRPOObjective:
             for comp in group:
                 pred = self.fmt.extract(comp.text)
                 r = self.reward_fn(pred, task["continuation"], task["boundaries"])
-                rolls.append(Rollout(prompt, comp.token_ids, comp.text, r, 0.0, pred, comp.finish_reason == "length", comp.logprobs))
+                rolls.append(Rollout(prompt, comp.token_ids, comp.text, r, 0.0, pred, comp.finish_reason == "length", comp.logprobs,
+                                     task["context"], task["continuation"]))
             out.append(rolls)
         return out
 
@@ -380,5 +383,6 @@ class GRPOObjective:
             with self.samples_path.open("a") as f:
                 for g in all_groups[:2]:
                     for r in g:
-                        f.write(json.dumps({"step": step + 1, "completion": r.text, "prediction": r.prediction, "reward": r.reward}) + "\n")
+                        f.write(json.dumps({"step": step + 1, "context": r.context, "completion": r.text, "prediction": r.prediction,
+                                            "target": r.target, "reward": r.reward}) + "\n")
         return metrics

@@ -11,7 +11,7 @@ and `shaped-ntp`) accumulates gradients and returns its metrics; options: `rpttr
 The run directory holds config.yaml (the resolved config), run.json (the identity a resume must
 match), trained_on.json (what the run trained on, read by `rpt eval`), metrics.jsonl (one line per
 step), samples.jsonl (completions every --sample-every steps), checkpoints/ (`rpttrain.checkpoint`)
-and, when tensorboard is installed, tb/.
+and, by --report-to (`rpttrain.report_to`), tb/ (when tensorboard is installed) and wandb/.
 
 Compute accounting (FLOPs, logged per step and cumulatively; N = model parameters):
     6 * N per token through the update's forward+backward (a prompt shared by a group's samples
@@ -51,14 +51,15 @@ from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, traine
 from rpttrain.grpo import GRPOObjective, build_engine
 from rpttrain.ntp import NextTokenObjective
 from rpttrain.precision import dtype_name, resolve_precision
+from rpttrain.report_to import WANDB_DIR, check_reporters, open_loggers
 
 log = logging.getLogger(__name__)
 
 DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
 PREFLIGHT = "preflight.json"  # the memory estimate, what it was sized from, and the measured peak
 # what `rpt train` writes under its run directory (removed by --overwrite; nothing else is)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "summary.json", "config.yaml", TRAINED_ON, DATA_CACHE,
-               PREFLIGHT)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", WANDB_DIR, "summary.json", "config.yaml", TRAINED_ON,
+               DATA_CACHE, PREFLIGHT)
 
 
 class TrainingDiverged(RptError):
@@ -92,6 +93,7 @@ class Trainer:
 
         c = self.config
         engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
+        check_reporters(c.report_to)  # a missing wandb stops here, before anything loads
         # before anything is loaded or written: a run that cannot fit stops here
         self.preflight = self.memory_plan(enforce=c.memory_check)
         checkpoints = self._claim_run_dir(resume, overwrite)
@@ -135,7 +137,7 @@ class Trainer:
                                            ref_model=self._reference_model(), **common)
         else:
             self.objective = NextTokenObjective(c, **common)
-        self.tb = _tensorboard(self.run_dir / "tb")
+        self.loggers = open_loggers(c.report_to, self.run_dir, asdict(c))  # tensorboard, wandb (--report-to)
         faults.hit("begin")
 
     def _claim_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
@@ -243,8 +245,7 @@ class Trainer:
             bar.close()
             for s, h in previous.items():
                 signal.signal(s, h)
-            if self.tb is not None:
-                self.tb.close()
+            self.loggers.close()
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
         write_json_atomic(self.run_dir / "summary.json", summary)
         record_measured_peak(self.run_dir / PREFLIGHT, self.preflight, self.meter)
@@ -262,10 +263,7 @@ class Trainer:
     def _log(self, metrics: dict) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                    self.tb.add_scalar(k, v, metrics["step"])
+        self.loggers.log(metrics, metrics["step"])
 
     def save(self) -> Path:
         return save_checkpoint(
@@ -314,11 +312,3 @@ def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder))

@@ -24,6 +24,7 @@ How each TrainConfig option maps (`grpo_args`); anything else is refused when se
     engine hf|auto -> transformers generate; vllm -> use_vllm, colocated, vllm_gpu_memory_utilization
     dtype (compute), device, gradient_checkpointing, seed, save_every, keep_checkpoints,
     sample_every, compute_budget (stop with a checkpoint), trust_remote_code: the same meaning
+    report_to                   TRL's report_to, the same names (tensorboard only when installed)
 
 The run directory is the rpt backend's: config.yaml, metrics.jsonl (same keys where TRL logs them,
 plus the raw TRL line under "trl"), samples.jsonl, summary.json, and checkpoints/step-N, each a
@@ -53,6 +54,7 @@ from typing import Any
 from rptdata.errors import ManifestMismatch
 from rptdata.manifest import fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.report_to import trl_report_to
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ HONOURED = frozenset({
     "kl_coef", "lr", "adam_beta1", "adam_beta2", "weight_decay", "grad_clip", "warmup_steps", "dynamic_sampling_from",
     "micro_batch_tokens", "engine", "compute_dtype", "master_dtype", "device", "gradient_checkpointing",
     "seed", "save_every", "keep_checkpoints", "sample_every", "compute_budget", "allow_tokenizer_mismatch",
-    "trust_remote_code", "vllm_gpu_memory_utilization", "progress",
+    "trust_remote_code", "vllm_gpu_memory_utilization", "progress", "report_to",
 }) | IRRELEVANT_TO_RPT
 
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean": "grpo", "dr-grpo": "dr_grpo"}
@@ -149,7 +151,7 @@ def grpo_args(config: Any, world_size: int = 1, device: str = "cpu") -> dict:
         save_steps=c.save_every,
         save_total_limit=c.keep_checkpoints,
         logging_steps=1,
-        report_to="none",
+        report_to=trl_report_to(c.report_to),
         disable_tqdm=not c.progress,
         use_cpu=device == "cpu",
         use_vllm=c.engine == "vllm",

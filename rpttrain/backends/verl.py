@@ -33,12 +33,15 @@ How each TrainConfig option maps (`verl_overrides`); anything else is refused wh
     gradient_checkpointing, trust_remote_code -> actor_rollout_ref.model.*; seed -> data.seed,
               rollout.seed, actor.data_loader_seed; vllm_gpu_memory_utilization -> rollout
     save_every, keep_checkpoints -> trainer.save_freq, trainer.max_actor_ckpt_to_keep
+    report_to -> trainer.logger: console and file always, plus tensorboard (TENSORBOARD_DIR=RUN/verl/tb)
+              / wandb
     dtype (compute) -> actor fsdp_config.dtype and rollout.dtype; master_dtype -> fsdp_config.model_dtype
     engine must be auto or vllm, device auto or cuda (verl trains on GPUs with vLLM/SGLang rollouts)
 
 Left out on purpose: refilling rounds (verl refills until the batch is full; dynamic_sampling_rounds
 other than the default is refused), compute budgets, samples.jsonl and the non-finite-update guard.
-verl's own logs go to RUN/verl/metrics-phase*.jsonl (trainer.logger=[console,file]).
+verl's own logs go to RUN/verl/metrics-phase*.jsonl (trainer.logger=[console,file], plus --report-to's
+tensorboard / wandb).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from typing import Any
 from rptdata.errors import ManifestMismatch
 from rptdata.manifest import read_manifest
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.report_to import verl_loggers
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ HONOURED = frozenset({
     "kl_coef", "lr", "adam_beta1", "adam_beta2", "weight_decay", "grad_clip", "warmup_steps", "dynamic_sampling_from",
     "micro_batch_tokens", "engine", "compute_dtype", "master_dtype", "device", "gradient_checkpointing",
     "seed", "save_every", "keep_checkpoints", "allow_tokenizer_mismatch", "trust_remote_code",
-    "vllm_gpu_memory_utilization", "progress",
+    "vllm_gpu_memory_utilization", "progress", "report_to",
 }) | IRRELEVANT_TO_RPT
 
 LOSS_AGG_MODES = {"token-mean": "token-mean", "seq-mean": "seq-mean-token-mean", "dr-grpo": "seq-mean-token-sum-norm"}
@@ -182,7 +186,7 @@ def verl_overrides(config: Any, *, data_dir: Path, run_dir: Path, model_path: st
         ("trainer.resume_mode", "auto"),
         ("trainer.val_before_train", False),
         ("trainer.test_freq", -1),
-        ("trainer.logger", ["console", "file"]),
+        ("trainer.logger", verl_loggers(c.report_to)),
         ("trainer.project_name", "rpt"),
         ("trainer.experiment_name", run_dir.name),
     ]
@@ -208,6 +212,8 @@ def launch_script(phase_overrides: list[list[str]], metrics_files: list[Path]) -
              "# written by `rpt train --backend verl`; PYTHON selects verl's environment (rpt installed in it)",
              "# several nodes: start a Ray cluster first (ray start --head / --address) and run this on the head node",
              "set -euo pipefail", 'PYTHON="${PYTHON:-python3}"']
+    if metrics_files:  # where verl's tensorboard logger (--report-to tensorboard) writes
+        lines.append(f"export TENSORBOARD_DIR={shlex.quote(str(Path(metrics_files[0]).parent / 'tb'))}")
     for i, (overrides, metrics) in enumerate(zip(phase_overrides, metrics_files), 1):
         if len(phase_overrides) > 1:
             lines.append(f"# phase {i} of {len(phase_overrides)}" + (

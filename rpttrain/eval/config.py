@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rptdata.bands import DEFAULT_BANDS
 from rptdata.manifest import STAGE_EVAL
 from rptdata.taskdef import SPLITS
+from rpttrain.eval.harness import HarnessSettings
 from rpttrain.eval.stats import band_items
 from rpttrain.prompts import load_prompt_format
 from rpttrain.reward import REWARDS
@@ -51,6 +52,8 @@ class EvalConfig:
         reward: reward rule from `rpttrain.reward.REWARDS` (prefix: the paper's Eq. 3).
         seed: sampling seed (reasoning with temperature > 0).
         device, dtype, trust_remote_code, progress: as in the other stages.
+        lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_batch_size:
+            lm-evaluation-harness tasks run on every subject (`rpttrain.eval.harness`).
     """
 
     tasks_dir: str
@@ -80,11 +83,18 @@ class EvalConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     progress: bool = True
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+    lm_eval_fewshot: int | None = None
+    lm_eval_batch_size: int = 16
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "bands", band_items(self.bands))
+        object.__setattr__(self, "lm_eval_tasks", tuple(self.lm_eval_tasks))
+        self.harness  # checks the --lm-eval-* options
         if not self.models and not self.checkpoints:
             raise ValueError("nothing to evaluate: give at least one --model or --checkpoints RUN_DIR")
         if self.mode not in MODE_CHOICES:
@@ -126,6 +136,11 @@ class EvalConfig:
             raise ValueError("--resume needs --out: the predictions to resume live there")
         if self.prompt_template is not None:
             load_prompt_format(self.prompt_template)  # an unknown name fails before any model loads
+
+    @property
+    def harness(self) -> HarnessSettings:
+        return HarnessSettings(self.lm_eval_tasks, self.lm_eval_include, self.lm_eval_limit, self.lm_eval_fewshot,
+                               self.lm_eval_batch_size)
 
     @property
     def modes(self) -> tuple[str, ...]:

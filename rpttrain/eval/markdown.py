@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rpttrain.eval.harness_report import format_harness
+
 
 def _pct(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}"
@@ -119,4 +121,12 @@ def format_report_md(report: dict) -> str:
                   format_scaling(report), ""]
         if report["files"].get("plot"):
             parts += [f"![accuracy against compute]({Path(report['files']['plot']).name})", ""]
+    if report.get("lm_eval"):
+        s = report["lm_eval"]["settings"]
+        parts += ["## lm-evaluation-harness", "",
+                  f"Tasks {', '.join(s['tasks'])} (lm-eval; few-shot {s['fewshot'] if s['fewshot'] is not None else 'task default'}, "
+                  f"limit {s['limit'] or 'none'}); the harness's metrics, value ± stderr, beside the next-token accuracy.", "",
+                  format_harness(report), ""]
+        if report["files"].get("lm_eval_plot"):
+            parts += [f"![lm-eval metrics against compute]({Path(report['files']['lm_eval_plot']).name})", ""]
     return "\n".join(parts)

@@ -2,7 +2,8 @@
 
 Order: read the tasks and runs, check that they are held out (before anything is written), claim
 REPORT_DIR, band entropies, each subject's missing rows (a subject making the same predictions
-as an earlier one gets its rows copied), predictions.parquet, the report; report.json last.
+as an earlier one gets its rows copied), predictions.parquet, the report, lm-evaluation-harness
+on each subject (`--lm-eval-tasks`, `rpttrain.eval.harness`); report.json last.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from rptdata import faults
 from rptdata.manifest import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic
 from rptdata.models import resolve_device
 from rpttrain.eval.config import EvalConfig
+from rpttrain.eval.harness import check_tasks, harness_scores
+from rpttrain.eval.harness_report import harness_report, plot_harness
 from rpttrain.eval.markdown import format_report_md
 from rpttrain.eval.passes import Context, band_entropies, evaluate_subject
 from rpttrain.eval.report import build_report
-from rpttrain.eval.store import PLOT_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, Store, claim_report_dir
+from rpttrain.eval.store import HARNESS_PLOT_FILE, PLOT_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, Store, claim_report_dir
 from rpttrain.eval.subjects import check_runs, predictions_key, read_run, resolve_subjects, within_budget
 from rpttrain.reward import get_reward_fn
 from rpttrain.data import load_tasks
@@ -45,6 +48,8 @@ def run_eval(config: EvalConfig) -> dict:
     warnings: list[str] = []
     overlap_report = check_runs(config, runs, tasks_dir, manifest, tasks, warnings)
     subjects = resolve_subjects(config, runs)
+    if config.lm_eval_tasks:
+        check_tasks(config.harness)  # lm-eval installed and the task names known, before any model loads
 
     tmp = None
     if config.out is None:
@@ -75,6 +80,12 @@ def run_eval(config: EvalConfig) -> dict:
         write_parquet_atomic(table, out / PREDICTIONS_FILE)
         report = build_report(config, ctx, manifest, subjects, runs, infos, table, entropy_source,
                               overlap_report, warnings)
+        if config.lm_eval_tasks:  # lm-evaluation-harness on every subject, resumable per subject
+            scores = harness_scores(config.harness, out, subjects, config.dtype, device, tasks_dir, manifest,
+                                    config.trust_remote_code)
+            report["lm_eval"] = harness_report(config.harness, subjects, scores)
+            if runs and config.out is not None and plot_harness(report, out / HARNESS_PLOT_FILE):
+                report["files"]["lm_eval_plot"] = str(out / HARNESS_PLOT_FILE)
         if runs and config.out is not None:
             plot = out / PLOT_FILE
             plot_scaling(report, plot)

@@ -17,12 +17,15 @@ import pyarrow.parquet as pq
 from rptdata import faults
 from rptdata.manifest import RUN_FILE, claim_run_dir, list_shards, shard_index, shard_name, write_parquet_atomic
 from rpttrain.eval.config import STAGE, EvalConfig
+from rpttrain.eval.harness import HARNESS_DIR
 
 PREDICTIONS_DIR = "predictions"
 PREDICTIONS_FILE = "predictions.parquet"
 BAND_ENTROPY_FILE = "band_entropy.parquet"
 PLOT_FILE = "scaling.png"
-OWN_NAMES = {RUN_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, BAND_ENTROPY_FILE, PLOT_FILE, "report.md", "report.json"}
+HARNESS_PLOT_FILE = "lm_eval.png"
+OWN_NAMES = {RUN_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, BAND_ENTROPY_FILE, PLOT_FILE, HARNESS_PLOT_FILE, HARNESS_DIR,
+             "report.md", "report.json"}
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -90,5 +93,5 @@ def claim_report_dir(config: EvalConfig, out: Path, identity: dict) -> None:
     """Make `out` this evaluation's folder (`rptdata.manifest.claim_run_dir`): a foreign folder is
     refused; kept predictions need --resume (same settings) or --overwrite."""
     claim_run_dir(out, STAGE, identity, OWN_NAMES, overwrite=config.overwrite, resume=config.resume,
-                  progress=(f"{PREDICTIONS_DIR}/*",))
+                  progress=(f"{PREDICTIONS_DIR}/*", f"{HARNESS_DIR}/results/*"))
     out.mkdir(parents=True, exist_ok=True)
