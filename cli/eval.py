@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from cli.common import library_errors, model_help, model_runtime_options, no_progress_option, overwrite_option, trust_remote_code_option
+from rpttrain.reward import REWARD_NAMES
 
 
 @click.command("eval")
@@ -26,7 +27,7 @@ from cli.common import library_errors, model_help, model_runtime_options, no_pro
 @overwrite_option
 @click.option("--batch-size", default=16, show_default=True, help="Sequences per forward pass (ntp) or per generate call (reasoning).")
 @click.option("--flush-every", default=128, show_default=True, help="Tasks per predictions part file (the most a crash can lose).")
-@click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule (prefix: the paper's Eq. 3).")
+@click.option("--reward", default="prefix", show_default=True, type=click.Choice(REWARD_NAMES), help="Reward rule (prefix: the paper's Eq. 3; dense ones: App. A, P(y[0] | x<t) from the model under test, and the cells are mean reward).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @model_runtime_options("Rollout engine of the reasoning mode: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
 @trust_remote_code_option

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rpttrain.eval.collapse import COLLAPSE_LEGEND, format_collapse
+
 
 def _pct(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}"
@@ -112,6 +114,8 @@ def format_report_md(report: dict) -> str:
               f"Cells: accuracy % (correct/n; 95% Wilson interval).", ""]
     parts += [w for w in report["warnings"]] + ([""] if report["warnings"] else [])
     parts += [format_table(report), "", format_band_counts(report), ""]
+    if format_collapse(report):
+        parts += ["## Collapse monitor and response length", "", COLLAPSE_LEGEND, "", format_collapse(report), ""]
     if report.get("paired"):
         parts += ["## Paired differences", "", PAIRED_LEGEND, "", format_paired(report), ""]
     if report.get("scaling"):
