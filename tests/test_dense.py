@@ -160,3 +160,17 @@ def test_backends_refuse_the_dense_rewards_by_name(tiny, tmp_path):
                         "--reward", "conditional-dense"], capture_output=True, text=True)
     assert r.returncode != 0 and "cannot honour --reward conditional-dense" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_probe_scores_with_the_dense_reward(tiny):
+    from rpttrain.probe import ProbeConfig, run_probe
+
+    model, tasks = tiny
+    common = dict(tasks_dir=str(tasks), model=str(model), templates=("continuation",), samples=6, tasks=8,
+                  temperature=1.5, device="cpu", max_prompt_tokens=32)
+    dense, = run_probe(ProbeConfig(reward="dense", **common))
+    prefix, = run_probe(ProbeConfig(reward="prefix", **common))
+    # the same samples (seeded): the same right share; dense adds the wrong ones' probabilities
+    assert dense["random_at_1"] == prefix["random_at_1"] == prefix["reward_mean"]
+    assert dense["reward_mean"] > dense["random_at_1"]
+    assert dense["signal"] >= prefix["signal"]
