@@ -101,7 +101,7 @@ compare: install
 # the rewards at equal compute (same steps: the one-token step costs the same FLOPs under each reward), one
 # report with paired differences; the collapse monitor per band (reasoning-mode eval of ABLATION_COLLAPSE_RUNS,
 # 8 samples per task); and proxy fidelity: the proxy against itself with renormalized top-k entropy
-# (FIDELITY_ARGS), `rpt stats --compare`. About 45-60 minutes on 2 cores.
+# (FIDELITY_ARGS), `rpt stats --compare`. About 1 h 50 min on 2 cores shared with other jobs (docs/ablations.md).
 ABLATION_REWARDS ?= prefix first-token dense conditional-dense
 ABLATION_STEPS ?= 8
 ABLATION_SAVE_EVERY ?= 4
