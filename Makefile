@@ -4,6 +4,8 @@
 #   MODEL     policy (and tokenizer)     PROXY  entropy proxy (same tokenizer as MODEL)
 #   OUT       output root                TRAIN_CONFIG  YAML for `rpt train` (e.g. configs/paper.yaml)
 #   BUDGET    FLOPs for `make compare` (empty: what the RPT run spends)
+#   FIDELITY_MODEL  optional for `make compare`: a second scorer (same tokenizer) whose entropy ranking is
+#             compared with the proxy's in the report (`rpt stats --compare`); empty: skipped
 #   COMPARE_STEPS, COMPARE_SAVE_EVERY, COMPARE_TRAIN   the RPT run's steps, checkpoint interval (all
 #             three runs) and the `rpt train` options the three runs share (batch, lr, ...)
 #   COMPARE_BPB_DOCS  held-out documents of the joint report's bits per byte (empty: all)
@@ -18,12 +20,13 @@ CORPUS ?= builtin:champ
 TEMPLATE ?= {problem}\n\n{solution}
 MODEL ?= smollm2-135m
 PROXY ?= $(MODEL)
+FIDELITY_MODEL ?=
 OUT ?= out/demo
 TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -92,6 +95,36 @@ compare: install
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN)
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare \
 		--lm-eval-tasks rpt_heldout_bpb $(if $(COMPARE_BPB_DOCS),--lm-eval-limit $(COMPARE_BPB_DOCS))
+	@# optional: score the tasks' documents with FIDELITY_MODEL too (same tokenizer) and add how its entropy ranks
+	@# positions against the proxy's to the report (rpt stats --compare; docs/ablations.md)
+	if [ -n "$(FIDELITY_MODEL)" ]; then \
+		$(RPT) score-entropy $(OUT)/prep --model $(FIDELITY_MODEL) --out $(OUT)/scored-fidelity-model --keep-all --max-context 256 --no-progress && \
+		{ printf '\n## Proxy fidelity: %s (A) against %s (B)\n\n```\n' "$(PROXY)" "$(FIDELITY_MODEL)"; \
+		  $(RPT) stats $(OUT)/scored --compare $(OUT)/scored-fidelity-model --plot $(OUT)/compare/fidelity.png || exit 1; \
+		  printf '```\n\n![proxy fidelity](fidelity.png)\n'; } >> $(OUT)/compare/report.md; fi
+
+# The paper's open questions as studies (docs/ablations.md), on $(OUT)/tasks (made by `make demo` if missing):
+# the rewards at equal compute (same steps: the one-token step costs the same FLOPs under each reward), one
+# report with paired differences; the collapse monitor per band (reasoning-mode eval of ABLATION_COLLAPSE_RUNS,
+# 8 samples per task); and proxy fidelity: the proxy against itself with renormalized top-k entropy
+# (FIDELITY_ARGS), `rpt stats --compare`. About 1 h 50 min on 2 cores shared with other jobs (docs/ablations.md).
+ABLATION_REWARDS ?= prefix first-token dense conditional-dense
+ABLATION_STEPS ?= 8
+ABLATION_SAVE_EVERY ?= 4
+ABLATION_COLLAPSE_RUNS ?= prefix dense
+ABLATION_COLLAPSE_TASKS ?= 32
+FIDELITY_ARGS ?= --entropy renormalized
+ablations: install
+	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
+	for r in $(ABLATION_REWARDS); do \
+		$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/abl-$$r --reward $$r --prompt-template continuation \
+			--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 --steps $(ABLATION_STEPS) \
+			--save-every $(ABLATION_SAVE_EVERY) $(COMPARE_TRAIN) && $(RPT) plot $(OUT)/abl-$$r || exit 1; done
+	$(RPT) eval $(OUT)/tasks $(foreach r,$(ABLATION_REWARDS),--checkpoints $(OUT)/abl-$(r)) --mode ntp --out $(OUT)/ablations --no-progress
+	$(RPT) eval $(OUT)/tasks $(foreach r,$(ABLATION_COLLAPSE_RUNS),--checkpoints $(OUT)/abl-$(r)) --mode reasoning --samples 8 \
+		--limit $(ABLATION_COLLAPSE_TASKS) --out $(OUT)/ablations-collapse --no-progress
+	$(RPT) score-entropy $(OUT)/prep --model $(PROXY) --out $(OUT)/scored-fidelity --keep-all --max-context 256 $(FIDELITY_ARGS) --no-progress
+	$(RPT) stats $(OUT)/scored --compare $(OUT)/scored-fidelity --plot $(OUT)/fidelity/fidelity.png
 
 bench-prepare: install
 	$(BIN)/python bench/prepare.py

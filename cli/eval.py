@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from cli.common import library_errors, model_help, model_runtime_options, no_progress_option, overwrite_option, trust_remote_code_option
+from rpttrain.reward import REWARD_NAMES
 
 
 @click.command("eval")
@@ -26,7 +27,7 @@ from cli.common import library_errors, model_help, model_runtime_options, no_pro
 @overwrite_option
 @click.option("--batch-size", default=16, show_default=True, help="Sequences per forward pass (ntp) or per generate call (reasoning).")
 @click.option("--flush-every", default=128, show_default=True, help="Tasks per predictions part file (the most a crash can lose).")
-@click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule (prefix: the paper's Eq. 3).")
+@click.option("--reward", default="prefix", show_default=True, type=click.Choice(REWARD_NAMES), help="Reward rule (prefix: the paper's Eq. 3; dense ones: App. A, P(y[0] | x<t) from the model under test, and the cells are mean reward).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--lm-eval-tasks", default=None, help="lm-evaluation-harness tasks (T1,T2) run on every evaluated model and checkpoint; rpt_heldout_bpb: bits per byte of the tasks' held-out documents (no download). Needs pip install 'rpt[lm-eval]'.")
 @click.option("--lm-eval-include", default=None, type=click.Path(exists=True, file_okay=False), help="Folder of local lm-eval task YAMLs (offline).")

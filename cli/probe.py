@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from cli.common import library_errors, model_help, model_runtime_options, trust_remote_code_option
+from rpttrain.reward import REWARD_NAMES
 
 
 @click.command()
@@ -16,7 +17,7 @@ from cli.common import library_errors, model_help, model_runtime_options, trust_
 @click.option("--max-new-tokens", default=256, show_default=True, help="Completion budget of the reasoning formats.")
 @click.option("--continuation-new-tokens", default=1, show_default=True, help="Tokens sampled in the continuation format (the prediction).")
 @click.option("--max-prompt-tokens", default=1024, show_default=True, help="Longest prompt; contexts lose their start beyond it.")
-@click.option("--reward", default="prefix", show_default=True, type=click.Choice(["prefix", "first-token"]), help="Reward rule.")
+@click.option("--reward", default="prefix", show_default=True, type=click.Choice(REWARD_NAMES), help="Reward rule (dense ones: App. A, P(y[0] | x<t) from --model).")
 @model_runtime_options("Rollout engine: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the rows (with example completions) as JSON.")

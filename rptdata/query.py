@@ -223,6 +223,13 @@ def plot_entropy_hist(stats: dict, path: str | Path) -> Path:
     ax.set_xlabel(f"top-{stats['top_k']} entropy ({stats['entropy_mode']}, nats)")
     ax.set_ylabel("positions")
     ax.set_title(f"{stats['proxy']}: {stats['positions_kept']:,} of {stats['positions_scored']:,} scored positions")
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG under a temporary name, then rename; close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

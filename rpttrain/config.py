@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from rpttrain import algos
 from rpttrain.precision import check_dtypes
 from rpttrain.report_to import parse_report_to
-from rpttrain.reward import REWARDS
+from rpttrain.reward import REWARD_NAMES
 
 OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
 # knobs of the next-token baselines only: they do not change an RPT run's identity
@@ -55,7 +55,12 @@ class TrainConfig:
         "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | "
         "FILE."
     )
-    reward: str = opt("prefix", "prefix (paper Eq. 3) | first-token.")
+    reward: str = opt(
+        "prefix",
+        "prefix (paper Eq. 3) | first-token | dense | conditional-dense (App. A; 1 when the prediction's "
+        "first token is right, else the policy's probability of it, P(y[0] | x<t); conditional: only in "
+        "groups with a right one, else 0). The dense two need --backend rpt."
+    )
     scale_rewards: str = opt("group", "group: (r-mean)/std per group (GRPO) | none: r-mean (Dr. GRPO).")
     loss_agg: str = opt("token-mean", "token-mean | seq-mean | dr-grpo (sum / (sequences x max_new_tokens)).")
     clip_eps: float = opt(0.2, "PPO clip epsilon (low side; also the high side unless --clip-eps-high).")
@@ -163,8 +168,8 @@ class TrainConfig:
             raise ValueError(f"loss_agg must be one of {', '.join(algos.LOSS_AGGS)}")
         if self.scale_rewards not in ("group", "none"):
             raise ValueError("scale_rewards must be 'group' or 'none'")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}")
+        if self.reward not in REWARD_NAMES:
+            raise ValueError(f"reward must be one of {', '.join(REWARD_NAMES)}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if self.micro_batch_tokens < self.max_new_tokens + 1:

@@ -1,7 +1,8 @@
 """The `rpt` objective: one GRPO step over RPT tasks, as named, timed phases (paper Sec. 3.2).
 
     rollout    B contexts x G samples from the rollout engine (transformers or vLLM)
-    reward     the prompt format's extraction + `rpttrain.reward` (prefix / first-token)
+    reward     the prompt format's extraction + `rpttrain.reward` (prefix / first-token, or App. A's
+               dense / conditional-dense with P(y[0] | x<t) from the policy: `rpttrain.dense`)
     advantage  group-normalized advantages (`rpttrain.algos`); dynamic sampling (DAPO) refills
                the batch with groups whose rewards differ, from step --dynamic-sampling-from
     update     clipped policy-gradient loss over completion tokens, micro-batched by a token
@@ -37,7 +38,8 @@ from rpttrain import algos
 from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.precision import Precision, dtype_name
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
-from rpttrain.reward import get_reward_fn
+from rpttrain.collapse import collapse_metrics
+from rpttrain.dense import GroupScorer
 from rpttrain.rollout import Sampling, make_engine, prompt_seed, stop_ids
 from rpttrain.rollout.hf import sample_next_tokens
 
@@ -54,6 +56,7 @@ class Rollout:
     prediction: str | None
     truncated: bool
     engine_logprobs: list[float] | None
+    correct: bool = False
     context: str = ""  # the task's, for samples.jsonl
     target: str = ""  # the task's continuation, for samples.jsonl
 
@@ -83,7 +86,8 @@ class GRPOObjective:
         self.precision, self.optimizer_step, self.totals, self.n_params = precision, optimizer_step, totals, n_params
         self.samples_path, self.ref_model = samples_path, ref_model
         self.fmt = load_prompt_format(config.prompt_template)
-        self.reward_fn = get_reward_fn(config.reward)
+        self.scorer = GroupScorer(config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens,
+                                  config.micro_batch_tokens)
         self.stops = stop_ids(tokenizer)
 
     def close(self) -> None:
@@ -105,16 +109,15 @@ class GRPOObjective:
         groups = self.engine.generate(prompts, sampling)
         return list(zip(prompts, groups)), self.engine.forward_tokens(prompts, groups, sampling)
 
-    def score(self, tasks, prompted) -> list[list[Rollout]]:
+    def score(self, tasks, prompted, last_logits=None) -> list[list[Rollout]]:
+        """Rewards of each group; `last_logits` (the prompts' last position) spare the dense
+        rewards their forward when the prompt is the raw context."""
+        scored = self.scorer.score(tasks, [group for _, group in prompted], last_logits)
         out = []
-        for task, (prompt, group) in zip(tasks, prompted):
-            rolls = []
-            for comp in group:
-                pred = self.fmt.extract(comp.text)
-                r = self.reward_fn(pred, task["continuation"], task["boundaries"])
-                rolls.append(Rollout(prompt, comp.token_ids, comp.text, r, 0.0, pred, comp.finish_reason == "length", comp.logprobs,
-                                     task["context"], task["continuation"]))
-            out.append(rolls)
+        for task, (prompt, group), sg in zip(tasks, prompted, scored):
+            out.append([Rollout(prompt, comp.token_ids, comp.text, r, 0.0, pred, comp.finish_reason == "length",
+                                comp.logprobs, ok, task["context"], task["continuation"])
+                        for comp, pred, r, ok in zip(group, sg.predictions, sg.rewards, sg.correct)])
         return out
 
     def advantages(self, groups: list[list[Rollout]]) -> None:
@@ -242,7 +245,7 @@ class GRPOObjective:
             sampled = sample_next_tokens(logits[:, -1], sampling, [prompt_seed(sampling.seed, i) for i in mb], self.tokenizer)
             timings["rollout_s"] += time.time() - t
             t = time.time()
-            rolled = self.score([tasks[i] for i in mb], list(zip(batch_prompts, sampled)))
+            rolled = self.score([tasks[i] for i in mb], list(zip(batch_prompts, sampled)), logits[:, -1])
             self.advantages(rolled)
             timings["reward_s"] += time.time() - t
             flat = [r for g in rolled for r in g]
@@ -279,6 +282,7 @@ class GRPOObjective:
         c = self.config
         timings = {"rollout_s": 0.0, "reward_s": 0.0, "advantage_s": 0.0, "update_s": 0.0, "weight_sync_s": 0.0}
         t0 = time.time()
+        scored_before = self.scorer.forward_tokens
         if self.fused(step):
             tasks = self.sampler.take(c.batch_size)
             all_groups, upd = self.fused_rollout_and_update(tasks, step, timings)
@@ -288,6 +292,7 @@ class GRPOObjective:
                       "predicted_zero_var": predicted_zero_variance(tasks, c.group_size)}
         else:
             all_groups, upd, counts = self.two_pass(step, timings)
+        counts["forward_tokens"] += self.scorer.forward_tokens - scored_before  # the dense rewards' P(y[0] | x<t)
         return self.finish(step, all_groups, upd, counts, timings, t0)
 
     def two_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
@@ -353,7 +358,7 @@ class GRPOObjective:
         lengths = [len(r.completion_ids) for r in rolls]
         metrics = {
             "reward_mean": float(np.mean([r.reward for r in rolls])),
-            "accuracy": float(np.mean([r.reward == 1.0 for r in rolls])),
+            "accuracy": float(np.mean([r.correct for r in rolls])),
             "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
             # make-tasks' estimate for the same tasks (rptdata.live), when the tasks carry it
             **({"predicted_zero_variance_share": counts["predicted_zero_var"]}
@@ -365,6 +370,7 @@ class GRPOObjective:
             "completion_len_max": int(max(lengths)),
             "truncated_share": float(np.mean([r.truncated for r in rolls])),
             "no_prediction_share": float(np.mean([r.prediction is None for r in rolls])),
+            **collapse_metrics([([r.prediction for r in g], [r.correct for r in g]) for g in all_groups]),
             "clip_frac": upd["clip_frac"],
             "kl": upd["kl"],
             "loss": upd["loss"],

@@ -1,6 +1,8 @@
 """`rpt plot RUN_DIR`: training curves from metrics.jsonl as PNG files (matplotlib, no display).
 
-RPT runs get reward/accuracy, completion length and zero-variance share; next-token baselines get
+RPT runs get reward/accuracy, completion length, zero-variance share and the collapse monitor
+(`rpttrain.collapse`: majority share, wrong-consensus share, distinct predictions per group; a
+panel is left empty for runs logged before it existed); next-token baselines get
 loss, accuracy and the entropy of the trained distribution. Every panel is against the step, with
 a secondary x label of cumulative training FLOPs at the last step.
 """
@@ -14,7 +16,10 @@ from rptdata.errors import MissingUpstream
 
 PANELS = {
     "rpt": [("reward", ["reward_mean", "accuracy"]), ("completion length", ["completion_len_mean", "completion_len_max"]),
-            ("groups without signal", ["zero_variance_share"]), ("seconds per step", ["rollout_s", "update_s"])],
+            ("groups without signal", ["zero_variance_share"]),
+            ("collapse: agreement in a group", ["majority_share_mean", "wrong_consensus_share"]),
+            ("collapse: distinct predictions per group", ["distinct_predictions_mean"]),
+            ("seconds per step", ["rollout_s", "update_s"])],
     "ntp": [("loss", ["loss"]), ("next-token accuracy", ["accuracy"]), ("entropy (nats)", ["entropy_mean"]),
             ("seconds per step", ["update_s"])],
 }

@@ -4,8 +4,9 @@
 
 For a sample of tasks and each prompt format it samples G completions per task (the same rollout
 engine, prompts and reward as `rpt train`) and reports:
-    random@1      mean reward of one sample (the paper's Random@1)
-    pass@G        share of tasks with at least one rewarded sample (Pass@8 for G = 8)
+    random@1      share of samples that are right under the reward (the paper's Random@1)
+    pass@G        share of tasks with at least one right sample (Pass@8 for G = 8)
+    reward_mean   mean reward (differs from random@1 only for the dense rewards, `rpttrain.dense`)
     boxed         share of completions the format could extract a prediction from
     length        mean completion length in tokens; truncated: share that hit max_new_tokens
     signal        share of groups whose rewards are not all equal: the groups GRPO learns from
@@ -27,7 +28,8 @@ import numpy as np
 
 from rptdata.models import load_causal_lm, load_tokenizer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
-from rpttrain.reward import get_reward_fn
+from rpttrain.dense import GroupScorer
+from rpttrain.reward import REWARD_NAMES
 from rptdata.engine_choice import choose_engine
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.data import load_tasks
@@ -62,6 +64,8 @@ class ProbeConfig:
             raise ValueError("--samples and --tasks must be at least 1")
         if not self.templates:
             raise ValueError("give at least one --prompt-template")
+        if self.reward not in REWARD_NAMES:
+            raise ValueError(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
         for t in self.templates:
             load_prompt_format(t)  # unknown names fail here, before any model loads
 
@@ -90,7 +94,6 @@ def run_probe(config: ProbeConfig) -> list[dict]:
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
     engine = make_engine(choose_engine(config.engine, device), model, tokenizer)
-    reward_fn = get_reward_fn(config.reward)
     rows = []
     try:
         for name in config.templates:
@@ -101,20 +104,22 @@ def run_probe(config: ProbeConfig) -> list[dict]:
             groups = engine.generate(prompts, Sampling(n=config.samples, temperature=config.temperature, max_new_tokens=new_tokens,
                                                        seed=config.seed, stop_token_ids=stop_ids(tokenizer)))
             seconds = time.time() - t0
-            rewards, boxed, lengths, truncated, examples = [], [], [], [], []
-            for task, group in zip(tasks, groups):
-                preds = [fmt.extract(c.text) for c in group]
-                rs = [reward_fn(p, task["continuation"], task["boundaries"]) for p in preds]
+            scored = GroupScorer(config.reward, fmt, tokenizer, model, config.max_prompt_tokens).score(tasks, groups)
+            rewards, correct, boxed, lengths, truncated, examples = [], [], [], [], [], []
+            for task, group, sg in zip(tasks, groups, scored):
+                preds, rs = sg.predictions, sg.rewards
                 rewards.append(rs)
+                correct.append(sg.correct)
                 boxed += [p is not None for p in preds]
                 lengths += [len(c.token_ids) for c in group]
                 truncated += [c.finish_reason == "length" for c in group]
                 if len(examples) < 2:
                     examples.append({"continuation": task["continuation"], "completion": group[0].text, "prediction": preds[0], "reward": rs[0]})
-            r = np.array(rewards)
+            r, ok = np.array(rewards), np.array(correct)
             rows.append({
                 "template": name, "tasks": len(tasks), "samples": config.samples, "max_new_tokens": new_tokens,
-                "random_at_1": float(r.mean()), f"pass_at_{config.samples}": float((r.max(axis=1) > 0).mean()),
+                "random_at_1": float(ok.mean()), f"pass_at_{config.samples}": float(ok.any(axis=1).mean()),
+                "reward_mean": float(r.mean()),
                 "boxed": float(np.mean(boxed)), "length_mean": float(np.mean(lengths)),
                 "truncated": float(np.mean(truncated)), "signal": float((r.max(axis=1) != r.min(axis=1)).mean()),
                 "predicted_signal": predicted,

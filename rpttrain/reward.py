@@ -11,6 +11,11 @@ the guess against the corpus continuation:
   or several whole tokens, never part of one.
 - ``first_token_reward``: App. A's first-token matching; only the exact first
   token counts.
+- ``dense_reward`` / ``conditional_dense_rewards``: App. A's dense and conditional
+  dense rewards. They need the policy's probability of the prediction's first
+  token, which the caller supplies (``rpttrain.dense`` computes it in the loop).
+- ``score_group``: one group of G predictions under any of the four rewards, with
+  the correct flags the accuracy and the collapse monitor count.
 - ``score_completions``: the batch form used by training, probe, eval and the
   verl/TRL wrappers, so the training reward and the eval metric cannot drift apart.
 
@@ -21,10 +26,8 @@ string guess can reach; such positions can only be won by covering more tokens.
 
 Left out on purpose:
 
-- The paper's ``dense`` and conditional-dense rewards (App. A) use the policy's
-  probability of the predicted token when the guess is wrong. A string reward
-  cannot see that probability, so they belong next to the log-probs in the
-  training loop, not here.
+- The probability the dense rewards need: this module takes it as a number and
+  never imports torch. Which model gives it, and when, is ``rpttrain.dense``'s job.
 - No whitespace stripping or normalisation of the guess: a leading space is part
   of the token (``\\boxed{ para}`` predicts " para"), and ``\\boxed{\\text{x}}``
   is compared verbatim (the prompts tell the model not to use ``\\text{}``).
@@ -40,12 +43,17 @@ import re
 from typing import Callable, Sequence
 
 __all__ = [
+    "DENSE_REWARDS",
     "REWARDS",
+    "REWARD_NAMES",
+    "conditional_dense_rewards",
+    "dense_reward",
     "extract_prediction",
     "first_token_reward",
     "get_reward_fn",
     "prefix_reward",
     "score_completions",
+    "score_group",
 ]
 
 _BOX = "\\boxed{"
@@ -189,17 +197,107 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+# App. A's rewards that need a model's probability (``dense_reward``), so no string function
+DENSE_REWARDS = ("dense", "conditional-dense")
+REWARD_NAMES = tuple(REWARDS) + DENSE_REWARDS
+
+
 def get_reward_fn(name: str) -> RewardFn:
-    """Look up a reward by name; an unknown name raises ValueError naming the choices.
+    """Look up a string reward by name; an unknown name raises ValueError naming the choices,
+    and a dense reward one saying it needs the policy's probability.
 
     >>> get_reward_fn("prefix") is prefix_reward
     True
     """
+    if name in DENSE_REWARDS:
+        raise ValueError(
+            f"reward {name!r} needs the policy's probability of the prediction's first token, "
+            "P(y[0] | x<t; theta), so it is no string function: score groups with rpttrain.dense.GroupScorer"
+        )
     try:
         return REWARDS[name]
     except (KeyError, TypeError):
-        choices = ", ".join(sorted(REWARDS))
+        choices = ", ".join(REWARD_NAMES)
         raise ValueError(f"unknown reward {name!r}; choose one of: {choices}") from None
+
+
+def dense_reward(first_id: int | None, target_id: int, first_prob: float | None) -> float:
+    """App. A's dense reward for one prediction: 1.0 when its first token is the true next token,
+    else the language model's probability of that (wrong) first token.
+
+    The paper (arXiv 2506.08007v1, App. A "Design Choices of Reward"): "correctly predicted next
+    tokens (i.e., y_t^i[0] = x_t) receive a full reward (e.g., 1). For incorrect predictions
+    (y_t^i[0] != x_t), the reward is a positive, smaller value, specifically the language model
+    probability of generating that particular incorrect token, P(y_t^i[0] | x_<t; theta)."
+
+    ``first_id`` is y[0], the prediction's first token id (None: no prediction, or an empty one,
+    scores 0.0); ``target_id`` is x_t; ``first_prob`` is P(y[0] | x<t; theta), needed only when
+    the token is wrong, and must lie in [0, 1].
+
+    >>> dense_reward(7, 7, None)
+    1.0
+    >>> dense_reward(3, 7, 0.25)
+    0.25
+    >>> dense_reward(None, 7, None)
+    0.0
+    """
+    if first_id is None:
+        return 0.0
+    if first_id == target_id:
+        return 1.0
+    if first_prob is None or not 0.0 <= first_prob <= 1.0:
+        raise ValueError(f"a wrong first token needs its probability in [0, 1], got {first_prob!r}")
+    return float(first_prob)
+
+
+def conditional_dense_rewards(first_ids: Sequence[int | None], target_id: int,
+                              first_probs: Sequence[float | None], fallback: float = 0.0) -> list[float]:
+    """App. A's conditional dense reward for one group of G rollouts of the same context.
+
+    The paper: "The dense reward (1 for correct, P(y_t^i | x_<t; theta) for incorrect) is used as
+    described above, but only for training instances (groups of rollouts for a given prefix x_<t)
+    where at least one of the G sampled rollouts correctly predicted the next token. If all G
+    rollouts in a group are incorrect, a different reward scheme (e.g., zero reward for all, or a
+    uniform small penalty) will be applied." Here that scheme is ``fallback`` for all (0.0: the
+    paper's first example); either choice gives the group no GRPO signal.
+
+    >>> conditional_dense_rewards([7, 3, None], 7, [0.5, 0.25, None])
+    [1.0, 0.25, 0.0]
+    >>> conditional_dense_rewards([3, 4], 7, [0.25, 0.5])
+    [0.0, 0.0]
+    """
+    if len(first_ids) != len(first_probs):
+        raise ValueError(f"{len(first_ids)} first tokens but {len(first_probs)} probabilities")
+    if not any(i is not None and i == target_id for i in first_ids):
+        return [float(fallback)] * len(first_ids)
+    return [dense_reward(i, target_id, p) for i, p in zip(first_ids, first_probs)]
+
+
+def score_group(reward: str, predictions: Sequence[str | None], continuation: str, boundaries: Sequence[int],
+                first_ids: Sequence[int | None] | None = None, target_id: int | None = None,
+                first_probs: Sequence[float | None] | None = None) -> tuple[list[float], list[bool]]:
+    """Rewards and correct flags of one group of predictions of the same context.
+
+    String rewards (prefix, first-token): correct means a reward of 1.0. Dense rewards: correct
+    means y[0] = x_t, and ``first_ids``, ``target_id`` and ``first_probs`` are required.
+
+    >>> score_group("prefix", [" para", " par"], " paragraph", [5, 10])
+    ([1.0, 0.0], [True, False])
+    >>> score_group("dense", [" para", " x"], " paragraph", [5, 10], [11, 12], 11, [0.5, 0.125])
+    ([1.0, 0.125], [True, False])
+    """
+    if reward not in DENSE_REWARDS:
+        fn = get_reward_fn(reward)
+        rewards = [fn(p, continuation, boundaries) for p in predictions]
+        return rewards, [r == 1.0 for r in rewards]
+    if first_ids is None or first_probs is None or target_id is None:
+        raise ValueError(f"reward {reward!r} needs first_ids, target_id and first_probs")
+    if len(first_ids) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(first_ids)} first tokens")
+    correct = [i is not None and i == target_id for i in first_ids]
+    if reward == "dense":
+        return [dense_reward(i, target_id, p) for i, p in zip(first_ids, first_probs)], correct
+    return conditional_dense_rewards(first_ids, target_id, first_probs), correct
 
 
 def score_completions(

@@ -53,7 +53,8 @@ def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]],
             band = "hard" if ent > 1.5 else "medium" if ent > 1.0 else "easy" if ent > 0.5 else "other"
             rows.append({
                 "task_id": f"{split}-doc{i}@1", "doc_id": f"{split}-doc{i}", "pos": 1, "context": ctx, "continuation": cont,
-                "boundaries": boundaries_of(tok, cont), "entropy": ent, "band": band, "target_id": 0,
+                "boundaries": boundaries_of(tok, cont), "entropy": ent, "band": band,
+                "target_id": tok(cont, add_special_tokens=False)["input_ids"][0],
                 "context_tokens": len(tok(ctx, add_special_tokens=False)["input_ids"]),
                 "target_logprob": -1.0, "target_rank": 1,
             })

@@ -154,7 +154,7 @@ def test_refusals_and_overwrite(tasks_dir, tmp_path):
         run_export_tasks(ExportConfig(str(tmp_path / "missing"), str(tmp_path / "y"), "verl", progress=False))
     with pytest.raises(ValueError, match="format"):
         ExportConfig(str(tasks_dir), str(out), "openrlhf")
-    with pytest.raises(ValueError, match="unknown reward"):
+    with pytest.raises(ValueError, match="reward 'dense' needs the policy's probability"):
         ExportConfig(str(tasks_dir), str(out), "verl", reward="dense")
     with pytest.raises(ValueError, match="unknown prompt format"):
         run_export_tasks(ExportConfig(str(tasks_dir), str(tmp_path / "z"), "verl", prompt_template="v99", progress=False))

@@ -67,6 +67,8 @@ def test_case_table_covers_both_outcomes():
 def test_compute_score_defaults_to_prefix_and_v0():
     assert compute_score("rpt", "\\boxed{ paragraph}", {"continuation": CONT, "boundaries": BOUNDS}) == 1.0
     with pytest.raises(ValueError, match="unknown reward"):
+        compute_score("rpt", "x", {"continuation": CONT, "boundaries": BOUNDS, "reward": "exact"})
+    with pytest.raises(ValueError, match="reward 'dense' needs the policy's probability"):
         compute_score("rpt", "x", {"continuation": CONT, "boundaries": BOUNDS, "reward": "dense"})
 
 
@@ -126,7 +128,7 @@ def test_trl_row_keys(fmt_name):
 
 def test_row_builders_reject_unknown_reward():
     for build in (task_to_verl_row, task_to_trl_row):
-        with pytest.raises(ValueError, match="unknown reward"):
+        with pytest.raises(ValueError, match="reward 'dense' needs the policy's probability"):
             build(TASKS[0], PROMPT_FORMATS["v0"], reward="dense")
 
 

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from rpttrain.reward import (
     REWARDS,
+    conditional_dense_rewards,
+    dense_reward,
+    score_group,
     extract_prediction,
     first_token_reward,
     get_reward_fn,
@@ -124,7 +127,9 @@ def test_rewards_never_raise(prediction, continuation, boundaries):
 def test_reward_registry():
     assert get_reward_fn("prefix") is prefix_reward
     assert get_reward_fn("first-token") is first_token_reward
-    with pytest.raises(ValueError, match="first-token, prefix"):
+    with pytest.raises(ValueError, match="prefix, first-token, dense, conditional-dense"):
+        get_reward_fn("exact")
+    with pytest.raises(ValueError, match="P\\(y\\[0\\] \\| x<t; theta\\)"):
         get_reward_fn("dense")
 
 
@@ -234,3 +239,61 @@ def test_extract_prediction_is_linear_on_hostile_input(name):
     t_big = min(_seconds(big) for _ in range(3))
     assert t_big < 10 * t_small + 0.05, f"{name}: {t_small:.3f} s -> {t_big:.3f} s for 4x the input"
 
+
+
+# ---------------------------------------------------------------- App. A dense rewards
+# Hand-computed from the paper's definitions (arXiv 2506.08007v1, App. A): a group of G = 4
+# rollouts of one context whose true next token x_t has id 11. The policy's probabilities of
+# each rollout's first token, P(y[0] | x<t; theta), are given.
+
+
+def test_dense_reward_hand_computed_group():
+    first_ids, probs = [11, 42, 42, None], [0.5, 0.125, 0.125, None]
+    # correct -> 1; wrong -> the LM probability of that wrong first token; no prediction -> 0
+    assert [dense_reward(i, 11, p) for i, p in zip(first_ids, probs)] == [1.0, 0.125, 0.125, 0.0]
+    # at least one rollout is right: conditional dense equals dense
+    assert conditional_dense_rewards(first_ids, 11, probs) == [1.0, 0.125, 0.125, 0.0]
+    # all G wrong: the fallback scheme for all (zero reward, the paper's first example) ...
+    assert conditional_dense_rewards([42, 7, 7, None], 11, [0.125, 0.25, 0.25, None]) == [0.0] * 4
+    # ... or a uniform small penalty (its second)
+    assert conditional_dense_rewards([42, 7], 11, [0.125, 0.25], fallback=-0.1) == [-0.1, -0.1]
+    # where dense still gives the all-wrong group a signal, conditional dense gives none
+    assert [dense_reward(i, 11, p) for i, p in [(42, 0.125), (7, 0.25)]] == [0.125, 0.25]
+
+
+def test_score_group_all_four_rewards():
+    preds, cont, bounds = [" para", " paragraph", " x", None], " paragraph", [5, 10]
+    assert score_group("prefix", preds, cont, bounds) == ([1.0, 1.0, 0.0, 0.0], [True, True, False, False])
+    assert score_group("first-token", preds, cont, bounds) == ([1.0, 0.0, 0.0, 0.0], [True, False, False, False])
+    # dense rewards judge y[0], the prediction's first TOKEN (" paragraph" may be one token, not " para")
+    ids, probs = [11, 12, 13, None], [0.5, 0.25, 0.125, None]
+    assert score_group("dense", preds, cont, bounds, ids, 11, probs) == ([1.0, 0.25, 0.125, 0.0], [True, False, False, False])
+    assert score_group("conditional-dense", preds, cont, bounds, ids, 99, probs) == ([0.0] * 4, [False] * 4)
+    with pytest.raises(ValueError, match="needs first_ids"):
+        score_group("dense", preds, cont, bounds)
+    with pytest.raises(ValueError, match="probability in \\[0, 1\\]"):
+        dense_reward(3, 4, 1.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 5)), st.floats(0, 1)), min_size=1, max_size=8),
+    st.integers(0, 5),
+)
+def test_dense_rewards_properties(group, target):
+    ids = [i for i, _ in group]
+    probs = [p for _, p in group]
+    dense = [dense_reward(i, target, p) for i, p in group]
+    for i, p, r in zip(ids, probs, dense):
+        assert 0.0 <= r <= 1.0
+        if i is None:
+            assert r == 0.0
+        elif i == target:
+            assert r == 1.0
+        else:
+            assert r == p  # the wrong token's own probability, never more than a right answer
+    cond = conditional_dense_rewards(ids, target, probs)
+    if target in ids:
+        assert cond == dense
+    else:
+        assert cond == [0.0] * len(ids)  # no right rollout: no signal, whatever the probabilities

@@ -89,6 +89,14 @@ def unsupported_options(config: Any, backend: str) -> list[str]:
 
 def check_backend(config: Any, backend: str) -> None:
     """Raise BackendOptionError naming every option `backend` cannot honour."""
+    from rpttrain.reward import DENSE_REWARDS
+
+    if backend != "rpt" and getattr(config, "reward", None) in DENSE_REWARDS:
+        raise BackendOptionError(
+            f"--backend {backend} cannot honour --reward {config.reward}: it needs the policy's probability of the "
+            f"prediction's first token, P(y[0] | x<t), which {backend}'s reward functions (text in, a number out) "
+            "never see. Use --backend rpt, or --reward prefix|first-token."
+        )
     bad = unsupported_options(config, backend)
     if bad:
         names = ", ".join(f"{n} (--{n.replace('_', '-')}={getattr(config, n)!r})" for n in bad)

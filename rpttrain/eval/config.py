@@ -11,7 +11,7 @@ from rptdata.taskdef import SPLITS
 from rpttrain.eval.harness import HarnessSettings
 from rpttrain.eval.stats import band_items
 from rpttrain.prompts import load_prompt_format
-from rpttrain.reward import REWARDS
+from rpttrain.reward import REWARD_NAMES
 
 STAGE = STAGE_EVAL
 MODES = ("ntp", "reasoning")
@@ -49,7 +49,8 @@ class EvalConfig:
         overwrite: replace an evaluation in `out`.
         batch_size: sequences per forward pass (ntp) or per generate call (reasoning).
         flush_every: tasks per predictions part (the most a crash can lose).
-        reward: reward rule from `rpttrain.reward.REWARDS` (prefix: the paper's Eq. 3).
+        reward: reward rule from `rpttrain.reward.REWARD_NAMES` (prefix: the paper's Eq. 3; the dense
+            ones take P(y[0] | x<t) from the model under test, `rpttrain.dense`).
         seed: sampling seed (reasoning with temperature > 0).
         device, dtype, trust_remote_code, progress: as in the other stages.
         lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_batch_size:
@@ -122,8 +123,8 @@ class EvalConfig:
             raise ValueError("--limit must be at least 1 (leave it out to evaluate every task)")
         if self.engine not in ("auto", "hf", "vllm"):
             raise ValueError(f"--engine must be auto, hf or vllm, not {self.engine!r}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, not {self.reward!r}")
+        if self.reward not in REWARD_NAMES:
+            raise ValueError(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
         if not self.bands or any(not math.isfinite(t) for _, t in self.bands):

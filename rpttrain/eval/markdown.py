@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpttrain.eval.harness_report import format_harness
+from rpttrain.eval.collapse import COLLAPSE_LEGEND, format_collapse
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -114,6 +115,8 @@ def format_report_md(report: dict) -> str:
               f"Cells: accuracy % (correct/n; 95% Wilson interval).", ""]
     parts += [w for w in report["warnings"]] + ([""] if report["warnings"] else [])
     parts += [format_table(report), "", format_band_counts(report), ""]
+    if format_collapse(report):
+        parts += ["## Collapse monitor and response length", "", COLLAPSE_LEGEND, "", format_collapse(report), ""]
     if report.get("paired"):
         parts += ["## Paired differences", "", PAIRED_LEGEND, "", format_paired(report), ""]
     if report.get("scaling"):

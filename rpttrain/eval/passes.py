@@ -32,7 +32,9 @@ from rptdata.scorers import entropy_from_logits
 from rpttrain.eval.config import MODES, EvalConfig
 from rpttrain.eval.store import BAND_ENTROPY_FILE, Store, empty_rows
 from rpttrain.eval.subjects import Subject
+from rpttrain.dense import GroupScorer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.reward import score_group
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.batching import last_positions_logits, plan_batches
 
@@ -41,11 +43,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NextTokens:
-    """Per context: the greedy next token, the full-softmax entropy, the top-k entropy (if asked)."""
+    """Per context: the greedy next token, the full-softmax entropy, the top-k entropy (if asked),
+    and the greedy token's probability (what the dense rewards give a wrong one)."""
 
     ids: list[int]
     entropy: list[float]
     topk_entropy: list[float] | None = None
+    top1_prob: list[float] = field(default_factory=list)
 
 
 def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, pad_id: int,
@@ -53,7 +57,7 @@ def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, p
     """One forward pass per batch of contexts (left-padded, only the last position through the
     LM head); returns the argmax next token and entropies of each context, in input order."""
     n = len(id_lists)
-    out = NextTokens([0] * n, [0.0] * n, [0.0] * n if top_k else None)
+    out = NextTokens([0] * n, [0.0] * n, [0.0] * n if top_k else None, [0.0] * n)
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     with torch.no_grad():
@@ -62,11 +66,13 @@ def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, p
             top1 = logits.argmax(-1).tolist()
             logp = torch.log_softmax(logits, dim=-1)
             ent = torch.special.entr(logp.exp()).sum(-1).tolist()
+            top1_p = logp.max(-1).values.exp().tolist()
             if top_k:
                 topk = entropy_from_logits(logits, k=top_k, mode=entropy_mode).tolist()
             for row, i in enumerate(batch):
                 out.ids[i] = int(top1[row])
                 out.entropy[i] = float(ent[row])
+                out.top1_prob[i] = float(top1_p[row])
                 if top_k:
                     out.topk_entropy[i] = float(topk[row])
     return out
@@ -103,12 +109,12 @@ class Context:
     entropy: list[float]
     bands: list[str]
     store: Store
-    reward_fn: object
+    reward_fn: object  # the string reward; None for the dense ones, which score through rpttrain.dense
     timings: dict = field(default_factory=dict)  # (label, mode) -> [seconds, tasks]
 
 
 def add_prediction(rows: dict[str, list], ctx: Context, i: int, label: str, mode: str, sample: int,
-                   prediction: str | None, model_entropy: float | None, new_tokens: int) -> None:
+                   prediction: str | None, model_entropy: float | None, new_tokens: int, reward: float) -> None:
     """Append one PREDICTIONS_SCHEMA row for task i: the prediction, its reward and the task's band."""
     task = ctx.tasks[i]
     rows["task_id"].append(task["task_id"])
@@ -116,7 +122,7 @@ def add_prediction(rows: dict[str, list], ctx: Context, i: int, label: str, mode
     rows["mode"].append(mode)
     rows["sample"].append(sample)
     rows["prediction"].append(prediction)
-    rows["reward"].append(float(ctx.reward_fn(prediction, task["continuation"], task["boundaries"])))
+    rows["reward"].append(float(reward))
     rows["band"].append(ctx.bands[i])
     rows["entropy"].append(ctx.entropy[i])
     rows["model_entropy"].append(model_entropy)
@@ -129,21 +135,26 @@ def ntp_chunk(ctx: Context, subject: Subject, model, tok, idx: list[int]) -> dic
     res = next_token_pass(model, ids, c.batch_size, pad_id(tok))
     rows = empty_rows()
     for j, i in enumerate(idx):
-        add_prediction(rows, ctx, i, subject.label, "ntp", 0, tok.decode([res.ids[j]]), res.entropy[j], 1)
+        task, pred = ctx.tasks[i], tok.decode([res.ids[j]])
+        # dense rewards: y[0] is the greedy token and P(y[0] | x<t) comes from this same forward
+        (r,), _ = score_group(c.reward, [pred], task["continuation"], task["boundaries"], [res.ids[j]],
+                              task.get("target_id"), [res.top1_prob[j]])
+        add_prediction(rows, ctx, i, subject.label, "ntp", 0, pred, res.entropy[j], 1, r)
     return rows
 
 
-def reasoning_chunk(ctx: Context, subject: Subject, engine, tok, fmt, idx: list[int]) -> dict[str, list]:
+def reasoning_chunk(ctx: Context, subject: Subject, engine, tok, fmt, idx: list[int], model=None) -> dict[str, list]:
     c = ctx.config
     prompts = [build_prompt_ids(fmt, ctx.tasks[i]["context"], tok, c.max_prompt_tokens) for i in idx]
     sampling = Sampling(n=c.samples, temperature=subject.temperature, max_new_tokens=subject.max_new_tokens,
                         seed=c.seed + idx[0], stop_token_ids=stop_ids(tok))
     groups = engine.generate(prompts, sampling)
+    scored = GroupScorer(c.reward, fmt, tok, model, c.max_prompt_tokens).score([ctx.tasks[i] for i in idx], groups)
     rows = empty_rows()
-    for i, group in zip(idx, groups):
+    for i, group, sg in zip(idx, groups, scored):
         for s, comp in enumerate(group):
-            add_prediction(rows, ctx, i, subject.label, "reasoning", s, fmt.extract(comp.text), None,
-                           len(comp.token_ids))
+            add_prediction(rows, ctx, i, subject.label, "reasoning", s, sg.predictions[s], None,
+                           len(comp.token_ids), sg.rewards[s])
     return rows
 
 
@@ -181,7 +192,7 @@ def evaluate_subject(ctx: Context, subject: Subject, todo: dict[str, list[int]],
                 if mode == "ntp":
                     rows = ntp_chunk(ctx, subject, model, tok, chunk)
                 else:
-                    rows = reasoning_chunk(ctx, subject, engine, tok, fmt, chunk)
+                    rows = reasoning_chunk(ctx, subject, engine, tok, fmt, chunk, model)
                 ctx.store.write(rows)
                 bar.update(len(chunk))
             bar.close()

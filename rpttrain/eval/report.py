@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rpttrain.eval.collapse import collapse_by_band
 from rpttrain.eval.config import STAGE, EvalConfig
 from rpttrain.eval.passes import Context
 from rpttrain.eval.stats import band_table, disjoint_counts, paired_difference, pass_at_k
@@ -49,7 +50,7 @@ def _aggregate(table: pa.Table, label: str, mode: str, task_index: dict[str, int
             continue
         total[i] += r
         count[i] += 1
-        correct[i] += r > 0
+        correct[i] += r >= 1.0  # right: 1 under every reward (a dense reward gives a wrong one its probability)
         if me is not None:
             ment[i] = me
     seen = count > 0
@@ -84,7 +85,8 @@ def build_report(config: EvalConfig, ctx: Context, manifest: dict, subjects: lis
             }
             if mode == "reasoning":
                 row.update(prompt_template=subject.prompt_template, temperature=subject.temperature,
-                           max_new_tokens=subject.max_new_tokens)
+                           max_new_tokens=subject.max_new_tokens,
+                           collapse=collapse_by_band(table, subject.label, task_index, entropy, config.bands))
                 if k > 1:
                     passk = [pass_at_k(int(n), int(c), k) for n, c in zip(agg["count"], agg["correct"])]
                     row["pass_at_k"] = {b: v["accuracy"] for b, v in band_table(entropy, passk, config.bands).items()}

@@ -27,7 +27,7 @@ from rpttrain.eval.passes import Context, band_entropies, evaluate_subject
 from rpttrain.eval.report import build_report
 from rpttrain.eval.store import HARNESS_PLOT_FILE, PLOT_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, Store, claim_report_dir
 from rpttrain.eval.subjects import check_runs, predictions_key, read_run, resolve_subjects, within_budget
-from rpttrain.reward import get_reward_fn
+from rpttrain.reward import DENSE_REWARDS, get_reward_fn
 from rpttrain.data import load_tasks
 from rpttrain.scaling import plot_scaling
 
@@ -60,7 +60,7 @@ def run_eval(config: EvalConfig) -> dict:
         faults.hit("begin")
         entropy, entropy_source = band_entropies(config, out, tasks, manifest)
         ctx = Context(config, tasks, entropy, [band_of(h, config.bands) for h in entropy], Store(out),
-                      get_reward_fn(config.reward))
+                      None if config.reward in DENSE_REWARDS else get_reward_fn(config.reward))
         done = ctx.store.done() if config.resume else set()
         if done:
             log.info("resuming: %d (task, model, mode) rows already in %s", len(done), out / PREDICTIONS_DIR)

@@ -27,8 +27,8 @@ context. The agent loop in ``rpttrain/backends/verl_agent_loop.py`` feeds those 
 tokenized exactly as ``rpt train`` does (``rpt train --backend verl`` configures it);
 with verl's stock loop the model sees the context wrapped in its chat template.
 
-Left out on purpose: the paper's ``dense`` reward (needs log-probs, see
-``rpttrain/reward.py``) and any verl config; ``rpttrain/backends/verl.py`` writes the launch.
+Left out on purpose: the paper's ``dense`` rewards (they need the policy's probability of the
+prediction's first token, see ``rpttrain/dense.py``) and any verl config; ``rpttrain/backends/verl.py`` writes the launch.
 """
 
 from __future__ import annotations
