@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # the order a user follows: the README, then the guides that build on its out/ folders (eval needs
 # README's run; compare builds its own champ/; score-entropy and tasks replace out/prep..out/tasks)
-ORDER = ["README.md", "eval.md", "compare.md", "score-entropy.md", "tasks.md"]
+ORDER = ["README.md", "eval.md", "compare.md", "ablations.md", "ray.md", "score-entropy.md", "tasks.md"]
 
 # the GPU recipe, a 14B or 1.5B hub model, several nodes or GPUs: not here (no GPU, no network)
 NOT_RUN = {
@@ -54,6 +54,16 @@ NOT_RUN = {
         "network: the 14B band model from the hub",
     "rpt export-tasks out/tasks --format verl --out out/verl --split train --prompt-template v2 --reward first-token --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-14B":
         "network: the 14B tokenizer from the hub",
+    "rpt eval out/tasks --checkpoints out/run --lm-eval-tasks mmlu_pro,supergpqa --lm-eval-fewshot 0 --lm-eval-batch-size 64 --out out/eval-table3":
+        "network: MMLU-Pro and SuperGPQA from the hub (and a GPU)",
+    "rpt eval out/tasks --model smollm2-135m --lm-eval-tasks rpt_heldout_bpb,my_task --lm-eval-include my_tasks/ --lm-eval-limit 50 --out out/eval-local":
+        "the user's own task folder (tests/test_lm_eval.py runs a local task through --lm-eval-include)",
+    "rpt prepare '/shared/corpus/*.jsonl' --out /shared/prep --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray":
+        "a Ray cluster's shared file system and the hub tokenizer",
+    "rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray":
+        "a Ray cluster with GPUs and the hub model",
+    'rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray --ray-address "$head:6379"':
+        "a Ray cluster's head node, GPUs and the hub model",
 }
 
 # applied in order to every command that runs; sizes for 2 CPU cores, local stand-ins for paths
@@ -62,10 +72,12 @@ SUBSTITUTIONS = [
     (r"\.\./shared/corpora/omnimath-rule\.jsonl", "data/omni/omni.jsonl"),
     (r"--eval-fraction 0\.1\b", "--eval-fraction 0.3"),
     (r"configs/paper\.yaml", str(ROOT / "configs" / "paper.yaml")),
-    (r"\$SLURM_ARRAY_TASK_ID|\$i\b", "0"),
+    (r"\$SLURM_ARRAY_TASK_ID", "0"),
     (r"\s*&$", ""),
     (r"path/to/other-model", "SMOLLM_DIR"),
     (r"--model M\b", "--model smollm2-135m"),
+    (r"--compare out/scored-renorm", "--compare out/scored"),
+    (r"--samples 8 --limit 32", "--samples 2 --max-new-tokens 8"),
     # prepare: a few documents of CHAMP
     (r"^(rpt prepare builtin:champ .*)$", r"\1 --max-docs 4"),
     # score-entropy: short windows
@@ -95,27 +107,36 @@ SUBSTITUTIONS = [
 
 
 def collect() -> list[tuple[str, int, str]]:
-    """(file, line, command) for every command line in a fenced block that runs `rpt`."""
+    """(file, line, command) for every command line in a fenced block that runs `rpt`; a command
+    inside `for x in a b c; do ... done` comes once per value (a NOT_RUN entry names it with `$x`)."""
     out = []
     for path in DOCS:
         lines = path.read_text().splitlines()
-        inside, pending, variables = False, None, {}
+        inside, pending, variables, loop = False, None, {}, None
         for number, line in enumerate(lines, 1):
             if line.strip().startswith("```"):
-                inside, pending, variables = not inside, None, {}
+                inside, pending, variables, loop = not inside, None, {}, None
                 continue
             if not inside:
                 continue
             text = line.strip()
             if pending is not None:
+                text = text.split(" #")[0].strip() if not pending[2] else text
                 pending[1] += " " + text.rstrip("\\").strip()
                 if pending[2] and text.endswith('"'):  # the end of a NAME="..." over several lines
                     name, value = pending[1].split("=", 1)
                     variables[name] = value.strip('"')
                     pending = None
                 elif not pending[2] and not text.endswith("\\"):
-                    out.append((path.name, pending[0], _expand(pending[1], variables)))
+                    out += _emit(path.name, pending[0], _expand(pending[1], variables), loop)
                     pending = None
+                continue
+            header = re.match(r"^for (\w+) in ([^;]+); do$", text)
+            if header:
+                loop = (header.group(1), header.group(2).split())
+                continue
+            if text.startswith("done"):
+                loop = None
                 continue
             assignment = re.match(r'^([A-Z]+)="(.*)$', text)
             if assignment:
@@ -130,8 +151,14 @@ def collect() -> list[tuple[str, int, str]]:
             if command.endswith("\\"):
                 pending = [number, command.rstrip("\\").strip(), False]
             else:
-                out.append((path.name, number, _expand(command, variables)))
+                out += _emit(path.name, number, _expand(command, variables), loop)
     return out
+
+
+def _emit(name: str, line: int, command: str, loop) -> list[tuple[str, int, str]]:
+    if loop is None or command in NOT_RUN or f"${loop[0]}" not in command:
+        return [(name, line, command)]
+    return [(name, line, re.sub(rf"\${loop[0]}\b", value, command)) for value in loop[1]]
 
 
 def _expand(command: str, variables: dict) -> str:
@@ -213,6 +240,10 @@ class Sandbox:
 
     def run(self, command: str) -> subprocess.CompletedProcess:
         args = shlex.split(command)
+        env = {}
+        while args and re.match(r"^[A-Z_]+=", args[0]):  # VAR=value rpt ...
+            key, value = args.pop(0).split("=", 1)
+            env[key] = value
         if args[0] == "torchrun":  # one process of the documented launch, through torchrun
             args = [str(self.bin / "torchrun"), "--nproc-per-node", "1", str(self.bin / "rpt"),
                     *args[args.index("$(which") + 2:]]
@@ -223,15 +254,17 @@ class Sandbox:
             if not (continues and self.writer.get(out) == same):
                 shutil.rmtree(self.folder / out, ignore_errors=True)
                 if "--resume" in args:  # the run it resumes
-                    first = self._exec(_without(args, "--resume"))
+                    first = self._exec(_without(args, "--resume"), env)
                     if first.returncode:
                         return first
             self.writer[out] = same
-        return self._exec(args)
+        return self._exec(args, env)
 
-    def _exec(self, args: list[str]) -> subprocess.CompletedProcess:
+    def _exec(self, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+        env = env or {}
         if args[0] != "rpt":
-            return subprocess.run(args, cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=900)
+            return subprocess.run(args, cwd=self.folder, env={**self.env, **env}, capture_output=True, text=True,
+                                  timeout=900)
         # `rpt ...` runs the CLI's own entry point with the same argv, in this process (the
         # `rpt` script would only add seconds of imports per command; tests/test_train_cli.py
         # runs the script itself)
@@ -242,7 +275,7 @@ class Sandbox:
         cwd = os.getcwd()
         os.chdir(self.folder)
         try:
-            result = CliRunner().invoke(cli, args[1:], env={"TOKENIZERS_PARALLELISM": "false"})
+            result = CliRunner().invoke(cli, args[1:], env={"TOKENIZERS_PARALLELISM": "false", **env})
         finally:
             os.chdir(cwd)
         stderr = result.stderr
