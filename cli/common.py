@@ -4,29 +4,29 @@ from __future__ import annotations
 
 import errno
 import functools
-from pathlib import Path
 
 import click
 
-from rptdata.errors import RptError
+from rptdata.errors import BadOption, RptError
 
 
 def library_errors(fn):
-    """Turn the library's expected failures into clean messages: an error (exit 1) naming the
-    file for RptError and for a file that cannot be read or written; a usage error (exit 2, with
-    the usage line) only for a bad option, i.e. a ValueError a config's __post_init__ raised."""
+    """Turn the library's expected failures into clean messages, by their type: a usage error
+    (exit 2, with the usage line) for BadOption, an option that cannot work; an error (exit 1)
+    naming the file for any other RptError, for a file that cannot be read or written, and for a
+    ValueError from the data (pyarrow's ArrowInvalid, a JSON decode error)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BadOption as e:
+            raise click.UsageError(str(e)) from e
         except RptError as e:
             raise click.ClickException(str(e)) from e
         except OSError as e:  # disk full, permissions, a vanished file: the system's message and the file
             raise click.ClickException(os_error_message(e)) from e
         except ValueError as e:
-            if is_option_error(e):  # config __post_init__ checks explain the broken invariant
-                raise click.UsageError(str(e)) from e
             raise click.ClickException(f"{type(e).__name__}: {e}") from e
 
     return wrapper
@@ -43,25 +43,6 @@ def os_error_message(e: OSError) -> str:
         return str(e)
     hint = " (nothing half-written was kept; free space and rerun to resume)" if e.errno == errno.ENOSPC else ""
     return f"{e.filename}: {e.strerror or e}{hint}"
-
-
-def is_option_error(e: ValueError) -> bool:
-    """Whether a ValueError is a bad option: a plain ValueError raised by rpt's own code (the
-    config __post_init__ checks, option parsers such as the prompt-format loader). Subclasses
-    (pyarrow's ArrowInvalid, JSONDecodeError, UnicodeDecodeError) and other libraries' errors are
-    about data, not options."""
-    if type(e) is not ValueError:
-        return False
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    where = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return where.is_relative_to(_ROOT) and where.relative_to(_ROOT).parts[0] in ("rptdata", "rpttrain", "cli")
-
-
-_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the rptdata, rpttrain and cli packages
 
 
 def model_help(what: str) -> str:

@@ -11,7 +11,8 @@ from cli.common import library_errors
 @click.command()
 @click.argument("scored_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--bands", default="0.5,1.0,1.5", show_default=True,
-              help="Entropy band edges: nested bands are entropy > b (the paper's easy/medium/hard), disjoint ones lie between edges.")
+              help="Entropy bands, as make-tasks and eval take them: thresholds (0.5,1.0,1.5 = easy,medium,hard) or named "
+                   "(easy=0.5,hard=1.5). Nested bands are entropy > threshold; disjoint ones lie between thresholds.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Where to write the entropy histogram PNG [default: SCORED_DIR/entropy_hist.png].")
 @click.option("--no-plot", is_flag=True, help="Skip the histogram.")
@@ -34,13 +35,14 @@ def stats(scored_dir, bands, plot_path, no_plot, as_json, compare_dir, keep_thre
     Example:
       rpt stats out/scored
       rpt stats out/scored --bands 0.5,1.0,1.5,2.0 --plot entropy.png
+      rpt stats out/scored --bands easy=0.5,hard=1.5
       rpt stats out/scored-proxy --compare out/scored-policy --keep-threshold 1.0
     """
     if compare_dir is not None:
         return _compare(scored_dir, compare_dir, bands, keep_thresholds, plot_path, no_plot, as_json)
-    from rptdata.query import compute_stats, parse_bands, plot_entropy_hist
+    from rptdata.query import compute_stats, plot_entropy_hist
 
-    s = compute_stats(scored_dir, parse_bands(bands))
+    s = compute_stats(scored_dir, bands)
     path = None if no_plot else plot_entropy_hist(s, plot_path or Path(scored_dir) / "entropy_hist.png")
     if as_json:
         click.echo(json.dumps({**s, "plot": str(path) if path else None}, indent=1, default=str))
@@ -56,12 +58,12 @@ def stats(scored_dir, bands, plot_path, no_plot, as_json, compare_dir, keep_thre
         click.echo(f"mean entropy {s['mean_entropy']:.3f}, proxy accuracy {s['accuracy']:.1%} (kept positions)")
     for title, rows in (("nested bands", s["nested"]), ("disjoint bands", s["disjoint"])):
         click.echo(f"\n{title}:")
-        click.echo(f"  {'band':<14}{'positions':>11}{'share':>9}{'accuracy':>10}")
+        click.echo(f"  {'band':<18}{'positions':>11}{'share':>9}{'accuracy':>10}")
         for r in rows:
             share = f"{r['share']:.1%}" if r["share"] is not None else "n/a"
             acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
             note = "" if r["complete"] else "  (incomplete: below --threshold)"
-            click.echo(f"  {r['band']:<14}{r['positions']:>11,}{share:>9}{acc:>10}{note}")
+            click.echo(f"  {r['band']:<18}{r['positions']:>11,}{share:>9}{acc:>10}{note}")
     if path:
         click.echo(f"\nhistogram: {path}")
 

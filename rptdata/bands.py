@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from typing import Mapping, Sequence
+from rptdata.errors import BadOption
 
 __all__ = ["DEFAULT_BANDS", "OTHER_BAND", "as_bands", "band_of", "parse_bands"]
 
@@ -52,47 +53,60 @@ def parse_bands(text: str) -> tuple[tuple[str, float], ...]:
     """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
-        raise ValueError("--bands needs at least one threshold, e.g. 0.5,1.0,1.5")
+        raise BadOption("--bands needs at least one threshold, e.g. 0.5,1.0,1.5")
     named = ["=" in p for p in parts]
     if any(named) and not all(named):
-        raise ValueError(f"--bands {text!r}: name every band (easy=0.5,...) or none")
+        raise BadOption(f"--bands {text!r}: name every band (easy=0.5,...) or none")
     try:
         if all(named):
             pairs = [(n.strip(), float(v)) for n, v in (p.split("=", 1) for p in parts)]
         else:
-            values = [float(p) for p in parts]
-            names = [n for n, _ in DEFAULT_BANDS] if len(values) == 3 else [f"gt{v:g}" for v in values]
-            pairs = list(zip(names, values))
+            pairs = _named([float(p) for p in parts])
     except ValueError:
-        raise ValueError(f"--bands {text!r}: thresholds must be numbers, e.g. 0.5,1.0,1.5") from None
+        raise BadOption(f"--bands {text!r}: thresholds must be numbers, e.g. 0.5,1.0,1.5") from None
     return tuple(pairs)
 
 
-def as_bands(bands: str | Mapping[str, float] | Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
-    """Bands given as text, a mapping or pairs -> checked (name, threshold) pairs.
+def _named(values: Sequence[float]) -> list[tuple[str, float]]:
+    """Unnamed thresholds: easy/medium/hard when there are three, else "gt<threshold>"."""
+    names = [n for n, _ in DEFAULT_BANDS] if len(values) == 3 else [f"gt{v:g}" for v in values]
+    return list(zip(names, map(float, values)))
 
+
+def as_bands(
+    bands: str | Mapping[str, float] | Sequence[tuple[str, float]] | Sequence[float],
+) -> tuple[tuple[str, float], ...]:
+    """Bands given as text, a mapping, pairs or bare thresholds -> checked (name, threshold) pairs.
+
+    The one reader of bands: `rpt stats`, make-tasks and eval all take what it takes.
     ValueError unless the names are distinct, non-empty and not "other", and the thresholds
-    finite and strictly increasing (bands are nested).
+    finite, non-negative (entropy is) and strictly increasing (bands are nested).
 
     >>> as_bands({"lo": 0.3, "hi": 2})
     (('lo', 0.3), ('hi', 2.0))
+    >>> as_bands((0.5, 1.0, 1.5))
+    (('easy', 0.5), ('medium', 1.0), ('hard', 1.5))
     >>> as_bands("hi=2,lo=0.3")
     Traceback (most recent call last):
     ...
-    ValueError: band thresholds must be finite and strictly increasing (bands are nested); got [2.0, 0.3]
+    rptdata.errors.BadOption: band thresholds must be finite and strictly increasing (bands are nested); got [2.0, 0.3]
     """
     if isinstance(bands, str):
         pairs = parse_bands(bands)
     elif isinstance(bands, Mapping):
         pairs = tuple((str(k), float(v)) for k, v in bands.items())
+    elif all(isinstance(b, (int, float)) for b in bands):
+        pairs = tuple(_named(list(bands)))
     else:
         pairs = tuple((str(n), float(t)) for n, t in bands)
     if not pairs:
-        raise ValueError("--bands needs at least one band")
+        raise BadOption("--bands needs at least one band")
     names = [n for n, _ in pairs]
     values = [t for _, t in pairs]
     if len(set(names)) != len(names) or OTHER_BAND in names or any(not n for n in names):
-        raise ValueError(f"band names must be distinct, non-empty and not {OTHER_BAND!r}; got {names}")
+        raise BadOption(f"band names must be distinct, non-empty and not {OTHER_BAND!r}; got {names}")
     if any(not math.isfinite(v) for v in values) or any(b <= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"band thresholds must be finite and strictly increasing (bands are nested); got {values}")
+        raise BadOption(f"band thresholds must be finite and strictly increasing (bands are nested); got {values}")
+    if any(v < 0 for v in values):
+        raise BadOption(f"band thresholds must be non-negative (entropy is); got {values}")
     return pairs

@@ -13,6 +13,7 @@ the token budget goes alone rather than being refused.
 from __future__ import annotations
 
 from typing import Hashable, Sequence
+from rptdata.errors import BadOption
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int | None = None, max_rows: int | None = None,
@@ -29,7 +30,7 @@ def plan_batches(lengths: Sequence[int], max_tokens: int | None = None, max_rows
     [[0, 2, 1, 3]]
     """
     if max_tokens is not None and max_tokens < 1 or max_rows is not None and max_rows < 1:
-        raise ValueError("max_tokens and max_rows must be at least 1")
+        raise BadOption("max_tokens and max_rows must be at least 1")
     keys = list(row_keys) if row_keys is not None else list(range(len(lengths)))
     first = {}
     for i, k in enumerate(keys):

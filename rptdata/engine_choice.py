@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from rptdata.errors import MissingDependency
+from rptdata.errors import BadOption, MissingDependency
 
 __all__ = ["BACKENDS", "ENGINE_CHOICES", "choose_engine", "import_vllm", "vllm_available"]
 
@@ -44,10 +44,10 @@ def choose_engine(name: str, device: str = "auto") -> str:
     >>> choose_engine("fast", "cpu")
     Traceback (most recent call last):
     ...
-    ValueError: --engine must be one of auto, hf, vllm, not 'fast'
+    rptdata.errors.BadOption: --engine must be one of auto, hf, vllm, not 'fast'
     """
     if name not in ENGINE_CHOICES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, not {name!r}")
+        raise BadOption(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, not {name!r}")
     if name == "vllm" and not vllm_available():
         raise _missing("it is not installed")
     if name != "auto":

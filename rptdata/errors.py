@@ -32,3 +32,9 @@ class MissingDependency(RptError):
 class DamagedFile(RptError):
     """A file a stage wrote is truncated, altered or unreadable; the message names the file, what is
     wrong with it, and the command that rebuilds it."""
+
+
+class BadOption(RptError, ValueError):
+    """An option (or config field) that cannot work: the command line's fault, not the data's.
+    The CLI answers it as a usage error (exit 2, with the usage line). It is a ValueError too, so
+    code that validates configs keeps catching what it caught."""

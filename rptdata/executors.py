@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from rptdata import faults
-from rptdata.errors import MissingDependency, RptError
+from rptdata.errors import BadOption, MissingDependency, RptError
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ class Executor:
 
     def __post_init__(self):
         if self.kind not in EXECUTORS:
-            raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, not {self.kind!r}")
+            raise BadOption(f"--executor must be one of {', '.join(EXECUTORS)}, not {self.kind!r}")
         if self.address and self.kind != "ray":
-            raise ValueError("--ray-address is for --executor ray")
+            raise BadOption("--ray-address is for --executor ray")
 
     def refuse(self, **options) -> None:
         """ValueError naming the first option (name -> given value; None or False: not given) that
@@ -76,7 +76,7 @@ class Executor:
             return
         for name, value in options.items():
             if value is not None and value is not False:
-                raise ValueError(
+                raise BadOption(
                     f"--executor ray runs every shard of the stage on the cluster; it does not combine with {name} "
                     f"(given: {value}). Drop {name}, or use --executor local."
                 )

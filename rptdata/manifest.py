@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 from rptdata import __version__, faults
-from rptdata.errors import DamagedFile, ManifestMismatch, MissingUpstream
+from rptdata.errors import BadOption, DamagedFile, ManifestMismatch, MissingUpstream
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
@@ -268,7 +268,7 @@ def read_manifest(root: Path, stage: str | None = None) -> dict:
 def worker_split(items: Sequence[T], worker_index: int, num_workers: int) -> list[T]:
     """Round-robin share of `items` for one worker: worker i gets items i, i+n, i+2n, ..."""
     if not 0 <= worker_index < num_workers:
-        raise ValueError(f"worker index {worker_index} is outside 0..{num_workers - 1}")
+        raise BadOption(f"worker index {worker_index} is outside 0..{num_workers - 1}")
     return list(items[worker_index::num_workers])
 
 
@@ -280,7 +280,7 @@ def worker_from_env(num_workers: int | None, worker_index: int | None) -> tuple[
     num_workers = num_workers or 1
     worker_index = worker_index or 0
     if not 0 <= worker_index < num_workers:
-        raise ValueError(f"--worker-index {worker_index} must be in 0..{num_workers - 1}")
+        raise BadOption(f"--worker-index {worker_index} must be in 0..{num_workers - 1}")
     return worker_index, num_workers
 
 

@@ -28,7 +28,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from rptdata.errors import ModelResolutionError
+from rptdata.errors import BadOption, ModelResolutionError
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def resolve_dtype(dtype: str, device: str):
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}") from None
+        raise BadOption(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}") from None
 
 
 def resolve_device(device: str) -> str:

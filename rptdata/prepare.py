@@ -54,7 +54,7 @@ from functools import partial
 from pathlib import Path
 
 from rptdata.doc_table import DOCS_SCHEMA, docs_table
-from rptdata.errors import BadInput
+from rptdata.errors import BadInput, BadOption
 from rptdata.executors import Executor, run_units
 from rptdata.manifest import (
     STAGE_PREPARE, StageDir, atomic_file, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
@@ -97,22 +97,22 @@ class PrepareConfig:
 
     def __post_init__(self):
         if self.processes < 1:
-            raise ValueError("--processes must be at least 1")
+            raise BadOption("--processes must be at least 1")
         Executor(self.executor, self.ray_address).refuse(
             **{"--processes": self.processes if self.processes > 1 else None, "--num-workers": self.num_workers, "--worker-index": self.worker_index,
                "--dedupe": self.dedupe})
         if self.dedupe:
             _refuse_dedupe_across(self.num_workers or 1, self.processes)
         if not self.inputs:
-            raise ValueError("give at least one input (file, folder, glob, builtin:champ or dataset id)")
+            raise BadOption("give at least one input (file, folder, glob, builtin:champ or dataset id)")
         if self.text_field and self.template:
-            raise ValueError("give either --text-field or --template, not both")
+            raise BadOption("give either --text-field or --template, not both")
         if self.shard_docs < 1 or self.batch_docs < 1:
-            raise ValueError("--shard-docs and --batch-docs must be at least 1")
+            raise BadOption("--shard-docs and --batch-docs must be at least 1")
         if self.max_docs is not None and self.max_docs < 1:
-            raise ValueError("--max-docs must be at least 1")
+            raise BadOption("--max-docs must be at least 1")
         if self.min_chars < 1:
-            raise ValueError("--min-chars must be at least 1 (empty documents are always dropped)")
+            raise BadOption("--min-chars must be at least 1 (empty documents are always dropped)")
 
     def identity(self) -> dict:
         """The options that decide the output (not where it goes or how it is shown)."""
@@ -165,7 +165,7 @@ def run_prepare(config: PrepareConfig) -> dict:
 
 def _refuse_dedupe_across(workers: int, processes: int) -> None:
     if workers * processes > 1:
-        raise ValueError(
+        raise BadOption(
             f"--dedupe needs one process ({workers} worker(s) x {processes} process(es) given): exact dedupe "
             "keeps the first copy in corpus order, which a worker cannot see in another worker's share. "
             "Prepare with one process, or without --dedupe (and dedupe upstream)."

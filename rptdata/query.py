@@ -3,7 +3,7 @@
     con = connect("out/scored")              # views: positions (scored shards), docs (prepared shards)
     con.sql("SELECT count(*) FROM positions WHERE entropy > 1.5").fetchall()
     export_query("out/scored", "SELECT * FROM positions", "hard.parquet", "parquet")
-    stats = compute_stats("out/scored", bands=(0.5, 1.0, 1.5))
+    stats = compute_stats("out/scored", bands="easy=0.5,medium=1.0,hard=1.5")
     plot_entropy_hist(stats, "out/scored/entropy_hist.png")
 
 The `docs` view reads the prepared shards named by the scored manifest (its `prepared.dir`);
@@ -26,14 +26,14 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from rptdata.errors import BadInput, MissingUpstream
+from rptdata.bands import DEFAULT_BANDS, as_bands
+from rptdata.errors import BadInput, BadOption, MissingUpstream
 from rptdata.manifest import STAGE_PREPARE, STAGE_SCORE, read_manifest
 
 log = logging.getLogger(__name__)
 
 STAGE = STAGE_SCORE
 FORMATS = ("csv", "json", "parquet")
-DEFAULT_BANDS = (0.5, 1.0, 1.5)
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 _EMPTY_POSITIONS = (
     "SELECT NULL::VARCHAR AS doc_id, NULL::INTEGER AS pos, NULL::INTEGER AS token_id, NULL::FLOAT AS entropy, "
@@ -109,7 +109,7 @@ def export_query(scored_dir, sql: str, path: str | Path, fmt: str, prepared=None
     import duckdb
 
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        raise BadOption(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     con = connect(scored_dir, prepared)
     options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json, ARRAY true", "parquet": "FORMAT parquet"}[fmt]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -127,19 +127,13 @@ def export_query(scored_dir, sql: str, path: str | Path, fmt: str, prepared=None
 # stats
 
 
-def parse_bands(text: str) -> tuple[float, ...]:
-    """"0.5,1.0,1.5" -> (0.5, 1.0, 1.5); strictly increasing, non-negative."""
-    try:
-        bands = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--bands must be comma-separated numbers, like 0.5,1.0,1.5 (got {text!r})") from None
-    if not bands or any(b < 0 for b in bands) or list(bands) != sorted(set(bands)):
-        raise ValueError(f"--bands must be non-negative and strictly increasing (got {text!r})")
-    return bands
+def compute_stats(scored_dir, bands=DEFAULT_BANDS, bins: int = 50) -> dict:
+    """Counts, entropy quantiles, nested and disjoint band shares and proxy accuracy, histogram.
 
-
-def compute_stats(scored_dir, bands: Sequence[float] = DEFAULT_BANDS, bins: int = 50) -> dict:
-    """Counts, entropy quantiles, nested and disjoint band shares and proxy accuracy, histogram."""
+    `bands`: anything `rptdata.bands.as_bands` reads ("0.5,1.0,1.5", "easy=0.5,hard=1.5", pairs).
+    """
+    named = as_bands(bands)
+    bands = tuple(t for _, t in named)
     manifest = read_manifest(scored_dir, STAGE)
     con = connect(scored_dir)
     opts, counts = manifest["options"], manifest["counts"]
@@ -163,7 +157,8 @@ def compute_stats(scored_dir, bands: Sequence[float] = DEFAULT_BANDS, bins: int 
     if kept:
         values = _one(con, f"SELECT quantile_cont(entropy, {list(QUANTILES)}) FROM positions")[0]
         quantiles = {f"{q:g}": float(v) for q, v in zip(QUANTILES, values)}
-    nested = [{"band": f"> {b}", "low": b, **band(f"entropy > {b!r}", b >= threshold)} for b in bands]
+    nested = [{"band": f"{name} > {b:g}", "name": name, "low": b, **band(f"entropy > {b!r}", b >= threshold)}
+              for name, b in named]
     edges = [0.0, *bands]
     disjoint = []
     for lo, hi in zip(edges, [*bands, math.inf]):
@@ -198,6 +193,7 @@ def compute_stats(scored_dir, bands: Sequence[float] = DEFAULT_BANDS, bins: int 
         "accuracy": acc,
         "quantiles": quantiles,
         "bands": list(bands),
+        "band_names": [name for name, _ in named],
         "nested": nested,
         "disjoint": disjoint,
         "histogram": {"edges": [i * width for i in range(bins + 1)], "counts": hist},

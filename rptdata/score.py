@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from rptdata.engine_choice import ENGINE_CHOICES, choose_engine
-from rptdata.errors import ManifestMismatch, ModelResolutionError, RptError
+from rptdata.errors import BadOption, ManifestMismatch, ModelResolutionError, RptError
 from rptdata.executors import Executor, connect, run_units
 from rptdata.manifest import (
     MANIFEST,
@@ -118,31 +118,31 @@ class ScoreConfig:
         Executor(self.executor, self.ray_address).refuse(
             **{"--num-workers": self.num_workers, "--worker-index": self.worker_index})
         if self.top_k < 1:
-            raise ValueError("--top-k must be at least 1")
+            raise BadOption("--top-k must be at least 1")
         if self.threshold < 0:
-            raise ValueError("--threshold must be >= 0 (entropies are never negative)")
+            raise BadOption("--threshold must be >= 0 (entropies are never negative)")
         if self.min_context < 1:
-            raise ValueError("--min-context must be at least 1: a position needs some context (no BOS is added)")
+            raise BadOption("--min-context must be at least 1: a position needs some context (no BOS is added)")
         if self.max_context is not None and self.max_context <= self.min_context:
-            raise ValueError(
+            raise BadOption(
                 f"--max-context ({self.max_context}) must exceed --min-context ({self.min_context}): "
                 "a window holds the context and the target"
             )
         if self.overlap is not None:
             top = (self.max_context - 1) if self.max_context else None
             if self.overlap < self.min_context or (top is not None and self.overlap > top):
-                raise ValueError(
+                raise BadOption(
                     f"--overlap must be between --min-context ({self.min_context}) and --max-context - 1"
                     f"{f' ({top})' if top is not None else ''}: later windows carry that much context"
                 )
         if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise ValueError("--batch-tokens must be at least 1")
+            raise BadOption("--batch-tokens must be at least 1")
         if self.engine not in ENGINE_CHOICES:
-            raise ValueError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
+            raise BadOption(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
         if self.entropy not in ENTROPY_MODES:
-            raise ValueError(f"--entropy must be one of {', '.join(ENTROPY_MODES)}")
+            raise BadOption(f"--entropy must be one of {', '.join(ENTROPY_MODES)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
+            raise BadOption("--dtype must be auto, float32, bfloat16 or float16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     executor = Executor(config.executor, config.ray_address)
     if executor.kind == "ray":
         if scorer is not None:
-            raise ValueError("a scorer passed in runs in this process; --executor ray loads one per actor")
+            raise BadOption("a scorer passed in runs in this process; --executor ray loads one per actor")
         world = worker_from_env(None, None)[1]
         executor.refuse(**{"torchrun's WORLD_SIZE": world if world > 1 else None})
         config = _on_cluster(config, executor)
@@ -174,10 +174,10 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     model_config = _model_config(config) if scorer is None else None
     max_context = config.max_context or _default_max_context(scorer, model_config)
     if max_context <= config.min_context:
-        raise ValueError(f"the window ({max_context} tokens) must exceed --min-context ({config.min_context})")
+        raise BadOption(f"the window ({max_context} tokens) must exceed --min-context ({config.min_context})")
     overlap = config.overlap if config.overlap is not None else default_overlap(max_context, config.min_context)
     if not config.min_context <= overlap < max_context:
-        raise ValueError(f"--overlap {overlap} must be in [{config.min_context}, {max_context - 1}]")
+        raise BadOption(f"--overlap {overlap} must be in [{config.min_context}, {max_context - 1}]")
     identity = {
         "prepared": {"dir": str(prep_dir), "fingerprint": prep.get("fingerprint"), "input_shards": prep["shards"]},
         "proxy": proxy,
@@ -216,7 +216,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
         if scorer is None and executor.kind == "local":
             scorer = _ShardScorer.load(config, engine_name, max_context)
         if scorer is not None and (scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy):
-            raise ValueError("the scorer passed in was built with another top_k or entropy mode than the config")
+            raise BadOption("the scorer passed in was built with another top_k or entropy mode than the config")
         factory = partial(_ShardScorer, config, engine_name, max_context, stage, prep_dir, inputs, identity["options"], scorer)
         _score_shards(prep_dir, inputs, todo, factory, identity["options"], config, executor)
 

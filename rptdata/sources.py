@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from rptdata.errors import BadInput
+from rptdata.errors import BadInput, BadOption
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".md")
 BUILTINS = {"builtin:champ": "{problem}\n\n{solution}"}  # name -> default template
@@ -123,7 +123,7 @@ class TextBuilder:
 
     def __init__(self, text_field: str | None = None, template: str | None = None):
         if text_field and template:
-            raise ValueError("give either --text-field or --template, not both")
+            raise BadOption("give either --text-field or --template, not both")
         self.template = unescape(template) if template else None
         self.text_field = text_field or ("text" if not template else None)
         self.fields = []
@@ -131,11 +131,11 @@ class TextBuilder:
             try:
                 self.fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
             except ValueError as e:
-                raise ValueError(f"--template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
+                raise BadOption(f"--template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
             if not self.fields:
-                raise ValueError(f"--template {template!r} names no field, e.g. \"{{problem}}\\n\\n{{solution}}\"")
+                raise BadOption(f"--template {template!r} names no field, e.g. \"{{problem}}\\n\\n{{solution}}\"")
             if any(not f.isidentifier() for f in self.fields):
-                raise ValueError(f"--template {template!r}: fields must be plain names like {{problem}}")
+                raise BadOption(f"--template {template!r}: fields must be plain names like {{problem}}")
 
     @property
     def names(self) -> list[str]:

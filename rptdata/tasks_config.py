@@ -13,6 +13,7 @@ from rptdata.bands import DEFAULT_BANDS, as_bands
 from rptdata.manifest import (
     STAGE_TASKS,
 )
+from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +89,22 @@ class MakeTasksConfig:
     def __post_init__(self):
         object.__setattr__(self, "bands", as_bands(self.bands))
         if not math.isfinite(self.threshold):
-            raise ValueError(f"--threshold must be a finite number, not {self.threshold}")
+            raise BadOption(f"--threshold must be a finite number, not {self.threshold}")
         if self.context_tokens < 1:
-            raise ValueError("--context-tokens must be at least 1: a task needs some context to predict from")
+            raise BadOption("--context-tokens must be at least 1: a task needs some context to predict from")
         if self.continuation_tokens < 1:
-            raise ValueError("--continuation-tokens must be at least 1: the continuation holds the target token")
+            raise BadOption("--continuation-tokens must be at least 1: the continuation holds the target token")
         if not 0.0 <= self.eval_fraction <= 1.0:
-            raise ValueError(f"--eval-fraction is a share of documents, between 0 and 1; got {self.eval_fraction}")
+            raise BadOption(f"--eval-fraction is a share of documents, between 0 and 1; got {self.eval_fraction}")
         if self.min_live is not None and not 0.0 <= self.min_live <= 1.0:
-            raise ValueError(f"--min-live is a probability, between 0 and 1; got {self.min_live}")
+            raise BadOption(f"--min-live is a probability, between 0 and 1; got {self.min_live}")
         if self.group_size < 2:
-            raise ValueError(f"--group-size must be at least 2: one sample cannot disagree with itself; got {self.group_size}")
+            raise BadOption(f"--group-size must be at least 2: one sample cannot disagree with itself; got {self.group_size}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"--temperature must be a positive number (the sampling temperature); got {self.temperature}")
+            raise BadOption(f"--temperature must be a positive number (the sampling temperature); got {self.temperature}")
         for name, cap in (("--max-tasks", self.max_tasks), ("--max-eval-tasks", self.max_eval_tasks)):
             if cap is not None and cap < 0:
-                raise ValueError(f"{name} must be 0 or more (or left out for no cap); got {cap}")
+                raise BadOption(f"{name} must be 0 or more (or left out for no cap); got {cap}")
 
     def identity(self) -> dict:
         """The options that decide the output (not where it goes or how it is shown)."""

@@ -17,6 +17,7 @@ T = completion tokens (padded).
 from __future__ import annotations
 
 import torch
+from rptdata.errors import BadOption
 
 LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
 
@@ -36,7 +37,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
     if scale == "none":
         return centered
     if scale != "group":
-        raise ValueError(f"scale must be 'group' or 'none', not {scale!r}")
+        raise BadOption(f"scale must be 'group' or 'none', not {scale!r}")
     std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(centered[:, :1])
     return centered / (std + eps)
 
@@ -96,7 +97,7 @@ def loss_denominator(mask: torch.Tensor, agg: str, max_len: int | None = None) -
         return float(max(mask.shape[0], 1))
     if agg == "dr-grpo":
         return float(max(mask.shape[0], 1) * (max_len or mask.shape[1]))
-    raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {agg!r}")
+    raise BadOption(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {agg!r}")
 
 
 def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str, denominator: float) -> torch.Tensor:
@@ -111,7 +112,7 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, agg: str, denominator
         return per_seq.sum() / denominator
     if agg in ("token-mean", "dr-grpo"):
         return (loss * mask).sum() / denominator
-    raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {agg!r}")
+    raise BadOption(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {agg!r}")
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from rpttrain import algos
 from rpttrain.precision import check_dtypes
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
+from rptdata.errors import BadOption
 
 OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
 # knobs of the next-token baselines only: they do not change an RPT run's identity
@@ -149,11 +150,11 @@ class TrainConfig:
         check_dtypes(self.compute_dtype, self.master_dtype)
         parse_report_to(self.report_to)
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+            raise BadOption(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.batch_size < 1 or self.steps < 1 or self.save_every < 1:
-            raise ValueError("batch_size, steps and save_every must be at least 1")
+            raise BadOption("batch_size, steps and save_every must be at least 1")
         if self.micro_batch_tokens < 1:
-            raise ValueError("micro_batch_tokens must be at least 1")
+            raise BadOption("micro_batch_tokens must be at least 1")
         if self.objective == "rpt":
             self._check_grpo()
         else:
@@ -161,28 +162,28 @@ class TrainConfig:
 
     def _check_grpo(self) -> None:
         if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (GRPO compares samples within a group)")
+            raise BadOption("group_size must be >= 2 (GRPO compares samples within a group)")
         if self.temperature <= 0:
-            raise ValueError("temperature must be > 0: GRPO needs different samples within a group")
+            raise BadOption("temperature must be > 0: GRPO needs different samples within a group")
         if self.loss_agg not in algos.LOSS_AGGS:
-            raise ValueError(f"loss_agg must be one of {', '.join(algos.LOSS_AGGS)}")
+            raise BadOption(f"loss_agg must be one of {', '.join(algos.LOSS_AGGS)}")
         if self.scale_rewards not in ("group", "none"):
-            raise ValueError("scale_rewards must be 'group' or 'none'")
+            raise BadOption("scale_rewards must be 'group' or 'none'")
         if self.reward not in REWARD_NAMES:
-            raise ValueError(f"reward must be one of {', '.join(REWARD_NAMES)}")
+            raise BadOption(f"reward must be one of {', '.join(REWARD_NAMES)}")
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+            raise BadOption("max_new_tokens must be at least 1")
         if self.micro_batch_tokens < self.max_new_tokens + 1:
-            raise ValueError(
+            raise BadOption(
                 f"micro_batch_tokens ({self.micro_batch_tokens}) must hold at least one whole sequence "
                 f"(max_new_tokens + prompt); raise it or lower max_new_tokens"
             )
 
     def _check_next_token(self) -> None:
         if self.ntp_positions not in ("all", "tasks"):
-            raise ValueError("ntp_positions must be 'all' or 'tasks'")
+            raise BadOption("ntp_positions must be 'all' or 'tasks'")
         if self.topk < 1:
-            raise ValueError("topk must be at least 1")
+            raise BadOption("topk must be at least 1")
 
     def identity(self) -> dict:
         """The settings that define the run (a resumed run must match them)."""
@@ -196,11 +197,11 @@ def config_from_dict(data: dict) -> TrainConfig:
     """Build a TrainConfig from YAML/dict, rejecting unknown keys by name."""
     known = {f.name for f in fields(TrainConfig)}
     if "dtype" in data:
-        raise ValueError(
+        raise BadOption(
             "option 'dtype' was replaced by compute_dtype (what forward/backward and rollouts run in) and "
             "master_dtype (what the optimizer updates; float32 by default): see rpt train --help"
         )
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        raise BadOption(f"unknown training option(s): {', '.join(unknown)}")
     return TrainConfig(**data)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rptdata.errors import RptError
+from rptdata.errors import BadOption, RptError
 from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, atomic_file, checked_shards, parquet_errors, read_manifest
 from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 
@@ -39,7 +39,7 @@ def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
     """The shard files of one split of a finished `rpt make-tasks` directory, in index order
     (for readers that want pyarrow directly, e.g. a column subset of a whole split)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise BadOption(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     manifest = read_manifest(Path(tasks_dir), STAGE_TASKS)  # refuses unfinished or foreign directories
     return checked_shards(tasks_dir, split, manifest)  # DamagedFile for a truncated or altered shard
 
@@ -58,7 +58,7 @@ def iter_tasks(tasks_dir: str | Path, split: str = "train", columns: Sequence[st
 def load_tasks(tasks_dir: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
     """The first `limit` tasks of a split (all with None), in shard order, as dicts."""
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be 0 or more, not {limit}")
+        raise BadOption(f"limit must be 0 or more, not {limit}")
     out: list[dict] = []
     if limit == 0:
         return out
@@ -131,7 +131,7 @@ class DocWindows:
 
     def __init__(self, tasks_manifest: dict, window: int, cache: str | Path):
         if window < 1:
-            raise ValueError(f"window must be at least 1, not {window}")
+            raise BadOption(f"window must be at least 1, not {window}")
         prepared = tasks_manifest.get("prepared_dir")
         if not prepared or not Path(prepared).exists():
             raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")

@@ -37,6 +37,7 @@ import torch
 from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.prompts import PromptFormat, build_prompt_ids, load_prompt_format
 from rpttrain.reward import DENSE_REWARDS, score_group
+from rptdata.errors import BadOption
 
 RAW = load_prompt_format("continuation")
 
@@ -61,7 +62,7 @@ class GroupScorer:
         self.max_prompt_tokens, self.micro_batch_tokens, self.pad_id = max_prompt_tokens, micro_batch_tokens, pad_id
         self.dense = reward in DENSE_REWARDS
         if self.dense and model is None:
-            raise ValueError(f"reward {reward!r} needs the policy model for P(y[0] | x<t)")
+            raise BadOption(f"reward {reward!r} needs the policy model for P(y[0] | x<t)")
         self.forward_tokens = 0  # tokens run through the model for the probabilities, summed over calls
 
     def reuses_prompt_logits(self) -> bool:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata import faults
-from rptdata.errors import ManifestMismatch
+from rptdata.errors import BadOption, ManifestMismatch
 from rptdata.manifest import (
     MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_TASKS, atomic_file, fingerprint, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
 )
@@ -95,7 +95,7 @@ def export_schema(format: str, fmt: PromptFormat, with_prompt_text: bool) -> pa.
         if with_prompt_text:
             fields.append(("prompt_text", pa.string()))
         return pa.schema(fields)
-    raise ValueError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    raise BadOption(f"unknown export format {format!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,9 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.format not in EXPORT_FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {self.format!r}")
+            raise BadOption(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {self.format!r}")
         if self.split not in SPLIT_CHOICES:
-            raise ValueError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, not {self.split!r}")
+            raise BadOption(f"--split must be one of {', '.join(SPLIT_CHOICES)}, not {self.split!r}")
         get_reward_fn(self.reward)  # ValueError naming the choices
 
     def splits(self) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,14 @@ def resolve_precision(compute_dtype: str, master_dtype: str, device: str) -> Pre
     >>> resolve_precision("float32", "bfloat16", "cpu")
     Traceback (most recent call last):
     ...
-    ValueError: master_dtype bfloat16 needs compute_dtype bfloat16: master weights less precise than the compute make no sense
+    rptdata.errors.BadOption: master_dtype bfloat16 needs compute_dtype bfloat16: master weights less precise than the compute make no sense
     """
     check_dtypes(compute_dtype, master_dtype)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if compute_dtype == "auto":
         compute_dtype = "bfloat16" if device_type == "cuda" else "float32"
     if master_dtype == "bfloat16" and compute_dtype != "bfloat16":
-        raise ValueError(
+        raise BadOption(
             "master_dtype bfloat16 needs compute_dtype bfloat16: master weights less precise than the compute make no sense"
         )
     p = Precision(_TORCH[compute_dtype], _TORCH[master_dtype], device_type)
@@ -92,14 +93,14 @@ def resolve_precision(compute_dtype: str, master_dtype: str, device: str) -> Pre
 def check_dtypes(compute_dtype: str, master_dtype: str) -> None:
     """Reject names the trainer does not support, saying why (float16 in particular)."""
     if compute_dtype == "float16" or master_dtype == "float16":
-        raise ValueError(
+        raise BadOption(
             "float16 training is not supported: without loss scaling its gradients underflow; use "
             "--compute-dtype bfloat16 (same speed on Ampere and newer GPUs)"
         )
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {compute_dtype!r})")
+        raise BadOption(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} (got {compute_dtype!r})")
     if master_dtype not in MASTER_DTYPES:
-        raise ValueError(f"master_dtype must be one of {', '.join(MASTER_DTYPES)} (got {master_dtype!r})")
+        raise BadOption(f"master_dtype must be one of {', '.join(MASTER_DTYPES)} (got {master_dtype!r})")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

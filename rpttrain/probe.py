@@ -35,6 +35,7 @@ from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.data import load_tasks
 from rptdata.live import live_probability
 from rptdata.manifest import STAGE_TASKS, read_manifest
+from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ class ProbeConfig:
 
     def __post_init__(self):
         if self.samples < 1 or self.tasks < 1:
-            raise ValueError("--samples and --tasks must be at least 1")
+            raise BadOption("--samples and --tasks must be at least 1")
         if not self.templates:
-            raise ValueError("give at least one --prompt-template")
+            raise BadOption("give at least one --prompt-template")
         if self.reward not in REWARD_NAMES:
-            raise ValueError(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
+            raise BadOption(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
         for t in self.templates:
             load_prompt_format(t)  # unknown names fail here, before any model loads
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rpttrain.reward import extract_prediction
+from rptdata.errors import BadOption
 
 __all__ = [
     "PLACEHOLDER",
@@ -83,7 +84,7 @@ class PromptFormat:
 
     def __post_init__(self) -> None:
         if self.uses_chat and (self.user_template is None or self.user_template.count(PLACEHOLDER) != 1):
-            raise ValueError(
+            raise BadOption(
                 f"prompt format {self.name!r}: a chat format needs a user_template holding "
                 f"{PLACEHOLDER} exactly once"
             )
@@ -141,12 +142,12 @@ def load_prompt_format(name_or_path: str) -> PromptFormat:
         return PROMPT_FORMATS[name_or_path]
     path = name_or_path.removeprefix(_FILE_PREFIX)
     if not os.path.isfile(path):
-        raise ValueError(f"unknown prompt format {name_or_path!r}; choose {_choices()}")
+        raise BadOption(f"unknown prompt format {name_or_path!r}; choose {_choices()}")
     with open(path, encoding="utf-8") as f:
         template = f.read()
     n = template.count(PLACEHOLDER)
     if n != 1:
-        raise ValueError(
+        raise BadOption(
             f"prompt template file {path!r} must contain the placeholder {PLACEHOLDER} exactly once; "
             f"found it {n} times"
         )
@@ -166,7 +167,7 @@ def get_extract(format_name: str) -> Callable[[str], str | None]:
         return PROMPT_FORMATS[format_name].extract
     if format_name.startswith(_FILE_PREFIX):
         return extract_prediction
-    raise ValueError(f"unknown prompt format {format_name!r}; choose {_choices()}")
+    raise BadOption(f"unknown prompt format {format_name!r}; choose {_choices()}")
 
 
 def build_messages(fmt: PromptFormat, context: str) -> list[dict[str, str]]:
@@ -176,7 +177,7 @@ def build_messages(fmt: PromptFormat, context: str) -> list[dict[str, str]]:
     ['### Context', '1 + 1']
     """
     if not fmt.uses_chat or fmt.user_template is None:
-        raise ValueError(f"prompt format {fmt.name!r} is raw text, not a chat; it has no messages")
+        raise BadOption(f"prompt format {fmt.name!r} is raw text, not a chat; it has no messages")
     messages = [{"role": "system", "content": fmt.system}] if fmt.system is not None else []
     messages.append({"role": "user", "content": fmt.user_template.replace(PLACEHOLDER, context, 1)})
     return messages
@@ -227,4 +228,4 @@ def build_prompt_ids(fmt: PromptFormat, context: str, tokenizer: Any, max_prompt
         if len(ids) <= max_prompt_tokens:
             return ids
         keep -= max(1, len(ids) - max_prompt_tokens)
-    raise ValueError(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")
+    raise BadOption(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")

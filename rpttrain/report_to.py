@@ -26,7 +26,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from rptdata.errors import RptError
+from rptdata.errors import BadOption, RptError
 
 REPORTERS = ("tensorboard", "wandb", "none")
 WANDB_DIR = "wandb"  # under the run directory
@@ -42,10 +42,10 @@ def parse_report_to(value: str) -> tuple[str, ...]:
     names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
     bad = [n for n in names if n not in REPORTERS]
     if bad or not names:
-        raise ValueError(f"report_to: {', '.join(bad) or repr(value)} is not one of {', '.join(REPORTERS)} "
+        raise BadOption(f"report_to: {', '.join(bad) or repr(value)} is not one of {', '.join(REPORTERS)} "
                          "(a comma-separated list, e.g. tensorboard,wandb)")
     if "none" in names and len(names) > 1:
-        raise ValueError(f"report_to: 'none' cannot be combined with other reporters ({value!r})")
+        raise BadOption(f"report_to: 'none' cannot be combined with other reporters ({value!r})")
     return tuple(dict.fromkeys(n for n in names if n != "none"))
 
 

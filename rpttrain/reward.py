@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import re
 from typing import Callable, Sequence
+from rptdata.errors import BadOption
 
 __all__ = [
     "DENSE_REWARDS",
@@ -210,7 +211,7 @@ def get_reward_fn(name: str) -> RewardFn:
     True
     """
     if name in DENSE_REWARDS:
-        raise ValueError(
+        raise BadOption(
             f"reward {name!r} needs the policy's probability of the prediction's first token, "
             "P(y[0] | x<t; theta), so it is no string function: score groups with rpttrain.dense.GroupScorer"
         )
@@ -218,7 +219,7 @@ def get_reward_fn(name: str) -> RewardFn:
         return REWARDS[name]
     except (KeyError, TypeError):
         choices = ", ".join(REWARD_NAMES)
-        raise ValueError(f"unknown reward {name!r}; choose one of: {choices}") from None
+        raise BadOption(f"unknown reward {name!r}; choose one of: {choices}") from None
 
 
 def dense_reward(first_id: int | None, target_id: int, first_prob: float | None) -> float:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from rptdata.scorers import PositionScores
 from rptdata.errors import BadInput, MissingUpstream
 from rptdata.prepare import PrepareConfig, run_prepare
-from rptdata.query import compute_stats, connect, export_query, parse_bands, plot_entropy_hist, query_rows
+from rptdata.query import compute_stats, connect, export_query, plot_entropy_hist, query_rows
 from rptdata.score import ScoreConfig, run_score_entropy
 
 TEXTS = [
@@ -150,11 +150,24 @@ def test_stats_with_threshold_marks_incomplete_bands(prep, tmp_path):
     assert [b["complete"] for b in s["disjoint"]] == [False, False, True, True]
 
 
-def test_parse_bands():
-    assert parse_bands("0.5,1.0,1.5") == (0.5, 1.0, 1.5)
-    for bad in ("", "1,0.5", "a", "-1,2", "1,1"):
+def test_stats_takes_the_bands_make_tasks_and_eval_take(prep, scored, tmp_path):
+    """One reader of bands: thresholds, named bands, and the same refusals everywhere."""
+    from cli.main import cli
+    from click.testing import CliRunner
+
+    named = compute_stats(scored, "easy=0.5,hard=1.5")
+    e = np.array([r["entropy"] for r in _expected(prep)])
+    assert [b["name"] for b in named["nested"]] == ["easy", "hard"]
+    assert [b["positions"] for b in named["nested"]] == [int((e > 0.5).sum()), int((e > 1.5).sum())]
+    assert compute_stats(scored, "0.5,1.0,1.5")["band_names"] == ["easy", "medium", "hard"]
+    result = CliRunner().invoke(cli, ["stats", str(scored), "--bands", "easy=0.5,hard=1.5", "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert "easy > 0.5" in result.output and "hard > 1.5" in result.output
+    for bad in ("", "1,0.5", "a", "-1,2", "1,1", "a=1,2"):
         with pytest.raises(ValueError):
-            parse_bands(bad)
+            compute_stats(scored, bad)
+        result = CliRunner().invoke(cli, ["stats", str(scored), "--bands", bad, "--no-plot"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (bad, result.output)
 
 
 def test_connect_needs_a_finished_scored_dir(prep, tmp_path):

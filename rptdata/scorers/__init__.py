@@ -40,6 +40,7 @@ from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from rptdata.engine_choice import choose_engine
+from rptdata.errors import BadOption
 
 MAX_CONTEXT_CAP = 2048  # default window: the model's max positions, capped here
 ENTROPY_MODES = ("full-softmax", "renormalized")
@@ -109,7 +110,7 @@ def topk_entropy(topk_logprobs, mode: str = "full-softmax"):
     if mode == "renormalized":
         q = torch.log_softmax(lp, dim=-1)
         return -(q.exp() * q).sum(-1)
-    raise ValueError(f"entropy mode must be one of {', '.join(ENTROPY_MODES)}, not {mode!r}")
+    raise BadOption(f"entropy mode must be one of {', '.join(ENTROPY_MODES)}, not {mode!r}")
 
 
 def entropy_from_logits(logits, k: int = 16, mode: str = "full-softmax"):
@@ -189,7 +190,7 @@ def load_scorer(
 ) -> Scorer:
     """Build the named scorer (`--engine` auto/hf/vllm, resolved here); model loading happens now."""
     if entropy not in ENTROPY_MODES:
-        raise ValueError(f"--entropy must be one of {', '.join(ENTROPY_MODES)}, not {entropy!r}")
+        raise BadOption(f"--entropy must be one of {', '.join(ENTROPY_MODES)}, not {entropy!r}")
     name = choose_engine(name, device)
     if name == "hf":
         from rptdata.scorers.hf import HFScorer

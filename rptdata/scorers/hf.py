@@ -40,6 +40,7 @@ import numpy as np
 from rptdata.batching import plan_batches
 from rptdata.scorers import PositionScores, check_first, plan_chunks, topk_entropy
 from rptdata.models import load_causal_lm, resolve_device
+from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class HFScorer:
         """Score positions [min_context, n) of each document in `plan_chunks` chunks, carrying the
         key/value cache between them; yield (index, scores) for every document with a position."""
         if not self.carries_kv:
-            raise ValueError("this model's cache cannot be carried between chunks; score it in windows")
+            raise BadOption("this model's cache cannot be carried between chunks; score it in windows")
         plans = [plan_chunks(len(d), chunk, max_context, min_context, first_end) for d in documents]
         order = sorted((i for i in range(len(documents)) if plans[i]), key=lambda i: (-len(documents[i]), i))
         rows = max(1, self.batch_tokens // (first_end or chunk))  # the first chunk is the widest

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from rptdata.scorers import Scorer, plan_chunks
+from rptdata.errors import BadOption
 
 DEFAULT_THRESHOLD = 0.5
 POSITIONS_SCHEMA = pa.schema(
@@ -59,10 +60,10 @@ def plan_windows(n_tokens: int, max_context: int, min_context: int = 1, overlap:
     []
     """
     if max_context <= min_context or min_context < 1:
-        raise ValueError(f"need 1 <= min_context < max_context, got {min_context}, {max_context}")
+        raise BadOption(f"need 1 <= min_context < max_context, got {min_context}, {max_context}")
     overlap = default_overlap(max_context, min_context) if overlap is None else overlap
     if not min_context <= overlap < max_context:
-        raise ValueError(f"overlap {overlap} must be in [{min_context}, {max_context - 1}]")
+        raise BadOption(f"overlap {overlap} must be in [{min_context}, {max_context - 1}]")
     if n_tokens <= min_context:
         return []
     windows = [Window(0, min_context, min(n_tokens, max_context))]
@@ -100,7 +101,7 @@ def score_docs(
     overlap = default_overlap(max_context, min_context) if overlap is None else overlap
     long_documents = long_documents or long_document_method(scorer.name, getattr(scorer, "carries_kv", False))
     if long_documents == "kv-carry" and not getattr(scorer, "carries_kv", False):
-        raise ValueError(f"the {scorer.name} scorer cannot carry a key/value cache; score long documents in windows")
+        raise BadOption(f"the {scorer.name} scorer cannot carry a key/value cache; score long documents in windows")
     carried = _carried_docs(scorer, tokens, max_context) if long_documents == "kv-carry" else set()
     # units, in (document, first position) order: a window of a document, or a whole carried document
     owner, firsts, seqs, unit_of = [], [], [], {}

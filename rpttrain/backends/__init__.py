@@ -24,7 +24,7 @@ import logging
 from dataclasses import MISSING, fields
 from typing import Any
 
-from rptdata.errors import RptError
+from rptdata.errors import BadOption, RptError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _honoured(backend: str) -> frozenset[str]:
     elif backend == "trl":
         from rpttrain.backends.trl import HONOURED
     else:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        raise BadOption(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     return HONOURED
 
 

@@ -12,6 +12,7 @@ from rpttrain.eval.harness import HarnessSettings
 from rpttrain.eval.stats import band_items
 from rpttrain.prompts import load_prompt_format
 from rpttrain.reward import REWARD_NAMES
+from rptdata.errors import BadOption
 
 STAGE = STAGE_EVAL
 MODES = ("ntp", "reasoning")
@@ -97,44 +98,44 @@ class EvalConfig:
         object.__setattr__(self, "lm_eval_tasks", tuple(self.lm_eval_tasks))
         self.harness  # checks the --lm-eval-* options
         if not self.models and not self.checkpoints:
-            raise ValueError("nothing to evaluate: give at least one --model or --checkpoints RUN_DIR")
+            raise BadOption("nothing to evaluate: give at least one --model or --checkpoints RUN_DIR")
         if self.mode not in MODE_CHOICES:
-            raise ValueError(f"--mode must be one of {', '.join(MODE_CHOICES)}, not {self.mode!r}")
+            raise BadOption(f"--mode must be one of {', '.join(MODE_CHOICES)}, not {self.mode!r}")
         if self.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+            raise BadOption(f"--split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if self.samples < 1:
-            raise ValueError("--samples must be at least 1")
+            raise BadOption("--samples must be at least 1")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
-            raise ValueError(f"--temperature must be >= 0, not {self.temperature}")
+            raise BadOption(f"--temperature must be >= 0, not {self.temperature}")
         if self.samples > 1 and self.temperature == 0:
-            raise ValueError(
+            raise BadOption(
                 f"--samples {self.samples} at temperature 0 would repeat one greedy answer {self.samples} times; "
                 "give --temperature > 0 (the paper samples at 0.8) or --samples 1"
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError("--max-new-tokens must be at least 1")
+            raise BadOption("--max-new-tokens must be at least 1")
         if self.max_prompt_tokens < 1:
-            raise ValueError("--max-prompt-tokens must be at least 1")
+            raise BadOption("--max-prompt-tokens must be at least 1")
         if self.batch_size < 1 or self.flush_every < 1:
-            raise ValueError("--batch-size and --flush-every must be at least 1")
+            raise BadOption("--batch-size and --flush-every must be at least 1")
         if self.max_compute is not None and not (math.isfinite(self.max_compute) and self.max_compute > 0):
-            raise ValueError(f"--max-compute must be a positive number of FLOPs, not {self.max_compute}")
+            raise BadOption(f"--max-compute must be a positive number of FLOPs, not {self.max_compute}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be at least 1 (leave it out to evaluate every task)")
+            raise BadOption("--limit must be at least 1 (leave it out to evaluate every task)")
         if self.engine not in ("auto", "hf", "vllm"):
-            raise ValueError(f"--engine must be auto, hf or vllm, not {self.engine!r}")
+            raise BadOption(f"--engine must be auto, hf or vllm, not {self.engine!r}")
         if self.reward not in REWARD_NAMES:
-            raise ValueError(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
+            raise BadOption(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
+            raise BadOption("--dtype must be auto, float32, bfloat16 or float16")
         if not self.bands or any(not math.isfinite(t) for _, t in self.bands):
-            raise ValueError("--bands needs finite thresholds, e.g. 0.5,1.0,1.5")
+            raise BadOption("--bands needs finite thresholds, e.g. 0.5,1.0,1.5")
         if len({name for name, _ in self.bands}) != len(self.bands) or "all" in dict(self.bands):
-            raise ValueError("--bands names must be distinct and not 'all'")
+            raise BadOption("--bands names must be distinct and not 'all'")
         if self.resume and self.overwrite:
-            raise ValueError("--resume continues an evaluation and --overwrite replaces it; give one of them")
+            raise BadOption("--resume continues an evaluation and --overwrite replaces it; give one of them")
         if self.resume and self.out is None:
-            raise ValueError("--resume needs --out: the predictions to resume live there")
+            raise BadOption("--resume needs --out: the predictions to resume live there")
         if self.prompt_template is not None:
             load_prompt_format(self.prompt_template)  # an unknown name fails before any model loads
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rptdata.errors import MissingUpstream, RptError
+from rptdata.errors import BadOption, MissingUpstream, RptError
 from rptdata.manifest import list_shards, read_json, write_json_atomic, write_text_atomic
 from rptdata.models import local_model_dir
 from rptdata.taskdef import split_of
@@ -85,15 +85,15 @@ class HarnessSettings:
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks if t.strip()))
         if self.limit is not None and self.limit < 1:
-            raise ValueError("--lm-eval-limit must be at least 1")
+            raise BadOption("--lm-eval-limit must be at least 1")
         if self.fewshot is not None and self.fewshot < 0:
-            raise ValueError("--lm-eval-fewshot must be 0 or more")
+            raise BadOption("--lm-eval-fewshot must be 0 or more")
         if self.batch_size < 1:
-            raise ValueError("--lm-eval-batch-size must be at least 1")
+            raise BadOption("--lm-eval-batch-size must be at least 1")
         if self.include is not None and not Path(self.include).is_dir():
-            raise ValueError(f"--lm-eval-include {self.include}: not a folder of task YAMLs")
+            raise BadOption(f"--lm-eval-include {self.include}: not a folder of task YAMLs")
         if self.include is not None and not self.tasks:
-            raise ValueError("--lm-eval-include needs --lm-eval-tasks: name the tasks to run")
+            raise BadOption("--lm-eval-include needs --lm-eval-tasks: name the tasks to run")
 
 
 def require_lm_eval():

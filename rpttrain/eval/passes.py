@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from rptdata.engine_choice import choose_engine
-from rptdata.errors import MissingUpstream
+from rptdata.errors import BadOption, MissingUpstream
 from rptdata.manifest import read_manifest, write_parquet_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, local_model_dir, resolve_device, vocab_hash
 from rptdata.scorers import entropy_from_logits
@@ -59,7 +59,7 @@ def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, p
     n = len(id_lists)
     out = NextTokens([0] * n, [0.0] * n, [0.0] * n if top_k else None, [0.0] * n)
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise BadOption("batch_size must be at least 1")
     with torch.no_grad():
         for batch in plan_batches([len(x) for x in id_lists], max_rows=batch_size):
             logits = last_positions_logits(model, [id_lists[i] for i in batch], k=1, pad_id=pad_id)[:, -1].float()

@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from rptdata.bands import DEFAULT_BANDS, band_of, parse_bands
+from rptdata.bands import DEFAULT_BANDS, as_bands, band_of
 
 __all__ = ["band_items", "band_table", "disjoint_counts", "paired_difference", "pass_at_k", "wilson_interval"]
 
@@ -99,17 +99,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -
 
 
 def band_items(bands) -> tuple[tuple[str, float], ...]:
-    """Bands as (name, threshold) pairs, from "0.5,1.0,1.5", a mapping, or pairs.
+    """Bands as (name, threshold) pairs: `rptdata.bands.as_bands`, the one reader of bands.
 
     >>> band_items("0.5,1.0,1.5")
     (('easy', 0.5), ('medium', 1.0), ('hard', 1.5))
     >>> band_items({"hi": 2})
     (('hi', 2.0),)
     """
-    if isinstance(bands, str):
-        return parse_bands(bands)
-    items = bands.items() if isinstance(bands, Mapping) else bands
-    return tuple((str(name), float(t)) for name, t in items)
+    return as_bands(bands)
 
 
 def band_table(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from rptdata.engine_choice import BACKENDS
+from rptdata.errors import BadOption
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError("n and max_new_tokens must be at least 1")
+            raise BadOption("n and max_new_tokens must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+            raise BadOption("temperature must be >= 0 and top_p in (0, 1]")
         if self.temperature == 0 and self.n > 1:
-            raise ValueError("greedy decoding (temperature 0) gives n identical samples; use n=1")
+            raise BadOption("greedy decoding (temperature 0) gives n identical samples; use n=1")
 
 
 @dataclass
@@ -90,7 +91,7 @@ def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
         from rpttrain.rollout.vllm import VLLMEngine
 
         return VLLMEngine(model, tokenizer, **kwargs)
-    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise BadOption(f"unknown engine {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
