@@ -58,10 +58,10 @@ def build_tasks(out: Path, tokenizer, n: int, context_tokens: int, seed: int = 0
 def write_tasks(out: Path, tasks: list[dict], entropies: list[float], tokenizer) -> Path:
     import pyarrow as pa
 
-    from rptdata.manifest import StageDir
+    from rptdata.stage import StageDir
     from rptdata.models import vocab_hash
     from rptdata.bands import band_of
-    from rptdata.manifest import STAGE_TASKS as STAGE
+    from rptdata.io import STAGE_TASKS as STAGE
     from rptdata.taskdef import TASKS_SCHEMA
 
     stage = StageDir(out, STAGE, ["train", "eval"])

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from rptdata.bands import OTHER_BAND, as_bands
 from rptdata.errors import BadInput
-from rptdata.manifest import STAGE_SCORE, read_manifest
+from rptdata.io import STAGE_SCORE, read_manifest
 from rptdata.query import _parquet_list, save_png
 
 __all__ = ["compare_scorings", "plot_fidelity", "same_corpus"]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rptdata.errors import BadOption, ModelResolutionError
+from rptdata.io import atomic_folder, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,8 @@ def _gguf_cache_dir(src: ModelSource) -> Path:
 def _atomic_save_dir(final: Path, save) -> Path:
     """Run save(tmp_dir) and rename the folder into place, so a crash leaves no half cache."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process won the race; theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(final, replace=False) as tmp:  # another process that won the race: theirs is as good
+        save(tmp)
     return final
 
 
@@ -240,7 +236,6 @@ def load_plain_tokenizer(spec: str, trust_remote_code: bool = False):
             return plain if same else load_tokenizer(spec)
     auto = load_tokenizer(spec)
     same = _parts(auto.backend_tokenizer) == _parts(plain) and auto.get_vocab() == plain.get_vocab()
-    from rptdata.manifest import write_json_atomic
 
     write_json_atomic(stamp, {"folder": str(folder), "same": same})
     return plain if same else auto

@@ -56,9 +56,16 @@ from pathlib import Path
 from rptdata.doc_table import DOCS_SCHEMA, docs_table
 from rptdata.errors import BadInput, BadOption
 from rptdata.executors import Executor, run_units
-from rptdata.manifest import (
-    STAGE_PREPARE, StageDir, atomic_file, list_shards, read_manifest, read_parquet, shard_name, worker_from_env, worker_split, write_json_atomic,
+from rptdata.io import (
+    STAGE_PREPARE,
+    atomic_file,
+    list_shards,
+    read_manifest,
+    read_parquet,
+    shard_name,
+    write_json_atomic,
 )
+from rptdata.stage import StageDir, worker_from_env, worker_split
 from rptdata.models import DEFAULT_MODEL, load_plain_tokenizer, model_name, vocab_hash
 from rptdata.sources import RawRecord, TextBuilder, expand_inputs
 from rptdata.stream import RecordStream, plan_units

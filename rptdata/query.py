@@ -28,7 +28,7 @@ from typing import Sequence
 
 from rptdata.bands import DEFAULT_BANDS, as_bands
 from rptdata.errors import BadInput, BadOption, MissingUpstream
-from rptdata.manifest import STAGE_PREPARE, STAGE_SCORE, read_manifest
+from rptdata.io import STAGE_PREPARE, STAGE_SCORE, atomic_file, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,11 @@ def export_query(scored_dir, sql: str, path: str | Path, fmt: str, prepared=None
     con = connect(scored_dir, prepared)
     options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json, ARRAY true", "parquet": "FORMAT parquet"}[fmt]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(Path(path).name + ".tmp-export")
-    try:
-        n = _one(con, f"COPY ({sql.strip().rstrip(';')}) TO {_sql_str(tmp)} ({options})")[0]
-    except duckdb.Error as e:
-        tmp.unlink(missing_ok=True)
-        raise BadInput(f"query failed: {e}") from e
-    tmp.replace(path)
+    with atomic_file(Path(path)) as tmp:
+        try:
+            n = _one(con, f"COPY ({sql.strip().rstrip(';')}) TO {_sql_str(tmp)} ({options})")[0]
+        except duckdb.Error as e:
+            raise BadInput(f"query failed: {e}") from e
     return int(n)
 
 
@@ -229,8 +227,9 @@ def save_png(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

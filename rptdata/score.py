@@ -29,7 +29,7 @@ positions scored, kept, below the threshold, skipped for too little context.
 
 Scale-out: `num_workers`/`worker_index` (or torchrun's WORLD_SIZE/RANK) split the input shards;
 each worker writes its own shards and markers, and the worker that finds every shard done writes
-the manifest (or `merge_scored(out)` afterwards). Resume and refusal rules: `rptdata.manifest`.
+the manifest (or `merge_scored(out)` afterwards). Resume and refusal rules: `rptdata.stage`.
 
 Left out on purpose: a BOS token before the document (documents are scored exactly as prepared),
 and scoring positions with no context.
@@ -50,19 +50,17 @@ import pyarrow as pa
 from rptdata.engine_choice import ENGINE_CHOICES, choose_engine
 from rptdata.errors import BadOption, ManifestMismatch, ModelResolutionError, RptError
 from rptdata.executors import Executor, connect, run_units
-from rptdata.manifest import (
+from rptdata.io import (
     MANIFEST,
     RUN_FILE,
     STAGE_PREPARE,
     STAGE_SCORE,
-    StageDir,
     check_shard,
     read_manifest,
     read_parquet,
     shard_index,
-    worker_from_env,
-    worker_split,
 )
+from rptdata.stage import StageDir, worker_from_env, worker_split
 from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
 from rptdata.scorers.positions import (
     DEFAULT_THRESHOLD, POSITIONS_SCHEMA, TOPK_FIELDS, default_overlap, long_document_method, score_docs,

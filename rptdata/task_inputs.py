@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
 from rptdata.live import accepted_prediction, live_probability, position_accept_mass
-from rptdata.manifest import (
+from rptdata.io import (
     check_shard,
     parquet_errors,
     read_parquet,

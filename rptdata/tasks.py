@@ -28,7 +28,7 @@ the tasks with the smallest seeded hash of their task id: exact and deterministi
 first pass that holds only a heap of (hash, shard, row) of size N, never the tasks themselves.
 
 Memory is one docs shard and its positions shard at a time. Resume and rerun refusal are
-`rptdata.manifest.StageDir`'s: a shard is done when both of its split shards have markers.
+`rptdata.stage.StageDir`'s: a shard is done when both of its split shards have markers.
 
 Left out on purpose: splitting the work between processes (this stage is I/O-bound and fast),
 filtering by band (bands are labels; filter with `--threshold` or when loading), and balancing
@@ -49,11 +49,8 @@ import numpy as np
 import pyarrow as pa
 
 from rptdata.bands import OTHER_BAND, band_of
-from rptdata.manifest import (
-    MANIFEST,
-    StageDir,
-    shard_name,
-)
+from rptdata.io import MANIFEST, shard_name
+from rptdata.stage import StageDir
 from rptdata.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_rule
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,7 @@ from dataclasses import asdict, dataclass
 
 
 from rptdata.bands import DEFAULT_BANDS, as_bands
-from rptdata.manifest import (
-    STAGE_TASKS,
-)
+from rptdata.io import STAGE_TASKS
 from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
     report = verify_dir("out/scored", deep=True)   # + every shard decoded, its rows vs its marker's
     report["problems"]                             # [{"file", "problem"}], empty when clean
 
-It reads the records the stages keep (rptdata/manifest.py: completion markers, manifest["files"];
+It reads the records the stages keep (rptdata/stage.py: completion markers, manifest["files"];
 rpttrain/checkpoint.py: state.json["files"]; export-tasks' manifest["checksums"]) and checks:
   data stages (prepare, score-entropy, make-tasks): manifest.json and every marker parse; each
       marker's shard exists with its size and sha256; the manifest's "files" equal the markers;
@@ -20,9 +20,18 @@ import json
 from pathlib import Path
 
 from rptdata.errors import DamagedFile, RptError
-from rptdata.manifest import (
-    DONE_DIR, MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS, digest_problem,
-    list_shards, parquet_errors, rebuild_hint,
+from rptdata.io import (
+    DONE_DIR,
+    MANIFEST,
+    RUN_FILE,
+    STAGE_EXPORT,
+    STAGE_PREPARE,
+    STAGE_SCORE,
+    STAGE_TASKS,
+    digest_problem,
+    list_shards,
+    parquet_errors,
+    rebuild_hint,
 )
 
 DATA_STAGES = (STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS)

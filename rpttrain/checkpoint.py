@@ -29,7 +29,7 @@ import torch
 
 from rptdata import faults
 from rptdata.errors import DamagedFile
-from rptdata.manifest import digest_problem, file_digest, read_json
+from rptdata.io import atomic_folder, digest_problem, file_digest, read_json, write_json_atomic, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 MASTER_WEIGHTS = "master.safetensors"
@@ -64,30 +64,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def link_checkpoint(run_dir: Path, folder: Path, step: int, state: dict) -> Path:
+    """Make TRL's checkpoint-N readable as an rpt checkpoint: state.json in it, and
+    RUN/checkpoints/step-N linking to it (links to checkpoints TRL has rotated away are removed)."""
+    write_json_atomic(Path(folder) / STATE_FILE, {"step": step, "backend": "trl", **state})
+    link = checkpoint_dir(run_dir, step)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(folder, link.parent), target_is_directory=True)
+    for stale in link.parent.iterdir():
+        if stale.is_symlink() and not stale.exists():
+            stale.unlink()
+    return link
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
                     hf_dtype: torch.dtype | None = None) -> Path:
     """Write step-N atomically. `hf_dtype`: the dtype of the HF folder (default: the parameters');
     when it differs from the parameters', the exact parameters also go to master.safetensors."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_hf_model(model, tmp, hf_dtype)
-    faults.hit("checkpoint-weights", tmp)
-    if hf_dtype is not None and hf_dtype != next(model.parameters()).dtype:
-        from safetensors.torch import save_model
+    with atomic_folder(final, fault="checkpoint-rename") as tmp:
+        save_hf_model(model, tmp, hf_dtype)
+        faults.hit("checkpoint-weights", tmp)
+        if hf_dtype is not None and hf_dtype != next(model.parameters()).dtype:
+            from safetensors.torch import save_model
 
-        save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied (shared) tensors
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    # RNG states hold numpy/python objects; pickle them apart from the tensors
-    torch.save(_rng_to_tensors(rng_state()), tmp / "rng.pt")
-    files = _digests(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, "files": files}, indent=2))
-    faults.hit("checkpoint-rename", tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+            save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied (shared) tensors
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        # RNG states hold numpy/python objects; pickle them apart from the tensors
+        torch.save(_rng_to_tensors(rng_state()), tmp / "rng.pt")
+        write_json_atomic(tmp / STATE_FILE, {"step": step, **state, "files": _digests(tmp)})
     faults.hit("checkpoint-prune", final)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -143,7 +151,7 @@ def save_hf_model(model, folder: Path, dtype: torch.dtype | None = None) -> None
     for key in ("dtype", "torch_dtype"):
         if key in config or key == "dtype":
             config[key] = name
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_master_weights(ckpt: Path, model) -> bool:

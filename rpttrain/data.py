@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadOption, RptError
-from rptdata.manifest import STAGE_PREPARE, STAGE_TASKS, atomic_file, checked_shards, parquet_errors, read_manifest
+from rptdata.io import STAGE_PREPARE, STAGE_TASKS, atomic_file, checked_shards, parquet_errors, read_manifest
 from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)

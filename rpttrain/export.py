@@ -33,8 +33,18 @@ import pyarrow.parquet as pq
 
 from rptdata import faults
 from rptdata.errors import BadOption, ManifestMismatch
-from rptdata.manifest import (
-    MANIFEST, RUN_FILE, STAGE_EXPORT, STAGE_TASKS, atomic_file, fingerprint, checked_shards, file_digest, parquet_errors, read_manifest, write_json_atomic,
+from rptdata.io import (
+    MANIFEST,
+    RUN_FILE,
+    STAGE_EXPORT,
+    STAGE_TASKS,
+    atomic_file,
+    fingerprint,
+    checked_shards,
+    file_digest,
+    parquet_errors,
+    read_manifest,
+    write_json_atomic,
 )
 from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format

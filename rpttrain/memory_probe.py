@@ -58,7 +58,7 @@ def column_max(files: list[Path], column: str) -> int:
 def data_shape(config, tasks_manifest: dict, tokenizer) -> DataShape:
     """The longest context the run will train on, and what its prompt format adds: from the task
     shards' `context_tokens` (or, for `--ntp-positions all`, the documents' `n_tokens`)."""
-    from rptdata.manifest import list_shards
+    from rptdata.io import list_shards
     from rpttrain.prompts import build_prompt_ids, load_prompt_format
 
     c = config

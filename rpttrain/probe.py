@@ -34,7 +34,7 @@ from rptdata.engine_choice import choose_engine
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.data import load_tasks
 from rptdata.live import live_probability
-from rptdata.manifest import STAGE_TASKS, read_manifest
+from rptdata.io import STAGE_TASKS, read_manifest, write_text_atomic
 from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,7 @@ def run_probe(config: ProbeConfig) -> list[dict]:
     finally:
         engine.close()
     if config.out:
-        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(rows, indent=2))
+        write_text_atomic(Path(config.out), json.dumps(rows, indent=2))
     return rows
 
 

@@ -148,9 +148,11 @@ def _wandb_run(run_dir: Path, config: dict) -> Any:
     folder = run_dir / WANDB_DIR
     folder.mkdir(parents=True, exist_ok=True)
     id_file = folder / "rpt-run-id"
+    from rptdata.io import write_text_atomic
+
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if not run_id:
         run_id = secrets.token_hex(4)
-        id_file.write_text(run_id + "\n")
+        write_text_atomic(id_file, run_id + "\n")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "rpt"), name=run_dir.name, id=run_id, resume="allow",
                       dir=os.environ.get("WANDB_DIR", str(run_dir)), config=config)

@@ -41,7 +41,15 @@ import torch
 from rptdata import faults
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
-from rptdata.manifest import STAGE_TASKS, STAGE_TRAIN, claim_run_dir, read_manifest, truncate_jsonl, write_json_atomic, write_text_atomic
+from rptdata.io import (
+    STAGE_TASKS,
+    STAGE_TRAIN,
+    read_manifest,
+    truncate_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
+from rptdata.stage import claim_run_dir
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
 from rpttrain.checkpoint import (
     list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint, verify_checkpoint,
@@ -142,7 +150,7 @@ class Trainer:
 
     def _claim_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
         """Refuse another run's directory, resume this one's, or clear it with --overwrite (the
-        rules of `rptdata.manifest.claim_run_dir`, shared by every stage); then write config.yaml
+        rules of `rptdata.stage.claim_run_dir`, shared by every stage); then write config.yaml
         and trained_on.json. Returns the complete checkpoints to resume from."""
         c = self.config
         identity = {"train": c.identity(), "tasks": self.tasks_manifest.get("fingerprint")}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rptdata.manifest import StageDir
+from rptdata.stage import StageDir
 from rptdata.models import load_tokenizer, vocab_hash
-from rptdata.manifest import STAGE_TASKS as STAGE
+from rptdata.io import STAGE_TASKS as STAGE
 from rptdata.taskdef import TASKS_SCHEMA
 
 
@@ -73,7 +73,7 @@ def rewrite_shard(root: Path, path: Path, table) -> None:
 
     import pyarrow.parquet as pq
 
-    from rptdata.manifest import MANIFEST, file_digest
+    from rptdata.io import MANIFEST, file_digest
 
     pq.write_table(table, path)
     manifest_path = Path(root) / MANIFEST

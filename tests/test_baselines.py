@@ -143,7 +143,7 @@ def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_j
     # the windows come from the training documents only (the tasks' split rule), none held out
     import pyarrow.parquet as pq
 
-    from rptdata.manifest import read_manifest
+    from rptdata.io import read_manifest
     from rpttrain.data import DocWindows
 
     docs = pq.read_table(tmp_path / "prep" / "docs" / "part-00000.parquet").to_pylist()

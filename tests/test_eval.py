@@ -341,7 +341,7 @@ def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_p
         row["doc_id"] = row["doc_id"].replace("eval-", "train-")
     import pyarrow as pa
 
-    from rptdata.manifest import file_digest
+    from rptdata.io import file_digest
     from rptdata.taskdef import TASKS_SCHEMA
 
     pq.write_table(pa.Table.from_pylist(table, schema=TASKS_SCHEMA), other / "eval" / "part-00000.parquet")

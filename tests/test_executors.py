@@ -18,7 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from rptdata.manifest import list_shards, read_manifest  # noqa: E402
+from rptdata.io import list_shards, read_manifest  # noqa: E402
 from rptdata.prepare import PrepareConfig, run_prepare  # noqa: E402
 from rptdata.score import ScoreConfig, run_score_entropy  # noqa: E402
 

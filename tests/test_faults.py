@@ -29,7 +29,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from rptdata.manifest import StageDir, list_shards
+from rptdata.io import list_shards
+from rptdata.stage import StageDir
 from rptdata.verify import verify_dir
 from tests.rpt_fixtures import tiny_llama
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from rptdata.errors import DamagedFile
-from rptdata.manifest import file_digest, list_shards, read_manifest
+from rptdata.io import file_digest, list_shards, read_manifest
 from rptdata.prepare import PrepareConfig, run_prepare
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
@@ -60,7 +60,7 @@ def test_a_damaged_shard_stops_the_consumer_and_a_rerun_redoes_only_it(tmp_path,
     before = {p.name: (p.stat().st_mtime_ns, file_digest(p)) for p in shards}
     _flip_byte(shards[1])
     # a consumer (make-tasks reads the docs shards the same way) names the file and the command
-    from rptdata.manifest import check_shard
+    from rptdata.io import check_shard
 
     with pytest.raises(DamagedFile, match=r"docs/part-00001\.parquet: damaged: its sha256 differs.*rerun `rpt prepare"):
         check_shard(prep, "docs/part-00001.parquet", read_manifest(prep))

@@ -26,7 +26,8 @@ from rptdata.live import (
     predicted_zero_variance,
     tempered_accept_mass,
 )
-from rptdata.manifest import StageDir, list_shards, read_manifest
+from rptdata.io import list_shards, read_manifest
+from rptdata.stage import StageDir
 from rptdata.spans import ByteSpanTokenizer
 from rptdata.tasks import SKIP_REASONS, run_make_tasks
 from tests.rpt_fixtures import rewrite_shard

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from rptdata import prepare as prepare_mod
 from rptdata.errors import BadInput, ManifestMismatch
-from rptdata.manifest import list_shards, read_manifest
+from rptdata.io import list_shards, read_manifest
 from rptdata.prepare import PrepareConfig, run_prepare
 from tests.conftest import OMNIMATH
 

@@ -59,7 +59,7 @@ def test_probe_shows_the_predicted_share_beside_the_observed_one(tmp_path, tiny_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rptdata.manifest import list_shards
+    from rptdata.io import list_shards
 
     model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
     tasks = write_tasks_dir(tmp_path / "t", str(tiny_bpe_dir), PAIRS)

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from cli.main import cli
 from rptdata.errors import ManifestMismatch, MissingUpstream
-from rptdata.manifest import StageDir, list_shards, read_manifest, shard_index
+from rptdata.io import list_shards, read_manifest, shard_index
+from rptdata.stage import StageDir
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.spans import ByteSpanTokenizer
 from rptdata import tasks as tasks_mod

@@ -51,8 +51,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rptdata.errors import ManifestMismatch
-from rptdata.manifest import fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic
+from rptdata.io import STAGE_TRAIN, fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic, write_text_atomic
+from rptdata.stage import claim_run_dir
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 from rpttrain.report_to import trl_report_to
 
@@ -215,28 +215,16 @@ def _identity(config: Any) -> str:
 
 
 def prepare_run(config: Any, resume: bool, overwrite: bool) -> Path:
-    """Create or reopen RUN: refuse another run's directory, or checkpoints without --resume."""
+    """Create or reopen RUN by the rule every stage shares (`rptdata.stage.claim_run_dir`): another
+    run's directory is refused, kept checkpoints need --resume, --overwrite clears our files."""
+    import trl
     import yaml
 
     run = Path(config.out)
-    meta = run / "backend.json"
-    if overwrite:
-        for name in OWN_FILES:
-            p = run / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-    elif meta.exists():
-        previous = json.loads(meta.read_text())
-        if previous.get("fingerprint") != _identity(config):
-            raise ManifestMismatch(f"{run} holds a run with other settings; use another --out or --overwrite")
-        if _last_trl_checkpoint(run) and not resume:
-            raise ManifestMismatch(f"{run} already has checkpoints; pass --resume to continue it, or --overwrite")
-    elif (run / "config.yaml").exists() or (run / "checkpoints").exists():
-        raise ManifestMismatch(f"{run} holds a run of another backend; use another --out or --overwrite")
-    run.mkdir(parents=True, exist_ok=True)
-    import trl
-
-    meta.write_text(json.dumps({"backend": "trl", "trl": trl.__version__, "fingerprint": _identity(config)}, indent=2))
-    (run / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    claim_run_dir(run, STAGE_TRAIN, {"backend": "trl", "train": _identity(config)}, OWN_FILES, overwrite=overwrite,
+                  resume=resume, progress=(f"{TRL_DIR}/checkpoint-*", "checkpoints/step-*"))
+    write_json_atomic(run / "backend.json", {"backend": "trl", "trl": trl.__version__, "fingerprint": _identity(config)})
+    write_text_atomic(run / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=False))
     return run
 
 
@@ -247,22 +235,6 @@ def _last_trl_checkpoint(run: Path) -> Path | None:
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     return Path(last) if last else None
 
-
-def link_checkpoint(run_dir: Path, folder: Path, step: int, state: dict) -> Path:
-    """Make TRL's checkpoint-N readable as an rpt checkpoint: state.json in it, and
-    RUN/checkpoints/step-N linking to it (links to checkpoints TRL has rotated away are removed)."""
-    from rpttrain.checkpoint import checkpoint_dir
-
-    (folder / "state.json").write_text(json.dumps({"step": step, "backend": "trl", **state}, indent=2))
-    link = checkpoint_dir(run_dir, step)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.relpath(folder, link.parent), target_is_directory=True)
-    for stale in link.parent.iterdir():
-        if stale.is_symlink() and not stale.exists():
-            stale.unlink()
-    return link
 
 
 def train_dataset(tasks_dir: str, cache: Path):
@@ -360,7 +332,7 @@ def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mix
     import yaml
 
     cfg = run / "accelerate.yaml"
-    cfg.write_text(yaml.safe_dump(accelerate_config(sharding, gpus_per_node, nodes, mixed_precision, cpu), sort_keys=False))
+    write_text_atomic(cfg, yaml.safe_dump(accelerate_config(sharding, gpus_per_node, nodes, mixed_precision, cpu), sort_keys=False))
     q = shlex.quote
     lines = ["#!/usr/bin/env bash", "# written by `rpt train --backend trl`; run it on every node", "set -euo pipefail",
              f"exec {q(sys.executable)} -m accelerate.commands.launch --config_file {q(str(cfg.resolve()))} \\"]
@@ -369,7 +341,7 @@ def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mix
                      '--main_process_ip "${MAIN_PROCESS_IP:?set MAIN_PROCESS_IP}" --main_process_port "${MAIN_PROCESS_PORT:-29500}" \\')
     lines.append(f"    -m rpttrain.backends.trl {q(str(run.resolve()))}" + (" --resume" if resume else ""))
     script = run / "launch-trl.sh"
-    script.write_text("\n".join(lines) + "\n")
+    write_text_atomic(script, "\n".join(lines) + "\n")
     script.chmod(0o755)
     return ["bash", str(script)]
 

@@ -147,7 +147,7 @@ class RunLog(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rpttrain.backends.trl import link_checkpoint
+        from rpttrain.checkpoint import link_checkpoint
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         totals = {"flops": self.flops(state), "update_tokens": int(state.num_input_tokens_seen)}

@@ -55,8 +55,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rptdata.errors import ManifestMismatch
-from rptdata.manifest import read_manifest
+from rptdata.io import STAGE_TRAIN, read_manifest, write_json_atomic, write_text_atomic
+from rptdata.stage import claim_run_dir
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 from rpttrain.report_to import verl_loggers
 
@@ -249,19 +249,10 @@ def run_verl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes
         raise BackendOptionError(f"--backend verl trains on GPUs; --device {c.device} cannot be honoured")
     run = Path(c.out).resolve()
     vdir = run / VERL_DIR
-    meta = run / "backend.json"
-    if overwrite:
-        shutil.rmtree(vdir, ignore_errors=True)
-        for name in ("config.yaml", "backend.json"):
-            (run / name).unlink(missing_ok=True)
-    elif meta.exists():
-        previous = json.loads(meta.read_text())
-        if previous.get("config") != asdict(c) and (vdir / "checkpoints").exists():
-            raise ManifestMismatch(f"{run} holds a verl run with other settings; use another --out or --overwrite")
-        if (vdir / "checkpoints").exists() and not resume:
-            raise ManifestMismatch(f"{run} already has verl checkpoints; pass --resume to continue it, or --overwrite")
-    elif (run / "config.yaml").exists():
-        raise ManifestMismatch(f"{run} holds a run of another backend; use another --out or --overwrite")
+    # the rule every stage shares (`rptdata.stage.claim_run_dir`); kept checkpoints need --resume
+    claim_run_dir(run, STAGE_TRAIN, {"backend": "verl", "config": asdict(c)}, ("config.yaml", "backend.json", VERL_DIR),
+                  overwrite=overwrite, resume=resume,
+                  progress=(f"{VERL_DIR}/checkpoints", "checkpoints/step-*", "trl/checkpoint-*"))
     fmt = load_prompt_format(c.prompt_template)
     check_tokenizer(c, read_manifest(Path(c.tasks_dir), "make-tasks"), load_tokenizer(c.model, c.trust_remote_code))
     vdir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +261,7 @@ def run_verl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes
                                            reward=c.reward, overwrite=True, progress=c.progress))
     raw = not fmt.uses_chat
     if raw:
-        (vdir / "agent_loop.yaml").write_text(agent_loop_yaml())
+        write_text_atomic(vdir / "agent_loop.yaml", agent_loop_yaml())
     reward_path = str(Path(reward_module.__file__).resolve())
     plan = phases(c)
     overrides = [verl_overrides(c, data_dir=data, run_dir=run, model_path=_model_path(c.model), reward_path=reward_path,
@@ -278,10 +269,10 @@ def run_verl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes
                  for last, dyn in plan]
     metrics = [vdir / f"metrics-phase{i}.jsonl" for i in range(1, len(plan) + 1)]
     script = vdir / "launch.sh"
-    script.write_text(launch_script(overrides, metrics))
+    write_text_atomic(script, launch_script(overrides, metrics))
     script.chmod(0o755)
-    (run / "config.yaml").write_text(yaml.safe_dump(asdict(c), sort_keys=False))
-    meta.write_text(json.dumps({"backend": "verl", "verl": VERL_VERSION, "config": asdict(c)}, indent=2, default=str))
+    write_text_atomic(run / "config.yaml", yaml.safe_dump(asdict(c), sort_keys=False))
+    write_json_atomic(run / "backend.json", {"backend": "verl", "verl": VERL_VERSION, "config": asdict(c)})
     summary = {"backend": "verl", "run_dir": str(run), "script": str(script), "command": f"bash {shlex.quote(str(script))}",
                "phases": plan, "rows": export["rows"], "overrides": overrides}
     if launch:

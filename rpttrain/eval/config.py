@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from rptdata.bands import DEFAULT_BANDS
-from rptdata.manifest import STAGE_EVAL
+from rptdata.io import STAGE_EVAL
 from rptdata.taskdef import SPLITS
 from rpttrain.eval.harness import HarnessSettings
 from rpttrain.eval.stats import band_items

@@ -40,7 +40,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadOption, MissingUpstream, RptError
-from rptdata.manifest import list_shards, read_json, write_json_atomic, write_text_atomic
+from rptdata.io import atomic_file, list_shards, read_json, write_json_atomic, write_text_atomic
 from rptdata.models import local_model_dir
 from rptdata.taskdef import split_of
 
@@ -131,19 +131,17 @@ def write_builtin_task(tasks_dir: Path, manifest: dict, folder: Path) -> Path:
         raise MissingUpstream(f"{tasks_dir}/manifest.json records no split rule (split.seed, split.eval_fraction)")
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{BUILTIN_BPB}.jsonl"
-    tmp = data.with_suffix(".jsonl.tmp")
     n = 0
-    with tmp.open("w") as f:
-        for shard in list_shards(Path(prepared) / "docs"):
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["doc_id", "text"]):
-                for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    if text and split_of(doc_id, rule["seed"], rule["eval_fraction"]) == "eval":
-                        f.write(json.dumps({"doc_id": doc_id, "text": text}) + "\n")
-                        n += 1
-    if not n:
-        tmp.unlink()
-        raise RptError(f"--lm-eval-tasks {BUILTIN_BPB}: the prepared corpus {prepared} holds no eval-split document")
-    tmp.replace(data)
+    with atomic_file(data) as tmp:
+        with tmp.open("w") as f:
+            for shard in list_shards(Path(prepared) / "docs"):
+                for batch in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["doc_id", "text"]):
+                    for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                        if text and split_of(doc_id, rule["seed"], rule["eval_fraction"]) == "eval":
+                            f.write(json.dumps({"doc_id": doc_id, "text": text}) + "\n")
+                            n += 1
+        if not n:
+            raise RptError(f"--lm-eval-tasks {BUILTIN_BPB}: the prepared corpus {prepared} holds no eval-split document")
     write_text_atomic(folder / f"{BUILTIN_BPB}.yaml",
                       BPB_YAML.format(tasks_dir=tasks_dir, name=BUILTIN_BPB, data=json.dumps(str(data.resolve()))))
     log.info("%s: %d held-out documents in %s", BUILTIN_BPB, n, data)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import BadOption, MissingUpstream
-from rptdata.manifest import read_manifest, write_parquet_atomic
+from rptdata.io import read_manifest, write_parquet_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, local_model_dir, resolve_device, vocab_hash
 from rptdata.scorers import entropy_from_logits
 from rpttrain.eval.config import MODES, EvalConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 from rptdata.bands import band_of
 from rptdata.errors import RptError
 from rptdata import faults
-from rptdata.manifest import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic
+from rptdata.io import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rptdata.models import resolve_device
 from rpttrain.eval.config import EvalConfig
 from rpttrain.eval.harness import check_tasks, harness_scores
@@ -91,7 +91,7 @@ def run_eval(config: EvalConfig) -> dict:
             plot_scaling(report, plot)
             report["files"]["plot"] = str(plot)
         report["seconds"] = round(time.time() - started, 2)
-        (out / "report.md").write_text(format_report_md(report))
+        write_text_atomic(out / "report.md", format_report_md(report))
         write_json_atomic(out / "report.json", report)  # last: its existence proves the evaluation finished
         return report
     finally:

@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rptdata import faults
-from rptdata.manifest import RUN_FILE, claim_run_dir, list_shards, shard_index, shard_name, write_parquet_atomic
+from rptdata.io import RUN_FILE, list_shards, shard_index, shard_name, write_parquet_atomic
+from rptdata.stage import claim_run_dir
 from rpttrain.eval.config import STAGE, EvalConfig
 from rpttrain.eval.harness import HARNESS_DIR
 
@@ -90,7 +91,7 @@ class Store:
 
 
 def claim_report_dir(config: EvalConfig, out: Path, identity: dict) -> None:
-    """Make `out` this evaluation's folder (`rptdata.manifest.claim_run_dir`): a foreign folder is
+    """Make `out` this evaluation's folder (`rptdata.stage.claim_run_dir`): a foreign folder is
     refused; kept predictions need --resume (same settings) or --overwrite."""
     claim_run_dir(out, STAGE, identity, OWN_NAMES, overwrite=config.overwrite, resume=config.resume,
                   progress=(f"{PREDICTIONS_DIR}/*", f"{HARNESS_DIR}/results/*"))

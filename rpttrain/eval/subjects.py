@@ -18,7 +18,7 @@ from typing import Sequence
 import yaml
 
 from rptdata.errors import DamagedFile, MissingUpstream, RptError
-from rptdata.manifest import read_json, read_manifest
+from rptdata.io import read_json, read_manifest
 from rptdata.models import model_name
 from rptdata.taskdef import recorded_split_rule, split_of
 from rpttrain.data import TRAINED_ON, iter_tasks

@@ -1,4 +1,4 @@
-"""rptdata/manifest.py: claim_run_dir (the one refuse / resume / overwrite rule) and shard_index."""
+"""rptdata/stage.py: claim_run_dir (the one refuse / resume / overwrite rule) and shard_index."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from rptdata.errors import ManifestMismatch
-from rptdata.manifest import RUN_FILE, claim_run_dir, shard_index
+from rptdata.io import RUN_FILE, shard_index
+from rptdata.stage import claim_run_dir
 
 OWN = ("work", "result.json")
 KEPT = ("work/*",)
