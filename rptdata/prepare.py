@@ -65,7 +65,7 @@ from rptdata.io import (
     shard_name,
     write_json_atomic,
 )
-from rptdata.stage import StageDir, worker_from_env, worker_split
+from rptdata.stage import StageDir, finish_or_progress, run_stage, worker_from_env
 from rptdata.models import DEFAULT_MODEL, load_plain_tokenizer, model_name, vocab_hash
 from rptdata.sources import RawRecord, TextBuilder, expand_inputs
 from rptdata.stream import RecordStream, plan_units
@@ -162,12 +162,30 @@ def run_prepare(config: PrepareConfig) -> dict:
     if state == "done":
         log.info("%s is already complete; nothing to do", config.out)
         return read_manifest(config.out, STAGE_PREPARE)
-    if config.processes > 1:
+    if config.processes > 1:  # each local process runs this function on its share; the last one done finishes
         total = _run_pool(config, worker, workers)
-    else:
-        total = _run_worker(config, tokenizer, sources, stage, worker, workers, executor)
-    return (_finish_if_complete(stage, config, sources, tokenizer_info, total)
-            or _progress_summary(stage, config, total, worker, workers))
+        return _finish_or_progress(stage, config, sources, tokenizer_info, total, worker, workers)
+    records = RecordStream(sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs,
+                           config.max_docs)
+    units = plan_units(records.total, config.shard_docs)
+    return run_stage(
+        stage, range(len(units)), worker=worker, workers=workers, done=lambda: stage.done_shards(DOCS_DIR),
+        run=lambda todo: _run_units(config, tokenizer, records, units, todo, stage, executor),
+        finish=lambda done: _finish(stage, config, sources, tokenizer_info, records.total, done),
+        counts=PROGRESS_COUNTS, extra={"records_total": records.total},
+    )
+
+
+# this worker's progress summary: its name -> the marker's key
+PROGRESS_COUNTS = {"documents_read": "read", "documents_written": "documents", "tokens": "tokens"}
+
+
+def _finish_or_progress(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int,
+                        worker: int, workers: int) -> dict:
+    units = range(len(plan_units(total, config.shard_docs)))
+    return finish_or_progress(stage, units, worker=worker, workers=workers, done=lambda: stage.done_shards(DOCS_DIR),
+                              finish=lambda done: _finish(stage, config, sources, tokenizer_info, total, done),
+                              counts=PROGRESS_COUNTS, extra={"records_total": total})
 
 
 def _refuse_dedupe_across(workers: int, processes: int) -> None:
@@ -212,29 +230,22 @@ def _pool_job(config: PrepareConfig) -> dict:
     }
 
 
-def _run_worker(config: PrepareConfig, tokenizer, sources, stage: StageDir, worker: int, workers: int,
-                executor: Executor) -> int:
-    """Prepare this worker's shards (every shard on Ray); returns the number of records in the input stream."""
-    records = RecordStream(sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs,
-                       config.max_docs)
-    units = plan_units(records.total, config.shard_docs)
-    done = stage.done_shards(DOCS_DIR)
-    todo = [u for u in worker_split(range(len(units)), worker, workers) if u not in done]
-    if done:
-        log.info("resuming: %d shard(s) already complete", len(done))
+def _run_units(config: PrepareConfig, tokenizer, records: RecordStream, units: list, todo: list[int], stage: StageDir,
+               executor: Executor) -> None:
+    """Prepare these shards (every shard on Ray), with one progress bar."""
     local = executor.kind == "local"
     factory = partial(_UnitWorker, config, stage, records, units, tokenizer if local else None)
 
     from tqdm import tqdm
 
     started, tokens = time.time(), 0
-    with tqdm(total=sum(units[u][1] - units[u][0] for u in todo), desc="prepare", unit=" docs",
-              disable=not config.progress, dynamic_ncols=True) as bar:
-        for _, stats in run_units(todo, factory, executor, bar=bar, weights={u: units[u][1] - units[u][0] for u in todo},
+    weights = {u: units[u][1] - units[u][0] for u in todo}
+    with tqdm(total=sum(weights.values()), desc="prepare", unit=" docs", disable=not config.progress,
+              dynamic_ncols=True) as bar:
+        for _, stats in run_units(todo, factory, executor, bar=bar, weights=weights,
                                   describe=lambda u: f"shard {DOCS_DIR}/{shard_name(u)} ({records.where(*units[u])})"):
             tokens += stats["tokens"]
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.time() - started, 1e-9):,.0f}")
-    return records.total
 
 
 class _UnitWorker:
@@ -306,12 +317,10 @@ def _run_now(fn, *args) -> Future:
     return done
 
 
-def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int) -> dict | None:
-    """The manifest, written from every shard's marker, once none is missing."""
-    done = stage.done_shards(DOCS_DIR)
+def _finish(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int,
+            done: dict[int, dict]) -> dict:
+    """The manifest, written from every shard's marker."""
     n_units = len(plan_units(total, config.shard_docs))
-    if any(u not in done for u in range(n_units)):
-        return None
     markers = [done[u] for u in range(n_units)]
     rejected, dropped = Counter(), Counter()
     for m in markers:
@@ -350,24 +359,6 @@ def _finish_if_complete(stage: StageDir, config: PrepareConfig, sources, tokeniz
             "seconds": round(sum(float(m.get("seconds", 0)) for m in markers), 2),
         }
     )
-
-
-def _progress_summary(stage: StageDir, config: PrepareConfig, total: int, worker: int, workers: int) -> dict:
-    done = stage.done_shards(DOCS_DIR)
-    n_units = len(plan_units(total, config.shard_docs))
-    mine = [u for u in worker_split(range(n_units), worker, workers) if u in done]
-    return {
-        "stage": STAGE_PREPARE,
-        "complete": False,
-        "worker": [worker, workers],
-        "records_total": total,
-        "shards_done": sum(u in done for u in range(n_units)),
-        "shards_total": n_units,
-        "counts": {"documents_read": sum(done[u]["read"] for u in mine),
-                   "documents_written": sum(done[u]["documents"] for u in mine),
-                   "tokens": sum(done[u]["tokens"] for u in mine)},
-        "seconds": round(sum(float(done[u].get("seconds", 0)) for u in mine), 2),
-    }
 
 
 def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) -> str | None:

@@ -60,7 +60,7 @@ from rptdata.io import (
     read_parquet,
     shard_index,
 )
-from rptdata.stage import StageDir, worker_from_env, worker_split
+from rptdata.stage import StageDir, run_stage, worker_from_env
 from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
 from rptdata.scorers.positions import (
     DEFAULT_THRESHOLD, POSITIONS_SCHEMA, TOPK_FIELDS, default_overlap, long_document_method, score_docs,
@@ -202,15 +202,11 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
 
     worker, workers = worker_from_env(config.num_workers, config.worker_index)
     inputs = {shard_index(s): s for s in prep["shards"]}
-    mine = worker_split(sorted(inputs), worker, workers)
-    done = stage.done_shards(POSITIONS_DIR)
-    todo = [i for i in mine if i not in done]
-    if done:
-        log.info("resuming: %d shard(s) already complete", len(done))
 
-    for i in todo:  # a damaged prepared shard stops the run before any work, naming it
-        check_shard(prep_dir, inputs[i], prep)
-    if todo:
+    def run(todo: list[int]) -> None:
+        nonlocal scorer
+        for i in todo:  # a damaged prepared shard stops the run before any work, naming it
+            check_shard(prep_dir, inputs[i], prep)
         if scorer is None and executor.kind == "local":
             scorer = _ShardScorer.load(config, engine_name, max_context)
         if scorer is not None and (scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy):
@@ -218,10 +214,15 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
         factory = partial(_ShardScorer, config, engine_name, max_context, stage, prep_dir, inputs, identity["options"], scorer)
         _score_shards(prep_dir, inputs, todo, factory, identity["options"], config, executor)
 
-    runtime = {"batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
-               "device": getattr(scorer, "device", config.device),
-               "worker": [worker, workers], "seconds": round(time.time() - started, 2)}
-    return _finish_if_complete(stage, identity, runtime) or _progress_summary(stage, identity, worker, workers)
+    def runtime() -> dict:
+        return {"batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
+                "device": getattr(scorer, "device", config.device),
+                "worker": [worker, workers], "seconds": round(time.time() - started, 2)}
+
+    return run_stage(stage, sorted(inputs), worker=worker, workers=workers,
+                     done=lambda: stage.done_shards(POSITIONS_DIR), run=run,
+                     finish=lambda done: _finish(stage, identity, runtime(), done),
+                     counts={key: key for key in COUNT_KEYS})
 
 
 def _score_shards(prep_dir: Path, inputs: dict, todo: list, factory, options: dict, config, executor) -> None:
@@ -297,15 +298,15 @@ def merge_scored(out: str | Path) -> dict:
     if run.get("stage") != STAGE:
         raise RptError(f"{out}: holds a `rpt {run.get('stage')}` run, not score-entropy")
     stage = StageDir(Path(out), STAGE, [POSITIONS_DIR])
-    manifest = _finish_if_complete(stage, run["config"], {"merged": True})
-    if manifest is None:
-        inputs = sorted(shard_index(s) for s in run["config"]["prepared"]["input_shards"])
-        missing = [i for i in inputs if i not in stage.done_shards(POSITIONS_DIR)]
+    inputs = sorted(shard_index(s) for s in run["config"]["prepared"]["input_shards"])
+    done = stage.done_shards(POSITIONS_DIR)
+    missing = [i for i in inputs if i not in done]
+    if missing:
         raise RptError(
             f"{out}: {len(missing)} of {len(inputs)} shard(s) are not finished yet "
             f"(e.g. {', '.join(f'part-{i:05d}' for i in missing[:5])}); run the missing workers first"
         )
-    return manifest
+    return _finish(stage, run["config"], {"merged": True}, done)
 
 
 def check_tokenizer(prep: dict, proxy: dict, prep_dir: Path | str = "") -> None:
@@ -363,11 +364,9 @@ def _long_documents(engine_name: str, scorer, model_config) -> str:
     return long_document_method(engine_name, kv_carry_supported(model_config))
 
 
-def _finish_if_complete(stage: StageDir, identity: dict, runtime: dict) -> dict | None:
+def _finish(stage: StageDir, identity: dict, runtime: dict, done: dict[int, dict]) -> dict:
+    """The manifest, from every shard's marker."""
     inputs = {shard_index(s): s for s in identity["prepared"]["input_shards"]}
-    done = stage.done_shards(POSITIONS_DIR)
-    if any(i not in done for i in inputs):
-        return None
     counts = {key: sum(int(done[i].get(key, 0)) for i in inputs) for key in COUNT_KEYS}
     schema = POSITIONS_SCHEMA
     if identity["options"]["save_topk"]:
@@ -386,19 +385,4 @@ def _finish_if_complete(stage: StageDir, identity: dict, runtime: dict) -> dict 
             "seconds": round(sum(float(done[i].get("seconds", 0)) for i in inputs), 2),
         }
     )
-
-
-def _progress_summary(stage: StageDir, identity: dict, worker: int, workers: int) -> dict:
-    inputs = [shard_index(s) for s in identity["prepared"]["input_shards"]]
-    done = stage.done_shards(POSITIONS_DIR)
-    mine = worker_split(sorted(inputs), worker, workers)
-    return {
-        "stage": STAGE,
-        "complete": False,
-        "worker": [worker, workers],
-        "shards_done": sum(i in done for i in inputs),
-        "shards_total": len(inputs),
-        "counts": {key: sum(int(done[i].get(key, 0)) for i in mine if i in done) for key in COUNT_KEYS},
-        "seconds": round(sum(float(done[i].get("seconds", 0)) for i in mine if i in done), 2),
-    }
 

@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from rptdata.bands import OTHER_BAND, band_of
 from rptdata.io import MANIFEST, shard_name
-from rptdata.stage import StageDir
+from rptdata.stage import StageDir, run_stage
 from rptdata.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_rule
 
 log = logging.getLogger(__name__)
@@ -179,24 +179,23 @@ def run_make_tasks(config: MakeTasksConfig) -> dict:
     if state == "done":
         log.info("%s is already complete; nothing to do", config.out)
         return json.loads((Path(config.out) / MANIFEST).read_text())
-    done = _done(stage)
-    if done:
-        log.info("resuming: %d shard(s) already complete", len(done))
-
     chosen: dict = {"train": None, "eval": None}
     if config.max_tasks is not None or config.max_eval_tasks is not None:
         chosen = _select_capped(inputs, config)
 
-    from tqdm import tqdm
+    def run(todo: list[int]) -> None:
+        from tqdm import tqdm
 
-    per_shard: list[dict] = []
-    for index in tqdm(inputs.shards, desc="make-tasks", unit=" shard", disable=not config.progress, dynamic_ncols=True):
-        if index in done:
-            per_shard.append(done[index])
-            continue
-        shard = _load_shard(inputs, index, config)
-        per_shard.append(_write_task_shard(stage, shard, chosen, config))
+        for index in tqdm(todo, desc="make-tasks", unit=" shard", disable=not config.progress, dynamic_ncols=True):
+            _write_task_shard(stage, _load_shard(inputs, index, config), chosen, config)
 
+    return run_stage(stage, inputs.shards, done=lambda: _done(stage), run=run,
+                     finish=lambda done: _finish(stage, inputs, config, [done[i] for i in inputs.shards], started))
+
+
+def _finish(stage: StageDir, inputs: _Inputs, config: MakeTasksConfig, per_shard: list[dict], started: float) -> dict:
+    """The manifest, from every shard's stats (its eval marker)."""
+    sm = inputs.scored_manifest
     counts = _sum_counts(per_shard, config)
     accounted = sum(counts["tasks"].values()) + sum(counts["skipped"].values())
     if accounted != counts["positions_in"]:  # an internal invariant, not user input
