@@ -32,20 +32,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata import faults
-from rptdata.errors import BadOption, ManifestMismatch
+from rptdata.errors import BadOption
 from rptdata.io import (
     MANIFEST,
-    RUN_FILE,
     STAGE_EXPORT,
     STAGE_TASKS,
     atomic_file,
-    fingerprint,
     checked_shards,
     file_digest,
     parquet_errors,
     read_manifest,
     write_json_atomic,
 )
+from rptdata.stage import claim_run_dir
 from rptdata.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
 from rpttrain.reward import get_reward_fn
@@ -186,13 +185,6 @@ def _export_split(paths: list[Path], dest: Path, schema: pa.Schema, to_row: Call
     return rows_written
 
 
-def _same_run(run_file: Path, record: dict) -> bool:
-    try:
-        return json.loads(run_file.read_text()).get("fingerprint") == record["fingerprint"]
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def run_export_tasks(config: ExportConfig) -> dict:
     """Export the tasks; returns the manifest written to OUT/manifest.json."""
     started = time.time()
@@ -206,22 +198,15 @@ def run_export_tasks(config: ExportConfig) -> dict:
         tokenizer = load_tokenizer(config.tokenizer)
 
     out = Path(config.out)
-    ours = [out / f"{s}.parquet" for s in SPLITS] + [out / MANIFEST]
-    existing = [p for p in ours if p.exists()]
-    # run.json, written before any file: an export of these settings that stopped before its
-    # manifest (a crash) is redone without --overwrite; a finished or foreign one is refused
+    # the rule every stage shares (`rptdata.stage.claim_run_dir`): run.json first; an export of these
+    # settings that stopped before its manifest is redone, a finished one is kept, another refused
     identity = {"tasks": tm.get("fingerprint"), **{k: v for k, v in config.__dict__.items() if k not in ("out", "overwrite", "progress")}}
-    record = {"stage": STAGE, "fingerprint": fingerprint(identity), "config": identity}
-    unfinished = (out / RUN_FILE).exists() and not (out / MANIFEST).exists() and _same_run(out / RUN_FILE, record)
-    if existing and not config.overwrite and not unfinished:
-        raise ManifestMismatch(
-            f"{out} already holds an export ({', '.join(p.name for p in existing)}); use another --out, "
-            "or pass --overwrite to replace it"
-        )
-    for p in existing + list(out.glob("*.parquet.tmp-*")):  # all of ours, so a narrower --split leaves no stale file behind
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RUN_FILE, record)
+    own = tuple(f"{s}.parquet" for s in SPLITS) + (MANIFEST,)
+    if claim_run_dir(out, STAGE, identity, own, overwrite=config.overwrite, progress=(MANIFEST,), finished=MANIFEST) == "done":
+        log.info("%s is already complete; nothing to do", out)
+        return read_manifest(out, STAGE)
+    for name in own:  # what a stopped run left: redone from scratch
+        (out / name).unlink(missing_ok=True)
     faults.hit("begin")
 
     schema = export_schema(config.format, fmt, tokenizer is not None)
