@@ -63,7 +63,8 @@ from rptdata.io import (
 from rptdata.stage import StageDir, run_stage, worker_from_env
 from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
 from rptdata.scorers.positions import (
-    DEFAULT_THRESHOLD, POSITIONS_SCHEMA, TOPK_FIELDS, default_overlap, long_document_method, score_docs,
+    DEFAULT_THRESHOLD, POSITIONS_SCHEMA, TOPK_FIELDS, ScoreWindow, check_context_options, long_document_method,
+    score_docs,
 )
 from rptdata.models import (
     DEFAULT_MODEL,
@@ -119,20 +120,7 @@ class ScoreConfig:
             raise BadOption("--top-k must be at least 1")
         if self.threshold < 0:
             raise BadOption("--threshold must be >= 0 (entropies are never negative)")
-        if self.min_context < 1:
-            raise BadOption("--min-context must be at least 1: a position needs some context (no BOS is added)")
-        if self.max_context is not None and self.max_context <= self.min_context:
-            raise BadOption(
-                f"--max-context ({self.max_context}) must exceed --min-context ({self.min_context}): "
-                "a window holds the context and the target"
-            )
-        if self.overlap is not None:
-            top = (self.max_context - 1) if self.max_context else None
-            if self.overlap < self.min_context or (top is not None and self.overlap > top):
-                raise BadOption(
-                    f"--overlap must be between --min-context ({self.min_context}) and --max-context - 1"
-                    f"{f' ({top})' if top is not None else ''}: later windows carry that much context"
-                )
+        check_context_options(self.min_context, self.max_context, self.overlap)
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise BadOption("--batch-tokens must be at least 1")
         if self.engine not in ENGINE_CHOICES:
@@ -170,12 +158,9 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
 
     engine_name = scorer.name if scorer is not None else choose_engine(config.engine, config.device)
     model_config = _model_config(config) if scorer is None else None
-    max_context = config.max_context or _default_max_context(scorer, model_config)
-    if max_context <= config.min_context:
-        raise BadOption(f"the window ({max_context} tokens) must exceed --min-context ({config.min_context})")
-    overlap = config.overlap if config.overlap is not None else default_overlap(max_context, config.min_context)
-    if not config.min_context <= overlap < max_context:
-        raise BadOption(f"--overlap {overlap} must be in [{config.min_context}, {max_context - 1}]")
+    window = ScoreWindow(config.max_context or _default_max_context(scorer, model_config), config.min_context,
+                         config.overlap)
+    max_context = window.max_context
     identity = {
         "prepared": {"dir": str(prep_dir), "fingerprint": prep.get("fingerprint"), "input_shards": prep["shards"]},
         "proxy": proxy,
@@ -187,9 +172,9 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
             "entropy": config.entropy,
             "threshold": None if config.keep_all else config.threshold,
             "keep_all": config.keep_all,
-            "max_context": max_context,
-            "min_context": config.min_context,
-            "overlap": overlap,
+            "max_context": window.max_context,
+            "min_context": window.min_context,
+            "overlap": window.overlap,
             "save_topk": config.save_topk,
             "long_documents": _long_documents(engine_name, scorer, model_config),
         },

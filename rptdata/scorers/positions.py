@@ -7,6 +7,7 @@ positions table (`score_docs`). The stage around it (shards, markers, manifest) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -47,6 +48,44 @@ def default_overlap(max_context: int, min_context: int) -> int:
     return max(min_context, max_context // 2)
 
 
+@dataclass(frozen=True)
+class ScoreWindow:
+    """What a scored position can see, resolved and checked in one place: a window of at most
+    `max_context` tokens (context + target), at least `min_context` tokens of context, and
+    `overlap` tokens carried into each later window (None: max(min_context, max_context // 2)).
+
+    >>> ScoreWindow(2048, 1)
+    ScoreWindow(max_context=2048, min_context=1, overlap=1024)
+    >>> ScoreWindow(8, 4, overlap=2)
+    Traceback (most recent call last):
+    ...
+    rptdata.errors.BadOption: --overlap 2 must be in [4, 7] (--min-context .. --max-context - 1): later windows carry that much context
+    """
+
+    max_context: int
+    min_context: int = 1
+    overlap: int | None = None
+
+    def __post_init__(self):
+        check_context_options(self.min_context, self.max_context, self.overlap)
+        if self.overlap is None:
+            object.__setattr__(self, "overlap", default_overlap(self.max_context, self.min_context))
+
+
+def check_context_options(min_context: int, max_context: int | None, overlap: int | None) -> None:
+    """BadOption unless the options can make a window; `max_context` None (the model's, not known
+    yet) checks what it can: the window itself is checked when it is resolved (`ScoreWindow`)."""
+    if min_context < 1:
+        raise BadOption("--min-context must be at least 1: a position needs some context (no BOS is added)")
+    if max_context is not None and max_context <= min_context:
+        raise BadOption(f"--max-context ({max_context}) must exceed --min-context ({min_context}): "
+                        "a window holds the context and the target")
+    top = max_context - 1 if max_context is not None else None
+    if overlap is not None and (overlap < min_context or (top is not None and overlap > top)):
+        raise BadOption(f"--overlap {overlap} must be in [{min_context}, {top if top is not None else 'max-context - 1'}] "
+                        "(--min-context .. --max-context - 1): later windows carry that much context")
+
+
 def plan_windows(n_tokens: int, max_context: int, min_context: int = 1, overlap: int | None = None) -> list[Window]:
     """Cover positions [min_context, n_tokens) with windows of at most `max_context` tokens.
 
@@ -59,11 +98,7 @@ def plan_windows(n_tokens: int, max_context: int, min_context: int = 1, overlap:
     >>> plan_windows(1, max_context=4)  # a one-token document has no position with context
     []
     """
-    if max_context <= min_context or min_context < 1:
-        raise BadOption(f"need 1 <= min_context < max_context, got {min_context}, {max_context}")
-    overlap = default_overlap(max_context, min_context) if overlap is None else overlap
-    if not min_context <= overlap < max_context:
-        raise BadOption(f"overlap {overlap} must be in [{min_context}, {max_context - 1}]")
+    overlap = ScoreWindow(max_context, min_context, overlap).overlap
     if n_tokens <= min_context:
         return []
     windows = [Window(0, min_context, min(n_tokens, max_context))]
