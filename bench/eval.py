@@ -31,7 +31,7 @@ def build_tasks(out: Path, tokenizer, n: int, context_tokens: int, seed: int = 0
     """n tasks at random positions of CHAMP documents (one per document), as make-tasks cuts them."""
     from rptdata.sources import TextBuilder, expand_inputs, read_source
     from rptdata.spans import ByteSpanTokenizer
-    from rptdata.taskdef import continuation_at, cut_context, task_id_of
+    from rptdata.tasks.taskdef import continuation_at, cut_context, task_id_of
 
     texts = [(r.doc_id, r.text) for r in read_source(expand_inputs(["builtin:champ"])[0], TextBuilder()) if r.text]
     rng = random.Random(seed)
@@ -62,7 +62,7 @@ def write_tasks(out: Path, tasks: list[dict], entropies: list[float], tokenizer)
     from rptdata.models import vocab_hash
     from rptdata.bands import band_of
     from rptdata.io import STAGE_TASKS as STAGE
-    from rptdata.taskdef import TASKS_SCHEMA
+    from rptdata.tasks.taskdef import TASKS_SCHEMA
 
     stage = StageDir(out, STAGE, ["train", "eval"])
     stage.begin({"bench": [t["task_id"] for t in tasks]}, overwrite=True)

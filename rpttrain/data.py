@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 
 from rptdata.errors import BadOption, RptError
 from rptdata.io import STAGE_PREPARE, STAGE_TASKS, atomic_file, checked_shards, parquet_errors, read_manifest
-from rptdata.taskdef import SPLITS, recorded_split_rule, split_of
+from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
 
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
-# carried when the tasks have them (make-tasks' live estimate, rptdata.live); older tasks load without
+# carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live); older tasks load without
 OPTIONAL_TASK_COLUMNS = ["accept_mass", "live"]
 
 
@@ -100,7 +100,7 @@ class TaskRows:
     """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts.
 
     Rows hold TASK_COLUMNS, plus `accept_mass` and `live` when the tasks carry them
-    (`rptdata.live.predicted_zero_variance(rows, G)` then predicts a batch's dead groups)."""
+    (`rptdata.tasks.live.predicted_zero_variance(rows, G)` then predicts a batch's dead groups)."""
 
     def __init__(self, tasks_dir: str | Path, cache: str | Path):
         shards = task_shards(tasks_dir, "train")

@@ -45,7 +45,7 @@ from rptdata.io import (
     write_json_atomic,
 )
 from rptdata.stage import claim_run_dir
-from rptdata.taskdef import SPLITS
+from rptdata.tasks.taskdef import SPLITS
 from rpttrain.prompts import PromptFormat, load_prompt_format
 from rpttrain.reward import get_reward_fn
 

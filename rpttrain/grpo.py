@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rptdata.live import predicted_zero_variance
+from rptdata.tasks.live import predicted_zero_variance
 from rptdata.models import local_model_dir
 from rpttrain import algos
 from rpttrain.batching import last_positions_logits, plan_batches
@@ -360,7 +360,7 @@ class GRPOObjective:
             "reward_mean": float(np.mean([r.reward for r in rolls])),
             "accuracy": float(np.mean([r.correct for r in rolls])),
             "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
-            # make-tasks' estimate for the same tasks (rptdata.live), when the tasks carry it
+            # make-tasks' estimate for the same tasks (rptdata.tasks.live), when the tasks carry it
             **({"predicted_zero_variance_share": counts["predicted_zero_var"]}
                if counts["predicted_zero_var"] is not None else {}),
             "groups_trained": counts["kept"],

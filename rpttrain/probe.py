@@ -10,7 +10,7 @@ engine, prompts and reward as `rpt train`) and reports:
     boxed         share of completions the format could extract a prediction from
     length        mean completion length in tokens; truncated: share that hit max_new_tokens
     signal        share of groups whose rewards are not all equal: the groups GRPO learns from
-    predicted     the share make-tasks predicted for the same tasks (`rptdata.live`: mean of
+    predicted     the share make-tasks predicted for the same tasks (`rptdata.tasks.live`: mean of
                   1 - q^G - (1-q)^G, G = samples), when the tasks carry `accept_mass`; exact
                   only for the proxy itself in the `continuation` format (one token)
 A format with signal 0 gives GRPO nothing to learn from; run this before spending GPU days.
@@ -33,7 +33,7 @@ from rpttrain.reward import REWARD_NAMES
 from rptdata.engine_choice import choose_engine
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.data import load_tasks
-from rptdata.live import live_probability
+from rptdata.tasks.live import live_probability
 from rptdata.io import STAGE_TASKS, read_manifest, write_text_atomic
 from rptdata.errors import BadOption
 

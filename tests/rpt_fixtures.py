@@ -11,7 +11,7 @@ import pyarrow as pa
 from rptdata.stage import StageDir
 from rptdata.models import load_tokenizer, vocab_hash
 from rptdata.io import STAGE_TASKS as STAGE
-from rptdata.taskdef import TASKS_SCHEMA
+from rptdata.tasks.taskdef import TASKS_SCHEMA
 
 
 def tiny_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

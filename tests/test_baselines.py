@@ -131,7 +131,7 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
 
 def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_jsonl):
     from rptdata.prepare import PrepareConfig, run_prepare
-    from rptdata.taskdef import split_of
+    from rptdata.tasks.taskdef import split_of
 
     src = write_jsonl("c.jsonl", [{"text": f"The quick brown fox {i} jumps over the lazy dog."} for i in range(12)])
     run_prepare(PrepareConfig(inputs=(str(src),), out=str(tmp_path / "prep"), tokenizer=str(tiny_bpe_dir), progress=False))

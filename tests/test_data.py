@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rptdata.errors import RptError
-from rptdata.taskdef import split_rule
+from rptdata.tasks.taskdef import split_rule
 from rpttrain.data import EpochSampler, TaskRows, load_tasks, mmap_shards, trained_on_record
 from tests.rpt_fixtures import write_tasks_dir
 

@@ -117,10 +117,10 @@ def test_config_rejects_bad_combinations(tmp_path):
 
 def champ_pairs(tokenizer, n: int, seed: int = 0, context_tokens: int = 32, k: int = 8) -> list[tuple[str, str]]:
     """(context, continuation) at random positions of CHAMP problems+solutions, cut on token
-    boundaries of `tokenizer` (rptdata.taskdef helpers, as make-tasks does)."""
+    boundaries of `tokenizer` (rptdata.tasks.taskdef helpers, as make-tasks does)."""
     from rptdata.sources import TextBuilder, expand_inputs, read_source
     from rptdata.spans import ByteSpanTokenizer
-    from rptdata.taskdef import continuation_at, cut_context
+    from rptdata.tasks.taskdef import continuation_at, cut_context
 
     texts = [r.text for r in read_source(expand_inputs(["builtin:champ"])[0], TextBuilder()) if r.text]
     rng = random.Random(seed)
@@ -342,7 +342,7 @@ def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_p
     import pyarrow as pa
 
     from rptdata.io import file_digest
-    from rptdata.taskdef import TASKS_SCHEMA
+    from rptdata.tasks.taskdef import TASKS_SCHEMA
 
     pq.write_table(pa.Table.from_pylist(table, schema=TASKS_SCHEMA), other / "eval" / "part-00000.parquet")
     manifest = json.loads((other / "manifest.json").read_text())
@@ -354,7 +354,7 @@ def test_another_tasks_dir_is_checked_document_by_document(tiny, tiny_run, tmp_p
 
 
 def test_whole_document_ntp_runs_count_every_train_document_of_their_rule(tmp_path, tiny_bpe_dir):
-    from rptdata.taskdef import split_of
+    from rptdata.tasks.taskdef import split_of
     from rpttrain.data import trained_on_record
     from rpttrain.eval import RunInfo, training_overlap
 

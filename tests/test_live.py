@@ -1,4 +1,4 @@
-"""The live-group estimate (rptdata/live.py) and its use in `rpt make-tasks` and the task readers:
+"""The live-group estimate (rptdata/tasks/live.py) and its use in `rpt make-tasks` and the task readers:
 brute force over every G-sample outcome on a tiny vocabulary, property tests of the temperature
 approximation, the --min-live filter's accounting, top-k tokens judged by the prefix rule.
 
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli.main import cli
-from rptdata.live import (
+from rptdata.tasks.live import (
     accepted_prediction,
     live_probability,
     position_accept_mass,

@@ -107,7 +107,7 @@ def test_rpt_eval_reports_the_harness_numbers_of_a_direct_lm_eval_run(tiny_corpu
     from lm_eval.tasks import TaskManager
 
     from rptdata.models import local_model_dir
-    from rptdata.taskdef import split_of
+    from rptdata.tasks.taskdef import split_of
 
     out = tiny_corpus / "report"
     cmd = RPT + ["eval", str(tiny_corpus / "tasks"), "--model", "smollm2-135m", "--lm-eval-tasks", "rpt_heldout_bpb,tiny_mc",

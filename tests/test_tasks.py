@@ -1,4 +1,4 @@
-"""`rpt make-tasks` (rptdata/tasks.py, taskdef.py, bands.py): helpers (with property tests),
+"""`rpt make-tasks` (rptdata/tasks/build.py, taskdef.py, bands.py): helpers (with property tests),
 accounting, split, resume, rerun refusal, caps, readers (rpttrain/data.py), CLI.
 
 The scored input is synthetic: the real `run_prepare` on a small mixed-script corpus (smollm2-135m
@@ -28,9 +28,9 @@ from rptdata.io import list_shards, read_manifest, shard_index
 from rptdata.stage import StageDir
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.spans import ByteSpanTokenizer
-from rptdata import tasks as tasks_mod
+from rptdata.tasks import build as tasks_mod
 from rptdata.bands import band_of, parse_bands
-from rptdata.taskdef import TASKS_SCHEMA, continuation_at, cut_context, split_of
+from rptdata.tasks.taskdef import TASKS_SCHEMA, continuation_at, cut_context, split_of
 from rpttrain.data import iter_tasks, load_tasks
 from rpttrain.reward import first_token_reward, prefix_reward
 from rptdata.tasks import SKIP_REASONS, MakeTasksConfig, run_make_tasks

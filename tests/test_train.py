@@ -232,7 +232,7 @@ def test_fused_one_token_step_equals_the_two_pass_step(tiny, tmp_path):
 
 
 def test_train_logs_the_predicted_zero_variance_share_beside_the_observed(tiny_bpe_dir, tmp_path):
-    """Tasks that carry make-tasks' live estimate get it logged per step (rptdata.live)."""
+    """Tasks that carry make-tasks' live estimate get it logged per step (rptdata.tasks.live)."""
     import pyarrow.parquet as pq
 
     model = tiny_llama(tmp_path / "model", tiny_bpe_dir)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from rptdata.bands import DEFAULT_BANDS
 from rptdata.io import STAGE_EVAL
-from rptdata.taskdef import SPLITS
+from rptdata.tasks.taskdef import SPLITS
 from rpttrain.eval.harness import HarnessSettings
 from rpttrain.eval.stats import band_items
 from rpttrain.prompts import load_prompt_format

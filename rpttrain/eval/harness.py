@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from rptdata.errors import BadOption, MissingUpstream, RptError
 from rptdata.io import atomic_file, list_shards, read_json, write_json_atomic, write_text_atomic
 from rptdata.models import local_model_dir
-from rptdata.taskdef import split_of
+from rptdata.tasks.taskdef import split_of
 
 log = logging.getLogger(__name__)
 

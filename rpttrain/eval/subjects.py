@@ -20,7 +20,7 @@ import yaml
 from rptdata.errors import DamagedFile, MissingUpstream, RptError
 from rptdata.io import read_json, read_manifest
 from rptdata.models import model_name
-from rptdata.taskdef import recorded_split_rule, split_of
+from rptdata.tasks.taskdef import recorded_split_rule, split_of
 from rpttrain.data import TRAINED_ON, iter_tasks
 from rpttrain.eval.config import DEFAULT_REASONING_TOKENS, EvalConfig
 from rpttrain.prompts import load_prompt_format

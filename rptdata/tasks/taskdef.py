@@ -50,7 +50,7 @@ TASKS_SCHEMA = pa.schema(
         ("context_tokens", pa.int32()),
         ("target_logprob", pa.float32()),
         ("target_rank", pa.int32()),
-        ("accept_mass", pa.float32()),  # q of rptdata.live: P(one sample at T is rewarded)
+        ("accept_mass", pa.float32()),  # q of rptdata.tasks.live: P(one sample at T is rewarded)
         ("live", pa.float32()),  # 1 - q^G - (1-q)^G: P(a group of G gets mixed rewards)
     ]
 )
@@ -180,7 +180,7 @@ def split_rule(seed: int, eval_fraction: float) -> dict:
         "eval_if": "value < eval_fraction",
         "seed": seed,
         "eval_fraction": eval_fraction,
-        "function": "rptdata.taskdef.split_of",
+        "function": "rptdata.tasks.taskdef.split_of",
     }
 
 

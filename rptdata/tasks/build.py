@@ -3,7 +3,7 @@
     run_make_tasks(MakeTasksConfig(scored_dir="out/scored", out="out/tasks")) -> manifest dict
 
 A task is one scored position of a document: its context, continuation and boundaries are
-defined in `rptdata.taskdef` (with the split rule and TASKS_SCHEMA), its band in
+defined in `rptdata.tasks.taskdef` (with the split rule and TASKS_SCHEMA), its band in
 `rptdata.bands`; this module only applies them to whole directories. See docs/tasks.md for the
 schema; the readers of a tasks directory are in `rpttrain.data`.
 
@@ -16,14 +16,14 @@ Every position read is accounted for: positions_in = tasks_train + tasks_eval + 
 with one reason per skipped position (`nan_entropy`, `below_threshold`, `mid_character`,
 `empty_context`, `low_live`, `over_max_tasks`, `over_max_eval_tasks`).
 
-Live groups (`rptdata.live`): every task carries `accept_mass` (q, the proxy's probability at
+Live groups (`rptdata.tasks.live`): every task carries `accept_mass` (q, the proxy's probability at
 `temperature` of a one-token prediction the prefix reward accepts) and `live` (1 - q^G -
 (1-q)^G for G = `group_size`), from `target_logprob` and, when the scorer saved them, the top-k
 tokens (whose bytes are read with the tokenizer the manifest names). `min_live` drops training
 positions below it (`low_live`), before the caps; evaluation positions are never filtered.
 
 Documents go to `eval` when a seeded SHA-256 of their id falls below `eval_fraction`
-(`rptdata.taskdef.split_of`); the rule is in the manifest, so later stages can recompute it. `--max-tasks` keeps
+(`rptdata.tasks.taskdef.split_of`); the rule is in the manifest, so later stages can recompute it. `--max-tasks` keeps
 the tasks with the smallest seeded hash of their task id: exact and deterministic, found by a
 first pass that holds only a heap of (hash, shard, row) of size N, never the tasks themselves.
 
@@ -51,16 +51,16 @@ import pyarrow as pa
 from rptdata.bands import OTHER_BAND, band_of
 from rptdata.io import MANIFEST, shard_name
 from rptdata.stage import StageDir, run_stage
-from rptdata.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_rule
+from rptdata.tasks.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_rule
 
 log = logging.getLogger(__name__)
 
 
-from rptdata.task_inputs import _Inputs, _load_shard, _open_inputs, _Shard
-from rptdata.tasks_config import STAGE, SKIP_REASONS, MakeTasksConfig, _task_key
+from rptdata.tasks.inputs import Inputs, load_shard, open_inputs, Shard
+from rptdata.tasks.config import STAGE, SKIP_REASONS, MakeTasksConfig, task_key
 
 
-def _select_capped(inputs: _Inputs, config: MakeTasksConfig) -> dict[str, dict[int, set[int]] | None]:
+def _select_capped(inputs: Inputs, config: MakeTasksConfig) -> dict[str, dict[int, set[int]] | None]:
     """First pass for the caps: per split, shard -> positions-row indices of the kept tasks.
 
     Holds only a max-heap of the N smallest (task hash, shard, row) per split.
@@ -68,13 +68,13 @@ def _select_capped(inputs: _Inputs, config: MakeTasksConfig) -> dict[str, dict[i
     caps = {"train": config.max_tasks, "eval": config.max_eval_tasks}
     heaps: dict[str, list] = {s: [] for s in SPLITS}
     for index in inputs.shards:
-        shard = _load_shard(inputs, index, config)
+        shard = load_shard(inputs, index, config)
         for i in shard.eligible():
             split = "eval" if shard.pos_eval[i] else "train"
             cap = caps[split]
             if cap is None or cap == 0:
                 continue
-            item = (-_task_key(shard.task_id(i), config.seed), -index, -int(i))  # max-heap of the smallest keys
+            item = (-task_key(shard.task_id(i), config.seed), -index, -int(i))  # max-heap of the smallest keys
             heap = heaps[split]
             if len(heap) < cap:
                 heapq.heappush(heap, item)
@@ -92,7 +92,7 @@ def _select_capped(inputs: _Inputs, config: MakeTasksConfig) -> dict[str, dict[i
     return out
 
 
-def _build_tasks(shard: _Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Table:
+def _build_tasks(shard: Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in TASKS_SCHEMA}
     cache_row, text_bytes, ends = -1, b"", np.zeros(0, np.int64)
     for i in rows:
@@ -124,7 +124,7 @@ def _build_tasks(shard: _Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa
     return pa.Table.from_pydict(cols, schema=TASKS_SCHEMA)
 
 
-def _write_task_shard(stage: StageDir, shard: _Shard, chosen: dict, config: MakeTasksConfig) -> dict:
+def _write_task_shard(stage: StageDir, shard: Shard, chosen: dict, config: MakeTasksConfig) -> dict:
     """Build and write one shard's train and eval tasks; return its stats (also in the markers)."""
     skipped = Counter(SKIP_REASONS[int(c) - 1] for c in shard.reason[shard.reason > 0])
     eligible = shard.eligible()
@@ -164,7 +164,7 @@ def _done(stage: StageDir) -> dict[int, dict]:
 def run_make_tasks(config: MakeTasksConfig) -> dict:
     """Run the stage (see the module docstring); returns the manifest."""
     started = time.time()
-    inputs = _open_inputs(config)
+    inputs = open_inputs(config)
     sm = inputs.scored_manifest
     stage = StageDir(Path(config.out), STAGE, list(SPLITS))
     state = stage.begin(
@@ -187,13 +187,13 @@ def run_make_tasks(config: MakeTasksConfig) -> dict:
         from tqdm import tqdm
 
         for index in tqdm(todo, desc="make-tasks", unit=" shard", disable=not config.progress, dynamic_ncols=True):
-            _write_task_shard(stage, _load_shard(inputs, index, config), chosen, config)
+            _write_task_shard(stage, load_shard(inputs, index, config), chosen, config)
 
     return run_stage(stage, inputs.shards, done=lambda: _done(stage), run=run,
                      finish=lambda done: _finish(stage, inputs, config, [done[i] for i in inputs.shards], started))
 
 
-def _finish(stage: StageDir, inputs: _Inputs, config: MakeTasksConfig, per_shard: list[dict], started: float) -> dict:
+def _finish(stage: StageDir, inputs: Inputs, config: MakeTasksConfig, per_shard: list[dict], started: float) -> dict:
     """The manifest, from every shard's stats (its eval marker)."""
     sm = inputs.scored_manifest
     counts = _sum_counts(per_shard, config)
@@ -218,7 +218,7 @@ def _finish(stage: StageDir, inputs: _Inputs, config: MakeTasksConfig, per_shard
                 "min_live": config.min_live,
                 "topk": inputs.vocab is not None,
                 "exact_when": "the policy is the proxy and the prompt format is `continuation` (one sampled token)",
-                "function": "rptdata.live.position_accept_mass",
+                "function": "rptdata.tasks.live.position_accept_mass",
             },
             "seconds": round(time.time() - started, 2),
         }

@@ -1,5 +1,5 @@
 """`rpt make-tasks` options (`MakeTasksConfig`) and the reasons a position is skipped; the stage is
-`rptdata.tasks`, its shard readers and filters `rptdata.task_inputs`."""
+`rptdata.tasks`, its shard readers and filters `rptdata.tasks.inputs`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ SKIP_REASONS = (
 # pure helpers
 
 
-def _task_key(task_id: str, seed: int) -> int:
+def task_key(task_id: str, seed: int) -> int:
     """The seeded hash that orders tasks for --max-tasks (smallest kept)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:task:{task_id}".encode("utf-8")).digest()[:16], "big")
 
@@ -60,7 +60,7 @@ class MakeTasksConfig:
         bands: (name, threshold) pairs, increasing; a task's band is the highest it exceeds.
         min_live: drop training positions whose predicted probability of a mixed-reward group
             (`live`) is below this (None: keep all). Evaluation positions are never dropped.
-        group_size / temperature: G and T of the live estimate (`rptdata.live`); match the
+        group_size / temperature: G and T of the live estimate (`rptdata.tasks.live`); match the
             trainer's group size and sampling temperature.
         prepared_dir: the `rpt prepare` directory; default: the one the scored manifest names.
         overwrite: replace a run in `out` made with other options.

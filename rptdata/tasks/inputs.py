@@ -2,8 +2,8 @@
 filters that mark which positions become tasks (and why the others do not). `rptdata.tasks` runs
 the stage over these.
 
-    inputs = _open_inputs(config)           # the scored run, its prepared documents, the vocabulary
-    shard = _load_shard(inputs, 0, config)  # one shard's positions and documents, filtered
+    inputs = open_inputs(config)           # the scored run, its prepared documents, the vocabulary
+    shard = load_shard(inputs, 0, config)  # one shard's positions and documents, filtered
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
-from rptdata.live import accepted_prediction, live_probability, position_accept_mass
+from rptdata.tasks.live import accepted_prediction, live_probability, position_accept_mass
 from rptdata.io import (
     check_shard,
     parquet_errors,
@@ -30,15 +30,15 @@ from rptdata.io import (
     shard_index,
     shard_name,
 )
-from rptdata.taskdef import continuation_at, split_of, task_id_of
+from rptdata.tasks.taskdef import continuation_at, split_of, task_id_of
 
 log = logging.getLogger(__name__)
 
 
-from rptdata.tasks_config import DOCS_DIR, POSITIONS_DIR, SKIP_REASONS, MakeTasksConfig
+from rptdata.tasks.config import DOCS_DIR, POSITIONS_DIR, SKIP_REASONS, MakeTasksConfig
 
 
-class _Shard:
+class Shard:
     """A docs shard joined with its positions shard, with every position's fate decided.
 
     `reason[i]` is 0 for an eligible position, else 1 + index into SKIP_REASONS (the caps are
@@ -147,7 +147,7 @@ class _Shard:
         self._mark(self.start >= self.pos, "empty_context")
 
     def _estimate_live(self, config: MakeTasksConfig, vocab: "_Vocab | None") -> None:
-        """accept_mass (q) and live for every position still eligible (`rptdata.live`)."""
+        """accept_mass (q) and live for every position still eligible (`rptdata.tasks.live`)."""
         cache_row, text_bytes, ends = -1, b"", np.zeros(0, np.int64)
         for i in np.nonzero(self.reason == 0)[0]:
             r = int(self.row[i])
@@ -227,7 +227,7 @@ def _optional(table: pa.Table, name: str, dtype, n: int) -> np.ndarray | None:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class Inputs:
     scored: Path
     prepared: Path
     scored_manifest: dict
@@ -236,7 +236,7 @@ class _Inputs:
     vocab: _Vocab | None = None
 
 
-def _open_inputs(config: MakeTasksConfig) -> _Inputs:
+def open_inputs(config: MakeTasksConfig) -> Inputs:
     scored = Path(config.scored_dir).resolve()
     sm = read_manifest(scored, STAGE_SCORE)
     recorded = sm.get("prepared") or {}  # {"dir", "fingerprint"} (rptdata/score.py)
@@ -274,10 +274,10 @@ def _open_inputs(config: MakeTasksConfig) -> _Inputs:
         if not (prepared / DOCS_DIR / shard_name(index)).exists():
             raise MissingUpstream(f"{path} has no matching docs shard {prepared / DOCS_DIR / shard_name(index)}")
         shards.append(index)
-    return _Inputs(scored, prepared, sm, pm, shards, _load_vocab(sm, scored))
+    return Inputs(scored, prepared, sm, pm, shards, _load_vocab(sm, scored))
 
 
-def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
+def load_shard(inputs: Inputs, index: int, config: MakeTasksConfig) -> Shard:
     docs_path = check_shard(inputs.prepared, f"{DOCS_DIR}/{shard_name(index)}", inputs.prepared_manifest)
     docs = read_parquet(docs_path, columns=["doc_id", "text", "token_ids", "token_end_bytes"])
     pos_path = check_shard(inputs.scored, f"{POSITIONS_DIR}/{shard_name(index)}", inputs.scored_manifest)
@@ -288,4 +288,4 @@ def _load_shard(inputs: _Inputs, index: int, config: MakeTasksConfig) -> _Shard:
     if missing:
         raise BadInput(f"{pos_path}: missing column(s) {', '.join(missing)}; is this a score-entropy shard?")
     positions = read_parquet(pos_path, columns=[c for c in wanted if c in schema.names])
-    return _Shard(index, docs, positions, config, str(pos_path), inputs.vocab)
+    return Shard(index, docs, positions, config, str(pos_path), inputs.vocab)
