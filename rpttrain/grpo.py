@@ -40,8 +40,8 @@ from rpttrain.precision import Precision, dtype_name
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
-from rpttrain.rollout import Sampling, make_engine, prompt_seed, stop_ids
-from rpttrain.rollout.hf import sample_next_tokens
+from rpttrain.fused_step import fused_rollout_and_update
+from rpttrain.rollout import Sampling, make_engine, stop_ids
 
 
 @dataclass
@@ -221,61 +221,11 @@ class GRPOObjective:
             mask_left[i, :n] = 1
         return logp_left, mask_left.to(dev)
 
-    # -- the fused one-token step -------------------------------------------------------------
+    # -- the fused one-token step (rpttrain/fused_step.py) --------------------------------------
     def fused(self, step: int) -> bool:
         c = self.config
         return (c.fused_one_token and c.max_new_tokens == 1 and self.engine.name == "hf"
                 and not 0 <= c.dynamic_sampling_from <= step)
-
-    def fused_rollout_and_update(self, tasks: list[dict], step: int, timings: dict) -> tuple[list[list[Rollout]], dict]:
-        """Sample, reward and accumulate the gradient from one forward per micro-batch of prompts;
-        then the optimizer step. Returns the groups (in task order) and the update's stats."""
-        c = self.config
-        prompts, sampling = self.prompts(tasks), self.sampling(step, 0)
-        n = len(tasks) * c.group_size
-        denom = algos.loss_denominator(torch.ones(n, 1), c.loss_agg, max_len=c.max_new_tokens)
-        groups: list[list[Rollout] | None] = [None] * len(tasks)
-        stats = {"loss": 0.0, "kl": 0.0, "update_tokens": 0}
-        clipped = 0.0
-        for mb in plan_batches([len(p) for p in prompts], max_tokens=c.micro_batch_tokens):
-            t = time.time()
-            batch_prompts = [prompts[i] for i in mb]
-            with self.precision.autocast():
-                logits = last_positions_logits(self.model, batch_prompts, k=1)  # [P, 1, V], with grad
-            sampled = sample_next_tokens(logits[:, -1], sampling, [prompt_seed(sampling.seed, i) for i in mb], self.tokenizer)
-            timings["rollout_s"] += time.time() - t
-            t = time.time()
-            rolled = self.score([tasks[i] for i in mb], list(zip(batch_prompts, sampled)), logits[:, -1])
-            self.advantages(rolled)
-            timings["reward_s"] += time.time() - t
-            flat = [r for g in rolled for r in g]
-            dev = logits.device
-            rows = torch.arange(len(mb), device=dev).repeat_interleave(c.group_size)
-            tokens = torch.tensor([[r.completion_ids[0]] for r in flat], device=dev)
-            with self.precision.autocast():
-                logp = algos.token_logprobs(logits[rows], tokens, c.temperature)  # [N, 1]
-                mask = torch.ones_like(logp)
-                adv = torch.tensor([r.advantage for r in flat], dtype=torch.float32, device=dev)
-                loss_tok, was_clipped = algos.policy_loss(logp, logp.detach(), adv, c.clip_eps, c.clip_eps_high)
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref = algos.token_logprobs(last_positions_logits(self.ref_model, batch_prompts, k=1)[rows],
-                                                   tokens, c.temperature)
-                    kl = algos.kl_k3(logp, ref)
-                    loss_tok = loss_tok + c.kl_coef * kl
-                    stats["kl"] += float(kl.sum())
-                loss = algos.aggregate_loss(loss_tok, mask, c.loss_agg, denom)
-            loss.backward()
-            stats["loss"] += float(loss.detach())
-            clipped += float(was_clipped.float().sum())
-            stats["update_tokens"] += sum(len(p) for p in batch_prompts)
-            for i, g in zip(mb, rolled):
-                groups[i] = g
-        grad_norm, bad = self.optimizer_step(stats["loss"])
-        # the samples come from the very log-probs the update uses: no engine mismatch to measure
-        stats.update(clip_frac=clipped / max(n, 1), kl=stats["kl"] / max(n, 1), grad_norm=grad_norm, skipped=bad,
-                     logprob_mismatch=0.0)
-        return groups, stats
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -285,7 +235,7 @@ class GRPOObjective:
         scored_before = self.scorer.forward_tokens
         if self.fused(step):
             tasks = self.sampler.take(c.batch_size)
-            all_groups, upd = self.fused_rollout_and_update(tasks, step, timings)
+            all_groups, upd = fused_rollout_and_update(self, tasks, step, timings)
             timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]
             zero_var = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in all_groups)
             counts = {"drawn": len(tasks), "rounds": 1, "zero_var": zero_var, "kept": len(all_groups), "forward_tokens": 0,
