@@ -16,6 +16,8 @@ The sampler holds one permutation (4 or 8 bytes a row) and a cursor (epoch, offs
 
 from __future__ import annotations
 
+import math
+
 import logging
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -223,3 +225,27 @@ def trained_on_record(objective: str, ntp_positions: str, tasks_dir: str | Path,
         "split_rule": recorded_split_rule(tasks_manifest),
         "documents": "train-split-documents" if whole_documents else "train-split-tasks",
     }
+
+
+def live_estimate_mismatch(tasks_manifest: dict, group_size: int, temperature: float) -> str | None:
+    """Why a run's G or T disagrees with the ones make-tasks' live estimate used (None: they agree,
+    or the tasks carry no estimate). With --min-live the tasks were filtered for other settings.
+
+    >>> m = {"live_estimate": {"group_size": 8, "temperature": 0.8, "min_live": 0.2}}
+    >>> live_estimate_mismatch(m, 8, 0.8) is None
+    True
+    >>> print(live_estimate_mismatch(m, 4, 0.8))
+    make-tasks estimated live groups for G=8 (this run: 4): --min-live 0.2 dropped positions for groups of another size or temperature; rebuild the tasks with --group-size 4 --temperature 0.8 to match
+    """
+    est = tasks_manifest.get("live_estimate") or {}
+    diffs = []
+    if est.get("group_size") not in (None, group_size):
+        diffs.append(f"G={est['group_size']} (this run: {group_size})")
+    if est.get("temperature") is not None and not math.isclose(float(est["temperature"]), temperature):
+        diffs.append(f"T={est['temperature']:g} (this run: {temperature:g})")
+    if not diffs:
+        return None
+    what = (f"--min-live {est['min_live']:g} dropped positions" if est.get("min_live") is not None
+            else "the predicted live share (predicted_zero_variance in the metrics) is")
+    return (f"make-tasks estimated live groups for {', '.join(diffs)}: {what} for groups of another size or "
+            f"temperature; rebuild the tasks with --group-size {group_size} --temperature {temperature:g} to match")

@@ -55,7 +55,7 @@ from rpttrain.checkpoint import (
     list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint, verify_checkpoint,
 )
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
-from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, trained_on_record
+from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, live_estimate_mismatch, trained_on_record
 from rpttrain.grpo import GRPOObjective, build_engine
 from rpttrain.ntp import NextTokenObjective
 from rpttrain.precision import dtype_name, resolve_precision
@@ -82,6 +82,9 @@ class Trainer:
         self.precision = resolve_precision(config.compute_dtype, config.master_dtype, self.device)
         self.tasks_manifest = read_manifest(Path(config.tasks_dir), STAGE_TASKS)
         self.stop_flag = False
+        mismatch = live_estimate_mismatch(self.tasks_manifest, config.group_size, config.temperature)
+        if mismatch and config.objective == "rpt":
+            log.warning(mismatch)
 
     # -- setup --------------------------------------------------------------------------------
     def memory_plan(self, enforce: bool) -> dict:

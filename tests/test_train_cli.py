@@ -74,6 +74,24 @@ def test_dry_run_refuses_with_the_deciding_part_and_one_option(tasks, tmp_path):
     assert fits.returncode == 0 and "verdict: fits" in fits.stdout, fits.stdout
 
 
+def test_warns_when_g_or_t_differs_from_the_live_estimate(tasks, tmp_path):
+    """Tasks filtered by --min-live for G=8, T=0.8: a run with G=2 is told so; G=8 is not."""
+    import shutil
+
+    copy = tmp_path / "tasks"
+    shutil.copytree(tasks, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["live_estimate"] = {"group_size": 8, "temperature": 0.8, "min_live": 0.2}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    args = ["train", str(copy), "--model", "smollm2-135m", "--device", "cpu", "--batch-size", "2", "--dry-run"]
+    other = rpt(*args, "--out", str(tmp_path / "a"), "--group-size", "2", "--temperature", "1.0")
+    assert other.returncode == 0, other.stderr
+    assert "make-tasks estimated live groups for G=8 (this run: 2), T=0.8 (this run: 1)" in other.stderr
+    assert "--min-live 0.2 dropped positions" in other.stderr
+    same = rpt(*args, "--out", str(tmp_path / "b"), "--group-size", "8")
+    assert same.returncode == 0 and "estimated live groups" not in same.stderr, same.stderr
+
+
 def test_estimate_only_warns_inside_its_error_band():
     from rpttrain.memory import GIB, check_fits, lower_bound
 

@@ -51,7 +51,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rptdata.io import STAGE_TRAIN, fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic, write_text_atomic
+from rptdata.io import STAGE_TASKS, STAGE_TRAIN, fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic, write_text_atomic
 from rptdata.stage import claim_run_dir
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 from rpttrain.report_to import trl_report_to
@@ -349,6 +349,12 @@ def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mix
 def run_trl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes: int = 1, sharding: str = "ddp",
             resume: bool = False, overwrite: bool = False) -> dict:
     """`rpt train --backend trl`: in-process for one process, else through accelerate."""
+    from rpttrain.data import live_estimate_mismatch
+
+    mismatch = live_estimate_mismatch(read_manifest(Path(config.tasks_dir), STAGE_TASKS), config.group_size,
+                                      config.temperature)
+    if mismatch:
+        log.warning(mismatch)
     run = prepare_run(config, resume, overwrite)
     world = gpus_per_node * nodes
     if world == 1:
