@@ -48,8 +48,17 @@ def build_tasks(out: Path, tokenizer, n: int, context_tokens: int, seed: int = 0
             continuation, boundaries = continuation_at(text.encode(), ends, pos, 8)
         except ValueError:  # inside a multi-byte character
             continue
-        tasks.append({"task_id": task_id_of(doc_id, pos), "doc_id": doc_id, "pos": pos, "context": context,
-                      "continuation": continuation, "boundaries": boundaries, "context_tokens": n_ctx})
+        tasks.append(
+            {
+                "task_id": task_id_of(doc_id, pos),
+                "doc_id": doc_id,
+                "pos": pos,
+                "context": context,
+                "continuation": continuation,
+                "boundaries": boundaries,
+                "context_tokens": n_ctx,
+            }
+        )
         if len(tasks) == n:
             break
     return tasks
@@ -66,12 +75,18 @@ def write_tasks(out: Path, tasks: list[dict], entropies: list[float], tokenizer)
 
     stage = StageDir(out, STAGE, ["train", "eval"])
     stage.begin({"bench": [t["task_id"] for t in tasks]}, overwrite=True)
-    rows = [{**t, "entropy": h, "band": band_of(h), "target_id": None, "target_logprob": None, "target_rank": None}
-            for t, h in zip(tasks, entropies)]
+    rows = [
+        {**t, "entropy": h, "band": band_of(h), "target_id": None, "target_logprob": None, "target_rank": None}
+        for t, h in zip(tasks, entropies)
+    ]
     stage.write_shard("train", 0, TASKS_SCHEMA.empty_table(), {"tasks": 0})
     stage.write_shard("eval", 0, pa.Table.from_pylist(rows, schema=TASKS_SCHEMA), {"tasks": len(rows)})
-    stage.finish({"tokenizer": {"name": "smollm2-135m", "spec": "smollm2-135m", "vocab_hash": vocab_hash(tokenizer)},
-                  "proxy": {"name": "smollm2-135m (bench)"}})
+    stage.finish(
+        {
+            "tokenizer": {"name": "smollm2-135m", "spec": "smollm2-135m", "vocab_hash": vocab_hash(tokenizer)},
+            "proxy": {"name": "smollm2-135m (bench)"},
+        }
+    )
     return out
 
 
@@ -124,8 +139,16 @@ def main() -> None:
         bare_s, bare_cpu, last = bare_forward(model, ids, args.batch_size, pad_id(tok))
         entropies = [float(entropy_from_logits(x, k=16)) for x in last]
         tasks_dir = write_tasks(tmp / "tasks", tasks, entropies, tok)
-        common = dict(tasks_dir=str(tasks_dir), models=("smollm2-135m",), device="cpu", dtype="float32",
-                      batch_size=args.batch_size, progress=False, overwrite=True, flush_every=10**6)
+        common = dict(
+            tasks_dir=str(tasks_dir),
+            models=("smollm2-135m",),
+            device="cpu",
+            dtype="float32",
+            batch_size=args.batch_size,
+            progress=False,
+            overwrite=True,
+            flush_every=10**6,
+        )
         ntp_s = ntp_cpu = float("inf")
         report = None
         for rep in range(args.repeat):
@@ -137,21 +160,36 @@ def main() -> None:
             ntp_cpu = min(ntp_cpu, time.process_time() - c0)  # the whole call: load, read, loop, report
             ntp_s = min(ntp_s, report["rows"][0]["seconds"])  # the evaluation loop
         n_reason = args.reasoning_tasks or len(tasks)
-        reasoning = run_eval(EvalConfig(out=str(tmp / "reasoning"), mode="reasoning", limit=n_reason,
-                                        max_new_tokens=args.max_new_tokens, **common))
+        reasoning = run_eval(
+            EvalConfig(
+                out=str(tmp / "reasoning"),
+                mode="reasoning",
+                limit=n_reason,
+                max_new_tokens=args.max_new_tokens,
+                **common,
+            )
+        )
         reason_s = reasoning["rows"][0]["seconds"]
 
     n = len(tasks)
     tokens = sum(map(len, ids))
-    print(f"rpt eval benchmark: smollm2-135m fp32 on cpu ({torch.get_num_threads()} threads), {n} CHAMP tasks, "
-          f"contexts <= {args.context_tokens} tokens ({tokens:,} in all), batch {args.batch_size}")
+    print(
+        f"rpt eval benchmark: smollm2-135m fp32 on cpu ({torch.get_num_threads()} threads), {n} CHAMP tasks, "
+        f"contexts <= {args.context_tokens} tokens ({tokens:,} in all), batch {args.batch_size}"
+    )
     print(f"  bare forward (same contexts and batches, logits_to_keep=1): {bare_s:6.2f} s  {n / bare_s:7.2f} tasks/s")
-    print(f"  ntp mode (run_eval: tokenize, forward, argmax, entropy, decode, reward, write): {ntp_s:6.2f} s  "
-          f"{n / ntp_s:7.2f} tasks/s  ratio {bare_s / ntp_s:.2f} of bare forward (target >= 0.8)")
-    print(f"  CPU time (robust on a shared machine): bare {bare_cpu:.2f} s, whole ntp run_eval call {ntp_cpu:.2f} s, "
-          f"ratio {bare_cpu / ntp_cpu:.2f}")
-    print(f"  reasoning mode (v0 prompt, greedy, {args.max_new_tokens} new tokens, {n_reason} tasks): {reason_s:6.2f} s  "
-          f"{n_reason / reason_s:7.2f} tasks/s")
+    print(
+        f"  ntp mode (run_eval: tokenize, forward, argmax, entropy, decode, reward, write): {ntp_s:6.2f} s  "
+        f"{n / ntp_s:7.2f} tasks/s  ratio {bare_s / ntp_s:.2f} of bare forward (target >= 0.8)"
+    )
+    print(
+        f"  CPU time (robust on a shared machine): bare {bare_cpu:.2f} s, whole ntp run_eval call {ntp_cpu:.2f} s, "
+        f"ratio {bare_cpu / ntp_cpu:.2f}"
+    )
+    print(
+        f"  reasoning mode (v0 prompt, greedy, {args.max_new_tokens} new tokens, {n_reason} tasks): {reason_s:6.2f} s  "
+        f"{n_reason / reason_s:7.2f} tasks/s"
+    )
     print()
     report["rows"] += reasoning["rows"]
     print(format_table(report))

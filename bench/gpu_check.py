@@ -35,22 +35,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
-                 rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY = dict(QWEN_1_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096)
+QWEN_1_5B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    QWEN_1_5B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 MISSING_ON_GPU_MACHINE = ("duckdb", "datasets", "gguf")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="folder for the work files and gpu_check.json")
     p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (with --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="a tiny model and corpus, and duckdb/datasets/gguf blocked")
-    p.add_argument("--bundle", default=str(ROOT / ".gpu-check"), help="folder with tokenizer/ and corpora/ (make gpu-check-bundle)")
+    p.add_argument(
+        "--bundle", default=str(ROOT / ".gpu-check"), help="folder with tokenizer/ and corpora/ (make gpu-check-bundle)"
+    )
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens to score (default 3M; dry run 5k)")
-    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak the MFU is taken against (H200 measured: ~790)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=790.0, help="bf16 peak the MFU is taken against (H200 measured: ~790)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -154,10 +176,25 @@ def weight_change(tasks: Path, out: Path, policy: Path, device: str, compute: st
     from rpttrain.config import TrainConfig
     from rpttrain.train import Trainer
 
-    config = TrainConfig(tasks_dir=str(tasks), out=str(out), model=str(policy), objective="ntp", ntp_positions="tasks",
-                         steps=steps, batch_size=16 if device.startswith("cuda") else 4, max_prompt_tokens=256, lr=1e-6, grad_clip=1.0, weight_decay=0.0,
-                         micro_batch_tokens=8192, device=device, compute_dtype=compute, master_dtype=master,
-                         progress=False, seed=0)
+    config = TrainConfig(
+        tasks_dir=str(tasks),
+        out=str(out),
+        model=str(policy),
+        objective="ntp",
+        ntp_positions="tasks",
+        steps=steps,
+        batch_size=16 if device.startswith("cuda") else 4,
+        max_prompt_tokens=256,
+        lr=1e-6,
+        grad_clip=1.0,
+        weight_decay=0.0,
+        micro_batch_tokens=8192,
+        device=device,
+        compute_dtype=compute,
+        master_dtype=master,
+        progress=False,
+        seed=0,
+    )
     with Peak(device) as peak:
         trainer = Trainer(config)
         trainer.setup(resume=False, overwrite=True)
@@ -174,7 +211,12 @@ def weight_change(tasks: Path, out: Path, policy: Path, device: str, compute: st
             total += d.numel()
         del trainer
         torch.cuda.empty_cache() if device.startswith("cuda") else None
-    return {"norm": sq**0.5, "share_changed": changed / total, "seconds_per_step": seconds / steps, "peak_gib": peak.gib}
+    return {
+        "norm": sq**0.5,
+        "share_changed": changed / total,
+        "seconds_per_step": seconds / steps,
+        "peak_gib": peak.gib,
+    }
 
 
 def main(argv=None) -> dict:
@@ -199,7 +241,9 @@ def main(argv=None) -> dict:
     score_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     figures: dict = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dry_run": args.dry_run,
         "shape": shape,
     }
     started = time.time()
@@ -213,16 +257,35 @@ def main(argv=None) -> dict:
     rpt("prepare", corpus, "--tokenizer", policy, "--out", work / "prep", "--overwrite", "--no-progress")
     figures["prepare_s"] = round(time.time() - t0, 1)
     with Peak(args.device) as peak:
-        rpt("score-entropy", work / "prep", "--model", policy, "--out", work / "scored", "--dtype", score_dtype,
-            "--device", args.device, "--max-context", window, "--keep-all", "--overwrite", "--no-progress")
+        rpt(
+            "score-entropy",
+            work / "prep",
+            "--model",
+            policy,
+            "--out",
+            work / "scored",
+            "--dtype",
+            score_dtype,
+            "--device",
+            args.device,
+            "--max-context",
+            window,
+            "--keep-all",
+            "--overwrite",
+            "--no-progress",
+        )
     scored = json.loads((work / "scored" / "manifest.json").read_text())
     scored_tokens = int(scored["counts"].get("positions_scored") or scored["counts"].get("positions") or 0)
     score_tps = scored_tokens / max(float(scored["seconds"]), 1e-9)
     bare_tps = bare_forward_tokens_per_s(policy, args.device, min(scored_tokens, 2_000_000), window)
     figures["score"] = {
-        "positions": scored_tokens, "seconds": scored["seconds"], "tokens_per_s": round(score_tps),
-        "bare_forward_tokens_per_s": round(bare_tps), "ratio_to_bare_forward": float(f"{score_tps / bare_tps:.3g}"),
-        "mfu": float(f"{score_tps * 2 * n / (args.peak_tflops * 1e12):.3g}"), "peak_gib": peak.gib,
+        "positions": scored_tokens,
+        "seconds": scored["seconds"],
+        "tokens_per_s": round(score_tps),
+        "bare_forward_tokens_per_s": round(bare_tps),
+        "ratio_to_bare_forward": float(f"{score_tps / bare_tps:.3g}"),
+        "mfu": float(f"{score_tps * 2 * n / (args.peak_tflops * 1e12):.3g}"),
+        "peak_gib": peak.gib,
         "counts": scored["counts"],
     }
 
@@ -231,28 +294,83 @@ def main(argv=None) -> dict:
     # A tenth of the documents is held out; a small corpus (the dry run's few records) holds out
     # more, so step c always has an eval split to read.
     eval_fraction = max(0.1, min(0.5, 4 / figures["corpus_records"]))
-    rpt("make-tasks", work / "scored", "--out", tasks, "--threshold", "0", "--context-tokens", 256,
-        "--eval-fraction", eval_fraction, "--max-eval-tasks", 64, "--seed", 1, "--overwrite")
-    runs = {name: weight_change(tasks, work / f"ntp-{name}", policy, args.device, compute, master)
-            for name, compute, master in (("fp32", "float32", "float32"), ("bf16_mixed", "bfloat16", "float32"),
-                                          ("bf16_pure", "bfloat16", "bfloat16"))}
+    rpt(
+        "make-tasks",
+        work / "scored",
+        "--out",
+        tasks,
+        "--threshold",
+        "0",
+        "--context-tokens",
+        256,
+        "--eval-fraction",
+        eval_fraction,
+        "--max-eval-tasks",
+        64,
+        "--seed",
+        1,
+        "--overwrite",
+    )
+    runs = {
+        name: weight_change(tasks, work / f"ntp-{name}", policy, args.device, compute, master)
+        for name, compute, master in (
+            ("fp32", "float32", "float32"),
+            ("bf16_mixed", "bfloat16", "float32"),
+            ("bf16_pure", "bfloat16", "bfloat16"),
+        )
+    }
     mixed_ratio = runs["bf16_mixed"]["norm"] / max(runs["fp32"]["norm"], 1e-30)
     pure_ratio = runs["bf16_pure"]["norm"] / max(runs["fp32"]["norm"], 1e-30)
-    figures["precision"] = {**runs, "mixed_over_fp32": round(mixed_ratio, 3), "pure_over_fp32": round(pure_ratio, 4),
-                            "weights_moved": 0.5 < mixed_ratio < 2.0, "pure_bf16_collapses": pure_ratio < 0.25}
+    figures["precision"] = {
+        **runs,
+        "mixed_over_fp32": round(mixed_ratio, 3),
+        "pure_over_fp32": round(pure_ratio, 4),
+        "weights_moved": 0.5 < mixed_ratio < 2.0,
+        "pure_bf16_collapses": pure_ratio < 0.25,
+    }
 
-    train = ["--model", policy, "--prompt-template", "v0", "--max-new-tokens", 8 if args.dry_run else 64,
-             "--max-prompt-tokens", 256, "--batch-size", 4 if args.dry_run else 16, "--group-size", 4 if args.dry_run else 8,
-             "--lr", "1e-6",
-             "--compute-dtype", "bfloat16", "--engine", "hf", "--device", args.device, "--dynamic-sampling-from", -1,
-             "--save-every", 1, "--keep-checkpoints", 3, "--micro-batch-tokens", 16384, "--no-progress"]
+    train = [
+        "--model",
+        policy,
+        "--prompt-template",
+        "v0",
+        "--max-new-tokens",
+        8 if args.dry_run else 64,
+        "--max-prompt-tokens",
+        256,
+        "--batch-size",
+        4 if args.dry_run else 16,
+        "--group-size",
+        4 if args.dry_run else 8,
+        "--lr",
+        "1e-6",
+        "--compute-dtype",
+        "bfloat16",
+        "--engine",
+        "hf",
+        "--device",
+        args.device,
+        "--dynamic-sampling-from",
+        -1,
+        "--save-every",
+        1,
+        "--keep-checkpoints",
+        3,
+        "--micro-batch-tokens",
+        16384,
+        "--no-progress",
+    ]
     with Peak(args.device) as peak:
         t0 = time.time()
         rpt("train", tasks, "--out", work / "rpt-whole", "--steps", 3, "--overwrite", *train)
         whole_s = time.time() - t0
     rpt("train", tasks, "--out", work / "rpt-part", "--steps", 2, "--overwrite", *train)
     rpt("train", tasks, "--out", work / "rpt-part", "--steps", 3, "--resume", *train)
-    figures["train"] = {"seconds_3_steps": round(whole_s, 1), "peak_gib": peak.gib, **compare_runs(work / "rpt-whole", work / "rpt-part")}
+    figures["train"] = {
+        "seconds_3_steps": round(whole_s, 1),
+        "peak_gib": peak.gib,
+        **compare_runs(work / "rpt-whole", work / "rpt-part"),
+    }
     figures["train"]["memory"] = preflight_figures(work / "rpt-whole")
 
     # -- c. eval -----------------------------------------------------------------------------------
@@ -260,13 +378,30 @@ def main(argv=None) -> dict:
 
     last = list_checkpoints(work / "rpt-whole")[-1]
     t0 = time.time()
-    rpt("eval", tasks, "--model", last, "--mode", "ntp", "--out", work / "report", "--device", args.device,
-        "--dtype", score_dtype, "--overwrite", "--no-progress")
+    rpt(
+        "eval",
+        tasks,
+        "--model",
+        last,
+        "--mode",
+        "ntp",
+        "--out",
+        work / "report",
+        "--device",
+        args.device,
+        "--dtype",
+        score_dtype,
+        "--overwrite",
+        "--no-progress",
+    )
     report = json.loads((work / "report" / "report.json").read_text())
     figures["eval"] = {"seconds": round(time.time() - t0, 1), "rows": report.get("rows", [])[:4]}
     figures["total_s"] = round(time.time() - started, 1)
-    figures["ok"] = bool(figures["precision"]["weights_moved"] and figures["precision"]["pure_bf16_collapses"]
-                         and figures["train"]["resume_equal"])
+    figures["ok"] = bool(
+        figures["precision"]["weights_moved"]
+        and figures["precision"]["pure_bf16_collapses"]
+        and figures["train"]["resume_equal"]
+    )
     (out / "gpu_check.json").write_text(json.dumps(figures, indent=2, default=str))
     print(json.dumps(figures, indent=2, default=str))
     return figures
@@ -285,8 +420,14 @@ def compare_runs(whole: Path, part: Path) -> dict:
     a, b = (load_file(str(list_checkpoints(r)[-1] / MASTER_WEIGHTS)) for r in (whole, part))
     max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     ma, mb = step3(whole), step3(part)
-    return {"metrics_equal": ma == mb, "master_max_abs_diff": max_diff, "resume_equal": ma == mb and max_diff == 0.0,
-            "step3": ma, "rewards_mean": ma.get("reward_mean"), "master_dtype": str(next(iter(a.values())).dtype)}
+    return {
+        "metrics_equal": ma == mb,
+        "master_max_abs_diff": max_diff,
+        "resume_equal": ma == mb and max_diff == 0.0,
+        "step3": ma,
+        "rewards_mean": ma.get("reward_mean"),
+        "master_dtype": str(next(iter(a.values())).dtype),
+    }
 
 
 def preflight_figures(run: Path) -> dict:
@@ -294,10 +435,14 @@ def preflight_figures(run: Path) -> dict:
     (on CUDA, the allocator's max_memory_reserved) and their ratio."""
     record = json.loads((run / "preflight.json").read_text())
     measured = record.get("measured", {})
-    return {"estimate_gib": round(record["estimate_bytes"]["peak"] / 2**30, 2),
-            "measured_gib": round(measured.get("rise_bytes", 0) / 2**30, 2), "measured_what": measured.get("what"),
-            "estimate_over_measured": measured.get("estimate_over_measured"),
-            "attention_kernel": record["sized_from"]["attention"], "sequence_tokens": record["sized_from"]["sequence_tokens"]}
+    return {
+        "estimate_gib": round(record["estimate_bytes"]["peak"] / 2**30, 2),
+        "measured_gib": round(measured.get("rise_bytes", 0) / 2**30, 2),
+        "measured_what": measured.get("what"),
+        "estimate_over_measured": measured.get("estimate_over_measured"),
+        "attention_kernel": record["sized_from"]["attention"],
+        "sequence_tokens": record["sized_from"]["sequence_tokens"],
+    }
 
 
 if __name__ == "__main__":

@@ -34,10 +34,30 @@ OMNIMATH = ROOT.parent / "shared" / "corpora" / "omnimath-rule.jsonl"
 GIB = 2**30
 
 OBJECTIVES = {
-    "rpt1": ["--prompt-template", "continuation", "--max-new-tokens", "1", "--batch-size", "8", "--group-size", "8",
-             "--dynamic-sampling-from", "-1"],
-    "rptN": ["--prompt-template", "continuation", "--max-new-tokens", "8", "--batch-size", "2", "--group-size", "4",
-             "--dynamic-sampling-from", "-1"],
+    "rpt1": [
+        "--prompt-template",
+        "continuation",
+        "--max-new-tokens",
+        "1",
+        "--batch-size",
+        "8",
+        "--group-size",
+        "8",
+        "--dynamic-sampling-from",
+        "-1",
+    ],
+    "rptN": [
+        "--prompt-template",
+        "continuation",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "4",
+        "--dynamic-sampling-from",
+        "-1",
+    ],
     "ntp-tasks": ["--objective", "ntp", "--ntp-positions", "tasks", "--batch-size", "8"],
     "ntp-all": ["--objective", "ntp", "--ntp-positions", "all", "--batch-size", "4"],
 }
@@ -59,16 +79,31 @@ def build_tasks(work: Path) -> dict[str, Path]:
         src = [str(corpus), "--template", r"{problem}\n\n{solution}"]
     else:
         src = ["builtin:champ", "--template", r"{problem}\n\n{solution}", "--max-docs", "40"]
-    for args in (["prepare", *src, "--out", str(prep)],
-                 ["score-entropy", str(prep), "--out", str(scored), "--keep-all", "--max-context", "1024"]):
+    for args in (
+        ["prepare", *src, "--out", str(prep)],
+        ["score-entropy", str(prep), "--out", str(scored), "--keep-all", "--max-context", "1024"],
+    ):
         done = rpt(*args, "--no-progress")
         if done.returncode:
             raise SystemExit(f"rpt {args[0]} failed:\n{done.stderr[-3000:]}")
     tasks = {}
     for name, ctx in CONTEXTS.items():
         tasks[name] = work / f"tasks-{name}"
-        done = rpt("make-tasks", str(scored), "--out", str(tasks[name]), "--threshold", "0", "--context-tokens",
-                   str(ctx), "--eval-fraction", "0.2", "--seed", "1", "--no-progress")
+        done = rpt(
+            "make-tasks",
+            str(scored),
+            "--out",
+            str(tasks[name]),
+            "--threshold",
+            "0",
+            "--context-tokens",
+            str(ctx),
+            "--eval-fraction",
+            "0.2",
+            "--seed",
+            "1",
+            "--no-progress",
+        )
         if done.returncode:
             raise SystemExit(f"rpt make-tasks failed:\n{done.stderr[-3000:]}")
     return tasks
@@ -77,8 +112,21 @@ def build_tasks(work: Path) -> dict[str, Path]:
 def run_cell(tasks: Path, out: Path, objective: str, context: str, checkpointing: bool) -> dict:
     """One `rpt train --steps 2`; returns the estimate, the measured rise and their ratio."""
     # two steps: from the second on, AdamW's state is there while the activations are
-    args = ["train", str(tasks), "--out", str(out), "--model", "smollm2-135m", "--device", "cpu", "--steps", "2",
-            "--no-progress", "--overwrite", *OBJECTIVES[objective]]
+    args = [
+        "train",
+        str(tasks),
+        "--out",
+        str(out),
+        "--model",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--overwrite",
+        *OBJECTIVES[objective],
+    ]
     if objective == "ntp-all":  # windows of the documents: the context length is the window
         args += ["--max-prompt-tokens", str(CONTEXTS[context])]
     if checkpointing:
@@ -90,10 +138,18 @@ def run_cell(tasks: Path, out: Path, objective: str, context: str, checkpointing
     record = json.loads((out / "preflight.json").read_text())
     est, rise = record["estimate_bytes"]["peak"], record["measured"]["rise_bytes"]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return {"objective": objective, "context": context, "checkpointing": checkpointing,
-            "sequence_tokens": record["sized_from"]["sequence_tokens"], "rows": record["sized_from"]["micro_batch_rows"],
-            "estimate": est, "measured": rise, "ratio": est / rise if rise else float("inf"),
-            "parts": record["estimate_bytes"], "seconds": round(time.time() - t0, 1)}
+    return {
+        "objective": objective,
+        "context": context,
+        "checkpointing": checkpointing,
+        "sequence_tokens": record["sized_from"]["sequence_tokens"],
+        "rows": record["sized_from"]["micro_batch_rows"],
+        "estimate": est,
+        "measured": rise,
+        "ratio": est / rise if rise else float("inf"),
+        "parts": record["estimate_bytes"],
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -102,29 +158,42 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "out" / "bench-memory"), help="Working folder (data kept for reruns).")
-    ap.add_argument("--cells", default="", help="Comma-separated OBJECTIVE-CONTEXT[-gc] cells (default: the whole grid).")
+    ap.add_argument(
+        "--cells", default="", help="Comma-separated OBJECTIVE-CONTEXT[-gc] cells (default: the whole grid)."
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start "
-          "(memory does not depend on the load; run times do)", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start "
+        "(memory does not depend on the load; run times do)",
+        flush=True,
+    )
     tasks = build_tasks(work)
     grid = [(o, c, g) for o in OBJECTIVES for c in CONTEXTS for g in (False, True)]
     if args.cells:
         wanted = set(args.cells.split(","))
         grid = [cell for cell in grid if f"{cell[0]}-{cell[1]}{'-gc' if cell[2] else ''}" in wanted]
-    print(f"{'cell':<22} {'seq':>5} {'rows':>4} {'estimate GiB':>12} {'measured GiB':>12} {'ratio':>6} {'s':>6}", flush=True)
+    print(
+        f"{'cell':<22} {'seq':>5} {'rows':>4} {'estimate GiB':>12} {'measured GiB':>12} {'ratio':>6} {'s':>6}",
+        flush=True,
+    )
     rows = []
     for objective, context, gc in grid:
         r = run_cell(tasks[context], work / "run", objective, context, gc)
         rows.append(r)
         name = f"{objective}-{context}{'-gc' if gc else ''}"
-        print(f"{name:<22} {r['sequence_tokens']:>5} {r['rows']:>4} {r['estimate'] / GIB:>12.2f} "
-              f"{r['measured'] / GIB:>12.2f} {r['ratio']:>6.2f} {r['seconds']:>6}", flush=True)
+        print(
+            f"{name:<22} {r['sequence_tokens']:>5} {r['rows']:>4} {r['estimate'] / GIB:>12.2f} "
+            f"{r['measured'] / GIB:>12.2f} {r['ratio']:>6.2f} {r['seconds']:>6}",
+            flush=True,
+        )
     lo, hi = ESTIMATE_ERROR
     ratios = [r["ratio"] for r in rows]
-    print(f"estimate / measured: min {min(ratios):.2f}, max {max(ratios):.2f} over {len(rows)} cells "
-          f"(allowed {lo}-{hi}); load average {os.getloadavg()[0]:.2f} at the end")
+    print(
+        f"estimate / measured: min {min(ratios):.2f}, max {max(ratios):.2f} over {len(rows)} cells "
+        f"(allowed {lo}-{hi}); load average {os.getloadavg()[0]:.2f} at the end"
+    )
     (work / "results.json").write_text(json.dumps(rows, indent=1))
     if not all(lo <= x <= hi for x in ratios):
         raise SystemExit(1)

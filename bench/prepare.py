@@ -119,21 +119,26 @@ def main() -> None:
         corpus = repeat_file(sample, tmp / "corpus.jsonl", args.copies)
         texts = [r.text for r in read_source(expand_inputs([str(corpus)])[0], TextBuilder(template=TEMPLATE))]
         raw_s, n_raw, raw_load = raw_encode(texts)
-        runs = {name: run_prepare_process(corpus, tmp / name, p, args.shard_docs, one)
-                for name, p, one in (("p1", 1, False), ("p1-t1", 1, True), ("p2-t1", 2, True))}
+        runs = {
+            name: run_prepare_process(corpus, tmp / name, p, args.shard_docs, one)
+            for name, p, one in (("p1", 1, False), ("p1-t1", 1, True), ("p2-t1", 2, True))
+        }
         counts = [r["counts"] for r in runs.values()]
         if any(c != counts[0] for c in counts):
             sys.exit(f"the runs disagree: {counts}")
         if args.rss:
             small = run_prepare_process(sample, tmp / "small", 2, args.shard_docs, True)
-            big = run_prepare_process(repeat_file(sample, tmp / "big.jsonl", args.rss_scale), tmp / "big", 2,
-                                      args.shard_docs, True)
+            big = run_prepare_process(
+                repeat_file(sample, tmp / "big.jsonl", args.rss_scale), tmp / "big", 2, args.shard_docs, True
+            )
 
     n_tok = counts[0]["tokens"]
     raw = n_raw / raw_s
     rate = {name: n_tok / r["wall"] for name, r in runs.items()}
-    print(f"corpus: {len(texts):,} documents, {n_tok:,} tokens ({args.copies} copies of {sample.name}), "
-          f"--shard-docs {args.shard_docs}; {os.cpu_count()} CPUs; load = 1-minute load average before each run")
+    print(
+        f"corpus: {len(texts):,} documents, {n_tok:,} tokens ({args.copies} copies of {sample.name}), "
+        f"--shard-docs {args.shard_docs}; {os.cpu_count()} CPUs; load = 1-minute load average before each run"
+    )
     print(f"{'measure':<66}{'value':>16}{'load':>7}")
 
     def row(name: str, value: str, load_before: float | None = None) -> None:
@@ -147,10 +152,14 @@ def main() -> None:
     row("one tokenizer thread per process: --processes 1", f"{rate['p1-t1']:,.0f} tok/s", runs["p1-t1"]["load"])
     row("one tokenizer thread per process: --processes 2", f"{rate['p2-t1']:,.0f} tok/s", runs["p2-t1"]["load"])
     row("  ratio 2 processes / 1 (target >= 1.6)", f"{rate['p2-t1'] / rate['p1-t1']:.2f}")
-    row("  CPU seconds, 1 process / 2 processes (work added by splitting)",
-        f"{runs['p1-t1']['cpu']:.1f} / {runs['p2-t1']['cpu']:.1f}")
-    row("  ratio if each process had its own core (CPU-time bound)",
-        f"{2 * runs['p1-t1']['cpu'] / runs['p2-t1']['cpu']:.2f}")
+    row(
+        "  CPU seconds, 1 process / 2 processes (work added by splitting)",
+        f"{runs['p1-t1']['cpu']:.1f} / {runs['p2-t1']['cpu']:.1f}",
+    )
+    row(
+        "  ratio if each process had its own core (CPU-time bound)",
+        f"{2 * runs['p1-t1']['cpu'] / runs['p2-t1']['cpu']:.2f}",
+    )
     row("  peak RSS, largest worker", f"{runs['p2-t1']['rss_workers']:,} MB")
     if args.rss:
         row(f"peak RSS per worker, sample ({small['counts']['tokens']:,} tokens)", f"{small['rss_workers']:,} MB")

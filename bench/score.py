@@ -107,14 +107,18 @@ def bare_forward(engine: HFScorer, docs: list[np.ndarray]) -> None:
                 ids[b, : lengths[i]] = torch.from_numpy(docs[i][:-1].astype(np.int64))
                 mask[b, : lengths[i]] = 1
             ragged = bool((mask == 0).any())
-            engine.model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device) if ragged else None,
-                         use_cache=False).logits
+            engine.model(
+                input_ids=ids.to(engine.device),
+                attention_mask=mask.to(engine.device) if ragged else None,
+                use_cache=False,
+            ).logits
     sync(engine.device)
 
 
 def rpt_scorer(engine: HFScorer, ids, tokens, max_context: int, long_documents: str | None = None) -> dict:
-    table, stats = score_docs(engine, ids, tokens, max_context=max_context, threshold=None,
-                              long_documents=long_documents)
+    table, stats = score_docs(
+        engine, ids, tokens, max_context=max_context, threshold=None, long_documents=long_documents
+    )
     pq.write_table(table, io.BytesIO())
     sync(engine.device)
     return stats
@@ -148,23 +152,31 @@ def bench_corpus(engine: HFScorer, name: str, ids, tokens, max_context: int, rep
     bare_forward(engine, [t[:65] for t in tokens[:2]])  # warm-up
     stats = rpt_scorer(engine, ids, tokens, max_context)  # warm-up, and the counts
     positions = stats["positions_scored"]
-    methods = {"bare forward, each token once (logits only: the limit)": lambda: bare_forward(engine, tokens),
-               f"rpt scorer ({'kv-carry chunks' if stats['windows'] > len(tokens) else 'one window per document'}; Parquet)":
-                   lambda: rpt_scorer(engine, ids, tokens, max_context), **extra}
+    methods = {
+        "bare forward, each token once (logits only: the limit)": lambda: bare_forward(engine, tokens),
+        f"rpt scorer ({'kv-carry chunks' if stats['windows'] > len(tokens) else 'one window per document'}; Parquet)": lambda: (
+            rpt_scorer(engine, ids, tokens, max_context)
+        ),
+        **extra,
+    }
     best, rss = {}, {}
     for _ in range(repeats):  # interleaved, so all see the same machine load
         for label, fn in methods.items():
             best[label] = min(best.get(label, float("inf")), timed(fn, 1))
             rss.setdefault(label, peak_rss_mb())
     lengths = sorted({len(t) for t in tokens})
-    print(f"\n{name}: {len(tokens)} documents x {'/'.join(map(str, lengths))} tokens = {positions:,} scored positions; "
-          f"window {max_context}, {stats['windows']} forward pieces, {stats['tokens_forwarded']:,} tokens forwarded by rpt")
+    print(
+        f"\n{name}: {len(tokens)} documents x {'/'.join(map(str, lengths))} tokens = {positions:,} scored positions; "
+        f"window {max_context}, {stats['windows']} forward pieces, {stats['tokens_forwarded']:,} tokens forwarded by rpt"
+    )
     print(f"{'method':<72}{'seconds':>9}{'tok/s':>9}{'peak RSS':>11}")
     for label, seconds in best.items():
         print(f"{label:<72}{seconds:>9.2f}{positions / seconds:>9.0f}{rss[label]:>8,.0f} MB")
     labels = list(best)
     ratio = best[labels[0]] / best[labels[1]]
-    print(f"rpt / bare forward (each token once): {ratio:.2f}x   (target >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'})")
+    print(
+        f"rpt / bare forward (each token once): {ratio:.2f}x   (target >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'})"
+    )
     for label in labels[2:]:
         print(f"{label.split(' (')[0]} / bare forward: {best[labels[0]] / best[label]:.2f}x")
 
@@ -189,15 +201,34 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     max_context = min(engine.max_positions or MAX_CONTEXT_CAP, MAX_CONTEXT_CAP)  # the stage's default window
     threads = f"{torch.get_num_threads()} threads" if engine.device == "cpu" else torch.cuda.get_device_name()
-    print(f"rpt score-entropy benchmark: {args.model} {engine.dtype} on {engine.device} ({threads}); "
-          f"batch_tokens {engine.batch_tokens}; top-16 entropy")
+    print(
+        f"rpt score-entropy benchmark: {args.model} {engine.dtype} on {engine.device} ({threads}); "
+        f"batch_tokens {engine.batch_tokens}; top-16 entropy"
+    )
     print(f"(prepare {prep_s:.1f} s and model load {load_s:.1f} s not counted; RSS after load {peak_rss_mb():,.0f} MB)")
 
-    bench_corpus(engine, "short documents (CHAMP)", ids, tokens, max_context, args.repeats,
-                 {"naive (one doc at a time, full softmax, then top-k)": lambda: naive(engine, tokens)})
-    bench_corpus(engine, f"long documents ({long_source} solutions joined)", long_ids, long_tokens, max_context,
-                 args.repeats, {"rpt scorer, windows with half overlap (as vLLM; overlap computed again)":
-                                lambda: rpt_scorer(engine, long_ids, long_tokens, max_context, "windows")})
+    bench_corpus(
+        engine,
+        "short documents (CHAMP)",
+        ids,
+        tokens,
+        max_context,
+        args.repeats,
+        {"naive (one doc at a time, full softmax, then top-k)": lambda: naive(engine, tokens)},
+    )
+    bench_corpus(
+        engine,
+        f"long documents ({long_source} solutions joined)",
+        long_ids,
+        long_tokens,
+        max_context,
+        args.repeats,
+        {
+            "rpt scorer, windows with half overlap (as vLLM; overlap computed again)": lambda: rpt_scorer(
+                engine, long_ids, long_tokens, max_context, "windows"
+            )
+        },
+    )
 
 
 if __name__ == "__main__":

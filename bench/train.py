@@ -79,12 +79,47 @@ def build_tasks(work: Path, docs: int, context_tokens: int) -> tuple[Path, Path]
     steps = [
         ["prepare", "builtin:champ", "--max-docs", str(docs), "--out", str(work / "prep"), "--overwrite"],
         # a window just longer than a task's context: scoring is the slow stage on CPU
-        ["score-entropy", str(work / "prep"), "--out", str(work / "scored"), "--engine", "hf",
-         "--max-context", "256", "--threshold", "1.0", "--overwrite"],
-        ["make-tasks", str(work / "scored"), "--out", str(tasks), "--threshold", "1.0",
-         "--context-tokens", str(context_tokens), "--continuation-tokens", "8", "--eval-fraction", "0.1", "--overwrite"],
-        ["export-tasks", str(tasks), "--format", "trl", "--prompt-template", "continuation", "--split", "train",
-         "--out", str(export), "--overwrite"],
+        [
+            "score-entropy",
+            str(work / "prep"),
+            "--out",
+            str(work / "scored"),
+            "--engine",
+            "hf",
+            "--max-context",
+            "256",
+            "--threshold",
+            "1.0",
+            "--overwrite",
+        ],
+        [
+            "make-tasks",
+            str(work / "scored"),
+            "--out",
+            str(tasks),
+            "--threshold",
+            "1.0",
+            "--context-tokens",
+            str(context_tokens),
+            "--continuation-tokens",
+            "8",
+            "--eval-fraction",
+            "0.1",
+            "--overwrite",
+        ],
+        [
+            "export-tasks",
+            str(tasks),
+            "--format",
+            "trl",
+            "--prompt-template",
+            "continuation",
+            "--split",
+            "train",
+            "--out",
+            str(export),
+            "--overwrite",
+        ],
     ]
     for args in steps:
         s = run(rpt + args, work / f"{args[0]}.log")
@@ -102,24 +137,78 @@ def bench_rpt(work: Path, tasks: Path, engine: str, a, max_new_tokens: int | Non
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = rpt_cli() + [
-        "train", str(tasks), "--out", str(out), "--engine", engine, "--model", MODEL, "--compute-dtype", "float32",
-        "--device", "cpu", "--prompt-template", "continuation", "--max-new-tokens", str(max_new_tokens or a.max_new_tokens),
-        "--max-prompt-tokens", "256", "--batch-size", str(a.batch), "--group-size", str(a.group),
-        "--steps", str(a.steps), "--temperature", "0.8", "--top-p", "1.0", "--lr", "1e-6",
-        "--weight-decay", "0.01", "--grad-clip", "0.2", "--clip-eps", "0.2", "--kl-coef", "0",
-        "--loss-agg", "token-mean", "--scale-rewards", "group", "--dynamic-sampling-from", "-1",
-        "--sample-every", "0", "--save-every", "100000", "--keep-checkpoints", "1", "--seed", "0",
-        "--no-progress", "--fused-one-token" if fused else "--no-fused-one-token",
+        "train",
+        str(tasks),
+        "--out",
+        str(out),
+        "--engine",
+        engine,
+        "--model",
+        MODEL,
+        "--compute-dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--prompt-template",
+        "continuation",
+        "--max-new-tokens",
+        str(max_new_tokens or a.max_new_tokens),
+        "--max-prompt-tokens",
+        "256",
+        "--batch-size",
+        str(a.batch),
+        "--group-size",
+        str(a.group),
+        "--steps",
+        str(a.steps),
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "1.0",
+        "--lr",
+        "1e-6",
+        "--weight-decay",
+        "0.01",
+        "--grad-clip",
+        "0.2",
+        "--clip-eps",
+        "0.2",
+        "--kl-coef",
+        "0",
+        "--loss-agg",
+        "token-mean",
+        "--scale-rewards",
+        "group",
+        "--dynamic-sampling-from",
+        "-1",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "100000",
+        "--keep-checkpoints",
+        "1",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--fused-one-token" if fused else "--no-fused-one-token",
     ]
     wall = run(cmd, work / f"{name}.log")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps = [
-        {"generation": m["rollout_s"], "update": m["update_s"], "sync": m.get("weight_sync_s", 0.0),
-         "step": m["step_s"], "reward": m["reward_mean"], "mismatch": m.get("logprob_mismatch")}
+        {
+            "generation": m["rollout_s"],
+            "update": m["update_s"],
+            "sync": m.get("weight_sync_s", 0.0),
+            "step": m["step_s"],
+            "reward": m["reward_mean"],
+            "mismatch": m.get("logprob_mismatch"),
+        }
         for m in metrics
     ]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 0.5 GB each; only timings are kept
-    label = f"rpt train --engine {engine}" + ("" if max_new_tokens is None else f", 1 token, {'fused' if fused else 'two-pass'}")
+    label = f"rpt train --engine {engine}" + (
+        "" if max_new_tokens is None else f", 1 token, {'fused' if fused else 'two-pass'}"
+    )
     return {"name": label, "steps": steps, "wall": wall}
 
 
@@ -129,9 +218,24 @@ def bench_rpt(work: Path, tasks: Path, engine: str, a, max_new_tokens: int | Non
 
 def bench_trl(work: Path, export: Path, a) -> dict:
     result = work / "trl-timings.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(export / "train.parquet"),
-           "--trl-result", str(result), "--work", str(work), "--steps", str(a.steps), "--batch", str(a.batch),
-           "--group", str(a.group), "--max-new-tokens", str(a.max_new_tokens)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--trl-worker",
+        str(export / "train.parquet"),
+        "--trl-result",
+        str(result),
+        "--work",
+        str(work),
+        "--steps",
+        str(a.steps),
+        "--batch",
+        str(a.batch),
+        "--group",
+        str(a.group),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+    ]
     wall = run(cmd, work / "trl.log")
     data = json.loads(result.read_text())
     return {"name": f"TRL {data['version']} GRPOTrainer", "steps": data["steps"], "wall": wall}
@@ -166,12 +270,14 @@ def trl_worker(a) -> None:
             now = time.perf_counter()
             step = now - self.t
             rollout = phases.get("GRPOTrainer._prepare_inputs", 0.0)
-            steps.append({
-                "generation": phases.get("GRPOTrainer.transformers.generate", 0.0),
-                "rollout_phase": rollout,
-                "update": step - rollout,
-                "step": step,
-            })
+            steps.append(
+                {
+                    "generation": phases.get("GRPOTrainer.transformers.generate", 0.0),
+                    "rollout_phase": rollout,
+                    "update": step - rollout,
+                    "step": step,
+                }
+            )
             phases.clear()
             self.t = time.perf_counter()
 
@@ -216,7 +322,11 @@ def trl_worker(a) -> None:
         dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=rpt_reward, args=config, train_dataset=dataset, processing_class=tokenizer,
+        model=model,
+        reward_funcs=rpt_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
         callbacks=[StepTimer()],
     )
     trainer.train()
@@ -234,13 +344,22 @@ def summarize(result: dict) -> dict:
         vals = [s[key] for s in steps if s.get(key) is not None]
         return statistics.fmean(vals) if vals else float("nan")
 
-    return {"name": result["name"], "generation": mean("generation"), "update": mean("update"),
-            "sync": mean("sync"), "step": mean("step"), "first_step": result["steps"][0]["step"], "wall": result["wall"],
-            "all_steps": [round(s["step"], 2) for s in result["steps"]]}
+    return {
+        "name": result["name"],
+        "generation": mean("generation"),
+        "update": mean("update"),
+        "sync": mean("sync"),
+        "step": mean("step"),
+        "first_step": result["steps"][0]["step"],
+        "wall": result["wall"],
+        "all_steps": [round(s["step"], 2) for s in result["steps"]],
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("settings (shared by both trainers)")
     g.add_argument("--steps", type=int, default=3, help="optimizer steps per trainer (the first is reported apart)")
     g.add_argument("--batch", type=int, default=2, help="contexts per step (B)")
@@ -250,16 +369,23 @@ def main() -> None:
     g.add_argument("--docs", type=int, default=4, help="CHAMP documents to prepare and score for the tasks")
     r = p.add_argument_group("run")
     r.add_argument("--work", default=str(ROOT / "out" / "bench-train"), help="scratch folder (tasks are reused)")
-    r.add_argument("--order", default="hf1-two-pass,hf1-fused,hf,trl,vllm",
-                   help="which trainers run, in this order (load drift on a shared machine favours whichever runs "
-                        "in a quiet moment: rerun in another order); hf1-fused / hf1-two-pass: rpt train with one "
-                        "new token, the fused step against a rollout forward then the update (target: fused step "
-                        "time at least 20%% lower)")
+    r.add_argument(
+        "--order",
+        default="hf1-two-pass,hf1-fused,hf,trl,vllm",
+        help="which trainers run, in this order (load drift on a shared machine favours whichever runs "
+        "in a quiet moment: rerun in another order); hf1-fused / hf1-two-pass: rpt train with one "
+        "new token, the fused step against a rollout forward then the update (target: fused step "
+        "time at least 20%% lower)",
+    )
     r.add_argument("--skip-trl", action="store_true", help="do not run TRL")
     r.add_argument("--skip-vllm", action="store_true", help="do not run rpt with vLLM rollouts")
-    r.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS for every trainer (default: torch's own, one per core); 1 avoids "
-                        "spin-wait collapse when other jobs share the cores")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for every trainer (default: torch's own, one per core); 1 avoids "
+        "spin-wait collapse when other jobs share the cores",
+    )
     r.add_argument("--json", help="also write the summary here")
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     p.add_argument("--trl-result", help=argparse.SUPPRESS)
@@ -273,9 +399,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     have_trl = importlib.util.find_spec("trl") is not None
     have_vllm = importlib.util.find_spec("vllm") is not None
-    print(f"bench-train: SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), B={a.batch} x G={a.group}, "
-          f"<= {a.max_new_tokens} new tokens, {a.steps} steps, threads {a.threads or 'default'}; work dir {work}",
-          flush=True)
+    print(
+        f"bench-train: SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), B={a.batch} x G={a.group}, "
+        f"<= {a.max_new_tokens} new tokens, {a.steps} steps, threads {a.threads or 'default'}; work dir {work}",
+        flush=True,
+    )
     tasks, export = build_tasks(work, a.docs, a.context_tokens)
 
     results = []
@@ -308,8 +436,10 @@ def main() -> None:
     for r in rows:
         ratio = f"{trl_row['step'] / r['step']:.2f}" if trl_row else "n/a"
         sync = f"{r['sync']:.2f}" if r["name"].endswith("vllm") else "-"
-        print(f"| {r['name']} | {r['generation']:.2f} | {r['update']:.2f} | {sync} | {r['step']:.2f} | {ratio} | "
-              f"{r['first_step']:.2f} | {r['all_steps']} |")
+        print(
+            f"| {r['name']} | {r['generation']:.2f} | {r['update']:.2f} | {sync} | {r['step']:.2f} | {ratio} | "
+            f"{r['first_step']:.2f} | {r['all_steps']} |"
+        )
     if trl_row:
         for r in rows:
             if r is not trl_row:
@@ -317,8 +447,10 @@ def main() -> None:
     fused = next((r for r in rows if r["name"].endswith("fused")), None)
     two = next((r for r in rows if r["name"].endswith("two-pass")), None)
     if fused and two:
-        print(f"one-token step: fused {fused['step']:.2f} s vs two-pass {two['step']:.2f} s: "
-              f"{1 - fused['step'] / two['step']:.0%} lower (target: at least 20%)")
+        print(
+            f"one-token step: fused {fused['step']:.2f} s vs two-pass {two['step']:.2f} s: "
+            f"{1 - fused['step'] / two['step']:.0%} lower (target: at least 20%)"
+        )
     print("TRL update = its step minus its rollout phase (_prepare_inputs: generation + tokenizing + reward).")
     if a.json:
         Path(a.json).write_text(json.dumps({"settings": vars(a), "rows": rows, "raw": results}, indent=2))

@@ -70,9 +70,12 @@ def options(*decorators):
 
 
 overwrite_option = click.option(
-    "--overwrite", is_flag=True,
+    "--overwrite",
+    is_flag=True,
     help="Replace what an earlier run left in the output directory (only this command's own files are removed).",
 )
+
+
 def _quiet(ctx, param, value):
     if value:
         from rptdata.models import hide_library_progress
@@ -81,19 +84,32 @@ def _quiet(ctx, param, value):
     return value
 
 
-no_progress_option = click.option("--no-progress", is_flag=True, callback=_quiet,
-                                  help="Hide the progress bars (rpt's and the libraries': transformers' weight loading and saving).")
+no_progress_option = click.option(
+    "--no-progress",
+    is_flag=True,
+    callback=_quiet,
+    help="Hide the progress bars (rpt's and the libraries': transformers' weight loading and saving).",
+)
 trust_remote_code_option = click.option(
-    "--trust-remote-code", is_flag=True,
+    "--trust-remote-code",
+    is_flag=True,
     help="Allow the model's (or tokenizer's) custom code from its repository (off by default).",
 )
 
 
 executor_options = options(
-    click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                 help="Run the shards here (local), or as tasks/actors on a Ray cluster with retries (ray; the `ray` extra)."),
-    click.option("--ray-address", default=None,
-                 help="With --executor ray: the cluster to join [default: RAY_ADDRESS, else a local cluster started for the run]."),
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Run the shards here (local), or as tasks/actors on a Ray cluster with retries (ray; the `ray` extra).",
+    ),
+    click.option(
+        "--ray-address",
+        default=None,
+        help="With --executor ray: the cluster to join [default: RAY_ADDRESS, else a local cluster started for the run].",
+    ),
 )
 
 
@@ -102,8 +118,15 @@ def model_runtime_options(engine_help: str):
     from rptdata.engine_choice import ENGINE_CHOICES
 
     return options(
-        click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINE_CHOICES), help=engine_help),
-        click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
-                     help="Model dtype (auto: bfloat16 on a GPU, float32 on CPU)."),
+        click.option(
+            "--engine", default="auto", show_default=True, type=click.Choice(ENGINE_CHOICES), help=engine_help
+        ),
+        click.option(
+            "--dtype",
+            default="auto",
+            show_default=True,
+            type=click.Choice(DTYPE_CHOICES),
+            help="Model dtype (auto: bfloat16 on a GPU, float32 on CPU).",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     )

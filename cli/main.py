@@ -46,4 +46,6 @@ def cli(verbose: bool) -> None:
     prepare -> score-entropy -> make-tasks -> train -> eval
     Each stage reads the previous stage's directory and writes its own, with manifest.json last.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )

@@ -7,24 +7,107 @@ from cli.common import library_errors, no_progress_option, overwrite_option
 
 @click.command("make-tasks")
 @click.argument("scored_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory (train/ and eval/ shards + manifest.json).")
-@click.option("--threshold", default=0.5, show_default=True, type=float, help="Keep positions whose proxy entropy is at least this (0 keeps all).")
-@click.option("--context-tokens", default=1024, show_default=True, type=int, help="At most this many tokens of context before each position.")
-@click.option("--continuation-tokens", default=8, show_default=True, type=int, help="Tokens in each continuation (the longest prediction that can score).")
-@click.option("--eval-fraction", default=0.1, show_default=True, type=float, help="Share of documents held out for evaluation (seeded hash of doc_id).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the document split and the --max-tasks sample.")
-@click.option("--max-tasks", default=None, type=int, help="Keep at most N training tasks (a seeded, exact, uniform sample). Default: all.")
-@click.option("--max-eval-tasks", default=None, type=int, help="Keep at most N evaluation tasks (same sampling). Default: all.")
-@click.option("--bands", default="0.5,1.0,1.5", show_default=True, help="Entropy thresholds of the bands: 3 values name easy/medium/hard; or name=value,... A task's band is the highest it exceeds.")
-@click.option("--min-live", default=None, type=click.FloatRange(0, 1), help="Drop training positions whose predicted probability of a mixed-reward group (live = 1 - q^G - (1-q)^G) is below P; counted as low_live. Eval positions are never dropped. Default: keep all. The estimate is exact only when the policy is the proxy and the format is `continuation`.")
-@click.option("--group-size", default=8, show_default=True, type=int, help="G of the live estimate: samples per group in training.")
-@click.option("--temperature", default=0.8, show_default=True, type=float, help="T of the live estimate: the training sampling temperature.")
-@click.option("--prepared", "prepared_dir", default=None, type=click.Path(exists=True, file_okay=False), help="The `rpt prepare` directory, if it moved since scoring (default: the one the scored manifest names).")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output directory (train/ and eval/ shards + manifest.json).",
+)
+@click.option(
+    "--threshold",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Keep positions whose proxy entropy is at least this (0 keeps all).",
+)
+@click.option(
+    "--context-tokens",
+    default=1024,
+    show_default=True,
+    type=int,
+    help="At most this many tokens of context before each position.",
+)
+@click.option(
+    "--continuation-tokens",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Tokens in each continuation (the longest prediction that can score).",
+)
+@click.option(
+    "--eval-fraction",
+    default=0.1,
+    show_default=True,
+    type=float,
+    help="Share of documents held out for evaluation (seeded hash of doc_id).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seeds the document split and the --max-tasks sample."
+)
+@click.option(
+    "--max-tasks",
+    default=None,
+    type=int,
+    help="Keep at most N training tasks (a seeded, exact, uniform sample). Default: all.",
+)
+@click.option(
+    "--max-eval-tasks", default=None, type=int, help="Keep at most N evaluation tasks (same sampling). Default: all."
+)
+@click.option(
+    "--bands",
+    default="0.5,1.0,1.5",
+    show_default=True,
+    help="Entropy thresholds of the bands: 3 values name easy/medium/hard; or name=value,... A task's band is the highest it exceeds.",
+)
+@click.option(
+    "--min-live",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Drop training positions whose predicted probability of a mixed-reward group (live = 1 - q^G - (1-q)^G) is below P; counted as low_live. Eval positions are never dropped. Default: keep all. The estimate is exact only when the policy is the proxy and the format is `continuation`.",
+)
+@click.option(
+    "--group-size",
+    default=8,
+    show_default=True,
+    type=int,
+    help="G of the live estimate: samples per group in training.",
+)
+@click.option(
+    "--temperature",
+    default=0.8,
+    show_default=True,
+    type=float,
+    help="T of the live estimate: the training sampling temperature.",
+)
+@click.option(
+    "--prepared",
+    "prepared_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="The `rpt prepare` directory, if it moved since scoring (default: the one the scored manifest names).",
+)
 @overwrite_option
 @no_progress_option
 @library_errors
-def make_tasks(scored_dir, out, threshold, context_tokens, continuation_tokens, eval_fraction, seed, max_tasks, max_eval_tasks, bands,
-               min_live, group_size, temperature, prepared_dir, overwrite, no_progress):
+def make_tasks(
+    scored_dir,
+    out,
+    threshold,
+    context_tokens,
+    continuation_tokens,
+    eval_fraction,
+    seed,
+    max_tasks,
+    max_eval_tasks,
+    bands,
+    min_live,
+    group_size,
+    temperature,
+    prepared_dir,
+    overwrite,
+    no_progress,
+):
     """Turn scored positions into RPT tasks: context, continuation and token boundaries.
 
     SCORED_DIR is a finished `rpt score-entropy` directory. Documents are split into train and
@@ -45,22 +128,35 @@ def make_tasks(scored_dir, out, threshold, context_tokens, continuation_tokens, 
     from rptdata.tasks import MakeTasksConfig, run_make_tasks
 
     config = MakeTasksConfig(
-        scored_dir=scored_dir, out=out, threshold=threshold, context_tokens=context_tokens,
-        continuation_tokens=continuation_tokens, eval_fraction=eval_fraction, seed=seed, max_tasks=max_tasks,
-        max_eval_tasks=max_eval_tasks, bands=bands, min_live=min_live, group_size=group_size,
-        temperature=temperature, prepared_dir=prepared_dir, overwrite=overwrite,
+        scored_dir=scored_dir,
+        out=out,
+        threshold=threshold,
+        context_tokens=context_tokens,
+        continuation_tokens=continuation_tokens,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        max_tasks=max_tasks,
+        max_eval_tasks=max_eval_tasks,
+        bands=bands,
+        min_live=min_live,
+        group_size=group_size,
+        temperature=temperature,
+        prepared_dir=prepared_dir,
+        overwrite=overwrite,
         progress=not no_progress,
     )
     m = run_make_tasks(config)
     c = m["counts"]
     skipped = ", ".join(f"{k} {v:,}" for k, v in c["skipped"].items() if v) or "none"
     bands_line = "; ".join(
-        f"{split}: " + ", ".join(f"{b} {n:,}" for b, n in c["tasks_by_band"][split].items()) for split in ("train", "eval")
+        f"{split}: " + ", ".join(f"{b} {n:,}" for b, n in c["tasks_by_band"][split].items())
+        for split in ("train", "eval")
     )
     live = c.get("predicted_live") or {}
-    live_line = ", ".join(
-        f"{split} {100 * live[split]:.1f}%" for split in ("train", "eval") if live.get(split) is not None
-    ) or "no estimate (no target_logprob)"
+    live_line = (
+        ", ".join(f"{split} {100 * live[split]:.1f}%" for split in ("train", "eval") if live.get(split) is not None)
+        or "no estimate (no target_logprob)"
+    )
     click.echo(
         f"make-tasks: {c['positions_in']:,} positions -> {c['tasks']['train']:,} train tasks "
         f"({c['documents']['train']:,} docs), {c['tasks']['eval']:,} eval tasks ({c['documents']['eval']:,} docs); "

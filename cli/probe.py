@@ -9,22 +9,64 @@ from rpttrain.reward import REWARD_NAMES
 @click.command()
 @click.argument("tasks_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", default="smollm2-135m", show_default=True, help=model_help("Policy to probe"))
-@click.option("--prompt-template", "templates", multiple=True, help="Formats to compare (repeat): v0 v2 v6 continuation FILE. Default: all four built-ins.")
+@click.option(
+    "--prompt-template",
+    "templates",
+    multiple=True,
+    help="Formats to compare (repeat): v0 v2 v6 continuation FILE. Default: all four built-ins.",
+)
 @click.option("--samples", default=8, show_default=True, help="Samples per task (G); Pass@G is reported.")
 @click.option("--tasks", "n_tasks", default=16, show_default=True, help="Tasks to probe (the first N of the split).")
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]), help="Which split's tasks.")
+@click.option(
+    "--split", default="train", show_default=True, type=click.Choice(["train", "eval"]), help="Which split's tasks."
+)
 @click.option("--temperature", default=0.8, show_default=True, help="Sampling temperature (paper: 0.8).")
 @click.option("--max-new-tokens", default=256, show_default=True, help="Completion budget of the reasoning formats.")
-@click.option("--continuation-new-tokens", default=1, show_default=True, help="Tokens sampled in the continuation format (the prediction).")
-@click.option("--max-prompt-tokens", default=1024, show_default=True, help="Longest prompt; contexts lose their start beyond it.")
-@click.option("--reward", default="prefix", show_default=True, type=click.Choice(REWARD_NAMES), help="Reward rule (dense ones: App. A, P(y[0] | x<t) from --model).")
+@click.option(
+    "--continuation-new-tokens",
+    default=1,
+    show_default=True,
+    help="Tokens sampled in the continuation format (the prediction).",
+)
+@click.option(
+    "--max-prompt-tokens", default=1024, show_default=True, help="Longest prompt; contexts lose their start beyond it."
+)
+@click.option(
+    "--reward",
+    default="prefix",
+    show_default=True,
+    type=click.Choice(REWARD_NAMES),
+    help="Reward rule (dense ones: App. A, P(y[0] | x<t) from --model).",
+)
 @model_runtime_options("Rollout engine: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the rows (with example completions) as JSON.")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the rows (with example completions) as JSON.",
+)
 @trust_remote_code_option
 @library_errors
-def probe(tasks_dir, model, templates, samples, n_tasks, split, temperature, max_new_tokens, continuation_new_tokens,
-          max_prompt_tokens, reward, engine, dtype, device, seed, out, trust_remote_code):
+def probe(
+    tasks_dir,
+    model,
+    templates,
+    samples,
+    n_tasks,
+    split,
+    temperature,
+    max_new_tokens,
+    continuation_new_tokens,
+    max_prompt_tokens,
+    reward,
+    engine,
+    dtype,
+    device,
+    seed,
+    out,
+    trust_remote_code,
+):
     """Measure, per prompt format, whether a model gets RPT reward signal (paper Table 8).
 
     Prints Random@1, Pass@G, the share of boxed answers, mean completion length and the share
@@ -37,9 +79,22 @@ def probe(tasks_dir, model, templates, samples, n_tasks, split, temperature, max
     from rpttrain.probe import ProbeConfig, format_table, run_probe
 
     config = ProbeConfig(
-        tasks_dir=tasks_dir, model=model, templates=tuple(templates) or ProbeConfig.templates, samples=samples,
-        tasks=n_tasks, split=split, temperature=temperature, max_new_tokens=max_new_tokens,
-        continuation_new_tokens=continuation_new_tokens, max_prompt_tokens=max_prompt_tokens, reward=reward,
-        engine=engine, dtype=dtype, device=device, seed=seed, out=out, trust_remote_code=trust_remote_code,
+        tasks_dir=tasks_dir,
+        model=model,
+        templates=tuple(templates) or ProbeConfig.templates,
+        samples=samples,
+        tasks=n_tasks,
+        split=split,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        continuation_new_tokens=continuation_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        reward=reward,
+        engine=engine,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        out=out,
+        trust_remote_code=trust_remote_code,
     )
     click.echo(format_table(run_probe(config)))

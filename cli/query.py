@@ -12,11 +12,27 @@ from cli.common import library_errors
 @click.command()
 @click.argument("scored_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True,
-              help="Output format; parquet needs --output. With --output, table means: guess from the file name.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the whole result to this file instead of stdout.")
-@click.option("--prepared", type=click.Path(exists=True, file_okay=False), default=None,
-              help="The prepared directory for the docs view [default: the one recorded in the scored manifest].")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+    help="Output format; parquet needs --output. With --output, table means: guess from the file name.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the whole result to this file instead of stdout.",
+)
+@click.option(
+    "--prepared",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="The prepared directory for the docs view [default: the one recorded in the scored manifest].",
+)
 @click.option("--max-rows", type=int, default=50, show_default=True, help="Rows shown by --format table.")
 @library_errors
 def query(scored_dir, sql, fmt, output, prepared, max_rows):
@@ -70,7 +86,9 @@ def _table(columns: list[str], rows: list[tuple], max_rows: int) -> str:
         return "(no result)"
     shown = [[_cell(v) for v in r] for r in rows[:max_rows]]
     widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(r[i], (int, float)) for r in rows[:max_rows] if r[i] is not None) for i in range(len(columns))]
+    numeric = [
+        all(isinstance(r[i], (int, float)) for r in rows[:max_rows] if r[i] is not None) for i in range(len(columns))
+    ]
 
     def line(cells):
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()

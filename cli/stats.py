@@ -10,19 +10,38 @@ from cli.common import library_errors
 
 @click.command()
 @click.argument("scored_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--bands", default="0.5,1.0,1.5", show_default=True,
-              help="Entropy bands, as make-tasks and eval take them: thresholds (0.5,1.0,1.5 = easy,medium,hard) or named "
-                   "(easy=0.5,hard=1.5). Nested bands are entropy > threshold; disjoint ones lie between thresholds.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the entropy histogram PNG [default: SCORED_DIR/entropy_hist.png].")
+@click.option(
+    "--bands",
+    default="0.5,1.0,1.5",
+    show_default=True,
+    help="Entropy bands, as make-tasks and eval take them: thresholds (0.5,1.0,1.5 = easy,medium,hard) or named "
+    "(easy=0.5,hard=1.5). Nested bands are entropy > threshold; disjoint ones lie between thresholds.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the entropy histogram PNG [default: SCORED_DIR/entropy_hist.png].",
+)
 @click.option("--no-plot", is_flag=True, help="Skip the histogram.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-@click.option("--compare", "compare_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A second scoring of the same prepared corpus (e.g. the policy's): rank correlations, band agreement, "
-                   "hard-position recall, scatter plot [default plot: SCORED_DIR/fidelity.png].")
-@click.option("--keep-threshold", "keep_thresholds", type=float, multiple=True,
-              help="With --compare: thresholds at which to report the share of the compared scoring's hard positions "
-                   "SCORED_DIR keeps (repeat) [default: the band edges].")
+@click.option(
+    "--compare",
+    "compare_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A second scoring of the same prepared corpus (e.g. the policy's): rank correlations, band agreement, "
+    "hard-position recall, scatter plot [default plot: SCORED_DIR/fidelity.png].",
+)
+@click.option(
+    "--keep-threshold",
+    "keep_thresholds",
+    type=float,
+    multiple=True,
+    help="With --compare: thresholds at which to report the share of the compared scoring's hard positions "
+    "SCORED_DIR keeps (repeat) [default: the band edges].",
+)
 @library_errors
 def stats(scored_dir, bands, plot_path, no_plot, as_json, compare_dir, keep_thresholds):
     """Entropy statistics of a scored directory: counts, quantiles, bands, proxy accuracy.
@@ -74,14 +93,23 @@ def _compare(a_dir, b_dir, bands, keep_thresholds, plot_path, no_plot, as_json):
     c = compare_scorings(a_dir, b_dir, bands, keep_thresholds)
     path = None if no_plot else plot_fidelity(c, plot_path or Path(a_dir) / "fidelity.png")
     if as_json:
-        click.echo(json.dumps({**{k: v for k, v in c.items() if k != "sample"}, "plot": str(path) if path else None},
-                              indent=1, default=str))
+        click.echo(
+            json.dumps(
+                {**{k: v for k, v in c.items() if k != "sample"}, "plot": str(path) if path else None},
+                indent=1,
+                default=str,
+            )
+        )
         return
-    click.echo(f"A {a_dir} ({c['a']['proxy']}, {c['a']['positions']:,} positions) against "
-               f"B {b_dir} ({c['b']['proxy']}, {c['b']['positions']:,} positions): {c['shared_positions']:,} shared")
-    click.echo(f"entropy correlation: Spearman {c['spearman']:.4f}, Kendall tau-b {c['kendall']:.4f}"
-               + ("" if c["kendall_positions"] == c["shared_positions"] else f" (on a sample of {c['kendall_positions']:,})")
-               + f", Pearson {c['pearson']:.4f}")
+    click.echo(
+        f"A {a_dir} ({c['a']['proxy']}, {c['a']['positions']:,} positions) against "
+        f"B {b_dir} ({c['b']['proxy']}, {c['b']['positions']:,} positions): {c['shared_positions']:,} shared"
+    )
+    click.echo(
+        f"entropy correlation: Spearman {c['spearman']:.4f}, Kendall tau-b {c['kendall']:.4f}"
+        + ("" if c["kendall_positions"] == c["shared_positions"] else f" (on a sample of {c['kendall_positions']:,})")
+        + f", Pearson {c['pearson']:.4f}"
+    )
     names = c["band_names"]
     click.echo(f"\nband agreement (rows A, columns B; {c['band_agreement']:.1%} on the diagonal):")
     click.echo("  " + "A \\ B".ljust(10) + "".join(f"{n:>10}" for n in names))
@@ -90,6 +118,8 @@ def _compare(a_dir, b_dir, bands, keep_thresholds, plot_path, no_plot, as_json):
     click.echo(f"\nB's {c['hard_band']} positions (entropy > {c['hard_edge']:g}): {c['b_hard']:,}")
     for k in c["keep"]:
         share = "n/a" if k["b_hard_kept_share"] is None else f"{k['b_hard_kept_share']:.1%}"
-        click.echo(f"  A keeps at entropy >= {k['threshold']:g}: {share} of them, {k['a_kept_share']:.1%} of all shared positions")
+        click.echo(
+            f"  A keeps at entropy >= {k['threshold']:g}: {share} of them, {k['a_kept_share']:.1%} of all shared positions"
+        )
     if path:
         click.echo(f"\nscatter: {path}")

@@ -19,7 +19,9 @@ def _options(fn):
         default = None if f.default is MISSING else f.default
         show = f" [default: {default}]"
         if "bool" in kind:
-            fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=f.metadata["help"] + show)(fn)
+            fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=f.metadata["help"] + show)(
+                fn
+            )
         else:
             typ = float if "float" in kind else int if "int" in kind else str
             fn = click.option(name, type=typ, default=None, help=f.metadata["help"] + show)(fn)
@@ -29,26 +31,51 @@ def _options(fn):
 @click.command()
 @click.argument("tasks_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (command-line options win).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML file of options (command-line options win).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out, exactly.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
-@click.option("--backend", type=click.Choice(["rpt", "verl", "trl"]), default="rpt", show_default=True,
-              help="rpt: this trainer, one process on one device | trl: TRL's GRPOTrainer in-process, several "
-                   "processes through accelerate | verl: write (and with --launch run) a verl 0.9.1 launch for "
-                   "several GPUs and nodes. Options a backend cannot honour are refused by name.")
-@click.option("--launch", is_flag=True, help="verl: run the written launch script; trl: start accelerate when more than one process.")
-@click.option("--gpus-per-node", type=int, default=1, show_default=True, help="GPUs (processes) per node, --backend trl|verl.")
+@click.option(
+    "--backend",
+    type=click.Choice(["rpt", "verl", "trl"]),
+    default="rpt",
+    show_default=True,
+    help="rpt: this trainer, one process on one device | trl: TRL's GRPOTrainer in-process, several "
+    "processes through accelerate | verl: write (and with --launch run) a verl 0.9.1 launch for "
+    "several GPUs and nodes. Options a backend cannot honour are refused by name.",
+)
+@click.option(
+    "--launch",
+    is_flag=True,
+    help="verl: run the written launch script; trl: start accelerate when more than one process.",
+)
+@click.option(
+    "--gpus-per-node", type=int, default=1, show_default=True, help="GPUs (processes) per node, --backend trl|verl."
+)
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes, --backend trl|verl.")
-@click.option("--sharding", type=click.Choice(["ddp", "fsdp", "zero3"]), default="ddp", show_default=True,
-              help="--backend trl on several GPUs: DDP, FSDP2, or DeepSpeed ZeRO-3 (pip install deepspeed).")
-@click.option("--dry-run", is_flag=True,
-              help="Print the memory estimate by part and what it was sized from (the tasks' longest context, "
-                   "the micro-batch, the attention kernel), then exit: 0 when the run fits, 1 when it does not. "
-                   "Loads no weight and writes nothing.")
+@click.option(
+    "--sharding",
+    type=click.Choice(["ddp", "fsdp", "zero3"]),
+    default="ddp",
+    show_default=True,
+    help="--backend trl on several GPUs: DDP, FSDP2, or DeepSpeed ZeRO-3 (pip install deepspeed).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the memory estimate by part and what it was sized from (the tasks' longest context, "
+    "the micro-batch, the attention kernel), then exit: 0 when the run fits, 1 when it does not. "
+    "Loads no weight and writes nothing.",
+)
 @_options
 @library_errors
-def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, dry_run,
-          **options):
+def train(
+    tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, dry_run, **options
+):
     """Train a policy with GRPO on RPT tasks (the prefix-matching reward).
 
     Defaults are the paper's recipe (Table 5). On a CPU, use a small batch, the continuation
@@ -95,12 +122,25 @@ def train(tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_
             click.echo(record["refusal"], err=True)
             raise SystemExit(1)
         return
-    summary = run_backend(config_from_dict(data), backend, launch=launch, gpus_per_node=gpus_per_node, nodes=nodes,
-                          sharding=sharding, resume=resume, overwrite=overwrite)
+    summary = run_backend(
+        config_from_dict(data),
+        backend,
+        launch=launch,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        sharding=sharding,
+        resume=resume,
+        overwrite=overwrite,
+    )
     if "command" in summary and "totals" not in summary:
         what = "launched" if launch else "launch with"
         click.echo(f"train --backend {backend}: {what}: {summary['command']}")
         return
     t = summary["totals"]
-    why = {"signal": " (stopped by a signal; continue with --resume)", "compute_budget": " (compute budget reached)"}.get(summary.get("stopped_by") or "", "")
-    click.echo(f"train: {summary['steps']} steps{why}, {t.get('samples', 0):,} samples, {t.get('flops', 0):.3g} FLOPs -> {out}")
+    why = {
+        "signal": " (stopped by a signal; continue with --resume)",
+        "compute_budget": " (compute budget reached)",
+    }.get(summary.get("stopped_by") or "", "")
+    click.echo(
+        f"train: {summary['steps']} steps{why}, {t.get('samples', 0):,} samples, {t.get('flops', 0):.3g} FLOPs -> {out}"
+    )

@@ -30,8 +30,10 @@ def verify(directory, deep, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=1))
     elif not report["problems"]:
-        click.echo(f"{directory}: rpt {report['stage']} output, {report['checked']} files checked"
-                   f"{' (deep)' if deep else ''}, none damaged")
+        click.echo(
+            f"{directory}: rpt {report['stage']} output, {report['checked']} files checked"
+            f"{' (deep)' if deep else ''}, none damaged"
+        )
     else:
         click.echo(f"{directory}: {len(report['problems'])} damaged file(s):", err=True)
         for p in report["problems"]:

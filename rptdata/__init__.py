@@ -1,2 +1,3 @@
 """rptdata: corpus ingest, tokenization with exact byte spans, entropy scoring, manifests."""
+
 __version__ = "0.1.0"

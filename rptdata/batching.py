@@ -16,8 +16,12 @@ from typing import Hashable, Sequence
 from rptdata.errors import BadOption
 
 
-def plan_batches(lengths: Sequence[int], max_tokens: int | None = None, max_rows: int | None = None,
-                 row_keys: Sequence[Hashable] | None = None) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int],
+    max_tokens: int | None = None,
+    max_rows: int | None = None,
+    row_keys: Sequence[Hashable] | None = None,
+) -> list[list[int]]:
     """Lists of indices into `lengths`, each batch within `max_tokens` padded tokens (rows x its
     longest length) and `max_rows` rows. With `row_keys`, items with equal keys are ordered together
     and count as one row (the samples of one prompt that a one-token update runs once).
@@ -42,7 +46,10 @@ def plan_batches(lengths: Sequence[int], max_tokens: int | None = None, max_rows
         new_row = keys[i] not in seen
         fits = bool(batches) and (
             not new_row
-            or ((max_tokens is None or (rows + 1) * longest <= max_tokens) and (max_rows is None or rows + 1 <= max_rows))
+            or (
+                (max_tokens is None or (rows + 1) * longest <= max_tokens)
+                and (max_rows is None or rows + 1 <= max_rows)
+            )
         )
         if not fits:
             batches.append([])

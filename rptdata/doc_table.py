@@ -81,6 +81,10 @@ def _strings(texts: list[str]) -> pa.Array:
     encoded = [t.encode("utf-8") for t in texts]
     ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
     if len(ends) and ends[-1] >= 2**31:
-        raise ValueError(f"a shard's texts hold {int(ends[-1]):,} bytes, over Arrow's 2 GiB per string column; lower --shard-docs")
+        raise ValueError(
+            f"a shard's texts hold {int(ends[-1]):,} bytes, over Arrow's 2 GiB per string column; lower --shard-docs"
+        )
     offsets = np.concatenate([[0], ends]).astype(np.int32)
-    return pa.Array.from_buffers(pa.string(), len(texts), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+    return pa.Array.from_buffers(
+        pa.string(), len(texts), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    )

@@ -82,8 +82,16 @@ class Executor:
                 )
 
 
-def run_units(todo: list[int], factory: Callable, executor: Executor, *, bar, weights: dict[int, int],
-              describe: Callable[[int], str], actors: bool = False) -> Iterator[tuple[int, dict]]:
+def run_units(
+    todo: list[int],
+    factory: Callable,
+    executor: Executor,
+    *,
+    bar,
+    weights: dict[int, int],
+    describe: Callable[[int], str],
+    actors: bool = False,
+) -> Iterator[tuple[int, dict]]:
     """Run every unit of `todo` (see the module docstring); yields (unit, stats) as each finishes."""
     if not todo:
         return
@@ -192,7 +200,9 @@ class _RayRun:
             try:
                 result = self._done(unit, ready[0])
             except ray.exceptions.RayError as e:  # retries used up (worker or node died each time)
-                self.failed.append(f"{self.describe(unit)}: {type(e).__name__} after {MAX_RETRIES} retries: {_cause(e)}")
+                self.failed.append(
+                    f"{self.describe(unit)}: {type(e).__name__} after {MAX_RETRIES} retries: {_cause(e)}"
+                )
                 continue
             if result is not None:
                 yield result
@@ -207,9 +217,14 @@ class _RayRun:
             return [{"num_gpus": 1, "num_cpus": 1}] * gpus
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return [{"num_cpus": int(node["Resources"]["CPU"]),
-                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)}
-                for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1] or [{"num_cpus": 1}]
+        return [
+            {
+                "num_cpus": int(node["Resources"]["CPU"]),
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"], soft=True),
+            }
+            for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+        ] or [{"num_cpus": 1}]
 
     def _actors(self) -> Iterator[tuple[int, dict]]:
         ray = self.ray

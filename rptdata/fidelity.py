@@ -67,8 +67,14 @@ def _ranked_sql(col: str) -> str:
     return f"(rank() OVER (ORDER BY {col}) + (count(*) OVER (PARTITION BY {col}) - 1) / 2.0)"
 
 
-def compare_scorings(a_dir, b_dir, bands="0.5,1.0,1.5", keep_thresholds: Sequence[float] | None = None,
-                     kendall_sample: int = KENDALL_SAMPLE, seed: int = 0) -> dict:
+def compare_scorings(
+    a_dir,
+    b_dir,
+    bands="0.5,1.0,1.5",
+    keep_thresholds: Sequence[float] | None = None,
+    kendall_sample: int = KENDALL_SAMPLE,
+    seed: int = 0,
+) -> dict:
     """The fidelity statistics of scoring A against scoring B (see the module docstring)."""
     import duckdb
     import numpy as np
@@ -92,19 +98,28 @@ def compare_scorings(a_dir, b_dir, bands="0.5,1.0,1.5", keep_thresholds: Sequenc
     con.execute("CREATE TEMP TABLE j AS SELECT a.entropy AS ea, b.entropy AS eb FROM a JOIN b USING (doc_id, pos)")
     n_a, n_b, n = (con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("a", "b", "j"))
     if n < 3:
-        raise BadInput(f"{a_dir} and {b_dir} share {n} positions; nothing to compare (were both scored with --keep-all?)")
+        raise BadInput(
+            f"{a_dir} and {b_dir} share {n} positions; nothing to compare (were both scored with --keep-all?)"
+        )
     spearman = con.execute(
-        f"SELECT corr(ra, rb) FROM (SELECT {_ranked_sql('ea')} AS ra, {_ranked_sql('eb')} AS rb FROM j)").fetchall()[0][0]
+        f"SELECT corr(ra, rb) FROM (SELECT {_ranked_sql('ea')} AS ra, {_ranked_sql('eb')} AS rb FROM j)"
+    ).fetchall()[0][0]
     pearson = con.execute("SELECT corr(ea, eb) FROM j").fetchall()[0][0]
     if n <= kendall_sample:
         ea, eb = (np.array(c) for c in zip(*con.execute("SELECT ea, eb FROM j").fetchall()))
     else:
-        rows = con.execute(f"SELECT ea, eb FROM j USING SAMPLE reservoir({int(kendall_sample)} ROWS) REPEATABLE ({int(seed)})").fetchall()
+        rows = con.execute(
+            f"SELECT ea, eb FROM j USING SAMPLE reservoir({int(kendall_sample)} ROWS) REPEATABLE ({int(seed)})"
+        ).fetchall()
         ea, eb = (np.array(c) for c in zip(*rows))
     kendall = float(kendalltau(ea, eb).statistic)
     names = [OTHER_BAND] + [name for name, _ in sorted(bands, key=lambda x: x[1])]
-    cells = {(r, c): k for r, c, k in con.execute(
-        f"SELECT {_band_sql('ea', bands)}, {_band_sql('eb', bands)}, count(*) FROM j GROUP BY ALL").fetchall()}
+    cells = {
+        (r, c): k
+        for r, c, k in con.execute(
+            f"SELECT {_band_sql('ea', bands)}, {_band_sql('eb', bands)}, count(*) FROM j GROUP BY ALL"
+        ).fetchall()
+    }
     matrix = {r: {c: int(cells.get((r, c), 0)) for c in names} for r in names}
     agree = sum(matrix[x][x] for x in names) / n
     b_hard = con.execute(f"SELECT count(*) FROM j WHERE eb > {hard_edge!r}").fetchall()[0][0]
@@ -112,19 +127,46 @@ def compare_scorings(a_dir, b_dir, bands="0.5,1.0,1.5", keep_thresholds: Sequenc
     for t in keep_thresholds:
         kept_hard, kept = con.execute(
             f"SELECT count(*) FILTER (WHERE eb > {hard_edge!r} AND ea >= {float(t)!r}), "
-            f"count(*) FILTER (WHERE ea >= {float(t)!r}) FROM j").fetchall()[0]
-        keep.append({"threshold": float(t), "b_hard_kept": int(kept_hard),
-                     "b_hard_kept_share": kept_hard / b_hard if b_hard else None, "a_kept_share": kept / n})
-    sample = con.execute(f"SELECT ea, eb FROM j USING SAMPLE reservoir({PLOT_SAMPLE} ROWS) REPEATABLE ({int(seed)})").fetchall()
+            f"count(*) FILTER (WHERE ea >= {float(t)!r}) FROM j"
+        ).fetchall()[0]
+        keep.append(
+            {
+                "threshold": float(t),
+                "b_hard_kept": int(kept_hard),
+                "b_hard_kept_share": kept_hard / b_hard if b_hard else None,
+                "a_kept_share": kept / n,
+            }
+        )
+    sample = con.execute(
+        f"SELECT ea, eb FROM j USING SAMPLE reservoir({PLOT_SAMPLE} ROWS) REPEATABLE ({int(seed)})"
+    ).fetchall()
     return {
-        "a": {"dir": str(a_dir), "proxy": (ma.get("proxy") or {}).get("name"), "options": ma.get("options"), "positions": int(n_a)},
-        "b": {"dir": str(b_dir), "proxy": (mb.get("proxy") or {}).get("name"), "options": mb.get("options"), "positions": int(n_b)},
+        "a": {
+            "dir": str(a_dir),
+            "proxy": (ma.get("proxy") or {}).get("name"),
+            "options": ma.get("options"),
+            "positions": int(n_a),
+        },
+        "b": {
+            "dir": str(b_dir),
+            "proxy": (mb.get("proxy") or {}).get("name"),
+            "options": mb.get("options"),
+            "positions": int(n_b),
+        },
         "prepared": (ma.get("prepared") or {}).get("dir"),
         "shared_positions": int(n),
-        "spearman": float(spearman), "pearson": float(pearson),
-        "kendall": kendall, "kendall_positions": int(len(ea)),
-        "bands": dict(bands), "band_names": names, "band_matrix": matrix, "band_agreement": agree,
-        "hard_band": hard_name, "hard_edge": hard_edge, "b_hard": int(b_hard), "keep": keep,
+        "spearman": float(spearman),
+        "pearson": float(pearson),
+        "kendall": kendall,
+        "kendall_positions": int(len(ea)),
+        "bands": dict(bands),
+        "band_names": names,
+        "band_matrix": matrix,
+        "band_agreement": agree,
+        "hard_band": hard_name,
+        "hard_edge": hard_edge,
+        "b_hard": int(b_hard),
+        "keep": keep,
         "sample": [[float(x), float(y)] for x, y in sample],
     }
 
@@ -147,6 +189,8 @@ def plot_fidelity(cmp: dict, path) -> Path:
         ax.axhline(t, color="#C44E52", linestyle="--", linewidth=0.7)
     ax.set_xlabel(f"B: {cmp['b']['proxy']} ({Path(cmp['b']['dir']).name}) entropy, nats")
     ax.set_ylabel(f"A: {cmp['a']['proxy']} ({Path(cmp['a']['dir']).name}) entropy, nats")
-    ax.set_title(f"{cmp['shared_positions']:,} shared positions: Spearman {cmp['spearman']:.3f}, "
-                 f"Kendall {cmp['kendall']:.3f}", fontsize=9)
+    ax.set_title(
+        f"{cmp['shared_positions']:,} shared positions: Spearman {cmp['spearman']:.3f}, Kendall {cmp['kendall']:.3f}",
+        fontsize=9,
+    )
     return save_png(fig, path)

@@ -193,8 +193,10 @@ def rebuild_hint(root: str | Path) -> str:
     except (OSError, ValueError, AttributeError):
         stage = None
     if stage in (STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS):
-        return (f"rebuild it: rerun `rpt {stage} ... --out {root}` with the options it was made with "
-                f"(recorded in {root / RUN_FILE}); it redoes only the damaged shards")
+        return (
+            f"rebuild it: rerun `rpt {stage} ... --out {root}` with the options it was made with "
+            f"(recorded in {root / RUN_FILE}); it redoes only the damaged shards"
+        )
     if stage == STAGE_TRAIN:
         return f"rerun `rpt train ... --out {root} --resume`"
     return f"rebuild {root} with the command that wrote it"
@@ -269,9 +271,11 @@ def read_manifest(root: Path, stage: str | None = None) -> dict:
     """The manifest of a finished stage directory, or MissingUpstream with a reason."""
     path = Path(root) / MANIFEST
     if not path.exists():
-        hint = " (is the stage still running, or did it stop early? run it again to resume)" if (
-            Path(root) / RUN_FILE
-        ).exists() else ""
+        hint = (
+            " (is the stage still running, or did it stop early? run it again to resume)"
+            if (Path(root) / RUN_FILE).exists()
+            else ""
+        )
         raise MissingUpstream(f"{root}: no {MANIFEST}; not a finished rpt stage directory{hint}")
     manifest = read_json(path, rebuild_hint(root))
     if stage is not None and manifest.get("stage") != stage:

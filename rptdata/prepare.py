@@ -106,8 +106,13 @@ class PrepareConfig:
         if self.processes < 1:
             raise BadOption("--processes must be at least 1")
         Executor(self.executor, self.ray_address).refuse(
-            **{"--processes": self.processes if self.processes > 1 else None, "--num-workers": self.num_workers, "--worker-index": self.worker_index,
-               "--dedupe": self.dedupe})
+            **{
+                "--processes": self.processes if self.processes > 1 else None,
+                "--num-workers": self.num_workers,
+                "--worker-index": self.worker_index,
+                "--dedupe": self.dedupe,
+            }
+        )
         if self.dedupe:
             _refuse_dedupe_across(self.num_workers or 1, self.processes)
         if not self.inputs:
@@ -124,8 +129,19 @@ class PrepareConfig:
     def identity(self) -> dict:
         """The options that decide the output (not where it goes or how it is shown)."""
         d = asdict(self)
-        for k in ("out", "overwrite", "progress", "inputs", "batch_docs", "num_workers", "worker_index", "processes",
-                  "allow_empty", "executor", "ray_address"):
+        for k in (
+            "out",
+            "overwrite",
+            "progress",
+            "inputs",
+            "batch_docs",
+            "num_workers",
+            "worker_index",
+            "processes",
+            "allow_empty",
+            "executor",
+            "ray_address",
+        ):
             d.pop(k)
         return d
 
@@ -153,7 +169,11 @@ def run_prepare(config: PrepareConfig) -> dict:
     tokenizer = load_plain_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
     sources = expand_inputs(list(config.inputs))
     TextBuilder(config.text_field, config.template)  # validates the template early
-    tokenizer_info = {"name": model_name(config.tokenizer), "spec": config.tokenizer, "vocab_hash": vocab_hash(tokenizer)}
+    tokenizer_info = {
+        "name": model_name(config.tokenizer),
+        "spec": config.tokenizer,
+        "vocab_hash": vocab_hash(tokenizer),
+    }
     stage = StageDir(Path(config.out), STAGE_PREPARE, [DOCS_DIR])
     state = stage.begin(
         {"inputs": [s.fingerprint() for s in sources], "options": config.identity(), "tokenizer": tokenizer_info},
@@ -165,14 +185,20 @@ def run_prepare(config: PrepareConfig) -> dict:
     if config.processes > 1:  # each local process runs this function on its share; the last one done finishes
         total = _run_pool(config, worker, workers)
         return _finish_or_progress(stage, config, sources, tokenizer_info, total, worker, workers)
-    records = RecordStream(sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs,
-                           config.max_docs)
+    records = RecordStream(
+        sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs, config.max_docs
+    )
     units = plan_units(records.total, config.shard_docs)
     return run_stage(
-        stage, range(len(units)), worker=worker, workers=workers, done=lambda: stage.done_shards(DOCS_DIR),
+        stage,
+        range(len(units)),
+        worker=worker,
+        workers=workers,
+        done=lambda: stage.done_shards(DOCS_DIR),
         run=lambda todo: _run_units(config, tokenizer, records, units, todo, stage, executor),
         finish=lambda done: _finish(stage, config, sources, tokenizer_info, records.total, done),
-        counts=PROGRESS_COUNTS, extra={"records_total": records.total},
+        counts=PROGRESS_COUNTS,
+        extra={"records_total": records.total},
     )
 
 
@@ -180,12 +206,20 @@ def run_prepare(config: PrepareConfig) -> dict:
 PROGRESS_COUNTS = {"documents_read": "read", "documents_written": "documents", "tokens": "tokens"}
 
 
-def _finish_or_progress(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int,
-                        worker: int, workers: int) -> dict:
+def _finish_or_progress(
+    stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int, worker: int, workers: int
+) -> dict:
     units = range(len(plan_units(total, config.shard_docs)))
-    return finish_or_progress(stage, units, worker=worker, workers=workers, done=lambda: stage.done_shards(DOCS_DIR),
-                              finish=lambda done: _finish(stage, config, sources, tokenizer_info, total, done),
-                              counts=PROGRESS_COUNTS, extra={"records_total": total})
+    return finish_or_progress(
+        stage,
+        units,
+        worker=worker,
+        workers=workers,
+        done=lambda: stage.done_shards(DOCS_DIR),
+        finish=lambda done: _finish(stage, config, sources, tokenizer_info, total, done),
+        counts=PROGRESS_COUNTS,
+        extra={"records_total": total},
+    )
 
 
 def _refuse_dedupe_across(workers: int, processes: int) -> None:
@@ -204,8 +238,12 @@ def _run_pool(config: PrepareConfig, worker: int, workers: int) -> int:
     from dataclasses import replace
 
     n = config.processes
-    jobs = [replace(config, processes=1, num_workers=workers * n, worker_index=worker * n + p, progress=False,
-                    overwrite=False) for p in range(n)]
+    jobs = [
+        replace(
+            config, processes=1, num_workers=workers * n, worker_index=worker * n + p, progress=False, overwrite=False
+        )
+        for p in range(n)
+    ]
     # fork where there is one: a spawned worker spends seconds importing transformers and torch
     # again; the tokenizers library turns its thread pool off in a forked child by itself
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -230,8 +268,15 @@ def _pool_job(config: PrepareConfig) -> dict:
     }
 
 
-def _run_units(config: PrepareConfig, tokenizer, records: RecordStream, units: list, todo: list[int], stage: StageDir,
-               executor: Executor) -> None:
+def _run_units(
+    config: PrepareConfig,
+    tokenizer,
+    records: RecordStream,
+    units: list,
+    todo: list[int],
+    stage: StageDir,
+    executor: Executor,
+) -> None:
     """Prepare these shards (every shard on Ray), with one progress bar."""
     local = executor.kind == "local"
     factory = partial(_UnitWorker, config, stage, records, units, tokenizer if local else None)
@@ -240,10 +285,17 @@ def _run_units(config: PrepareConfig, tokenizer, records: RecordStream, units: l
 
     started, tokens = time.time(), 0
     weights = {u: units[u][1] - units[u][0] for u in todo}
-    with tqdm(total=sum(weights.values()), desc="prepare", unit=" docs", disable=not config.progress,
-              dynamic_ncols=True) as bar:
-        for _, stats in run_units(todo, factory, executor, bar=bar, weights=weights,
-                                  describe=lambda u: f"shard {DOCS_DIR}/{shard_name(u)} ({records.where(*units[u])})"):
+    with tqdm(
+        total=sum(weights.values()), desc="prepare", unit=" docs", disable=not config.progress, dynamic_ncols=True
+    ) as bar:
+        for _, stats in run_units(
+            todo,
+            factory,
+            executor,
+            bar=bar,
+            weights=weights,
+            describe=lambda u: f"shard {DOCS_DIR}/{shard_name(u)} ({records.where(*units[u])})",
+        ):
             tokens += stats["tokens"]
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.time() - started, 1e-9):,.0f}")
 
@@ -285,18 +337,23 @@ def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareCo
             if text is not None:
                 docs.append((rec.doc_id, rec.source, text))
                 if len(docs) % config.batch_docs == 0:
-                    batches.append(submit(spans.encode_batch, [d[2] for d in docs[-config.batch_docs:]]))
+                    batches.append(submit(spans.encode_batch, [d[2] for d in docs[-config.batch_docs :]]))
         if len(docs) % config.batch_docs:
-            batches.append(submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs:]]))
+            batches.append(submit(spans.encode_batch, [d[2] for d in docs[len(batches) * config.batch_docs :]]))
         batches = [b.result() for b in batches]
     table, written = docs_table(docs, batches, spans, config)
     for doc_id, detail in written["untokenizable"]:
         counts.rejected["untokenizable"] += 1
         rejects.append({"doc_id": doc_id, "reason": "untokenizable", "detail": detail})
     stats = {
-        "documents": written["documents"], "tokens": written["tokens"], "read": counts.read,
-        "normalized": counts.normalized, "rejected": dict(counts.rejected), "dropped": dict(counts.dropped),
-        "rejects": rejects, "seconds": round(time.time() - t0, 3),
+        "documents": written["documents"],
+        "tokens": written["tokens"],
+        "read": counts.read,
+        "normalized": counts.normalized,
+        "rejected": dict(counts.rejected),
+        "dropped": dict(counts.dropped),
+        "rejects": rejects,
+        "seconds": round(time.time() - t0, 3),
     }
     if written["documents"]:
         stage.write_shard(DOCS_DIR, index, table, stats)
@@ -317,8 +374,9 @@ def _run_now(fn, *args) -> Future:
     return done
 
 
-def _finish(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int,
-            done: dict[int, dict]) -> dict:
+def _finish(
+    stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int, done: dict[int, dict]
+) -> dict:
     """The manifest, written from every shard's marker."""
     n_units = len(plan_units(total, config.shard_docs))
     markers = [done[u] for u in range(n_units)]
@@ -336,12 +394,15 @@ def _finish(stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dic
     }
     accounted = counts["documents_written"] + sum(rejected.values()) + sum(dropped.values())
     if accounted != counts["documents_read"] or counts["documents_read"] != total:  # internal invariants
-        raise AssertionError(f"document accounting broke: read {counts['documents_read']} of {total}, accounted {accounted}")
+        raise AssertionError(
+            f"document accounting broke: read {counts['documents_read']} of {total}, accounted {accounted}"
+        )
     if not counts["documents_written"] and not config.allow_empty:
         why = ", ".join(f"{k} {v}" for k, v in {**rejected, **dropped}.items())
         raise BadInput(
             f"{', '.join(config.inputs)}: no documents: {counts['documents_read']:,} records read"
-            + (f" ({why})" if why else "") + "; every later stage would run on nothing. Check the path, glob and "
+            + (f" ({why})" if why else "")
+            + "; every later stage would run on nothing. Check the path, glob and "
             "--text-field/--template, or pass --allow-empty to write an empty prepared directory anyway."
         )
     rejects_path = Path(config.out) / "rejects.jsonl"
@@ -371,7 +432,9 @@ def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) 
             reason, detail = "invalid_unicode", f"lone surrogate at character {e.start}"
     if reason is not None:
         if not config.skip_bad:
-            raise BadInput(f"{rec.where()}: {reason.replace('_', ' ')}: {detail} (pass --skip-bad to skip such records)")
+            raise BadInput(
+                f"{rec.where()}: {reason.replace('_', ' ')}: {detail} (pass --skip-bad to skip such records)"
+            )
         counts.rejected[reason] += 1
         rejects.append({"doc_id": rec.doc_id, "reason": reason, "detail": detail})
         return None

@@ -155,8 +155,10 @@ def compute_stats(scored_dir, bands=DEFAULT_BANDS, bins: int = 50) -> dict:
     if kept:
         values = _one(con, f"SELECT quantile_cont(entropy, {list(QUANTILES)}) FROM positions")[0]
         quantiles = {f"{q:g}": float(v) for q, v in zip(QUANTILES, values)}
-    nested = [{"band": f"{name} > {b:g}", "name": name, "low": b, **band(f"entropy > {b!r}", b >= threshold)}
-              for name, b in named]
+    nested = [
+        {"band": f"{name} > {b:g}", "name": name, "low": b, **band(f"entropy > {b!r}", b >= threshold)}
+        for name, b in named
+    ]
     edges = [0.0, *bands]
     disjoint = []
     for lo, hi in zip(edges, [*bands, math.inf]):
@@ -166,7 +168,9 @@ def compute_stats(scored_dir, bands=DEFAULT_BANDS, bins: int = 50) -> dict:
         label = f"({lo}, {hi}]" if lo > 0 else f"[0, {hi}]"
         if hi == math.inf:
             label = f"> {lo}"
-        disjoint.append({"band": label, "low": lo, "high": None if hi == math.inf else hi, **band(where, lo >= threshold)})
+        disjoint.append(
+            {"band": label, "low": lo, "high": None if hi == math.inf else hi, **band(where, lo >= threshold)}
+        )
 
     top = math.log(max(int(opts.get("top_k", 16)), 2))
     width = top / bins
@@ -212,7 +216,13 @@ def plot_entropy_hist(stats: dict, path: str | Path) -> Path:
         ax.axvline(b, color="#C44E52", linestyle="--", linewidth=1)
         ax.text(b, ax.get_ylim()[1] * 0.95, f" {b:g}", color="#C44E52", va="top", fontsize=8)
     if stats["threshold"]:
-        ax.axvspan(0, stats["threshold"], color="grey", alpha=0.15, label=f"below --threshold {stats['threshold']:g} (not kept)")
+        ax.axvspan(
+            0,
+            stats["threshold"],
+            color="grey",
+            alpha=0.15,
+            label=f"below --threshold {stats['threshold']:g} (not kept)",
+        )
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel(f"top-{stats['top_k']} entropy ({stats['entropy_mode']}, nats)")
     ax.set_ylabel("positions")

@@ -63,7 +63,12 @@ from rptdata.io import (
 from rptdata.stage import StageDir, run_stage, worker_from_env
 from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
 from rptdata.scorers.positions import (
-    DEFAULT_THRESHOLD, POSITIONS_SCHEMA, TOPK_FIELDS, ScoreWindow, check_context_options, long_document_method,
+    DEFAULT_THRESHOLD,
+    POSITIONS_SCHEMA,
+    TOPK_FIELDS,
+    ScoreWindow,
+    check_context_options,
+    long_document_method,
     score_docs,
 )
 from rptdata.models import (
@@ -81,8 +86,14 @@ log = logging.getLogger(__name__)
 STAGE = STAGE_SCORE
 POSITIONS_DIR = "positions"
 COUNT_KEYS = (
-    "documents", "documents_without_positions", "positions_scored", "positions_kept",
-    "positions_below_threshold", "positions_skipped_short_context", "windows", "tokens_forwarded",
+    "documents",
+    "documents_without_positions",
+    "positions_scored",
+    "positions_kept",
+    "positions_below_threshold",
+    "positions_skipped_short_context",
+    "windows",
+    "tokens_forwarded",
 )
 
 
@@ -115,7 +126,8 @@ class ScoreConfig:
 
     def __post_init__(self):
         Executor(self.executor, self.ray_address).refuse(
-            **{"--num-workers": self.num_workers, "--worker-index": self.worker_index})
+            **{"--num-workers": self.num_workers, "--worker-index": self.worker_index}
+        )
         if self.top_k < 1:
             raise BadOption("--top-k must be at least 1")
         if self.threshold < 0:
@@ -158,8 +170,9 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
 
     engine_name = scorer.name if scorer is not None else choose_engine(config.engine, config.device)
     model_config = _model_config(config) if scorer is None else None
-    window = ScoreWindow(config.max_context or _default_max_context(scorer, model_config), config.min_context,
-                         config.overlap)
+    window = ScoreWindow(
+        config.max_context or _default_max_context(scorer, model_config), config.min_context, config.overlap
+    )
     max_context = window.max_context
     identity = {
         "prepared": {"dir": str(prep_dir), "fingerprint": prep.get("fingerprint"), "input_shards": prep["shards"]},
@@ -167,7 +180,9 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
         "tokenizer": prep["tokenizer"],
         "options": {
             "engine": engine_name,
-            "dtype": scorer.dtype if scorer is not None else _resolved_dtype(config, engine_name, executor.kind == "ray"),
+            "dtype": scorer.dtype
+            if scorer is not None
+            else _resolved_dtype(config, engine_name, executor.kind == "ray"),
             "top_k": config.top_k,
             "entropy": config.entropy,
             "threshold": None if config.keep_all else config.threshold,
@@ -194,20 +209,33 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
             check_shard(prep_dir, inputs[i], prep)
         if scorer is None and executor.kind == "local":
             scorer = _ShardScorer.load(config, engine_name, max_context)
-        if scorer is not None and (scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy):
+        if scorer is not None and (
+            scorer.top_k != config.top_k or getattr(scorer, "entropy", config.entropy) != config.entropy
+        ):
             raise BadOption("the scorer passed in was built with another top_k or entropy mode than the config")
-        factory = partial(_ShardScorer, config, engine_name, max_context, stage, prep_dir, inputs, identity["options"], scorer)
+        factory = partial(
+            _ShardScorer, config, engine_name, max_context, stage, prep_dir, inputs, identity["options"], scorer
+        )
         _score_shards(prep_dir, inputs, todo, factory, identity["options"], config, executor)
 
     def runtime() -> dict:
-        return {"batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
-                "device": getattr(scorer, "device", config.device),
-                "worker": [worker, workers], "seconds": round(time.time() - started, 2)}
+        return {
+            "batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
+            "device": getattr(scorer, "device", config.device),
+            "worker": [worker, workers],
+            "seconds": round(time.time() - started, 2),
+        }
 
-    return run_stage(stage, sorted(inputs), worker=worker, workers=workers,
-                     done=lambda: stage.done_shards(POSITIONS_DIR), run=run,
-                     finish=lambda done: _finish(stage, identity, runtime(), done),
-                     counts={key: key for key in COUNT_KEYS})
+    return run_stage(
+        stage,
+        sorted(inputs),
+        worker=worker,
+        workers=workers,
+        done=lambda: stage.done_shards(POSITIONS_DIR),
+        run=run,
+        finish=lambda done: _finish(stage, identity, runtime(), done),
+        counts={key: key for key in COUNT_KEYS},
+    )
 
 
 def _score_shards(prep_dir: Path, inputs: dict, todo: list, factory, options: dict, config, executor) -> None:
@@ -217,26 +245,54 @@ def _score_shards(prep_dir: Path, inputs: dict, todo: list, factory, options: di
     for i in todo:
         n = read_parquet(prep_dir / inputs[i], columns=["n_tokens"]).column("n_tokens").to_numpy()
         weights[i] = int(np.maximum(n - options["min_context"], 0).sum())
-    with tqdm(total=sum(weights.values()), desc="score-entropy", unit=" tok", unit_scale=True, disable=not config.progress,
-              dynamic_ncols=True) as bar:
-        for _ in run_units(todo, factory, executor, bar=bar, weights=weights, actors=True,
-                           describe=lambda i: f"shard {POSITIONS_DIR}/part-{i:05d}.parquet (input {prep_dir / inputs[i]})"):
+    with tqdm(
+        total=sum(weights.values()),
+        desc="score-entropy",
+        unit=" tok",
+        unit_scale=True,
+        disable=not config.progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for _ in run_units(
+            todo,
+            factory,
+            executor,
+            bar=bar,
+            weights=weights,
+            actors=True,
+            describe=lambda i: f"shard {POSITIONS_DIR}/part-{i:05d}.parquet (input {prep_dir / inputs[i]})",
+        ):
             pass
 
 
 class _ShardScorer:
     """Scores shards one at a time (`run`) with one scorer: in this process, or in a Ray actor."""
 
-    def __init__(self, config: ScoreConfig, engine_name: str, max_context: int, stage: StageDir, prep_dir: Path,
-                 inputs: dict, options: dict, scorer=None):
+    def __init__(
+        self,
+        config: ScoreConfig,
+        engine_name: str,
+        max_context: int,
+        stage: StageDir,
+        prep_dir: Path,
+        inputs: dict,
+        options: dict,
+        scorer=None,
+    ):
         self.stage, self.prep_dir, self.inputs, self.options = stage, prep_dir, inputs, options
         self.scorer = scorer or self.load(config, engine_name, max_context)
 
     @staticmethod
     def load(config: ScoreConfig, engine_name: str, max_context: int) -> Scorer:
         return load_scorer(
-            engine_name, config.model, dtype=config.dtype, device=config.device, top_k=config.top_k,
-            entropy=config.entropy, batch_tokens=config.batch_tokens, max_context=max_context,
+            engine_name,
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
+            top_k=config.top_k,
+            entropy=config.entropy,
+            batch_tokens=config.batch_tokens,
+            max_context=max_context,
             trust_remote_code=config.trust_remote_code,
         )
 
@@ -261,10 +317,16 @@ def _score_shard(stage: StageDir, path: Path, index: int, scorer, options: dict,
     flat = token_lists.values.to_numpy(zero_copy_only=False)
     tokens = [flat[offsets[j] : offsets[j + 1]] for j in range(len(offsets) - 1)]
     positions, stats = score_docs(
-        scorer, table.column("doc_id").to_pylist(), tokens,
-        max_context=options["max_context"], min_context=options["min_context"], overlap=options["overlap"],
-        threshold=options["threshold"], save_topk=options["save_topk"],
-        long_documents=options.get("long_documents", "windows"), progress=progress,
+        scorer,
+        table.column("doc_id").to_pylist(),
+        tokens,
+        max_context=options["max_context"],
+        min_context=options["min_context"],
+        overlap=options["overlap"],
+        threshold=options["threshold"],
+        save_topk=options["save_topk"],
+        long_documents=options.get("long_documents", "windows"),
+        progress=progress,
     )
     stats["input_shard"] = f"{path.parent.name}/{path.name}"
     stats["seconds"] = round(time.time() - t0, 3)
@@ -370,4 +432,3 @@ def _finish(stage: StageDir, identity: dict, runtime: dict, done: dict[int, dict
             "seconds": round(sum(float(done[i].get("seconds", 0)) for i in inputs), 2),
         }
     )
-

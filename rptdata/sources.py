@@ -133,7 +133,7 @@ class TextBuilder:
             except ValueError as e:
                 raise BadOption(f"--template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
             if not self.fields:
-                raise BadOption(f"--template {template!r} names no field, e.g. \"{{problem}}\\n\\n{{solution}}\"")
+                raise BadOption(f'--template {template!r} names no field, e.g. "{{problem}}\\n\\n{{solution}}"')
             if any(not f.isidentifier() for f in self.fields):
                 raise BadOption(f"--template {template!r}: fields must be plain names like {{problem}}")
 

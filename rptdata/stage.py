@@ -101,8 +101,9 @@ def run_stage(
         log.info("resuming: %d shard(s) already complete", len(complete))
     if todo:
         run(todo)
-    return finish_or_progress(stage, units, done=done, finish=finish, worker=worker, workers=workers,
-                              counts=counts, extra=extra)
+    return finish_or_progress(
+        stage, units, done=done, finish=finish, worker=worker, workers=workers, counts=counts, extra=extra
+    )
 
 
 def finish_or_progress(
@@ -233,7 +234,9 @@ def _recorded_run(root: Path) -> dict | None:
 
 def _start_run(root: Path, stage: str, fp: str, identity: dict, own: set[str]) -> str:
     _remove(root, own)
-    write_json_atomic(root / RUN_FILE, {"stage": stage, "fingerprint": fp, "rpt_version": __version__, "config": identity})
+    write_json_atomic(
+        root / RUN_FILE, {"stage": stage, "fingerprint": fp, "rpt_version": __version__, "config": identity}
+    )
     return "new"
 
 
@@ -273,8 +276,13 @@ class StageDir:
         Raises ManifestMismatch when the directory holds a different run and not `overwrite`.
         """
         state = claim_run_dir(
-            self.root, self.stage, config, self._own_names(), overwrite=overwrite,
-            progress=(MANIFEST, f"{DONE_DIR}/*.json"), finished=MANIFEST,
+            self.root,
+            self.stage,
+            config,
+            self._own_names(),
+            overwrite=overwrite,
+            progress=(MANIFEST, f"{DONE_DIR}/*.json"),
+            finished=MANIFEST,
         )
         if state != "new":
             for line in self.repair():
@@ -310,8 +318,10 @@ class StageDir:
         for marker in sorted((self.root / DONE_DIR).glob(f"{data_dir}-*.json")):
             index = shard_index(marker)
             record = self._marker(marker)
-            if record is not None and (record.get("empty") or  # a shard with no rows: its marker alone
-                                       digest_problem(self.shard_path(data_dir, index), record, checksum=False) is None):
+            if record is not None and (
+                record.get("empty")  # a shard with no rows: its marker alone
+                or digest_problem(self.shard_path(data_dir, index), record, checksum=False) is None
+            ):
                 out[index] = record
         return out
 
@@ -335,8 +345,11 @@ class StageDir:
                 record = self._marker(marker)
                 if record is not None and record.get("empty"):
                     continue
-                problem = "its marker does not parse" if record is None else (
-                    digest_problem(shard, record) or _rows_problem(shard, record))
+                problem = (
+                    "its marker does not parse"
+                    if record is None
+                    else (digest_problem(shard, record) or _rows_problem(shard, record))
+                )
                 if problem is None:
                     records[f"{data_dir}/{shard.name}"] = record
                     continue

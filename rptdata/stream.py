@@ -58,8 +58,11 @@ class RecordStream:
 
     def where(self, a: int, b: int) -> str:
         """Which inputs hold records [a, b), for messages."""
-        names = [src.path for src, start, index in zip(self.sources, self.starts, self.indexes)
-                 if start < b and start + index.records > a]
+        names = [
+            src.path
+            for src, start, index in zip(self.sources, self.starts, self.indexes)
+            if start < b and start + index.records > a
+        ]
         return f"records {a}-{b - 1} of the input stream, in {', '.join(names)}"
 
     def __getstate__(self):  # a Ray task gets the index, not an open reader

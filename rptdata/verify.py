@@ -101,14 +101,20 @@ def _verify_stage(root: Path, deep: bool, problems: list[dict]) -> int:
         checked += 1
         if problem:
             problems.append({"file": str(root / rel), "problem": problem})
-    for data_dir in sorted({rel.split("/")[0] for rel in records} | {k.split("/")[0] for k in (manifest or {}).get("files", {})}):
+    for data_dir in sorted(
+        {rel.split("/")[0] for rel in records} | {k.split("/")[0] for k in (manifest or {}).get("files", {})}
+    ):
         for shard in list_shards(root / data_dir):
             if f"{data_dir}/{shard.name}" not in records:
                 problems.append({"file": str(shard), "problem": "no completion marker (an unfinished shard)"})
     if manifest is not None and "files" in manifest:
         recorded = manifest["files"]
         for rel in sorted(set(recorded) ^ set(records)):
-            where = "the manifest lists it but no marker does" if rel in recorded else "a marker lists it but the manifest does not"
+            where = (
+                "the manifest lists it but no marker does"
+                if rel in recorded
+                else "a marker lists it but the manifest does not"
+            )
             problems.append({"file": str(root / rel), "problem": where})
         for rel in sorted(set(recorded) & set(records)):
             if any(recorded[rel].get(k) != records[rel].get(k) for k in ("rows", "bytes", "sha256")):

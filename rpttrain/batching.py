@@ -43,6 +43,10 @@ def last_positions_logits(model, seqs: Sequence[Sequence[int]], k: int, pad_id: 
     position width - k + j), from one left-padded forward on the model's device."""
     device = next(model.parameters()).device
     ids, attention, positions = left_pad(seqs, pad_id)
-    out = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                logits_to_keep=k)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=k,
+    )
     return out.logits

@@ -79,8 +79,17 @@ def link_checkpoint(run_dir: Path, folder: Path, step: int, state: dict) -> Path
     return link
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
-                    hf_dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int = 2,
+    hf_dtype: torch.dtype | None = None,
+) -> Path:
     """Write step-N atomically. `hf_dtype`: the dtype of the HF folder (default: the parameters');
     when it differs from the parameters', the exact parameters also go to master.safetensors."""
     final = checkpoint_dir(run_dir, step)
@@ -118,8 +127,11 @@ def verify_checkpoint(ckpt: Path, previous: Path | None = None) -> dict:
     """state.json of `ckpt` after checking every file it records (size, sha256); DamagedFile
     naming the first damaged file and the way out. Checkpoints older than the record pass."""
     ckpt = Path(ckpt)
-    way_out = (f"remove {ckpt} to resume from {previous.name}" if previous is not None
-               else f"remove {ckpt} and rerun, or start over with --overwrite")
+    way_out = (
+        f"remove {ckpt} to resume from {previous.name}"
+        if previous is not None
+        else f"remove {ckpt} and rerun, or start over with --overwrite"
+    )
     state = read_json(ckpt / STATE_FILE, way_out)
     for name, record in (state.get("files") or {}).items():
         problem = digest_problem(ckpt / name, record)
@@ -197,8 +209,18 @@ def _rng_to_tensors(state: dict) -> dict:
 def _rng_from_tensors(blob: dict) -> dict:
     gauss = blob["python_gauss"]
     state = {
-        "python": (blob["python_version"], tuple(int(x) for x in blob["python_keys"].tolist()), None if gauss != gauss else gauss),
-        "numpy": ("MT19937", blob["numpy_keys"].numpy().astype(np.uint32), blob["numpy_pos"], blob["numpy_has_gauss"], blob["numpy_cached"]),
+        "python": (
+            blob["python_version"],
+            tuple(int(x) for x in blob["python_keys"].tolist()),
+            None if gauss != gauss else gauss,
+        ),
+        "numpy": (
+            "MT19937",
+            blob["numpy_keys"].numpy().astype(np.uint32),
+            blob["numpy_pos"],
+            blob["numpy_has_gauss"],
+            blob["numpy_cached"],
+        ),
         "torch": blob["torch"],
     }
     if "cuda" in blob:

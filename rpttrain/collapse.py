@@ -59,7 +59,9 @@ def group_collapse(predictions: Sequence[str | None], correct: Sequence[bool]) -
     GroupCollapse(distinct=2, majority_share=0.5, wrong_consensus=False)
     """
     if len(predictions) != len(correct) or not predictions:
-        raise ValueError(f"need one correct flag per prediction and at least one; got {len(predictions)} and {len(correct)}")
+        raise ValueError(
+            f"need one correct flag per prediction and at least one; got {len(predictions)} and {len(correct)}"
+        )
     keys = [normalized_key(p) for p in predictions]
     counts = Counter(keys)
     right = {k for k, c in zip(keys, correct) if c}

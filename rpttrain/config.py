@@ -22,8 +22,18 @@ OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
 # knobs of the next-token baselines only: they do not change an RPT run's identity
 NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
 # settings that do not change what a run computes (a resumed run may change them)
-NOT_IDENTITY = ("out", "steps", "progress", "save_every", "keep_checkpoints", "sample_every", "compute_budget",
-                "memory_check", "memory_budget_gib", "report_to")
+NOT_IDENTITY = (
+    "out",
+    "steps",
+    "progress",
+    "save_every",
+    "keep_checkpoints",
+    "sample_every",
+    "compute_budget",
+    "memory_check",
+    "memory_budget_gib",
+    "report_to",
+)
 
 
 def opt(default, help: str):
@@ -42,7 +52,7 @@ class TrainConfig:
         "rpt",
         "rpt: GRPO with the prefix reward | ntp: cross-entropy (continual next-token training) | "
         "shaped-ntp: the reward-shaped next-token loss (arXiv 2512.22955). Compare them at equal "
-        "--compute-budget."
+        "--compute-budget.",
     )
     steps: int = opt(1000, "Optimizer steps to run in total (a resumed run continues up to this).")
     batch_size: int = opt(256, "Contexts per step, B (paper: 256).")
@@ -52,15 +62,13 @@ class TrainConfig:
     max_new_tokens: int = opt(8192, "Longest completion (paper: 8192; the continuation format needs 1-8).")
     max_prompt_tokens: int = opt(4096, "Longest prompt; longer contexts lose their start (paper: 4096).")
     prompt_template: str = opt(
-        "v0",
-        "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | "
-        "FILE."
+        "v0", "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | FILE."
     )
     reward: str = opt(
         "prefix",
         "prefix (paper Eq. 3) | first-token | dense | conditional-dense (App. A; 1 when the prediction's "
         "first token is right, else the policy's probability of it, P(y[0] | x<t); conditional: only in "
-        "groups with a right one, else 0). The dense two need --backend rpt."
+        "groups with a right one, else 0). The dense two need --backend rpt.",
     )
     scale_rewards: str = opt("group", "group: (r-mean)/std per group (GRPO) | none: r-mean (Dr. GRPO).")
     loss_agg: str = opt("token-mean", "token-mean | seq-mean | dr-grpo (sum / (sequences x max_new_tokens)).")
@@ -74,9 +82,7 @@ class TrainConfig:
     grad_clip: float = opt(0.2, "Gradient norm clip (paper's actor clip: 0.2).")
     warmup_steps: int = opt(0, "Linear learning-rate warm-up steps.")
     dynamic_sampling_from: int = opt(
-        500,
-        "Step from which zero-variance groups are dropped and refilled (DAPO; paper: 500; -1 = "
-        "never)."
+        500, "Step from which zero-variance groups are dropped and refilled (DAPO; paper: 500; -1 = never)."
     )
     dynamic_sampling_rounds: int = opt(3, "Most extra generation rounds per step to refill the batch.")
     fused_one_token: bool = opt(
@@ -90,14 +96,14 @@ class TrainConfig:
     compute_dtype: str = opt(
         "auto",
         "What forward/backward and rollouts compute in: auto (bfloat16 on CUDA, float32 on CPU) | "
-        "float32 | bfloat16. Checkpoints' HF folders are saved in it."
+        "float32 | bfloat16. Checkpoints' HF folders are saved in it.",
     )
     master_dtype: str = opt(
         "float32",
         "What the optimizer updates (parameters, gradients, AdamW state): float32 (default; with "
         "bfloat16 compute this is standard mixed precision, torch.autocast over float32 weights) | "
         "bfloat16 (pure bf16, only with --compute-dtype bfloat16: updates below half a bf16 step, "
-        "e.g. lr 1e-6, are rounded away; a warning says so)."
+        "e.g. lr 1e-6, are rounded away; a warning says so).",
     )
     device: str = opt("auto", "auto | cpu | cuda.")
     gradient_checkpointing: bool = opt(False, "Trade compute for activation memory.")
@@ -109,7 +115,7 @@ class TrainConfig:
     compute_budget: float | None = opt(
         None,
         "Stop, with a checkpoint, once this many training FLOPs are spent (6·N per trained token, 2·N "
-        "per token the rollout engine runs; docs/compare.md)."
+        "per token the rollout engine runs; docs/compare.md).",
     )
     allow_tokenizer_mismatch: bool = opt(False, "Train although the tasks were built with another tokenizer.")
     trust_remote_code: bool = opt(False, "Allow the model repository's custom code.")
@@ -118,32 +124,32 @@ class TrainConfig:
         True,
         "Before loading weights, estimate the run's peak memory (weights, gradients, master copy, "
         "AdamW, activations, vLLM's share) and stop with the numbers and the ways out when it exceeds "
-        "the device's free memory."
+        "the device's free memory.",
     )
-    memory_budget_gib: float | None = opt(None, "Plan for this much memory (GiB) instead of the device's free memory (e.g. on a shared GPU).")
+    memory_budget_gib: float | None = opt(
+        None, "Plan for this much memory (GiB) instead of the device's free memory (e.g. on a shared GPU)."
+    )
     # next-token baselines (--objective ntp | shaped-ntp)
     ntp_positions: str = opt(
-        "all",
-        "Baselines: train on every token of the training documents (all) or only on the task "
-        "positions (tasks)."
+        "all", "Baselines: train on every token of the training documents (all) or only on the task positions (tasks)."
     )
     beta: float = opt(
         -0.25,
         "shaped-ntp: weight w = stop_grad((1 - p_x) ** beta) on -log p_x; < 0 sharpens, > 0 flattens "
-        "(paper's best: -0.25)."
+        "(paper's best: -0.25).",
     )
     topk: int = opt(100, "shaped-ntp: K, the top tokens (chosen without gradient) that lambda_top applies to.")
-    lambda_top: float = opt(0.0, "shaped-ntp: loss -= lambda_top * (probability of the top-K tokens other than the target).")
+    lambda_top: float = opt(
+        0.0, "shaped-ntp: loss -= lambda_top * (probability of the top-K tokens other than the target)."
+    )
     lambda_tail: float = opt(
-        -0.1,
-        "shaped-ntp: loss -= lambda_tail * (probability outside top-K, target excluded); -0.1 "
-        "penalizes the tail."
+        -0.1, "shaped-ntp: loss -= lambda_tail * (probability outside top-K, target excluded); -0.1 penalizes the tail."
     )
     progress: bool = opt(True, "Show a progress bar.")
     report_to: str = opt(
         "tensorboard",
         "Where metrics go besides metrics.jsonl: tensorboard | wandb | none, or a list (tensorboard,wandb). "
-        "wandb: pip install 'rpt[wandb]'; honours WANDB_MODE=offline and WANDB_PROJECT (rpttrain/report_to.py)."
+        "wandb: pip install 'rpt[wandb]'; honours WANDB_MODE=offline and WANDB_PROJECT (rpttrain/report_to.py).",
     )
 
     def __post_init__(self):

@@ -136,12 +136,17 @@ class DocWindows:
             raise BadOption(f"window must be at least 1, not {window}")
         prepared = tasks_manifest.get("prepared_dir")
         if not prepared or not Path(prepared).exists():
-            raise RptError(f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it")
+            raise RptError(
+                f"the prepared corpus of these tasks ({prepared}) is not there; --ntp-positions all needs it"
+            )
         prep_manifest = read_manifest(Path(prepared), STAGE_PREPARE)
         key = prep_manifest.get("fingerprint") or "unversioned"
         self.window = window
-        self.docs = mmap_shards(checked_shards(prepared, "docs", prep_manifest), ["doc_id", "token_ids", "n_tokens"],
-                                Path(cache) / f"docs-{key}")
+        self.docs = mmap_shards(
+            checked_shards(prepared, "docs", prep_manifest),
+            ["doc_id", "token_ids", "n_tokens"],
+            Path(cache) / f"docs-{key}",
+        )
         rule = tasks_manifest["split"]
         keep, lengths = [], []
         for batch in self.docs.select(["doc_id", "n_tokens"]).to_batches():
@@ -245,7 +250,12 @@ def live_estimate_mismatch(tasks_manifest: dict, group_size: int, temperature: f
         diffs.append(f"T={est['temperature']:g} (this run: {temperature:g})")
     if not diffs:
         return None
-    what = (f"--min-live {est['min_live']:g} dropped positions" if est.get("min_live") is not None
-            else "the predicted live share (predicted_zero_variance in the metrics) is")
-    return (f"make-tasks estimated live groups for {', '.join(diffs)}: {what} for groups of another size or "
-            f"temperature; rebuild the tasks with --group-size {group_size} --temperature {temperature:g} to match")
+    what = (
+        f"--min-live {est['min_live']:g} dropped positions"
+        if est.get("min_live") is not None
+        else "the predicted live share (predicted_zero_variance in the metrics) is"
+    )
+    return (
+        f"make-tasks estimated live groups for {', '.join(diffs)}: {what} for groups of another size or "
+        f"temperature; rebuild the tasks with --group-size {group_size} --temperature {temperature:g} to match"
+    )

@@ -56,8 +56,16 @@ class ScoredGroup:
 class GroupScorer:
     """Scores groups of completions with one reward; dense rewards get P(y[0] | x<t) from `model`."""
 
-    def __init__(self, reward: str, fmt: PromptFormat, tokenizer, model=None, max_prompt_tokens: int = 4096,
-                 micro_batch_tokens: int = 16384, pad_id: int = 0):
+    def __init__(
+        self,
+        reward: str,
+        fmt: PromptFormat,
+        tokenizer,
+        model=None,
+        max_prompt_tokens: int = 4096,
+        micro_batch_tokens: int = 16384,
+        pad_id: int = 0,
+    ):
         self.reward, self.fmt, self.tokenizer, self.model = reward, fmt, tokenizer, model
         self.max_prompt_tokens, self.micro_batch_tokens, self.pad_id = max_prompt_tokens, micro_batch_tokens, pad_id
         self.dense = reward in DENSE_REWARDS
@@ -94,7 +102,9 @@ class GroupScorer:
         self.forward_tokens += sum(len(x) for x in ids)
         return torch.stack(rows) if rows else torch.zeros(0)
 
-    def score(self, tasks: Sequence[dict], groups: Sequence[Sequence], last_logits: torch.Tensor | None = None) -> list[ScoredGroup]:
+    def score(
+        self, tasks: Sequence[dict], groups: Sequence[Sequence], last_logits: torch.Tensor | None = None
+    ) -> list[ScoredGroup]:
         """Score each task's completions. `last_logits` [N, V]: the rollout prompts' last-position
         logits, used for the probabilities when the prompt is the raw context (no forward then)."""
         preds = [[self.fmt.extract(c.text) for c in g] for g in groups]
@@ -112,7 +122,8 @@ class GroupScorer:
         out = []
         for k, (task, p, ids) in enumerate(zip(tasks, preds, first)):
             fp = [None if i is None else float(probs[k, i]) for i in ids]
-            rewards, correct = score_group(self.reward, p, task["continuation"], task["boundaries"], ids,
-                                           int(task["target_id"]), fp)
+            rewards, correct = score_group(
+                self.reward, p, task["continuation"], task["boundaries"], ids, int(task["target_id"]), fp
+            )
             out.append(ScoredGroup(p, rewards, correct, ids, fp))
         return out

@@ -200,9 +200,15 @@ def run_export_tasks(config: ExportConfig) -> dict:
     out = Path(config.out)
     # the rule every stage shares (`rptdata.stage.claim_run_dir`): run.json first; an export of these
     # settings that stopped before its manifest is redone, a finished one is kept, another refused
-    identity = {"tasks": tm.get("fingerprint"), **{k: v for k, v in config.__dict__.items() if k not in ("out", "overwrite", "progress")}}
+    identity = {
+        "tasks": tm.get("fingerprint"),
+        **{k: v for k, v in config.__dict__.items() if k not in ("out", "overwrite", "progress")},
+    }
     own = tuple(f"{s}.parquet" for s in SPLITS) + (MANIFEST,)
-    if claim_run_dir(out, STAGE, identity, own, overwrite=config.overwrite, progress=(MANIFEST,), finished=MANIFEST) == "done":
+    if (
+        claim_run_dir(out, STAGE, identity, own, overwrite=config.overwrite, progress=(MANIFEST,), finished=MANIFEST)
+        == "done"
+    ):
         log.info("%s is already complete; nothing to do", out)
         return read_manifest(out, STAGE)
     for name in own:  # what a stopped run left: redone from scratch
@@ -248,8 +254,10 @@ def run_export_tasks(config: ExportConfig) -> dict:
 
         # verl 0.9.1's main_ppo reads the key under `reward.`; a top-level one is silently ignored
         path = Path(verl_integration.__file__).resolve()
-        manifest["verl_overrides"] = [f"reward.custom_reward_function.path={path}",
-                                      "reward.custom_reward_function.name=compute_score"]
+        manifest["verl_overrides"] = [
+            f"reward.custom_reward_function.path={path}",
+            "reward.custom_reward_function.name=compute_score",
+        ]
     else:
         manifest["reward_function"] = "rpttrain.integrations.trl.rpt_reward"
     write_json_atomic(out / MANIFEST, manifest)

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from rpttrain.grpo import GRPOObjective, Rollout
 
 
-def fused_rollout_and_update(objective: "GRPOObjective", tasks: list[dict], step: int,
-                             timings: dict) -> tuple[list[list["Rollout"]], dict]:
+def fused_rollout_and_update(
+    objective: "GRPOObjective", tasks: list[dict], step: int, timings: dict
+) -> tuple[list[list["Rollout"]], dict]:
     """Sample, reward and accumulate the gradient from one forward per micro-batch of prompts;
     then the optimizer step. Returns the groups (in task order) and the update's stats."""
     c = objective.config
@@ -39,7 +40,9 @@ def fused_rollout_and_update(objective: "GRPOObjective", tasks: list[dict], step
         batch_prompts = [prompts[i] for i in mb]
         with objective.precision.autocast():
             logits = last_positions_logits(objective.model, batch_prompts, k=1)  # [P, 1, V], with grad
-        sampled = sample_next_tokens(logits[:, -1], sampling, [prompt_seed(sampling.seed, i) for i in mb], objective.tokenizer)
+        sampled = sample_next_tokens(
+            logits[:, -1], sampling, [prompt_seed(sampling.seed, i) for i in mb], objective.tokenizer
+        )
         timings["rollout_s"] += time.time() - t
         t = time.time()
         rolled = objective.score([tasks[i] for i in mb], list(zip(batch_prompts, sampled)), logits[:, -1])
@@ -56,8 +59,9 @@ def fused_rollout_and_update(objective: "GRPOObjective", tasks: list[dict], step
             loss_tok, was_clipped = algos.policy_loss(logp, logp.detach(), adv, c.clip_eps, c.clip_eps_high)
             if objective.ref_model is not None:
                 with torch.no_grad():
-                    ref = algos.token_logprobs(last_positions_logits(objective.ref_model, batch_prompts, k=1)[rows],
-                                               tokens, c.temperature)
+                    ref = algos.token_logprobs(
+                        last_positions_logits(objective.ref_model, batch_prompts, k=1)[rows], tokens, c.temperature
+                    )
                 kl = algos.kl_k3(logp, ref)
                 loss_tok = loss_tok + c.kl_coef * kl
                 stats["kl"] += float(kl.sum())
@@ -70,6 +74,11 @@ def fused_rollout_and_update(objective: "GRPOObjective", tasks: list[dict], step
             groups[i] = g
     grad_norm, bad = objective.optimizer_step(stats["loss"])
     # the samples come from the very log-probs the update uses: no engine mismatch to measure
-    stats.update(clip_frac=clipped / max(n, 1), kl=stats["kl"] / max(n, 1), grad_norm=grad_norm, skipped=bad,
-                 logprob_mismatch=0.0)
+    stats.update(
+        clip_frac=clipped / max(n, 1),
+        kl=stats["kl"] / max(n, 1),
+        grad_norm=grad_norm,
+        skipped=bad,
+        logprob_mismatch=0.0,
+    )
     return groups, stats

@@ -66,9 +66,15 @@ def build_engine(config, engine: str, model, tokenizer, precision: Precision, st
     dtype); vLLM loads its own copy (from the resumed checkpoint when there is one) and gets the
     trained weights cast to its dtype at every sync."""
     if engine == "vllm":
-        eng = make_engine("vllm", model, tokenizer, model_path=str(start_from) if start_from else local_model_dir(config.model),
-                          gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed,
-                          dtype=dtype_name(precision.compute))
+        eng = make_engine(
+            "vllm",
+            model,
+            tokenizer,
+            model_path=str(start_from) if start_from else local_model_dir(config.model),
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            seed=config.seed,
+            dtype=dtype_name(precision.compute),
+        )
         if start_from:
             eng.update_weights(model)
         return eng
@@ -79,15 +85,28 @@ class GRPOObjective:
     """One GRPO step: generate, reward, advantage, accumulate the policy-gradient; the trainer owns
     the model, optimizer, data, checkpoints and the cumulative totals this step adds to."""
 
-    def __init__(self, config, model, tokenizer, engine, sampler, precision: Precision, optimizer_step: Callable,
-                 totals: dict, n_params: int, samples_path: Path, ref_model=None):
+    def __init__(
+        self,
+        config,
+        model,
+        tokenizer,
+        engine,
+        sampler,
+        precision: Precision,
+        optimizer_step: Callable,
+        totals: dict,
+        n_params: int,
+        samples_path: Path,
+        ref_model=None,
+    ):
         self.config = config
         self.model, self.tokenizer, self.engine, self.sampler = model, tokenizer, engine, sampler
         self.precision, self.optimizer_step, self.totals, self.n_params = precision, optimizer_step, totals, n_params
         self.samples_path, self.ref_model = samples_path, ref_model
         self.fmt = load_prompt_format(config.prompt_template)
-        self.scorer = GroupScorer(config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens,
-                                  config.micro_batch_tokens)
+        self.scorer = GroupScorer(
+            config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens, config.micro_batch_tokens
+        )
         self.stops = stop_ids(tokenizer)
 
     def close(self) -> None:
@@ -97,8 +116,12 @@ class GRPOObjective:
     def sampling(self, step: int, round_index: int) -> Sampling:
         c = self.config
         return Sampling(
-            n=c.group_size, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-            seed=c.seed * 1_000_003 + step * 101 + round_index, stop_token_ids=self.stops,
+            n=c.group_size,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            max_new_tokens=c.max_new_tokens,
+            seed=c.seed * 1_000_003 + step * 101 + round_index,
+            stop_token_ids=self.stops,
         )
 
     def prompts(self, tasks: list[dict]) -> list[list[int]]:
@@ -115,9 +138,24 @@ class GRPOObjective:
         scored = self.scorer.score(tasks, [group for _, group in prompted], last_logits)
         out = []
         for task, (prompt, group), sg in zip(tasks, prompted, scored):
-            out.append([Rollout(prompt, comp.token_ids, comp.text, r, 0.0, pred, comp.finish_reason == "length",
-                                comp.logprobs, ok, task["context"], task["continuation"])
-                        for comp, pred, r, ok in zip(group, sg.predictions, sg.rewards, sg.correct)])
+            out.append(
+                [
+                    Rollout(
+                        prompt,
+                        comp.token_ids,
+                        comp.text,
+                        r,
+                        0.0,
+                        pred,
+                        comp.finish_reason == "length",
+                        comp.logprobs,
+                        ok,
+                        task["context"],
+                        task["continuation"],
+                    )
+                    for comp, pred, r, ok in zip(group, sg.predictions, sg.rewards, sg.correct)
+                ]
+            )
         return out
 
     def advantages(self, groups: list[list[Rollout]]) -> None:
@@ -224,8 +262,12 @@ class GRPOObjective:
     # -- the fused one-token step (rpttrain/fused_step.py) --------------------------------------
     def fused(self, step: int) -> bool:
         c = self.config
-        return (c.fused_one_token and c.max_new_tokens == 1 and self.engine.name == "hf"
-                and not 0 <= c.dynamic_sampling_from <= step)
+        return (
+            c.fused_one_token
+            and c.max_new_tokens == 1
+            and self.engine.name == "hf"
+            and not 0 <= c.dynamic_sampling_from <= step
+        )
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -238,8 +280,14 @@ class GRPOObjective:
             all_groups, upd = fused_rollout_and_update(self, tasks, step, timings)
             timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]
             zero_var = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in all_groups)
-            counts = {"drawn": len(tasks), "rounds": 1, "zero_var": zero_var, "kept": len(all_groups), "forward_tokens": 0,
-                      "predicted_zero_var": predicted_zero_variance(tasks, c.group_size)}
+            counts = {
+                "drawn": len(tasks),
+                "rounds": 1,
+                "zero_var": zero_var,
+                "kept": len(all_groups),
+                "forward_tokens": 0,
+                "predicted_zero_var": predicted_zero_variance(tasks, c.group_size),
+            }
         else:
             all_groups, upd, counts = self.two_pass(step, timings)
         counts["forward_tokens"] += self.scorer.forward_tokens - scored_before  # the dense rewards' P(y[0] | x<t)
@@ -286,11 +334,19 @@ class GRPOObjective:
         if self.engine.name != "hf" and not upd["skipped"]:
             self.engine.update_weights(self.model)
         timings["weight_sync_s"] = time.time() - t
-        counts = {"drawn": drawn, "rounds": rounds, "zero_var": zero_var, "kept": len(kept), "forward_tokens": forward_tokens,
-                  "predicted_zero_var": predicted_zero_variance(all_tasks, c.group_size)}
+        counts = {
+            "drawn": drawn,
+            "rounds": rounds,
+            "zero_var": zero_var,
+            "kept": len(kept),
+            "forward_tokens": forward_tokens,
+            "predicted_zero_var": predicted_zero_variance(all_tasks, c.group_size),
+        }
         return all_groups, upd, counts
 
-    def finish(self, step: int, all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float) -> dict:
+    def finish(
+        self, step: int, all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float
+    ) -> dict:
         """Totals, metrics and samples of a step."""
         c = self.config
         rolls = [r for g in all_groups for r in g]
@@ -311,8 +367,11 @@ class GRPOObjective:
             "accuracy": float(np.mean([r.correct for r in rolls])),
             "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
             # make-tasks' estimate for the same tasks (rptdata.tasks.live), when the tasks carry it
-            **({"predicted_zero_variance_share": counts["predicted_zero_var"]}
-               if counts["predicted_zero_var"] is not None else {}),
+            **(
+                {"predicted_zero_variance_share": counts["predicted_zero_var"]}
+                if counts["predicted_zero_var"] is not None
+                else {}
+            ),
             "groups_trained": counts["kept"],
             "contexts_drawn": counts["drawn"],
             "sampling_rounds": counts["rounds"],
@@ -339,6 +398,17 @@ class GRPOObjective:
             with self.samples_path.open("a") as f:
                 for g in all_groups[:2]:
                     for r in g:
-                        f.write(json.dumps({"step": step + 1, "context": r.context, "completion": r.text, "prediction": r.prediction,
-                                            "target": r.target, "reward": r.reward}) + "\n")
+                        f.write(
+                            json.dumps(
+                                {
+                                    "step": step + 1,
+                                    "context": r.context,
+                                    "completion": r.text,
+                                    "prediction": r.prediction,
+                                    "target": r.target,
+                                    "reward": r.reward,
+                                }
+                            )
+                            + "\n"
+                        )
         return metrics

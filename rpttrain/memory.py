@@ -91,9 +91,13 @@ def shape_from_config(config) -> ModelShape:
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     return ModelShape(
-        n_params=n, layers=int(text.num_hidden_layers), hidden=hidden,
-        intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden), vocab=int(text.vocab_size),
-        heads=heads, kv_dim=kv_heads * head_dim,
+        n_params=n,
+        layers=int(text.num_hidden_layers),
+        hidden=hidden,
+        intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        vocab=int(text.vocab_size),
+        heads=heads,
+        kv_dim=kv_heads * head_dim,
     )
 
 
@@ -124,7 +128,9 @@ class TrainSizing:
         return self.micro_batch_rows * self.sequence_tokens
 
     @classmethod
-    def of(cls, config, precision, device: str, engine: str = "hf", data=None, attention: str = "flash") -> "TrainSizing":
+    def of(
+        cls, config, precision, device: str, engine: str = "hf", data=None, attention: str = "flash"
+    ) -> "TrainSizing":
         """From the config and, when given, the data's longest context (`memory_probe.DataShape`);
         without it, from the limits (--max-prompt-tokens), as a bound."""
         c = config
@@ -134,7 +140,11 @@ class TrainSizing:
             cap = c.max_prompt_tokens + 1
             seq = min(cap, data.longest_context_tokens) if data else cap
         elif rpt:
-            prompt = min(c.max_prompt_tokens, data.longest_context_tokens + data.prompt_overhead_tokens) if data else c.max_prompt_tokens
+            prompt = (
+                min(c.max_prompt_tokens, data.longest_context_tokens + data.prompt_overhead_tokens)
+                if data
+                else c.max_prompt_tokens
+            )
             seq = prompt + c.max_new_tokens
         else:  # the raw context, cut to max_prompt_tokens - 1, and the target token
             seq = (min(c.max_prompt_tokens - 1, data.longest_context_tokens) if data else c.max_prompt_tokens - 1) + 1
@@ -152,11 +162,18 @@ class TrainSizing:
         generating = rpt and engine == "hf" and c.max_new_tokens > 1
         per_chunk = max(1, ROLLOUT_SEQUENCES // c.group_size)  # HFEngine: prompts per generate() call
         return cls(
-            device=device, compute_bytes=precision.compute.itemsize, master_bytes=precision.master.itemsize,
-            micro_batch_rows=rows, sequence_tokens=seq, logit_positions=logits,
-            gradient_checkpointing=c.gradient_checkpointing, reference_model=rpt and c.kl_coef > 0,
+            device=device,
+            compute_bytes=precision.compute.itemsize,
+            master_bytes=precision.master.itemsize,
+            micro_batch_rows=rows,
+            sequence_tokens=seq,
+            logit_positions=logits,
+            gradient_checkpointing=c.gradient_checkpointing,
+            reference_model=rpt and c.kl_coef > 0,
             rollout_sequences=min(c.batch_size, per_chunk) * c.group_size if generating else 0,
-            vllm_fraction=c.vllm_gpu_memory_utilization if (rpt and engine == "vllm" and device.startswith("cuda")) else 0.0,
+            vllm_fraction=c.vllm_gpu_memory_utilization
+            if (rpt and engine == "vllm" and device.startswith("cuda"))
+            else 0.0,
             attention=attention,
         )
 
@@ -242,13 +259,15 @@ def way_out(shape: ModelShape, config, sizing_of, free: int) -> str | None:
     tokens = config.max_prompt_tokens
     while tokens // 2 >= 16:
         tokens //= 2
-        if fits(max_prompt_tokens=tokens, micro_batch_tokens=max(config.micro_batch_tokens, tokens + config.max_new_tokens)):
+        if fits(
+            max_prompt_tokens=tokens, micro_batch_tokens=max(config.micro_batch_tokens, tokens + config.max_new_tokens)
+        ):
             return f"--max-prompt-tokens {tokens}"
     return None
 
 
 def check_fits(parts: dict[str, int], free: int) -> str:
-    """"fits"; "may-not-fit" when the estimate exceeds `free` but its lower bound does not (a
+    """ "fits"; "may-not-fit" when the estimate exceeds `free` but its lower bound does not (a
     warning: the run goes on); "does-not-fit" when even the lower bound exceeds it."""
     if parts["peak"] <= free:
         return "fits"
@@ -259,8 +278,10 @@ def refusal(parts: dict[str, int], free: int, device: str, way: str | None) -> s
     """Why a run that does not fit is refused: the numbers, the part that decides it, the way out."""
     part = deciding_part(parts, free)
     if way is None:
-        way = ("a multi-GPU backend that shards weights, gradients and AdamW state (--backend verl, or --backend "
-               "trl --sharding fsdp|zero3; README 'Past one GPU')")
+        way = (
+            "a multi-GPU backend that shards weights, gradients and AdamW state (--backend verl, or --backend "
+            "trl --sharding fsdp|zero3; README 'Past one GPU')"
+        )
     return (
         f"this run needs about {describe(parts)} on {device}, but only {free / GIB:.1f} GiB are free (even "
         f"{lower_bound(parts) / GIB:.1f} GiB if the estimate is {ESTIMATE_ERROR[1]:g}x too high). What decides it: "
@@ -269,8 +290,9 @@ def refusal(parts: dict[str, int], free: int, device: str, way: str | None) -> s
     )
 
 
-def plan(config, device: str, precision, engine: str = "hf", tasks_manifest: dict | None = None,
-         tokenizer=None) -> dict:
+def plan(
+    config, device: str, precision, engine: str = "hf", tasks_manifest: dict | None = None, tokenizer=None
+) -> dict:
     """The preflight record of a run (what RUN/preflight.json holds): the estimate by part, what
     the device has free, what the estimate was sized from, the verdict ("fits", "may-not-fit",
     "does-not-fit"), its warnings, and for a run that does not fit the `refusal` message."""
@@ -305,16 +327,31 @@ def plan(config, device: str, precision, engine: str = "hf", tasks_manifest: dic
     sizing = sizing_of(config)
     parts = estimate_train_memory(shape, sizing, total)
     record = {
-        "device": device, "model": config.model, "n_params": shape.n_params, "precision": precision.describe(),
-        "estimate_bytes": parts, "available_bytes": free,
-        "sized_from": {**{k: v for k, v in asdict(sizing).items() if k not in ("device",)},
-                       "micro_batch_tokens": sizing.micro_batch_tokens,
-                       "data": data.as_dict() if data else None},
+        "device": device,
+        "model": config.model,
+        "n_params": shape.n_params,
+        "precision": precision.describe(),
+        "estimate_bytes": parts,
+        "available_bytes": free,
+        "sized_from": {
+            **{k: v for k, v in asdict(sizing).items() if k not in ("device",)},
+            "micro_batch_tokens": sizing.micro_batch_tokens,
+            "data": data.as_dict() if data else None,
+        },
         "warnings": warnings,
     }
-    log.info("memory estimate for %s (%.2fB parameters, %s, attention %s, sequences of %d tokens, %d a micro-batch): "
-             "%s; free: %.1f GiB", config.model, shape.n_params / 1e9, precision.describe(), kernel,
-             sizing.sequence_tokens, sizing.micro_batch_rows, describe(parts), free / GIB)
+    log.info(
+        "memory estimate for %s (%.2fB parameters, %s, attention %s, sequences of %d tokens, %d a micro-batch): "
+        "%s; free: %.1f GiB",
+        config.model,
+        shape.n_params / 1e9,
+        precision.describe(),
+        kernel,
+        sizing.sequence_tokens,
+        sizing.micro_batch_rows,
+        describe(parts),
+        free / GIB,
+    )
     way = way_out(shape, config, sizing_of, free) if parts["peak"] > free else None
     record["verdict"] = check_fits(parts, free)
     if record["verdict"] == "does-not-fit":
@@ -322,12 +359,20 @@ def plan(config, device: str, precision, engine: str = "hf", tasks_manifest: dic
     if record["verdict"] == "may-not-fit":
         record["warnings"].append(
             f"the estimate ({describe(parts)}) is more than the {free / GIB:.1f} GiB free, though within its "
-            f"error; if it runs out of memory, use {way or 'a multi-GPU backend'}")
+            f"error; if it runs out of memory, use {way or 'a multi-GPU backend'}"
+        )
     return record
 
 
-def preflight(config, device: str, precision, engine: str = "hf", tasks_manifest: dict | None = None,
-              tokenizer=None, enforce: bool = True) -> dict:
+def preflight(
+    config,
+    device: str,
+    precision,
+    engine: str = "hf",
+    tasks_manifest: dict | None = None,
+    tokenizer=None,
+    enforce: bool = True,
+) -> dict:
     """`plan`, with its warnings logged; raises InsufficientMemory for a run that does not fit
     when `enforce` (--memory-check, the default). Without it, a failure to estimate is recorded,
     not raised: the user asked to run unchecked."""
@@ -361,15 +406,21 @@ def format_plan(record: dict) -> str:
     for k, v in parts.items():
         if k != "peak":
             lines.append(f"  {k:<13} {v / GIB:8.2f} GiB")
-    lines.append(f"  {'peak':<13} {parts['peak'] / GIB:8.2f} GiB   (available: {record['available_bytes'] / GIB:.1f} GiB)")
+    lines.append(
+        f"  {'peak':<13} {parts['peak'] / GIB:8.2f} GiB   (available: {record['available_bytes'] / GIB:.1f} GiB)"
+    )
     s = record["sized_from"]
-    lines.append(f"sized from: sequences of {s['sequence_tokens']} tokens, {s['micro_batch_rows']} a micro-batch "
-                 f"({s['micro_batch_tokens']} tokens), {s['logit_positions']} positions through the LM head, "
-                 f"attention kernel {s['attention']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
+    lines.append(
+        f"sized from: sequences of {s['sequence_tokens']} tokens, {s['micro_batch_rows']} a micro-batch "
+        f"({s['micro_batch_tokens']} tokens), {s['logit_positions']} positions through the LM head, "
+        f"attention kernel {s['attention']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+    )
     if s.get("data"):
         d = s["data"]
-        lines.append(f"  longest context {d['longest_context_tokens']} tokens + prompt format {d['prompt_overhead_tokens']} "
-                     f"(from {d['source']})")
+        lines.append(
+            f"  longest context {d['longest_context_tokens']} tokens + prompt format {d['prompt_overhead_tokens']} "
+            f"(from {d['source']})"
+        )
     for w in record["warnings"]:
         lines.append(f"warning: {w}")
     lines.append(f"verdict: {record['verdict']}")

@@ -96,8 +96,7 @@ def attention_kernel(device: str, dtype, heads: int, head_dim: int, implementati
         return "unknown"
     from torch.nn.attention import SDPBackend
 
-    names = {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient",
-             SDPBackend.MATH: "math"}
+    names = {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.MATH: "math"}
     if hasattr(SDPBackend, "CUDNN_ATTENTION"):
         names[SDPBackend.CUDNN_ATTENTION] = "cudnn"
     return next((name for b, name in names.items() if int(b) == int(choice)), "unknown")
@@ -167,5 +166,9 @@ class PeakMeter:
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"what": self.kind, "baseline_bytes": self.baseline, "peak_bytes": peak,
-                "rise_bytes": max(0, peak - self.baseline)}
+        return {
+            "what": self.kind,
+            "baseline_bytes": self.baseline,
+            "peak_bytes": peak,
+            "rise_bytes": max(0, peak - self.baseline),
+        }

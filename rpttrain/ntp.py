@@ -24,8 +24,17 @@ from rpttrain.prompts import build_prompt_ids, load_prompt_format
 class NextTokenObjective:
     """One step of next-token training (cross-entropy, or the shaped objective), by micro-batch."""
 
-    def __init__(self, config, model, tokenizer, sampler, precision: Precision, optimizer_step: Callable,
-                 totals: dict, n_params: int):
+    def __init__(
+        self,
+        config,
+        model,
+        tokenizer,
+        sampler,
+        precision: Precision,
+        optimizer_step: Callable,
+        totals: dict,
+        n_params: int,
+    ):
         self.config = config
         self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
         self.precision, self.optimizer_step, self.totals, self.n_params = precision, optimizer_step, totals, n_params
@@ -68,7 +77,9 @@ class NextTokenObjective:
             width = max(len(s) for s in seqs)
             keep = max(n for _, n in batch)  # trained positions are each sequence's last ones
             with self.precision.autocast():  # the loss upcasts the logits to float32
-                logits = last_positions_logits(self.model, seqs, k=keep + 1)[:, :-1]  # column j predicts token width-keep+j
+                logits = last_positions_logits(self.model, seqs, k=keep + 1)[
+                    :, :-1
+                ]  # column j predicts token width-keep+j
             targets = left_pad(seqs)[0][:, width - keep :]
             mask = torch.zeros(len(batch), keep, dtype=torch.bool)
             for i, (_, n) in enumerate(batch):

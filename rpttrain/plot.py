@@ -15,13 +15,20 @@ from pathlib import Path
 from rptdata.errors import MissingUpstream
 
 PANELS = {
-    "rpt": [("reward", ["reward_mean", "accuracy"]), ("completion length", ["completion_len_mean", "completion_len_max"]),
-            ("groups without signal", ["zero_variance_share"]),
-            ("collapse: agreement in a group", ["majority_share_mean", "wrong_consensus_share"]),
-            ("collapse: distinct predictions per group", ["distinct_predictions_mean"]),
-            ("seconds per step", ["rollout_s", "update_s"])],
-    "ntp": [("loss", ["loss"]), ("next-token accuracy", ["accuracy"]), ("entropy (nats)", ["entropy_mean"]),
-            ("seconds per step", ["update_s"])],
+    "rpt": [
+        ("reward", ["reward_mean", "accuracy"]),
+        ("completion length", ["completion_len_mean", "completion_len_max"]),
+        ("groups without signal", ["zero_variance_share"]),
+        ("collapse: agreement in a group", ["majority_share_mean", "wrong_consensus_share"]),
+        ("collapse: distinct predictions per group", ["distinct_predictions_mean"]),
+        ("seconds per step", ["rollout_s", "update_s"]),
+    ],
+    "ntp": [
+        ("loss", ["loss"]),
+        ("next-token accuracy", ["accuracy"]),
+        ("entropy (nats)", ["entropy_mean"]),
+        ("seconds per step", ["update_s"]),
+    ],
 }
 
 
@@ -49,12 +56,20 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         for key in keys:
             ys = [m.get(key) for m in metrics]
             if any(y is not None for y in ys):
-                ax.plot(steps, [float("nan") if y is None else y for y in ys], label=key, marker="." if len(steps) < 50 else None)
+                ax.plot(
+                    steps,
+                    [float("nan") if y is None else y for y in ys],
+                    label=key,
+                    marker="." if len(steps) < 50 else None,
+                )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{Path(run_dir).name}: {kind}, {metrics[-1].get('flops_total', 0):.3g} training FLOPs by step {steps[-1]}", fontsize=10)
+    fig.suptitle(
+        f"{Path(run_dir).name}: {kind}, {metrics[-1].get('flops_total', 0):.3g} training FLOPs by step {steps[-1]}",
+        fontsize=10,
+    )
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=110)

@@ -90,8 +90,11 @@ def run_probe(config: ProbeConfig) -> list[dict]:
     predicted = predicted_signal(tasks, config.samples)
     estimate = read_manifest(Path(config.tasks_dir), STAGE_TASKS).get("live_estimate") or {}
     if predicted is not None and estimate.get("temperature") not in (None, config.temperature):
-        log.warning("the tasks' live estimate is for temperature %s, this probe samples at %s",
-                    estimate["temperature"], config.temperature)
+        log.warning(
+            "the tasks' live estimate is for temperature %s, this probe samples at %s",
+            estimate["temperature"],
+            config.temperature,
+        )
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
     engine = make_engine(choose_engine(config.engine, device), model, tokenizer)
@@ -102,8 +105,16 @@ def run_probe(config: ProbeConfig) -> list[dict]:
             new_tokens = config.max_new_tokens if fmt.uses_chat else config.continuation_new_tokens
             prompts = [build_prompt_ids(fmt, t["context"], tokenizer, config.max_prompt_tokens) for t in tasks]
             t0 = time.time()
-            groups = engine.generate(prompts, Sampling(n=config.samples, temperature=config.temperature, max_new_tokens=new_tokens,
-                                                       seed=config.seed, stop_token_ids=stop_ids(tokenizer)))
+            groups = engine.generate(
+                prompts,
+                Sampling(
+                    n=config.samples,
+                    temperature=config.temperature,
+                    max_new_tokens=new_tokens,
+                    seed=config.seed,
+                    stop_token_ids=stop_ids(tokenizer),
+                ),
+            )
             seconds = time.time() - t0
             scored = GroupScorer(config.reward, fmt, tokenizer, model, config.max_prompt_tokens).score(tasks, groups)
             rewards, correct, boxed, lengths, truncated, examples = [], [], [], [], [], []
@@ -115,17 +126,33 @@ def run_probe(config: ProbeConfig) -> list[dict]:
                 lengths += [len(c.token_ids) for c in group]
                 truncated += [c.finish_reason == "length" for c in group]
                 if len(examples) < 2:
-                    examples.append({"continuation": task["continuation"], "completion": group[0].text, "prediction": preds[0], "reward": rs[0]})
+                    examples.append(
+                        {
+                            "continuation": task["continuation"],
+                            "completion": group[0].text,
+                            "prediction": preds[0],
+                            "reward": rs[0],
+                        }
+                    )
             r, ok = np.array(rewards), np.array(correct)
-            rows.append({
-                "template": name, "tasks": len(tasks), "samples": config.samples, "max_new_tokens": new_tokens,
-                "random_at_1": float(ok.mean()), f"pass_at_{config.samples}": float(ok.any(axis=1).mean()),
-                "reward_mean": float(r.mean()),
-                "boxed": float(np.mean(boxed)), "length_mean": float(np.mean(lengths)),
-                "truncated": float(np.mean(truncated)), "signal": float((r.max(axis=1) != r.min(axis=1)).mean()),
-                "predicted_signal": predicted,
-                "tokens_per_s": float(sum(lengths) / max(seconds, 1e-9)), "examples": examples,
-            })
+            rows.append(
+                {
+                    "template": name,
+                    "tasks": len(tasks),
+                    "samples": config.samples,
+                    "max_new_tokens": new_tokens,
+                    "random_at_1": float(ok.mean()),
+                    f"pass_at_{config.samples}": float(ok.any(axis=1).mean()),
+                    "reward_mean": float(r.mean()),
+                    "boxed": float(np.mean(boxed)),
+                    "length_mean": float(np.mean(lengths)),
+                    "truncated": float(np.mean(truncated)),
+                    "signal": float((r.max(axis=1) != r.min(axis=1)).mean()),
+                    "predicted_signal": predicted,
+                    "tokens_per_s": float(sum(lengths) / max(seconds, 1e-9)),
+                    "examples": examples,
+                }
+            )
     finally:
         engine.close()
     if config.out:
@@ -135,13 +162,16 @@ def run_probe(config: ProbeConfig) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     k = rows[0]["samples"] if rows else 8
-    head = (f"| template | tasks | new tokens | Random@1 | Pass@{k} | boxed | mean length | truncated | groups with signal "
-            "| predicted (proxy, continuation) |")
+    head = (
+        f"| template | tasks | new tokens | Random@1 | Pass@{k} | boxed | mean length | truncated | groups with signal "
+        "| predicted (proxy, continuation) |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['template']} | {r['tasks']} | {r['max_new_tokens']} | {100 * r['random_at_1']:.1f}% | {100 * r[f'pass_at_{k}']:.1f}% | "
             f"{100 * r['boxed']:.0f}% | {r['length_mean']:.1f} | {100 * r['truncated']:.0f}% | {100 * r['signal']:.0f}% | "
-            + ("—" if r.get("predicted_signal") is None else f"{100 * r['predicted_signal']:.0f}%") + " |"
+            + ("—" if r.get("predicted_signal") is None else f"{100 * r['predicted_signal']:.0f}%")
+            + " |"
         )
     return "\n".join(lines)

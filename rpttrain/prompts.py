@@ -85,8 +85,7 @@ class PromptFormat:
     def __post_init__(self) -> None:
         if self.uses_chat and (self.user_template is None or self.user_template.count(PLACEHOLDER) != 1):
             raise BadOption(
-                f"prompt format {self.name!r}: a chat format needs a user_template holding "
-                f"{PLACEHOLDER} exactly once"
+                f"prompt format {self.name!r}: a chat format needs a user_template holding {PLACEHOLDER} exactly once"
             )
 
 
@@ -148,8 +147,7 @@ def load_prompt_format(name_or_path: str) -> PromptFormat:
     n = template.count(PLACEHOLDER)
     if n != 1:
         raise BadOption(
-            f"prompt template file {path!r} must contain the placeholder {PLACEHOLDER} exactly once; "
-            f"found it {n} times"
+            f"prompt template file {path!r} must contain the placeholder {PLACEHOLDER} exactly once; found it {n} times"
         )
     return PromptFormat(_FILE_PREFIX + path, None, template, True, extract_prediction)
 

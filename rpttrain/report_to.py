@@ -42,8 +42,10 @@ def parse_report_to(value: str) -> tuple[str, ...]:
     names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
     bad = [n for n in names if n not in REPORTERS]
     if bad or not names:
-        raise BadOption(f"report_to: {', '.join(bad) or repr(value)} is not one of {', '.join(REPORTERS)} "
-                         "(a comma-separated list, e.g. tensorboard,wandb)")
+        raise BadOption(
+            f"report_to: {', '.join(bad) or repr(value)} is not one of {', '.join(REPORTERS)} "
+            "(a comma-separated list, e.g. tensorboard,wandb)"
+        )
     if "none" in names and len(names) > 1:
         raise BadOption(f"report_to: 'none' cannot be combined with other reporters ({value!r})")
     return tuple(dict.fromkeys(n for n in names if n != "none"))
@@ -120,8 +122,9 @@ class RunLoggers:
             import wandb
 
             columns = ["step", "context", "completion", "prediction", "target", "reward"]
-            self.wandb_run.log({"samples": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
-                               step=step)
+            self.wandb_run.log(
+                {"samples": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step
+            )
 
     def close(self) -> None:
         if self.tb is not None:
@@ -154,5 +157,11 @@ def _wandb_run(run_dir: Path, config: dict) -> Any:
     if not run_id:
         run_id = secrets.token_hex(4)
         write_text_atomic(id_file, run_id + "\n")
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "rpt"), name=run_dir.name, id=run_id, resume="allow",
-                      dir=os.environ.get("WANDB_DIR", str(run_dir)), config=config)
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "rpt"),
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=os.environ.get("WANDB_DIR", str(run_dir)),
+        config=config,
+    )

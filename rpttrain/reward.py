@@ -251,8 +251,9 @@ def dense_reward(first_id: int | None, target_id: int, first_prob: float | None)
     return float(first_prob)
 
 
-def conditional_dense_rewards(first_ids: Sequence[int | None], target_id: int,
-                              first_probs: Sequence[float | None], fallback: float = 0.0) -> list[float]:
+def conditional_dense_rewards(
+    first_ids: Sequence[int | None], target_id: int, first_probs: Sequence[float | None], fallback: float = 0.0
+) -> list[float]:
     """App. A's conditional dense reward for one group of G rollouts of the same context.
 
     The paper: "The dense reward (1 for correct, P(y_t^i | x_<t; theta) for incorrect) is used as
@@ -274,9 +275,15 @@ def conditional_dense_rewards(first_ids: Sequence[int | None], target_id: int,
     return [dense_reward(i, target_id, p) for i, p in zip(first_ids, first_probs)]
 
 
-def score_group(reward: str, predictions: Sequence[str | None], continuation: str, boundaries: Sequence[int],
-                first_ids: Sequence[int | None] | None = None, target_id: int | None = None,
-                first_probs: Sequence[float | None] | None = None) -> tuple[list[float], list[bool]]:
+def score_group(
+    reward: str,
+    predictions: Sequence[str | None],
+    continuation: str,
+    boundaries: Sequence[int],
+    first_ids: Sequence[int | None] | None = None,
+    target_id: int | None = None,
+    first_probs: Sequence[float | None] | None = None,
+) -> tuple[list[float], list[bool]]:
     """Rewards and correct flags of one group of predictions of the same context.
 
     String rewards (prefix, first-token): correct means a reward of 1.0. Dense rewards: correct

@@ -105,7 +105,9 @@ def fit_scaling(compute: Sequence[float], accuracy: Sequence[float]) -> tuple[fl
     keep = np.isfinite(c) & np.isfinite(y) & (c > 0)
     c, y = c[keep], y[keep]
     if len(c) < MIN_POINTS:
-        raise NoFit(f"not enough points: {len(c)} with compute > 0 for {N_PARAMS} parameters (need at least {MIN_POINTS})")
+        raise NoFit(
+            f"not enough points: {len(c)} with compute > 0 for {N_PARAMS} parameters (need at least {MIN_POINTS})"
+        )
     c0 = float(c.min())
     x = c / c0
 
@@ -199,15 +201,28 @@ def plot_scaling(report: dict, path):
         for bi, band in enumerate(bands):
             ax = axes[mi][bi]
             for run, color in zip(runs, colors):
-                mine = [r for r in rows if r["run"] == run and r["mode"] == mode and r["bands"][band]["accuracy"] is not None]
-                pts = sorted((r["compute"], 100 * r["bands"][band]["accuracy"]) for r in mine if r["compute"] and r["compute"] > 0)
+                mine = [
+                    r
+                    for r in rows
+                    if r["run"] == run and r["mode"] == mode and r["bands"][band]["accuracy"] is not None
+                ]
+                pts = sorted(
+                    (r["compute"], 100 * r["bands"][band]["accuracy"])
+                    for r in mine
+                    if r["compute"] and r["compute"] > 0
+                )
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, linewidth=1, label=run)
                 f = fits.get((run, mode, band))
                 if f and f["status"] == "ok" and pts:
                     xs = np.logspace(np.log10(pts[0][0]), np.log10(pts[-1][0]), 100)
-                    ax.plot(xs, 100 * scaling_law(xs, f["A"], f["alpha"], f["p_star"]), "--", color=color,
-                            label=f"{run} fit R²={f['r2']:.3f}")
+                    ax.plot(
+                        xs,
+                        100 * scaling_law(xs, f["A"], f["alpha"], f["p_star"]),
+                        "--",
+                        color=color,
+                        label=f"{run} fit R²={f['r2']:.3f}",
+                    )
                 elif f and pts:  # say why there is no curve, in this panel's legend
                     ax.plot([], [], " ", label=f"{run}: {f['status']}")
                     no_fit_panels.add((mi, bi))
@@ -216,8 +231,14 @@ def plot_scaling(report: dict, path):
                 ax.axhline(value, color=color, linestyle=":", linewidth=1, label=f"step 0 ({', '.join(names)})")
             if any(r["compute"] and r["compute"] > 0 for r in rows):
                 ax.set_xscale("log")
-            top = max([100 * r["bands"][band]["accuracy"] for r in rows
-                       if r["mode"] == mode and r["bands"][band]["accuracy"] is not None] or [0.0])
+            top = max(
+                [
+                    100 * r["bands"][band]["accuracy"]
+                    for r in rows
+                    if r["mode"] == mode and r["bands"][band]["accuracy"] is not None
+                ]
+                or [0.0]
+            )
             ax.set_ylim(0, max(5.0, 1.15 * top))
             ax.set_title(f"{mode} · {band} (H>{float(report['bands'][band])})", fontsize=10)
             ax.set_xlabel("training compute (FLOPs)")

@@ -52,7 +52,11 @@ from rptdata.io import (
 from rptdata.stage import claim_run_dir
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
 from rpttrain.checkpoint import (
-    list_checkpoints, load_master_weights, load_trainer_state, save_checkpoint, verify_checkpoint,
+    list_checkpoints,
+    load_master_weights,
+    load_trainer_state,
+    save_checkpoint,
+    verify_checkpoint,
 )
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
 from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, live_estimate_mismatch, trained_on_record
@@ -66,8 +70,18 @@ log = logging.getLogger(__name__)
 DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
 PREFLIGHT = "preflight.json"  # the memory estimate, what it was sized from, and the measured peak
 # what `rpt train` writes under its run directory (removed by --overwrite; nothing else is)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", WANDB_DIR, "summary.json", "config.yaml", TRAINED_ON,
-               DATA_CACHE, PREFLIGHT)
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "tb",
+    WANDB_DIR,
+    "summary.json",
+    "config.yaml",
+    TRAINED_ON,
+    DATA_CACHE,
+    PREFLIGHT,
+)
 
 
 class TrainingDiverged(RptError):
@@ -96,8 +110,9 @@ class Trainer:
         engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
         self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
         self._check_tokenizer()
-        return preflight(c, self.device, self.precision, engine or "hf", self.tasks_manifest, self.tokenizer,
-                         enforce=enforce)
+        return preflight(
+            c, self.device, self.precision, engine or "hf", self.tasks_manifest, self.tokenizer, enforce=enforce
+        )
 
     def setup(self, resume: bool, overwrite: bool) -> None:
         from rpttrain.memory_probe import PeakMeter
@@ -140,12 +155,24 @@ class Trainer:
         else:
             source = TaskRows(c.tasks_dir, cache)
         self.sampler = EpochSampler(source, c.seed, **cursor)
-        common = dict(model=self.model, tokenizer=self.tokenizer, sampler=self.sampler, precision=self.precision,
-                      optimizer_step=self._optimizer_step, totals=self.totals, n_params=self.n_params)
+        common = dict(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            sampler=self.sampler,
+            precision=self.precision,
+            optimizer_step=self._optimizer_step,
+            totals=self.totals,
+            n_params=self.n_params,
+        )
         if c.objective == "rpt":
             rollout_engine = build_engine(c, engine, self.model, self.tokenizer, self.precision, start_from)
-            self.objective = GRPOObjective(c, engine=rollout_engine, samples_path=self.run_dir / "samples.jsonl",
-                                           ref_model=self._reference_model(), **common)
+            self.objective = GRPOObjective(
+                c,
+                engine=rollout_engine,
+                samples_path=self.run_dir / "samples.jsonl",
+                ref_model=self._reference_model(),
+                **common,
+            )
         else:
             self.objective = NextTokenObjective(c, **common)
         self.loggers = open_loggers(c.report_to, self.run_dir, asdict(c))  # tensorboard, wandb (--report-to)
@@ -157,14 +184,23 @@ class Trainer:
         and trained_on.json. Returns the complete checkpoints to resume from."""
         c = self.config
         identity = {"train": c.identity(), "tasks": self.tasks_manifest.get("fingerprint")}
-        status = claim_run_dir(self.run_dir, STAGE_TRAIN, identity, own=RUN_OUTPUTS, overwrite=overwrite, resume=resume,
-                               progress=("checkpoints/step-*/state.json",))
+        status = claim_run_dir(
+            self.run_dir,
+            STAGE_TRAIN,
+            identity,
+            own=RUN_OUTPUTS,
+            overwrite=overwrite,
+            resume=resume,
+            progress=("checkpoints/step-*/state.json",),
+        )
         if status == "new":  # lines of a run that died before its first checkpoint are redone
             for name in ("metrics.jsonl", "samples.jsonl"):
                 (self.run_dir / name).unlink(missing_ok=True)
         _write_yaml(self.run_dir / "config.yaml", asdict(c))
         # what this run trains on, for `rpt eval`'s held-out check
-        write_json_atomic(self.run_dir / TRAINED_ON, trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest))
+        write_json_atomic(
+            self.run_dir / TRAINED_ON, trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest)
+        )
         return list_checkpoints(self.run_dir) if status == "resume" else []
 
     def _load_model(self, start_from: Path | None) -> None:
@@ -222,7 +258,9 @@ class Trainer:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, self._on_signal)
-        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not c.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=c.steps, initial=self.step, desc="train", unit="step", disable=not c.progress, dynamic_ncols=True
+        )
         stopped_by = None
         try:
             while self.step < c.steps:
@@ -233,7 +271,9 @@ class Trainer:
                 faults.hit("train-step")
                 bar.update(1)
                 if "reward_mean" in metrics:
-                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}")
+                    bar.set_postfix(
+                        reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}"
+                    )
                 else:
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
                 bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
@@ -278,10 +318,20 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(
-            self.run_dir, self.step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-            {"cursor": self.sampler.cursor(), "totals": self.totals, "n_params": self.n_params,
-             "precision": self.precision.describe()},
-            keep=self.config.keep_checkpoints, hf_dtype=self.precision.compute,
+            self.run_dir,
+            self.step,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            {
+                "cursor": self.sampler.cursor(),
+                "totals": self.totals,
+                "n_params": self.n_params,
+                "precision": self.precision.describe(),
+            },
+            keep=self.config.keep_checkpoints,
+            hf_dtype=self.precision.compute,
         )
 
 
@@ -290,8 +340,10 @@ def memory_dry_run(config: TrainConfig, backend: str = "rpt", processes: int = 1
     from rpttrain.backends import BackendOptionError
 
     if backend == "verl" or processes > 1:
-        raise BackendOptionError("--dry-run sizes one process on one device (--backend rpt, or trl with one "
-                                 "process); verl and multi-process trl shard the run across their workers")
+        raise BackendOptionError(
+            "--dry-run sizes one process on one device (--backend rpt, or trl with one "
+            "process); verl and multi-process trl shard the run across their workers"
+        )
     record = Trainer(config).memory_plan(enforce=False)
     if backend == "trl":
         record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
@@ -315,8 +367,12 @@ def record_measured_peak(path: Path, record: dict, meter) -> None:
         measured["estimate_over_measured"] = round(peak / measured["rise_bytes"], 3)
     record["measured"] = measured
     write_json_atomic(path, record)
-    log.info("memory: measured peak rise %.2f GiB (%s)%s", measured["rise_bytes"] / 2**30, measured["what"],
-             f", estimate / measured {measured['estimate_over_measured']}" if "estimate_over_measured" in measured else "")
+    log.info(
+        "memory: measured peak rise %.2f GiB (%s)%s",
+        measured["rise_bytes"] / 2**30,
+        measured["what"],
+        f", estimate / measured {measured['estimate_over_measured']}" if "estimate_over_measured" in measured else "",
+    )
 
 
 def _write_yaml(path: Path, data: dict) -> None:

@@ -41,8 +41,12 @@ def tiny_bpe_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
-    corpus = ["The quick brown fox jumps over the lazy dog. 1234567890 "] * 50 + ["héllo wörld 世界 🎉 naïve café\r\n"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
+    corpus = ["The quick brown fox jumps over the lazy dog. 1234567890 "] * 50 + [
+        "héllo wörld 世界 🎉 naïve café\r\n"
+    ] * 20
     tok.train_from_iterator(corpus, trainer)
     folder = tmp_path_factory.mktemp("tiny_bpe")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(folder)

@@ -21,9 +21,17 @@ def tiny_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     tok = load_tokenizer(str(tokenizer_dir))
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(folder)
@@ -40,8 +48,14 @@ def boundaries_of(tokenizer, text: str) -> list[int]:
     return out
 
 
-def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]], eval_pairs: list[tuple[str, str]] = (),
-                    entropies: list[float] | None = None, prepared_dir: str | None = None) -> Path:
+def write_tasks_dir(
+    out: Path,
+    tokenizer_dir: str,
+    pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]] = (),
+    entropies: list[float] | None = None,
+    prepared_dir: str | None = None,
+) -> Path:
     """A finished make-tasks directory holding (context, continuation) tasks."""
     tok = load_tokenizer(tokenizer_dir)
     stage = StageDir(out, STAGE, ["train", "eval"])
@@ -51,18 +65,32 @@ def write_tasks_dir(out: Path, tokenizer_dir: str, pairs: list[tuple[str, str]],
         for i, (ctx, cont) in enumerate(items):
             ent = entropies[i % len(entropies)] if entropies else 2.0
             band = "hard" if ent > 1.5 else "medium" if ent > 1.0 else "easy" if ent > 0.5 else "other"
-            rows.append({
-                "task_id": f"{split}-doc{i}@1", "doc_id": f"{split}-doc{i}", "pos": 1, "context": ctx, "continuation": cont,
-                "boundaries": boundaries_of(tok, cont), "entropy": ent, "band": band,
-                "target_id": tok(cont, add_special_tokens=False)["input_ids"][0],
-                "context_tokens": len(tok(ctx, add_special_tokens=False)["input_ids"]),
-                "target_logprob": -1.0, "target_rank": 1,
-            })
+            rows.append(
+                {
+                    "task_id": f"{split}-doc{i}@1",
+                    "doc_id": f"{split}-doc{i}",
+                    "pos": 1,
+                    "context": ctx,
+                    "continuation": cont,
+                    "boundaries": boundaries_of(tok, cont),
+                    "entropy": ent,
+                    "band": band,
+                    "target_id": tok(cont, add_special_tokens=False)["input_ids"][0],
+                    "context_tokens": len(tok(ctx, add_special_tokens=False)["input_ids"]),
+                    "target_logprob": -1.0,
+                    "target_rank": 1,
+                }
+            )
         table = pa.Table.from_pylist(rows, schema=TASKS_SCHEMA) if rows else TASKS_SCHEMA.empty_table()
         stage.write_shard(split, 0, table, {"tasks": len(rows)})
-    stage.finish({"tokenizer": {"name": "tiny", "spec": tokenizer_dir, "vocab_hash": vocab_hash(tok)},
-                  "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"}, "prepared_dir": prepared_dir,
-                  "counts": {"tasks": {"train": len(pairs), "eval": len(eval_pairs)}}})
+    stage.finish(
+        {
+            "tokenizer": {"name": "tiny", "spec": tokenizer_dir, "vocab_hash": vocab_hash(tok)},
+            "split": {"seed": 0, "eval_fraction": 0.5, "hash": "sha256"},
+            "prepared_dir": prepared_dir,
+            "counts": {"tasks": {"train": len(pairs), "eval": len(eval_pairs)}},
+        }
+    )
     return out
 
 

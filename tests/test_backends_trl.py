@@ -24,8 +24,12 @@ from tests.rpt_fixtures import write_tasks_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # short prompts whose one-token continuation SmolLM2 gets sometimes right at T = 1: mixed groups
-PAIRS = [("1, 2, 3, 4, 5,", " 6"), ("The capital of France is", " Paris"), ("Monday, Tuesday,", " Wednesday"),
-         ("She opened the", " door")]
+PAIRS = [
+    ("1, 2, 3, 4, 5,", " 6"),
+    ("The capital of France is", " Paris"),
+    ("Monday, Tuesday,", " Wednesday"),
+    ("She opened the", " door"),
+]
 
 
 def test_doctests():
@@ -40,7 +44,9 @@ def test_unhonoured_options_are_refused_by_name():
     assert unsupported_options(config, "trl") == ["objective", "dynamic_sampling_rounds", "max_bad_steps"]
     assert unsupported_options(config, "verl") == ["objective", "dynamic_sampling_rounds", "max_bad_steps"]
     assert unsupported_options(TrainConfig("t", "o", sample_every=3, compute_budget=1e9), "verl") == [
-        "sample_every", "compute_budget"]
+        "sample_every",
+        "compute_budget",
+    ]
     assert unsupported_options(TrainConfig("t", "o", sample_every=3, compute_budget=1e9), "trl") == []
     with pytest.raises(BackendOptionError, match=r"max_bad_steps \(--max-bad-steps=3\)"):
         check_backend(config, "trl")
@@ -70,10 +76,26 @@ def test_accelerate_config_and_launch_script(tmp_path):
 
 def _config(tmp_path: Path, **over) -> TrainConfig:
     tasks = write_tasks_dir(tmp_path / "tasks", "smollm2-135m", PAIRS)
-    options = dict(model="smollm2-135m", steps=2, batch_size=2, group_size=4, temperature=1.0, max_new_tokens=1,
-                   max_prompt_tokens=32, prompt_template="continuation", micro_batch_tokens=4096, save_every=1,
-                   keep_checkpoints=3, dynamic_sampling_from=0, lr=1e-4, grad_clip=1.0, weight_decay=0.0,
-                   sample_every=1, device="cpu", progress=False)
+    options = dict(
+        model="smollm2-135m",
+        steps=2,
+        batch_size=2,
+        group_size=4,
+        temperature=1.0,
+        max_new_tokens=1,
+        max_prompt_tokens=32,
+        prompt_template="continuation",
+        micro_batch_tokens=4096,
+        save_every=1,
+        keep_checkpoints=3,
+        dynamic_sampling_from=0,
+        lr=1e-4,
+        grad_clip=1.0,
+        weight_decay=0.0,
+        sample_every=1,
+        device="cpu",
+        progress=False,
+    )
     return TrainConfig(str(tasks), str(tmp_path / "run"), **{**options, **over})
 
 
@@ -95,8 +117,13 @@ def test_trl_trains_is_killed_and_resumes_from_its_checkpoint(tmp_path):
     run = prepare_run(config, resume=False, overwrite=False)
     # the entry point `accelerate launch` runs in every process; killed once step 1 is checkpointed
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "rpttrain.backends.trl", str(run)], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "rpttrain.backends.trl", str(run)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 900
     while not list_checkpoints(run) and child.poll() is None and time.time() < deadline:
         time.sleep(1)

@@ -61,14 +61,37 @@ def test_weight_function():
     assert torch.isfinite(algos.ntp_weight(torch.tensor([1.0]), -0.25)).all()
 
 
-PAIRS = [("The quick brown", " fox"), ("jumps over the", " lazy"), ("The lazy", " dog"), ("12345", "6"),
-         ("héllo", " wörld"), ("naïve", " café"), ("quick brown fox", " jumps"), ("over the lazy", " dog")]
+PAIRS = [
+    ("The quick brown", " fox"),
+    ("jumps over the", " lazy"),
+    ("The lazy", " dog"),
+    ("12345", "6"),
+    ("héllo", " wörld"),
+    ("naïve", " café"),
+    ("quick brown fox", " jumps"),
+    ("over the lazy", " dog"),
+]
 
 
 def baseline_config(model, tasks, out, **over):
-    base = dict(tasks_dir=str(tasks), out=str(out), model=str(model), objective="ntp", ntp_positions="tasks", steps=2,
-                batch_size=8, lr=1e-2, grad_clip=1.0, max_prompt_tokens=32, micro_batch_tokens=256, save_every=100,
-                sample_every=0, progress=False, device="cpu", seed=0)
+    base = dict(
+        tasks_dir=str(tasks),
+        out=str(out),
+        model=str(model),
+        objective="ntp",
+        ntp_positions="tasks",
+        steps=2,
+        batch_size=8,
+        lr=1e-2,
+        grad_clip=1.0,
+        max_prompt_tokens=32,
+        micro_batch_tokens=256,
+        save_every=100,
+        sample_every=0,
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
     base.update(over)
     return TrainConfig(**base)
 
@@ -94,8 +117,11 @@ def test_negative_beta_sharpens_relative_to_positive_beta(tmp_path, tiny_bpe_dir
     ents = {}
     for beta in (-0.25, 0.5):
         out = tmp_path / f"run{beta}"
-        run_train(baseline_config(model, tasks, out, objective="shaped-ntp", beta=beta, lambda_tail=0.0, steps=15,
-                                  save_every=15, lr=3e-3))
+        run_train(
+            baseline_config(
+                model, tasks, out, objective="shaped-ntp", beta=beta, lambda_tail=0.0, steps=15, save_every=15, lr=3e-3
+            )
+        )
         ents[beta] = mean_entropy(list_checkpoints(out)[-1], tiny_bpe_dir)
     assert ents[-0.25] < ents[0.5], ents
 
@@ -112,9 +138,20 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
     assert steps[1]["flops_total"] == steps[0]["flops"] + steps[1]["flops"] == summary["totals"]["flops"]
     # GRPO: 6N per update token + 2N per rollout token, logged the same way (the two-pass step;
     # the fused one-token step runs no rollout forward: tests/test_train.py)
-    run_train(TrainConfig(**{**baseline_config(model, tasks, tmp_path / "rpt").__dict__, "objective": "rpt",
-                             "prompt_template": "continuation", "max_new_tokens": 1, "group_size": 4, "temperature": 1.0,
-                             "dynamic_sampling_from": -1, "fused_one_token": False}))
+    run_train(
+        TrainConfig(
+            **{
+                **baseline_config(model, tasks, tmp_path / "rpt").__dict__,
+                "objective": "rpt",
+                "prompt_template": "continuation",
+                "max_new_tokens": 1,
+                "group_size": 4,
+                "temperature": 1.0,
+                "dynamic_sampling_from": -1,
+                "fused_one_token": False,
+            }
+        )
+    )
     rpt_steps = [json.loads(x) for x in (tmp_path / "rpt" / "metrics.jsonl").read_text().splitlines()]
     assert rpt_steps[0]["flops"] > 0 and rpt_steps[0]["flops_total"] == rpt_steps[0]["flops"]
     for m in rpt_steps:
@@ -134,10 +171,16 @@ def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_j
     from rptdata.tasks.taskdef import split_of
 
     src = write_jsonl("c.jsonl", [{"text": f"The quick brown fox {i} jumps over the lazy dog."} for i in range(12)])
-    run_prepare(PrepareConfig(inputs=(str(src),), out=str(tmp_path / "prep"), tokenizer=str(tiny_bpe_dir), progress=False))
+    run_prepare(
+        PrepareConfig(inputs=(str(src),), out=str(tmp_path / "prep"), tokenizer=str(tiny_bpe_dir), progress=False)
+    )
     tasks = write_tasks_dir(tmp_path / "t", str(tiny_bpe_dir), PAIRS, prepared_dir=str(tmp_path / "prep"))
     model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
-    run_train(baseline_config(model, tasks, tmp_path / "run", ntp_positions="all", batch_size=4, max_prompt_tokens=16, steps=2))
+    run_train(
+        baseline_config(
+            model, tasks, tmp_path / "run", ntp_positions="all", batch_size=4, max_prompt_tokens=16, steps=2
+        )
+    )
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["positions"] > 4 for m in steps)  # many positions per window, not one per task
     # the windows come from the training documents only (the tasks' split rule), none held out
@@ -153,7 +196,8 @@ def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_j
     chunks = windows.take(range(len(windows)))
     assert len(chunks) == sum(len(range(0, d["n_tokens"] - 1, 16)) for d in train_docs)
     assert sorted(map(tuple, (c.tolist() for c in chunks))) == sorted(
-        tuple(d["token_ids"][s : s + 17]) for d in train_docs for s in range(0, d["n_tokens"] - 1, 16))
+        tuple(d["token_ids"][s : s + 17]) for d in train_docs for s in range(0, d["n_tokens"] - 1, 16)
+    )
 
 
 def test_rollout_compute_is_the_tokens_the_model_actually_ran(tmp_path, tiny_bpe_dir):
@@ -166,8 +210,10 @@ def test_rollout_compute_is_the_tokens_the_model_actually_ran(tmp_path, tiny_bpe
     model.get_input_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0].numel()))
     engine = make_engine("hf", model, load_tokenizer(str(tiny_bpe_dir)))
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]  # equal lengths: no padding to count
-    for sampling in (Sampling(n=4, temperature=1.0, max_new_tokens=1, seed=1),
-                     Sampling(n=4, temperature=1.0, max_new_tokens=3, seed=1)):
+    for sampling in (
+        Sampling(n=4, temperature=1.0, max_new_tokens=1, seed=1),
+        Sampling(n=4, temperature=1.0, max_new_tokens=3, seed=1),
+    ):
         seen.clear()
         groups = engine.generate(prompts, sampling)
         assert all(len(c.token_ids) == sampling.max_new_tokens for g in groups for c in g)  # no early stop

@@ -41,7 +41,13 @@ def test_metrics_means_and_empty():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.one_of(st.none(), st.sampled_from([" a", " b", " c", "é"])), st.booleans()), min_size=1, max_size=16))
+@given(
+    st.lists(
+        st.tuples(st.one_of(st.none(), st.sampled_from([" a", " b", " c", "é"])), st.booleans()),
+        min_size=1,
+        max_size=16,
+    )
+)
 def test_properties(group):
     preds = [p for p, _ in group]
     # a prediction's correctness is a property of the prediction: make the flags consistent

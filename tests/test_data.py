@@ -112,8 +112,14 @@ def test_trained_on_record_names_the_source_train_reads(tmp_path, monkeypatch):
         ("ntp", "tasks", "task-rows", "train-split-tasks"),
     ):
         record = trained_on_record(objective, positions, tmp_path / "tasks", manifest)
-        assert record == {"objective": objective, "source": source, "tasks_dir": str((tmp_path / "tasks").resolve()),
-                          "tasks_fingerprint": "f00d", "split_rule": rule, "documents": documents}
+        assert record == {
+            "objective": objective,
+            "source": source,
+            "tasks_dir": str((tmp_path / "tasks").resolve()),
+            "tasks_fingerprint": "f00d",
+            "split_rule": rule,
+            "documents": documents,
+        }
     # a relative tasks_dir is recorded absolute, so eval finds it from anywhere
     monkeypatch.chdir(tmp_path)
     assert trained_on_record("rpt", "all", "tasks", manifest)["tasks_dir"] == str((tmp_path / "tasks").resolve())

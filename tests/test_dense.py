@@ -25,8 +25,16 @@ from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
-PAIRS = [("The quick brown", " fox"), ("jumps over the", " lazy"), ("The lazy", " dog"), ("12345", "6"),
-         ("héllo", " wörld"), ("naïve", " café"), ("quick brown fox", " jumps"), ("over the lazy", " dog")]
+PAIRS = [
+    ("The quick brown", " fox"),
+    ("jumps over the", " lazy"),
+    ("The lazy", " dog"),
+    ("12345", "6"),
+    ("héllo", " wörld"),
+    ("naïve", " café"),
+    ("quick brown fox", " jumps"),
+    ("over the lazy", " dog"),
+]
 EVAL_PAIRS = [("The brown", " fox"), ("a lazy", " dog"), ("1234", "5"), ("fox jumps", " over")]
 
 
@@ -34,7 +42,9 @@ EVAL_PAIRS = [("The brown", " fox"), ("a lazy", " dog"), ("1234", "5"), ("fox ju
 def tiny(tmp_path_factory, tiny_bpe_dir):
     root = tmp_path_factory.mktemp("dense")
     model = tiny_llama(root / "model", tiny_bpe_dir)
-    tasks = write_tasks_dir(root / "tasks", str(tiny_bpe_dir), PAIRS, eval_pairs=EVAL_PAIRS, entropies=[0.3, 0.8, 1.2, 2.0])
+    tasks = write_tasks_dir(
+        root / "tasks", str(tiny_bpe_dir), PAIRS, eval_pairs=EVAL_PAIRS, entropies=[0.3, 0.8, 1.2, 2.0]
+    )
     return model, tasks
 
 
@@ -88,8 +98,12 @@ def test_boxed_formats_take_y0_from_the_extracted_text(tiny):
             self.text, self.token_ids = text, [1, 2]
 
     sg = GroupScorer("dense", load_prompt_format("v0"), tok, model, 64).score(
-        [task], [[C("so \\boxed{ fox}"), C("\\boxed{ lazy}"), C("no box")]])[0]
-    fox, lazy = tok(" fox", add_special_tokens=False)["input_ids"][0], tok(" lazy", add_special_tokens=False)["input_ids"][0]
+        [task], [[C("so \\boxed{ fox}"), C("\\boxed{ lazy}"), C("no box")]]
+    )[0]
+    fox, lazy = (
+        tok(" fox", add_special_tokens=False)["input_ids"][0],
+        tok(" lazy", add_special_tokens=False)["input_ids"][0],
+    )
     assert sg.first_ids == [fox, lazy, None] and sg.correct == [True, False, False]
     assert sg.rewards == [1.0, pytest.approx(float(_probs(model, tok, task["context"])[lazy]), rel=1e-4), 0.0]
 
@@ -100,10 +114,30 @@ def test_train_logs_dense_rewards_and_the_collapse_monitor(tiny, tmp_path, fused
 
     model, tasks = tiny
     out = tmp_path / "run"
-    run_train(TrainConfig(tasks_dir=str(tasks), out=str(out), model=str(model), steps=2, batch_size=4, group_size=4,
-                          temperature=1.5, max_new_tokens=1, max_prompt_tokens=32, prompt_template="continuation",
-                          reward="dense", lr=1e-2, micro_batch_tokens=256, save_every=2, sample_every=0, progress=False,
-                          device="cpu", dynamic_sampling_from=-1, fused_one_token=fused, seed=1))
+    run_train(
+        TrainConfig(
+            tasks_dir=str(tasks),
+            out=str(out),
+            model=str(model),
+            steps=2,
+            batch_size=4,
+            group_size=4,
+            temperature=1.5,
+            max_new_tokens=1,
+            max_prompt_tokens=32,
+            prompt_template="continuation",
+            reward="dense",
+            lr=1e-2,
+            micro_batch_tokens=256,
+            save_every=2,
+            sample_every=0,
+            progress=False,
+            device="cpu",
+            dynamic_sampling_from=-1,
+            fused_one_token=fused,
+            seed=1,
+        )
+    )
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         assert set(COLLAPSE_KEYS) <= set(m)
@@ -123,9 +157,21 @@ def test_eval_reports_dense_rewards_and_collapse_per_band(tiny, tmp_path):
     from rpttrain.eval.markdown import format_report_md
 
     model_dir, tasks = tiny
-    report = run_eval(EvalConfig(tasks_dir=str(tasks), models=(str(model_dir),), out=str(tmp_path / "rep"), device="cpu",
-                                 mode="both", prompt_template="continuation", samples=6, temperature=1.5, reward="dense",
-                                 batch_size=4, progress=False))
+    report = run_eval(
+        EvalConfig(
+            tasks_dir=str(tasks),
+            models=(str(model_dir),),
+            out=str(tmp_path / "rep"),
+            device="cpu",
+            mode="both",
+            prompt_template="continuation",
+            samples=6,
+            temperature=1.5,
+            reward="dense",
+            batch_size=4,
+            progress=False,
+        )
+    )
     ntp, reasoning = report["rows"]
     rows = pq.read_table(tmp_path / "rep" / "predictions.parquet").to_pylist()
     tok, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir), dtype="float32", device="cpu")
@@ -134,7 +180,11 @@ def test_eval_reports_dense_rewards_and_collapse_per_band(tiny, tmp_path):
         t = tasks_by_id[r["task_id"]]
         p = _probs(model, tok, t["context"])
         # y[0] is the token the model produced (ntp: the argmax), which re-tokenizing its text need not give back
-        ids = [int(p.argmax())] if r["mode"] == "ntp" else [i for i in range(len(p)) if tok.decode([i]) == r["prediction"]]
+        ids = (
+            [int(p.argmax())]
+            if r["mode"] == "ntp"
+            else [i for i in range(len(p)) if tok.decode([i]) == r["prediction"]]
+        )
         expected = [1.0 if i == t["target_id"] else float(p[i]) for i in ids]
         assert any(r["reward"] == pytest.approx(e, rel=1e-4) for e in expected), (r, expected)
     assert ntp.get("collapse") is None and set(reasoning["collapse"]) == {"easy", "medium", "hard", "all"}
@@ -156,8 +206,23 @@ def test_backends_refuse_the_dense_rewards_by_name(tiny, tmp_path):
     check_backend(TrainConfig("t", "o", reward="first-token"), "trl")
     model, tasks = tiny
     rpt = Path(sys.executable).parent / "rpt"
-    r = subprocess.run([str(rpt), "train", str(tasks), "--out", str(tmp_path / "v"), "--model", str(model), "--backend", "verl",
-                        "--reward", "conditional-dense"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(rpt),
+            "train",
+            str(tasks),
+            "--out",
+            str(tmp_path / "v"),
+            "--model",
+            str(model),
+            "--backend",
+            "verl",
+            "--reward",
+            "conditional-dense",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "cannot honour --reward conditional-dense" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
 
@@ -166,10 +231,18 @@ def test_probe_scores_with_the_dense_reward(tiny):
     from rpttrain.probe import ProbeConfig, run_probe
 
     model, tasks = tiny
-    common = dict(tasks_dir=str(tasks), model=str(model), templates=("continuation",), samples=6, tasks=8,
-                  temperature=1.5, device="cpu", max_prompt_tokens=32)
-    dense, = run_probe(ProbeConfig(reward="dense", **common))
-    prefix, = run_probe(ProbeConfig(reward="prefix", **common))
+    common = dict(
+        tasks_dir=str(tasks),
+        model=str(model),
+        templates=("continuation",),
+        samples=6,
+        tasks=8,
+        temperature=1.5,
+        device="cpu",
+        max_prompt_tokens=32,
+    )
+    (dense,) = run_probe(ProbeConfig(reward="dense", **common))
+    (prefix,) = run_probe(ProbeConfig(reward="prefix", **common))
     # the same samples (seeded): the same right share; dense adds the wrong ones' probabilities
     assert dense["random_at_1"] == prefix["random_at_1"] == prefix["reward_mean"]
     assert dense["reward_mean"] > dense["random_at_1"]

@@ -34,36 +34,21 @@ ORDER = ["README.md", "eval.md", "compare.md", "ablations.md", "ray.md", "score-
 
 # the GPU recipe, a 14B or 1.5B hub model, several nodes or GPUs: not here (no GPU, no network)
 NOT_RUN = {
-    "rpt score-entropy out/prep --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --out out/scored":
-        "network: the paper's proxy from the hub (and a GPU)",
-    "torchrun --nnodes 4 --nproc-per-node 16 $(which rpt) prepare 'data/*.jsonl' --out out/prep":
-        "4 nodes x 16 processes",
-    "torchrun --nproc-per-node 8 $(which rpt) score-entropy out/prep --out out/scored --engine hf --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B":
-        "8 GPUs and the hub model",
-    "torchrun --nproc-per-node 8 $(which rpt) score-entropy out/prep --out out/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --engine hf":
-        "8 GPUs and the hub model",
-    "CUDA_VISIBLE_DEVICES=$i rpt score-entropy out/prep --out out/scored --engine vllm --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --num-workers 4 --worker-index $i &":
-        "vLLM on 4 GPUs, the hub model",
-    "rpt train out/tasks --out out/run --config configs/paper.yaml":
-        "the paper's recipe: vLLM rollouts of 4096-token prompts on a GPU",
-    "rpt train out/tasks --out out/run-trl --backend trl --config configs/paper.yaml --gpus-per-node 8 --launch":
-        "accelerate over 8 GPUs",
-    "rpt train out/tasks --out out/run-trl --backend trl --config configs/paper.yaml --gpus-per-node 8 --sharding fsdp --launch":
-        "FSDP2 over 8 GPUs",
-    "rpt eval out/tasks --model M --band-model deepseek-ai/DeepSeek-R1-Distill-Qwen-14B --out out/eval-14b-bands":
-        "network: the 14B band model from the hub",
-    "rpt export-tasks out/tasks --format verl --out out/verl --split train --prompt-template v2 --reward first-token --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-14B":
-        "network: the 14B tokenizer from the hub",
-    "rpt eval out/tasks --checkpoints out/run --lm-eval-tasks mmlu_pro,supergpqa --lm-eval-fewshot 0 --lm-eval-batch-size 64 --out out/eval-table3":
-        "network: MMLU-Pro and SuperGPQA from the hub (and a GPU)",
-    "rpt eval out/tasks --model smollm2-135m --lm-eval-tasks rpt_heldout_bpb,my_task --lm-eval-include my_tasks/ --lm-eval-limit 50 --out out/eval-local":
-        "the user's own task folder (tests/test_lm_eval.py runs a local task through --lm-eval-include)",
-    "rpt prepare '/shared/corpus/*.jsonl' --out /shared/prep --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray":
-        "a Ray cluster's shared file system and the hub tokenizer",
-    "rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray":
-        "a Ray cluster with GPUs and the hub model",
-    'rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray --ray-address "$head:6379"':
-        "a Ray cluster's head node, GPUs and the hub model",
+    "rpt score-entropy out/prep --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --out out/scored": "network: the paper's proxy from the hub (and a GPU)",
+    "torchrun --nnodes 4 --nproc-per-node 16 $(which rpt) prepare 'data/*.jsonl' --out out/prep": "4 nodes x 16 processes",
+    "torchrun --nproc-per-node 8 $(which rpt) score-entropy out/prep --out out/scored --engine hf --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "8 GPUs and the hub model",
+    "torchrun --nproc-per-node 8 $(which rpt) score-entropy out/prep --out out/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --engine hf": "8 GPUs and the hub model",
+    "CUDA_VISIBLE_DEVICES=$i rpt score-entropy out/prep --out out/scored --engine vllm --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --num-workers 4 --worker-index $i &": "vLLM on 4 GPUs, the hub model",
+    "rpt train out/tasks --out out/run --config configs/paper.yaml": "the paper's recipe: vLLM rollouts of 4096-token prompts on a GPU",
+    "rpt train out/tasks --out out/run-trl --backend trl --config configs/paper.yaml --gpus-per-node 8 --launch": "accelerate over 8 GPUs",
+    "rpt train out/tasks --out out/run-trl --backend trl --config configs/paper.yaml --gpus-per-node 8 --sharding fsdp --launch": "FSDP2 over 8 GPUs",
+    "rpt eval out/tasks --model M --band-model deepseek-ai/DeepSeek-R1-Distill-Qwen-14B --out out/eval-14b-bands": "network: the 14B band model from the hub",
+    "rpt export-tasks out/tasks --format verl --out out/verl --split train --prompt-template v2 --reward first-token --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": "network: the 14B tokenizer from the hub",
+    "rpt eval out/tasks --checkpoints out/run --lm-eval-tasks mmlu_pro,supergpqa --lm-eval-fewshot 0 --lm-eval-batch-size 64 --out out/eval-table3": "network: MMLU-Pro and SuperGPQA from the hub (and a GPU)",
+    "rpt eval out/tasks --model smollm2-135m --lm-eval-tasks rpt_heldout_bpb,my_task --lm-eval-include my_tasks/ --lm-eval-limit 50 --out out/eval-local": "the user's own task folder (tests/test_lm_eval.py runs a local task through --lm-eval-include)",
+    "rpt prepare '/shared/corpus/*.jsonl' --out /shared/prep --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray": "a Ray cluster's shared file system and the hub tokenizer",
+    "rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray": "a Ray cluster with GPUs and the hub model",
+    'rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray --ray-address "$head:6379"': "a Ray cluster's head node, GPUs and the hub model",
 }
 
 # applied in order to every command that runs; sizes for 2 CPU cores, local stand-ins for paths
@@ -94,11 +79,19 @@ SUBSTITUTIONS = [
     (r"--group-size 8", "--group-size 2"),
     (r"--max-prompt-tokens 128", "--max-prompt-tokens 64"),
     (r"--compute-budget 5\.92e13", "--compute-budget 1"),
-    (r"^(rpt train out/tasks --out out/run-trl --backend trl .*)\.\.\.$", r"\1 " + TINY_TRAIN + " --dynamic-sampling-from -1"),
-    (r"^(rpt train out/tasks --out out/run-verl --backend verl .*)$", r"\1 --model smollm2-135m --max-prompt-tokens 64"),
-    (r"^rpt train out/tasks --out out/run --resume.*$",
-     "rpt train out/tasks --out out/run --prompt-template continuation --max-new-tokens 1 --max-prompt-tokens 64 "
-     "--batch-size 2 --group-size 2 --lr 1e-5 --grad-clip 1.0 --steps 1 --dynamic-sampling-from -1 --resume"),
+    (
+        r"^(rpt train out/tasks --out out/run-trl --backend trl .*)\.\.\.$",
+        r"\1 " + TINY_TRAIN + " --dynamic-sampling-from -1",
+    ),
+    (
+        r"^(rpt train out/tasks --out out/run-verl --backend verl .*)$",
+        r"\1 --model smollm2-135m --max-prompt-tokens 64",
+    ),
+    (
+        r"^rpt train out/tasks --out out/run --resume.*$",
+        "rpt train out/tasks --out out/run --prompt-template continuation --max-new-tokens 1 --max-prompt-tokens 64 "
+        "--batch-size 2 --group-size 2 --lr 1e-5 --grad-clip 1.0 --steps 1 --dynamic-sampling-from -1 --resume",
+    ),
     # eval: a handful of held-out tasks, short generations
     (r"^(rpt eval .*?)( --resume)?$", r"\1 --limit 6\2"),
     (r"--samples 8 --temperature 0\.8 --max-new-tokens 512", "--samples 2 --temperature 0.8 --max-new-tokens 8"),
@@ -184,23 +177,35 @@ def _world(sandbox: Path) -> None:
     data = sandbox / "data"
     (data / "shard").mkdir(parents=True)
     (data / "omni").mkdir()
-    facts = ["The quick brown fox jumps over the lazy dog.", "Let x be a real number such that x^2 = 4.",
-             "A triangle has three sides and three angles that sum to 180 degrees.", "Water boils at 100 degrees.",
-             "The sum of the first n odd numbers is n squared.", "Paris is the capital of France.",
-             "A prime number has exactly two divisors.", "The derivative of x^3 is 3x^2.",
-             "Every square is a rectangle, but not every rectangle is a square.", "Light travels faster than sound."]
+    facts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Let x be a real number such that x^2 = 4.",
+        "A triangle has three sides and three angles that sum to 180 degrees.",
+        "Water boils at 100 degrees.",
+        "The sum of the first n odd numbers is n squared.",
+        "Paris is the capital of France.",
+        "A prime number has exactly two divisors.",
+        "The derivative of x^3 is 3x^2.",
+        "Every square is a rectangle, but not every rectangle is a square.",
+        "Light travels faster than sound.",
+    ]
     texts = [" ".join(facts[(i + k) % len(facts)] for k in range(6)) for i in range(len(facts))]
     (data / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     with gzip.open(data / "shard" / "b.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"content": t * 2}) + "\n" for t in texts)
-    (data / "omni" / "omni.jsonl").write_text("".join(json.dumps({"problem": t, "solution": t[::-1]}) + "\n" for t in texts))
+    (data / "omni" / "omni.jsonl").write_text(
+        "".join(json.dumps({"problem": t, "solution": t[::-1]}) + "\n" for t in texts)
+    )
 
 
 # runs the docs' later commands read that no documented command makes (before the named document)
 SETUP = {
     "eval.md": ["rpt train out/tasks --out out/run-ntp --objective ntp --ntp-positions tasks " + TINY_TRAIN],
 }
-SUBSTITUTIONS += [(r"--checkpoints out/rpt\b", "--checkpoints out/run"), (r"--checkpoints out/ntp\b", "--checkpoints out/run-ntp")]
+SUBSTITUTIONS += [
+    (r"--checkpoints out/rpt\b", "--checkpoints out/run"),
+    (r"--checkpoints out/ntp\b", "--checkpoints out/run-ntp"),
+]
 
 
 def _out_of(args: list[str]) -> str | None:
@@ -232,8 +237,11 @@ class Sandbox:
     def __init__(self, folder: Path, smollm: str):
         self.folder, self.smollm = folder, smollm
         self.bin = Path(sys.executable).parent
-        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "TOKENIZERS_PARALLELISM": "false"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             self.env.pop(k, None)
         self.writer: dict[str, list[str]] = {}
@@ -245,8 +253,13 @@ class Sandbox:
             key, value = args.pop(0).split("=", 1)
             env[key] = value
         if args[0] == "torchrun":  # one process of the documented launch, through torchrun
-            args = [str(self.bin / "torchrun"), "--nproc-per-node", "1", str(self.bin / "rpt"),
-                    *args[args.index("$(which") + 2:]]
+            args = [
+                str(self.bin / "torchrun"),
+                "--nproc-per-node",
+                "1",
+                str(self.bin / "rpt"),
+                *args[args.index("$(which") + 2 :],
+            ]
         out = _out_of(args)
         if out is not None and "--merge" not in args and "--dry-run" not in args:  # those write no --out
             same = _without(args, "--resume", "--worker-index", "--num-workers", "--limit")
@@ -263,8 +276,9 @@ class Sandbox:
     def _exec(self, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
         env = env or {}
         if args[0] != "rpt":
-            return subprocess.run(args, cwd=self.folder, env={**self.env, **env}, capture_output=True, text=True,
-                                  timeout=900)
+            return subprocess.run(
+                args, cwd=self.folder, env={**self.env, **env}, capture_output=True, text=True, timeout=900
+            )
         # `rpt ...` runs the CLI's own entry point with the same argv, in this process (the
         # `rpt` script would only add seconds of imports per command; tests/test_train_cli.py
         # runs the script itself)
@@ -312,6 +326,8 @@ def test_every_documented_command_runs(tmp_path):
         ran += 1
         print(f"{'ok ' if done.returncode == 0 else 'FAIL'} {name}:{line}: {command}", flush=True)
         if done.returncode != 0:
-            failures.append(f"{name}:{line}: {documented}\n  ran: {command}\n  exit {done.returncode}: "
-                            f"{(done.stderr or done.stdout)[-1500:]}")
+            failures.append(
+                f"{name}:{line}: {documented}\n  ran: {command}\n  exit {done.returncode}: "
+                f"{(done.stderr or done.stdout)[-1500:]}"
+            )
     assert not failures, f"{len(failures)} of {ran} documented commands failed:\n\n" + "\n\n".join(failures)

@@ -74,7 +74,12 @@ def test_band_table_is_nested_and_disjoint_counts_add_up():
     h = [0.2, 0.6, 0.9, 1.0, 1.2, 1.5, 1.6, 3.0]
     s = [1, 1, 0, 1, 0, 1, 1, 0]
     t = band_table(h, s)
-    assert [t[b]["n"] for b in ("easy", "medium", "hard", "all")] == [7, 4, 2, 8]  # strictly greater: 1.0, 1.5 fall lower
+    assert [t[b]["n"] for b in ("easy", "medium", "hard", "all")] == [
+        7,
+        4,
+        2,
+        8,
+    ]  # strictly greater: 1.0, 1.5 fall lower
     assert t["easy"]["correct"] == 4 and t["hard"]["accuracy"] == 0.5
     assert (t["hard"]["ci_low"], t["hard"]["ci_high"]) == pytest.approx(wilson_interval(1, 2))
     d = disjoint_counts(h)
@@ -153,8 +158,17 @@ def test_ntp_matches_an_independent_loop_on_smollm2(tmp_path, smollm2_tokenizer)
     tok = smollm2_tokenizer
     pairs = champ_pairs(tok, 24)
     tasks = write_tasks_dir(tmp_path / "tasks", tok.name_or_path, pairs[:1], eval_pairs=pairs, entropies=ENTROPIES)
-    report = run_eval(EvalConfig(tasks_dir=str(tasks), models=("smollm2-135m",), out=str(tmp_path / "rep"), device="cpu",
-                                 batch_size=8, flush_every=10, progress=False))
+    report = run_eval(
+        EvalConfig(
+            tasks_dir=str(tasks),
+            models=("smollm2-135m",),
+            out=str(tmp_path / "rep"),
+            device="cpu",
+            batch_size=8,
+            flush_every=10,
+            progress=False,
+        )
+    )
 
     # the plain loop: one context at a time, no padding, argmax, decode, the training reward
     model = load_causal_lm("smollm2-135m", dtype="float32", device="cpu")
@@ -192,10 +206,24 @@ def test_ntp_matches_an_independent_loop_on_smollm2(tmp_path, smollm2_tokenizer)
 # ---------------------------------------------------------------------------------------------
 # a tiny random model: reasoning, checkpoints, the held-out check, resume, CLI
 
-PAIRS = [("The quick brown", " fox"), ("jumps over the", " lazy"), ("The lazy", " dog"), ("12345", "6"),
-         ("héllo", " wörld"), ("naïve", " café"), ("quick brown fox", " jumps"), ("over the lazy", " dog")]
-EVAL_PAIRS = [("The brown", " fox"), ("a lazy", " dog"), ("1234", "5"), ("wörld", " 世界"), ("café", " naïve"),
-              ("fox jumps", " over")]
+PAIRS = [
+    ("The quick brown", " fox"),
+    ("jumps over the", " lazy"),
+    ("The lazy", " dog"),
+    ("12345", "6"),
+    ("héllo", " wörld"),
+    ("naïve", " café"),
+    ("quick brown fox", " jumps"),
+    ("over the lazy", " dog"),
+]
+EVAL_PAIRS = [
+    ("The brown", " fox"),
+    ("a lazy", " dog"),
+    ("1234", "5"),
+    ("wörld", " 世界"),
+    ("café", " naïve"),
+    ("fox jumps", " over"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -214,17 +242,43 @@ def tiny_run(tiny, tmp_path_factory):
 
     model, tasks = tiny
     out = tmp_path_factory.mktemp("tiny_train") / "run"
-    run_train(TrainConfig(tasks_dir=str(tasks), out=str(out), model=str(model), steps=3, batch_size=8, group_size=8,
-                          temperature=1.0, max_new_tokens=1, max_prompt_tokens=32, prompt_template="continuation",
-                          lr=3e-2, grad_clip=1.0, micro_batch_tokens=256, save_every=1, keep_checkpoints=5,
-                          sample_every=0, progress=False, device="cpu", dynamic_sampling_from=-1, seed=3))
+    run_train(
+        TrainConfig(
+            tasks_dir=str(tasks),
+            out=str(out),
+            model=str(model),
+            steps=3,
+            batch_size=8,
+            group_size=8,
+            temperature=1.0,
+            max_new_tokens=1,
+            max_prompt_tokens=32,
+            prompt_template="continuation",
+            lr=3e-2,
+            grad_clip=1.0,
+            micro_batch_tokens=256,
+            save_every=1,
+            keep_checkpoints=5,
+            sample_every=0,
+            progress=False,
+            device="cpu",
+            dynamic_sampling_from=-1,
+            seed=3,
+        )
+    )
     return out
 
 
 def tiny_config(tiny, out, **over) -> EvalConfig:
     model, tasks = tiny
-    base = dict(tasks_dir=str(tasks), models=(str(model),), out=None if out is None else str(out), device="cpu",
-                batch_size=4, progress=False)
+    base = dict(
+        tasks_dir=str(tasks),
+        models=(str(model),),
+        out=None if out is None else str(out),
+        device="cpu",
+        batch_size=4,
+        progress=False,
+    )
     base.update(over)
     return EvalConfig(**base)
 
@@ -237,8 +291,18 @@ def test_reasoning_mode_end_to_end_with_pass_at_k(tiny, tmp_path):
     assert set(reasoning["pass_at_k"]) == {"easy", "medium", "hard", "all"}
     assert reasoning["model_entropy"] is None and ntp["model_entropy"] > 0
     table = pq.read_table(tmp_path / "rep" / "predictions.parquet")
-    assert table.schema.names == ["task_id", "model", "mode", "sample", "prediction", "reward", "band", "entropy",
-                                  "model_entropy", "new_tokens"]
+    assert table.schema.names == [
+        "task_id",
+        "model",
+        "mode",
+        "sample",
+        "prediction",
+        "reward",
+        "band",
+        "entropy",
+        "model_entropy",
+        "new_tokens",
+    ]
     assert table.schema.equals(PREDICTIONS_SCHEMA)
     rows = table.to_pylist()
     assert len(rows) == len(EVAL_PAIRS) * (1 + 3)
@@ -268,13 +332,19 @@ def test_checkpoints_rows_compute_scaling_and_plot(tiny, tiny_run, tmp_path):
     steps = [json.loads((c / "state.json").read_text()) for c in list_checkpoints(tiny_run)]
     assert [s["step"] for s in steps] == [1, 2, 3]
     rows = report["rows"]
-    assert [(r["model"], r["step"], r["mode"]) for r in rows] == [("run@0", 0, "ntp"), ("run@1", 1, "ntp"),
-                                                                   ("run@2", 2, "ntp"), ("run@3", 3, "ntp")]
+    assert [(r["model"], r["step"], r["mode"]) for r in rows] == [
+        ("run@0", 0, "ntp"),
+        ("run@1", 1, "ntp"),
+        ("run@2", 2, "ntp"),
+        ("run@3", 3, "ntp"),
+    ]
     assert rows[0]["compute"] == 0.0
     assert [r["compute"] for r in rows[1:]] == [s["totals"]["flops"] for s in steps]
     assert 0 < rows[1]["compute"] < rows[2]["compute"] < rows[3]["compute"]
     fits = report["scaling"]
-    assert {(f["run"], f["mode"], f["band"]) for f in fits} == {("run", "ntp", b) for b in ("easy", "medium", "hard", "all")}
+    assert {(f["run"], f["mode"], f["band"]) for f in fits} == {
+        ("run", "ntp", b) for b in ("easy", "medium", "hard", "all")
+    }
     assert all(f["points"] == 3 for f in fits)
     # three points for three parameters: no fit, and the report says why instead of printing numbers
     assert all(f["status"].startswith("no fit: 3 points") and f["alpha"] is None for f in fits)
@@ -293,10 +363,20 @@ def test_scaling_fits_and_plot_from_report_rows(tmp_path):
     compute = [0.0, 1e15, 3e15, 1e16, 3e16, 1e17]
     rows = []
     for step, c in enumerate(compute):
-        acc = {b: 0.2 + 0.05 * i if c == 0 else float(scaling_law(c, -0.1 * 1e15**0.4, 0.4, 0.3 + 0.05 * i))
-               for i, b in enumerate([*bands, "all"])}
-        rows.append({"run": "r", "model": f"r@{step}", "step": step, "compute": c, "mode": "ntp",
-                     "bands": {b: {"accuracy": a, "n": 100} for b, a in acc.items()}})
+        acc = {
+            b: 0.2 + 0.05 * i if c == 0 else float(scaling_law(c, -0.1 * 1e15**0.4, 0.4, 0.3 + 0.05 * i))
+            for i, b in enumerate([*bands, "all"])
+        }
+        rows.append(
+            {
+                "run": "r",
+                "model": f"r@{step}",
+                "step": step,
+                "compute": c,
+                "mode": "ntp",
+                "bands": {b: {"accuracy": a, "n": 100} for b, a in acc.items()},
+            }
+        )
     config = EvalConfig(tasks_dir="t", models=("m",))
     fits = eval_report.scaling_fits(config, rows)
     assert [f["band"] for f in fits] == ["easy", "medium", "hard", "all"]
@@ -374,8 +454,15 @@ def test_whole_document_ntp_runs_count_every_train_document_of_their_rule(tmp_pa
         assert overlap == want, objective
     assert "split rule puts in train" in how
     # what the run records decides, not its config: the same documents with the record of a task-rows run
-    run = RunInfo("r", tmp_path, {"objective": "ntp", "ntp_positions": "all"}, "m", run_tasks.resolve(), (),
-                  trained_on=trained_on_record("ntp", "tasks", run_tasks, run_manifest))
+    run = RunInfo(
+        "r",
+        tmp_path,
+        {"objective": "ntp", "ntp_positions": "all"},
+        "m",
+        run_tasks.resolve(),
+        (),
+        trained_on=trained_on_record("ntp", "tasks", run_tasks, run_manifest),
+    )
     assert training_overlap(run, evaluated, manifest, "eval", set(docs))[0] == set()
 
 
@@ -391,8 +478,9 @@ def test_eval_reads_the_record_train_wrote(tiny, tiny_run, tmp_path):
     _, tasks = tiny
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     written = json.loads((tiny_run / TRAINED_ON).read_text())
-    assert written == trained_on_record(cfg["objective"], cfg["ntp_positions"], cfg["tasks_dir"],
-                                        json.loads((tasks / "manifest.json").read_text()))
+    assert written == trained_on_record(
+        cfg["objective"], cfg["ntp_positions"], cfg["tasks_dir"], json.loads((tasks / "manifest.json").read_text())
+    )
     assert written["source"] == "task-rows" and written["tasks_dir"] == str(tasks.resolve())
     assert read_run(tiny_run).trained_on == written
     # a run directory from before train wrote the record: a clear error naming the file, or a warning
@@ -481,8 +569,22 @@ def test_band_model_recomputes_the_band_entropy(tiny, tmp_path):
 def test_cli_prints_the_table(tiny, tmp_path):
     model, tasks = tiny
     out = tmp_path / "rep"
-    r = CliRunner().invoke(cli, ["eval", str(tasks), "--model", str(model), "--device", "cpu", "--out", str(out),
-                                 "--no-progress", "--batch-size", "4"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(tasks),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "| model | mode | easy (H>0.5) | medium (H>1.0) | hard (H>1.5) | all | model entropy |" in r.output
     assert f"| {Path(model).name} | ntp |" in r.output
@@ -496,8 +598,22 @@ def test_cli_prints_the_table(tiny, tmp_path):
 
 def test_cli_refuses_overlap_with_a_clear_message(tiny, tiny_run):
     _, tasks = tiny
-    r = CliRunner().invoke(cli, ["eval", str(tasks), "--checkpoints", str(tiny_run), "--split", "train", "--limit", "2",
-                                 "--device", "cpu", "--no-progress"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(tasks),
+            "--checkpoints",
+            str(tiny_run),
+            "--split",
+            "train",
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 1
     assert "trained on 2 of the 2 evaluated documents" in r.output and "--allow-overlap" in r.output
 
@@ -511,11 +627,19 @@ def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path,
     for step in ("step-000001", "step-000002"):
         shutil.rmtree(other / "checkpoints" / step)
     model, _ = tiny
-    report = run_eval(tiny_config(tiny, tmp_path / "rep", models=(str(model),), checkpoints=(str(tiny_run), str(other))))
+    report = run_eval(
+        tiny_config(tiny, tmp_path / "rep", models=(str(model),), checkpoints=(str(tiny_run), str(other)))
+    )
     rows = report["rows"]
-    assert [(r["run"], r["step"]) for r in rows] == [(None, None), ("tiny_train0/run", 0), ("tiny_train0/run", 1),
-                                                    ("tiny_train0/run", 2), ("tiny_train0/run", 3),
-                                                    ("other/run", 0), ("other/run", 3)]
+    assert [(r["run"], r["step"]) for r in rows] == [
+        (None, None),
+        ("tiny_train0/run", 0),
+        ("tiny_train0/run", 1),
+        ("tiny_train0/run", 2),
+        ("tiny_train0/run", 3),
+        ("other/run", 0),
+        ("other/run", 3),
+    ]
     # 7 subjects; the base model (the --model and both runs' step 0) runs once: 5 forward passes
     assert sum(seen) == 5 * len(EVAL_PAIRS)
     assert [r["evaluated_now"] for r in rows] == [6, 0, 6, 6, 6, 0, 6]
@@ -530,6 +654,7 @@ def test_a_base_model_shared_by_runs_is_evaluated_once(tiny, tiny_run, tmp_path,
 
 # ---------------------------------------------------------------------------------------------
 # paired differences
+
 
 def test_paired_difference_hand_values():
     from rpttrain.eval import paired_difference
@@ -593,8 +718,22 @@ def test_max_compute_leaves_out_later_checkpoints(tiny, tiny_run, tmp_path):
 
     flops = [json.loads((c / "state.json").read_text())["totals"]["flops"] for c in list_checkpoints(tiny_run)]
     budget = (flops[1] + flops[2]) / 2
-    result = CliRunner().invoke(cli, ["eval", str(tiny[1]), "--checkpoints", str(tiny_run), "--max-compute", str(budget),
-                                      "--out", str(tmp_path / "rep"), "--device", "cpu", "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(tiny[1]),
+            "--checkpoints",
+            str(tiny_run),
+            "--max-compute",
+            str(budget),
+            "--out",
+            str(tmp_path / "rep"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [r["step"] for r in report["rows"]] == [0, 1, 2]

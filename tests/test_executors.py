@@ -44,7 +44,9 @@ def corpus(tmp_path_factory):
     lines[5], lines[17], lines[23] = b"{broken", json.dumps({"body": "no text"}).encode(), b'{"text": "\xff"}'
     lines[11] = json.dumps({"text": "   "}).encode()
     (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    (folder / "b.jsonl").write_bytes(b"\n".join(json.dumps({"text": f"second file {i}"}).encode() for i in range(10)) + b"\n")
+    (folder / "b.jsonl").write_bytes(
+        b"\n".join(json.dumps({"text": f"second file {i}"}).encode() for i in range(10)) + b"\n"
+    )
     return folder
 
 
@@ -73,13 +75,31 @@ def prepared(corpus, tmp_path_factory):
 
 def test_cli_prepare_on_ray_equals_local_and_redoes_a_deleted_shard_alone(local_ray, corpus, prepared, tmp_path):
     out = tmp_path / "ray"
-    cmd = [*RPT, "prepare", str(corpus), "--out", str(out), "--shard-docs", "7", "--skip-bad", "--executor", "ray",
-           "--ray-address", local_ray]
+    cmd = [
+        *RPT,
+        "prepare",
+        str(corpus),
+        "--out",
+        str(out),
+        "--shard-docs",
+        "7",
+        "--skip-bad",
+        "--executor",
+        "ray",
+        "--ray-address",
+        local_ray,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "prepare: 40 documents read, 36 written" in r.stdout and "prepare: 100%" in r.stderr  # the driver's progress bar
+    assert (
+        "prepare: 40 documents read, 36 written" in r.stdout and "prepare: 100%" in r.stderr
+    )  # the driver's progress bar
     _same_output(prepared, out, "prepare")
-    assert read_manifest(out, "prepare")["counts"]["documents_rejected"] == {"invalid_utf8": 1, "malformed_json": 1, "missing_field": 1}
+    assert read_manifest(out, "prepare")["counts"]["documents_rejected"] == {
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+    }
 
     shards = list_shards(out / "docs")
     before = {p.name: p.stat().st_mtime_ns for p in shards}
@@ -93,8 +113,25 @@ def test_cli_prepare_on_ray_equals_local_and_redoes_a_deleted_shard_alone(local_
 
 def test_failed_shard_names_shard_and_input_and_the_rest_finish(local_ray, corpus, tmp_path):
     out = tmp_path / "bad"
-    r = subprocess.run([*RPT, "prepare", str(corpus), "--out", str(out), "--shard-docs", "7", "--executor", "ray",
-                        "--ray-address", local_ray, "--no-progress"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            *RPT,
+            "prepare",
+            str(corpus),
+            "--out",
+            str(out),
+            "--shard-docs",
+            "7",
+            "--executor",
+            "ray",
+            "--ray-address",
+            local_ray,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "3 of 6 unit(s) failed" in r.stderr
     assert f"shard docs/part-00000.parquet (records 0-6 of the input stream, in {corpus / 'a.jsonl'})" in r.stderr
@@ -147,29 +184,56 @@ def test_node_removed_mid_run_its_shards_finish_on_the_other_node(corpus, prepar
     ray.shutdown()
     monkeypatch.delenv("RPT_FAULT", raising=False)
     note = tmp_path / "hung"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "object_store_memory": 80 * 1024 * 1024})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024},
+    )
     try:
         cluster.add_node(num_cpus=1, env_vars={"RPT_FAULT": "unit:1:wait", "RPT_FAULT_NOTE": str(note)})
         ray.init(address=cluster.address, log_to_driver=False)
         score_local = tmp_path / "score-local"  # torch with one thread, as in the actors of these 1-CPU nodes
-        subprocess.run([*RPT, "score-entropy", str(prepared), "--out", str(score_local), "--keep-all", "--max-context", "24",
-                        "--engine", "hf", "--device", "cpu", "--no-progress"], check=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [
+                *RPT,
+                "score-entropy",
+                str(prepared),
+                "--out",
+                str(score_local),
+                "--keep-all",
+                "--max-context",
+                "24",
+                "--engine",
+                "hf",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ],
+            check=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         for stage, run, cfg, expected in (
             ("prepare", run_prepare, _prepare_cfg(corpus, tmp_path / "prep", executor="ray"), prepared),
-            ("score-entropy", run_score_entropy,
-             ScoreConfig(prepared=str(prepared), out=str(tmp_path / "score"), executor="ray", **SCORE), score_local),
+            (
+                "score-entropy",
+                run_score_entropy,
+                ScoreConfig(prepared=str(prepared), out=str(tmp_path / "score"), executor="ray", **SCORE),
+                score_local,
+            ),
         ):
             note.unlink(missing_ok=True)
             doomed = cluster.add_node(num_cpus=1, env_vars={"RPT_FAULT": "unit:1:hang", "RPT_FAULT_NOTE": str(note)})
             thread, result = _run_in_thread(run, cfg)
             hung = int(_wait_for(note))
-            assert not (Path(cfg.out) / "done" / f"{'docs' if stage == 'prepare' else 'positions'}-{hung:05d}.json").exists()
+            assert not (
+                Path(cfg.out) / "done" / f"{'docs' if stage == 'prepare' else 'positions'}-{hung:05d}.json"
+            ).exists()
             cluster.remove_node(doomed)
             thread.join(timeout=600)
             assert not thread.is_alive() and result["value"].get("complete", True), f"{stage} did not finish"
-            assert (Path(cfg.out) / "done" / f"{'docs' if stage == 'prepare' else 'positions'}-{hung:05d}.json").exists()
+            assert (
+                Path(cfg.out) / "done" / f"{'docs' if stage == 'prepare' else 'positions'}-{hung:05d}.json"
+            ).exists()
             _same_output(expected, Path(cfg.out), stage)
     finally:
         ray.shutdown()

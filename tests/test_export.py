@@ -33,8 +33,19 @@ def tasks_dir(tmp_path_factory):
     scored, prep = build_scored(root)
     seed = pick_seed(list(read_docs(prep)), 0.3)
     out = root / "tasks"
-    run_make_tasks(MakeTasksConfig(str(scored), str(out), threshold=0.5, context_tokens=24, continuation_tokens=4,
-                                   eval_fraction=0.3, seed=seed, max_tasks=120, progress=False))
+    run_make_tasks(
+        MakeTasksConfig(
+            str(scored),
+            str(out),
+            threshold=0.5,
+            context_tokens=24,
+            continuation_tokens=4,
+            eval_fraction=0.3,
+            seed=seed,
+            max_tasks=120,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -93,51 +104,94 @@ def test_verl_export_scores_like_prefix_reward(tasks_dir, tmp_path):
 
 def test_trl_export_raw_continuation_first_token(tasks_dir, tmp_path):
     out = tmp_path / "trl"
-    run_export_tasks(ExportConfig(str(tasks_dir), str(out), "trl", split="eval", prompt_template="continuation",
-                                  reward="first-token", progress=False))
+    run_export_tasks(
+        ExportConfig(
+            str(tasks_dir),
+            str(out),
+            "trl",
+            split="eval",
+            prompt_template="continuation",
+            reward="first-token",
+            progress=False,
+        )
+    )
     assert not (out / "train.parquet").exists()
     ds = load(out, ("eval",))["eval"]
     tasks = load_tasks(tasks_dir, "eval")
     assert ds["prompt"] == [t["context"] for t in tasks]
     for k in range(5):
         completions = [completions_for(t)[k] or "" for t in tasks]
-        got = rpt_reward(ds["prompt"], completions, continuation=ds["continuation"], boundaries=ds["boundaries"],
-                         reward=ds["reward"], format=ds["format"], task_id=ds["task_id"])
+        got = rpt_reward(
+            ds["prompt"],
+            completions,
+            continuation=ds["continuation"],
+            boundaries=ds["boundaries"],
+            reward=ds["reward"],
+            format=ds["format"],
+            task_id=ds["task_id"],
+        )
         want = [first_token_reward(c, t["continuation"], t["boundaries"]) for c, t in zip(completions, tasks)]
         assert got == want
     # prefix reward on the same columns agrees too
     completions = [t["continuation"] for t in tasks]
-    assert rpt_reward(ds["prompt"], completions, continuation=ds["continuation"], boundaries=ds["boundaries"],
-                      format=ds["format"]) == [1.0] * len(tasks)
+    assert rpt_reward(
+        ds["prompt"], completions, continuation=ds["continuation"], boundaries=ds["boundaries"], format=ds["format"]
+    ) == [1.0] * len(tasks)
 
 
 def test_trl_export_chat_with_tokenizer_and_file_template(tasks_dir, tmp_path, smollm2_tokenizer):
     template = tmp_path / "mine.txt"
     template.write_text("Continue this text. Answer in \\boxed{}.\n\n{context}")
     out = tmp_path / "trl"
-    m = run_export_tasks(ExportConfig(str(tasks_dir), str(out), "trl", split="train", prompt_template=str(template),
-                                      tokenizer="smollm2-135m", progress=False))
+    m = run_export_tasks(
+        ExportConfig(
+            str(tasks_dir),
+            str(out),
+            "trl",
+            split="train",
+            prompt_template=str(template),
+            tokenizer="smollm2-135m",
+            progress=False,
+        )
+    )
     assert m["prompt_template"] == f"file:{template}"
     ds = load(out, ("train",))["train"]
     tasks = load_tasks(tasks_dir, "train")
     fmt = load_prompt_format(str(template))
-    assert ds[0]["prompt"] == [{"role": "user", "content": template.read_text().replace("{context}", tasks[0]["context"])}]
+    assert ds[0]["prompt"] == [
+        {"role": "user", "content": template.read_text().replace("{context}", tasks[0]["context"])}
+    ]
     assert ds[0]["prompt_text"] == render_prompt(fmt, tasks[0]["context"], smollm2_tokenizer)
     conversations = [[{"role": "assistant", "content": boxed(t["continuation"])}] for t in tasks]
-    got = rpt_reward(ds["prompt"], conversations, continuation=ds["continuation"], boundaries=ds["boundaries"],
-                     reward=ds["reward"], format=ds["format"], prompt_text=ds["prompt_text"])
-    want = [prefix_reward(extract_prediction(c[0]["content"]), t["continuation"], t["boundaries"])
-            for c, t in zip(conversations, tasks)]
+    got = rpt_reward(
+        ds["prompt"],
+        conversations,
+        continuation=ds["continuation"],
+        boundaries=ds["boundaries"],
+        reward=ds["reward"],
+        format=ds["format"],
+        prompt_text=ds["prompt_text"],
+    )
+    want = [
+        prefix_reward(extract_prediction(c[0]["content"]), t["continuation"], t["boundaries"])
+        for c, t in zip(conversations, tasks)
+    ]
     assert got == want and sum(got) > len(tasks) / 2  # a continuation with an unmatched brace cannot be boxed
 
 
 def test_verl_raw_prompt_has_prompt_text(tasks_dir, tmp_path):
     out = tmp_path / "verl"
-    run_export_tasks(ExportConfig(str(tasks_dir), str(out), "verl", split="eval", prompt_template="continuation", progress=False))
+    run_export_tasks(
+        ExportConfig(str(tasks_dir), str(out), "verl", split="eval", prompt_template="continuation", progress=False)
+    )
     rows = pq.read_table(out / "eval.parquet").to_pylist()
     tasks = load_tasks(tasks_dir, "eval")
-    assert all(r["extra_info"]["raw_prompt"] and r["extra_info"]["prompt_text"] == t["context"] for r, t in zip(rows, tasks))
-    assert all(compute_score("rpt", t["continuation"], r["reward_model"]["ground_truth"]) == 1.0 for r, t in zip(rows, tasks))
+    assert all(
+        r["extra_info"]["raw_prompt"] and r["extra_info"]["prompt_text"] == t["context"] for r, t in zip(rows, tasks)
+    )
+    assert all(
+        compute_score("rpt", t["continuation"], r["reward_model"]["ground_truth"]) == 1.0 for r, t in zip(rows, tasks)
+    )
 
 
 def test_refusals_and_overwrite(tasks_dir, tmp_path):
@@ -157,16 +211,36 @@ def test_refusals_and_overwrite(tasks_dir, tmp_path):
     with pytest.raises(ValueError, match="reward 'dense' needs the policy's probability"):
         ExportConfig(str(tasks_dir), str(out), "verl", reward="dense")
     with pytest.raises(ValueError, match="unknown prompt format"):
-        run_export_tasks(ExportConfig(str(tasks_dir), str(tmp_path / "z"), "verl", prompt_template="v99", progress=False))
+        run_export_tasks(
+            ExportConfig(str(tasks_dir), str(tmp_path / "z"), "verl", prompt_template="v99", progress=False)
+        )
 
 
 def test_cli(tasks_dir, tmp_path):
     out = tmp_path / "c"
-    r = CliRunner().invoke(cli, ["export-tasks", str(tasks_dir), "--format", "verl", "--out", str(out), "--prompt-template", "v2", "--no-progress"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "export-tasks",
+            str(tasks_dir),
+            "--format",
+            "verl",
+            "--out",
+            str(out),
+            "--prompt-template",
+            "v2",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "reward.custom_reward_function.path=" in r.output and "train 120 rows" in r.output
     assert json.loads((out / "manifest.json").read_text())["prompt_template"] == "v2"
-    r = CliRunner().invoke(cli, ["export-tasks", str(tasks_dir), "--format", "verl", "--out", str(out), "--no-progress"])
+    r = CliRunner().invoke(
+        cli, ["export-tasks", str(tasks_dir), "--format", "verl", "--out", str(out), "--no-progress"]
+    )
     assert r.exit_code == 1 and "--overwrite" in r.output
-    r = CliRunner().invoke(cli, ["export-tasks", str(tasks_dir), "--format", "trl", "--out", str(tmp_path / "d"), "--prompt-template", "nope"])
+    r = CliRunner().invoke(
+        cli,
+        ["export-tasks", str(tasks_dir), "--format", "trl", "--out", str(tmp_path / "d"), "--prompt-template", "nope"],
+    )
     assert r.exit_code == 2 and "unknown prompt format" in r.output

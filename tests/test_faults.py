@@ -62,20 +62,86 @@ class Pipeline:
         b, model = self.base, str(self.model)
         cmd = {
             "prepare": ["prepare", str(self.corpus), "--tokenizer", str(self.tokenizer), "--shard-docs", "4"],
-            "score-entropy": ["score-entropy", str(b["prepare"]), "--model", model, "--keep-all", "--max-context", "32",
-                              "--min-context", "2", "--engine", "hf", "--dtype", "float32", "--device", "cpu"],
-            "make-tasks": ["make-tasks", str(b["score-entropy"]), "--threshold", "0", "--context-tokens", "8",
-                           "--eval-fraction", "0.5", "--seed", "1"],
-            "train": ["train", str(b["make-tasks"]), "--model", model, "--steps", "4", "--batch-size", "2",
-                      "--group-size", "2", "--max-new-tokens", "1", "--max-prompt-tokens", "32",
-                      "--prompt-template", "continuation", "--save-every", "1", "--keep-checkpoints", "2",
-                      "--device", "cpu", "--dynamic-sampling-from", "-1", "--micro-batch-tokens", "256",
-                      "--sample-every", "0", "--lr", "1e-2"],
-            "eval": ["eval", str(b["make-tasks"]), "--checkpoints", str(b["train"]), "--mode", "ntp", "--device", "cpu",
-                     "--limit", "8", "--flush-every", "3"],
+            "score-entropy": [
+                "score-entropy",
+                str(b["prepare"]),
+                "--model",
+                model,
+                "--keep-all",
+                "--max-context",
+                "32",
+                "--min-context",
+                "2",
+                "--engine",
+                "hf",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ],
+            "make-tasks": [
+                "make-tasks",
+                str(b["score-entropy"]),
+                "--threshold",
+                "0",
+                "--context-tokens",
+                "8",
+                "--eval-fraction",
+                "0.5",
+                "--seed",
+                "1",
+            ],
+            "train": [
+                "train",
+                str(b["make-tasks"]),
+                "--model",
+                model,
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--group-size",
+                "2",
+                "--max-new-tokens",
+                "1",
+                "--max-prompt-tokens",
+                "32",
+                "--prompt-template",
+                "continuation",
+                "--save-every",
+                "1",
+                "--keep-checkpoints",
+                "2",
+                "--device",
+                "cpu",
+                "--dynamic-sampling-from",
+                "-1",
+                "--micro-batch-tokens",
+                "256",
+                "--sample-every",
+                "0",
+                "--lr",
+                "1e-2",
+            ],
+            "eval": [
+                "eval",
+                str(b["make-tasks"]),
+                "--checkpoints",
+                str(b["train"]),
+                "--mode",
+                "ntp",
+                "--device",
+                "cpu",
+                "--limit",
+                "8",
+                "--flush-every",
+                "3",
+            ],
             "export-tasks": ["export-tasks", str(b["make-tasks"]), "--format", "verl"],
         }[stage]
-        return cmd + ["--out", str(out), "--no-progress"] + (["--resume"] if rerun and stage in ("train", "eval") else [])
+        return (
+            cmd + ["--out", str(out), "--no-progress"] + (["--resume"] if rerun and stage in ("train", "eval") else [])
+        )
 
     def run(self, stage: str, out: Path, fault: str | None = None, count: Path | None = None, rerun: bool = False):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -84,8 +150,13 @@ class Pipeline:
             env["RPT_FAULT"] = fault
         if count:
             env["RPT_FAULT_COUNT"] = str(count)
-        return subprocess.run([sys.executable, "-c", "from cli.main import cli; cli()", *self.argv(stage, out, rerun)],
-                              env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-c", "from cli.main import cli; cli()", *self.argv(stage, out, rerun)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +187,15 @@ def _rows(paths) -> list[str]:
 def _timeless(d):
     """A metrics line or report without the fields that measure time or name the folder."""
     if isinstance(d, dict):
-        return {k: _timeless(v) for k, v in d.items()
-                if not (k.endswith("_s") or k in ("seconds", "finished", "time", "dir", "run_dir", "out", "files",
-                                                  "rollout_tokens_per_s", "created"))}
+        return {
+            k: _timeless(v)
+            for k, v in d.items()
+            if not (
+                k.endswith("_s")
+                or k
+                in ("seconds", "finished", "time", "dir", "run_dir", "out", "files", "rollout_tokens_per_s", "created")
+            )
+        }
     if isinstance(d, list):
         return [_timeless(x) for x in d]
     return d
@@ -130,8 +207,11 @@ def output_of(stage: str, out: Path) -> dict:
         manifest = json.loads((out / "manifest.json").read_text())
         assert verify_dir(out, deep=True)["problems"] == []
         dirs = {"prepare": ["docs"], "score-entropy": ["positions"], "make-tasks": ["train", "eval"]}[stage]
-        return {"rows": {d: _rows(list_shards(out / d)) for d in dirs}, "counts": manifest["counts"],
-                "files": {k: v["rows"] for k, v in manifest["files"].items()}}
+        return {
+            "rows": {d: _rows(list_shards(out / d)) for d in dirs},
+            "counts": manifest["counts"],
+            "files": {k: v["rows"] for k, v in manifest["files"].items()},
+        }
     if stage == "train":
         from safetensors.torch import load_file
 
@@ -141,16 +221,25 @@ def output_of(stage: str, out: Path) -> dict:
         ckpts = list_checkpoints(out)
         assert verify_dir(out)["problems"] == []
         weights = load_file(str(ckpts[-1] / "model.safetensors"))
-        return {"metrics": metrics, "checkpoints": [c.name for c in ckpts],
-                "weights": {k: v.flatten().tolist() for k, v in sorted(weights.items())}}
+        return {
+            "metrics": metrics,
+            "checkpoints": [c.name for c in ckpts],
+            "weights": {k: v.flatten().tolist() for k, v in sorted(weights.items())},
+        }
     if stage == "eval":
         report = json.loads((out / "report.json").read_text())
-        return {"predictions": _rows([out / "predictions.parquet"]), "parts": _rows(list_shards(out / "predictions")),
-                "results": _timeless(report.get("results", report.get("subjects")))}
+        return {
+            "predictions": _rows([out / "predictions.parquet"]),
+            "parts": _rows(list_shards(out / "predictions")),
+            "results": _timeless(report.get("results", report.get("subjects"))),
+        }
     if stage == "export-tasks":
         manifest = json.loads((out / "manifest.json").read_text())
-        return {"rows": {s: _rows([out / f"{s}.parquet"]) for s in ("train", "eval")}, "counts": manifest["rows"],
-                "checksums": manifest["checksums"]}
+        return {
+            "rows": {s: _rows([out / f"{s}.parquet"]) for s in ("train", "eval")},
+            "counts": manifest["rows"],
+            "checksums": manifest["checksums"],
+        }
     raise AssertionError(stage)
 
 
@@ -217,8 +306,11 @@ def test_disk_full_at_a_shard_write_leaves_no_half_shard(tmp_path, tiny_bpe_dir)
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
 
     def prepare(out):
-        return run_prepare(PrepareConfig(inputs=(str(corpus),), out=str(out), tokenizer=str(tiny_bpe_dir), shard_docs=4,
-                                         progress=False))
+        return run_prepare(
+            PrepareConfig(
+                inputs=(str(corpus),), out=str(out), tokenizer=str(tiny_bpe_dir), shard_docs=4, progress=False
+            )
+        )
 
     whole = prepare(tmp_path / "whole")
     out = tmp_path / "full"
@@ -238,11 +330,25 @@ def test_disk_full_at_a_shard_write_leaves_no_half_shard(tmp_path, tiny_bpe_dir)
     # the CLI reports it as an error naming the file, not a traceback or a usage error
     faults.arm("shard-tmp:1:enospc")
     try:
-        r = CliRunner().invoke(cli, ["prepare", str(corpus), "--tokenizer", str(tiny_bpe_dir), "--shard-docs", "4",
-                                     "--out", str(out), "--no-progress"])
+        r = CliRunner().invoke(
+            cli,
+            [
+                "prepare",
+                str(corpus),
+                "--tokenizer",
+                str(tiny_bpe_dir),
+                "--shard-docs",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        )
     finally:
         faults.arm(None)
-    assert r.exit_code == 1 and "part-00003.parquet.tmp-" in r.output and "No space left on device" in r.output, r.output
+    assert r.exit_code == 1 and "part-00003.parquet.tmp-" in r.output and "No space left on device" in r.output, (
+        r.output
+    )
     again = prepare(out)
     assert again["files"] == whole["files"] and again["counts"] == whole["counts"]
 
@@ -279,8 +385,22 @@ DAMAGE = [
     ("manifest", "score-entropy", "manifest.json", _garble, "make-tasks", "not valid JSON"),
     ("manifest", "make-tasks", "manifest.json", _truncate, None, None),
     ("run.json", "prepare", "run.json", _garble, "prepare", "not valid JSON"),
-    ("checkpoint weights", "train", "checkpoints/step-000004/model.safetensors", _truncate, "train", "damaged checkpoint file"),
-    ("checkpoint weights", "train", "checkpoints/step-000004/model.safetensors", _flip, "eval", "damaged checkpoint file"),
+    (
+        "checkpoint weights",
+        "train",
+        "checkpoints/step-000004/model.safetensors",
+        _truncate,
+        "train",
+        "damaged checkpoint file",
+    ),
+    (
+        "checkpoint weights",
+        "train",
+        "checkpoints/step-000004/model.safetensors",
+        _flip,
+        "eval",
+        "damaged checkpoint file",
+    ),
     ("optimizer state", "train", "checkpoints/step-000004/trainer_state.pt", _flip, "train", "damaged checkpoint file"),
     ("checkpoint state.json", "train", "checkpoints/step-000004/state.json", _garble, "train", "not valid JSON"),
     ("config.yaml", "train", "config.yaml", _garble, "eval", "not valid YAML"),
@@ -288,8 +408,11 @@ DAMAGE = [
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("kind,producer,rel,damage,consumer,message", DAMAGE,
-                         ids=[f"{d[0]}-{d[2].rsplit('/', 1)[-1]}-{d[4] or 'redo'}" for d in DAMAGE])
+@pytest.mark.parametrize(
+    "kind,producer,rel,damage,consumer,message",
+    DAMAGE,
+    ids=[f"{d[0]}-{d[2].rsplit('/', 1)[-1]}-{d[4] or 'redo'}" for d in DAMAGE],
+)
 def test_damaged_file_is_named_or_redone(pipeline, tmp_path, kind, producer, rel, damage, consumer, message):
     # damage a copy of the producer's output; consumers read it through a copied upstream
     copy = tmp_path / producer
@@ -322,10 +445,23 @@ def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_pat
     from tests.rpt_fixtures import write_tasks_dir
 
     tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
-    config = TrainConfig(tasks_dir=str(tasks), out=str(tmp_path / "run"), model=str(tiny_llama(tmp_path / "m", tiny_bpe_dir)),
-                         steps=2, batch_size=2, group_size=2, max_new_tokens=1, max_prompt_tokens=32,
-                         prompt_template="continuation", micro_batch_tokens=256, save_every=1, sample_every=0,
-                         progress=False, device="cpu", dynamic_sampling_from=-1)
+    config = TrainConfig(
+        tasks_dir=str(tasks),
+        out=str(tmp_path / "run"),
+        model=str(tiny_llama(tmp_path / "m", tiny_bpe_dir)),
+        steps=2,
+        batch_size=2,
+        group_size=2,
+        max_new_tokens=1,
+        max_prompt_tokens=32,
+        prompt_template="continuation",
+        micro_batch_tokens=256,
+        save_every=1,
+        sample_every=0,
+        progress=False,
+        device="cpu",
+        dynamic_sampling_from=-1,
+    )
     faults.arm("checkpoint-rename:1:enospc")
     try:
         with pytest.raises(OSError):

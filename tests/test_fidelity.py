@@ -26,7 +26,6 @@ from tests.test_query import TEXTS
 from tests.test_query import FakeScorer as QueryFakeScorer
 
 
-
 def entropy_a(target):
     return (37 * target) % 300 / 100
 
@@ -41,9 +40,17 @@ class FakeScorer(QueryFakeScorer):
         for i, (seq, first) in enumerate(zip(sequences, firsts)):
             target = np.asarray(seq, dtype=np.int64)[first:]
             entropy = self.fn(target).astype(np.float32)
-            yield i, PositionScores(entropy=entropy, target_logprob=-entropy, target_rank=np.ones(len(target), np.int32),
-                                    top1_id=target.astype(np.int32), topk_ids=np.tile(target[:, None], (1, 16)).astype(np.int32),
-                                    topk_logprobs=np.zeros((len(target), 16), np.float32))
+            yield (
+                i,
+                PositionScores(
+                    entropy=entropy,
+                    target_logprob=-entropy,
+                    target_rank=np.ones(len(target), np.int32),
+                    top1_id=target.astype(np.int32),
+                    topk_ids=np.tile(target[:, None], (1, 16)).astype(np.int32),
+                    topk_logprobs=np.zeros((len(target), 16), np.float32),
+                ),
+            )
 
 
 def _prep(root: Path, texts) -> Path:
@@ -54,8 +61,10 @@ def _prep(root: Path, texts) -> Path:
 
 
 def _score(prep, out, fn, **kw):
-    run_score_entropy(ScoreConfig(prepared=str(prep), out=str(out), max_context=16, progress=False, keep_all=True, **kw),
-                      scorer=FakeScorer(fn))
+    run_score_entropy(
+        ScoreConfig(prepared=str(prep), out=str(out), max_context=16, progress=False, keep_all=True, **kw),
+        scorer=FakeScorer(fn),
+    )
     return out
 
 
@@ -138,7 +147,11 @@ def test_cli_prints_correlations_matrix_and_writes_plot(scorings, tmp_path):
 @pytest.mark.slow
 def test_cli_subprocess_json(scorings, tmp_path):
     rpt = Path(sys.executable).parent / "rpt"
-    out = subprocess.run([str(rpt), "stats", str(scorings["a"]), "--compare", str(scorings["same"]), "--json", "--no-plot"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(rpt), "stats", str(scorings["a"]), "--compare", str(scorings["same"]), "--json", "--no-plot"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     got = json.loads(out.stdout)
     assert got["spearman"] == pytest.approx(1.0) and "sample" not in got

@@ -26,9 +26,24 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     lines = OMNIMATH.read_text().splitlines()[:60]
     (bundle / "corpora" / "omnimath.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--dry-run",
-                           "--bundle", str(bundle), "--out", str(out), "--tokens", "5000"],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--dry-run",
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            "--tokens",
+            "5000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     figures = json.loads((out / "gpu_check.json").read_text())
     assert figures["dry_run"] and figures["ok"]

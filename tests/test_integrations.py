@@ -34,10 +34,26 @@ CASES = [
 ]
 
 TASKS = [
-    {"task_id": "d0:4", "doc_id": "d0", "pos": 4, "context": "Let $x=\\frac{a}{b}$. This",
-     "continuation": CONT, "boundaries": BOUNDS, "entropy": 1.25, "band": "medium"},
-    {"task_id": "d1:9", "doc_id": "d1", "pos": 9, "context": "{context} é {", "continuation": " =é",
-     "boundaries": [2, 3, 4], "entropy": 0.7, "band": "easy"},
+    {
+        "task_id": "d0:4",
+        "doc_id": "d0",
+        "pos": 4,
+        "context": "Let $x=\\frac{a}{b}$. This",
+        "continuation": CONT,
+        "boundaries": BOUNDS,
+        "entropy": 1.25,
+        "band": "medium",
+    },
+    {
+        "task_id": "d1:9",
+        "doc_id": "d1",
+        "pos": 9,
+        "context": "{context} é {",
+        "continuation": " =é",
+        "boundaries": [2, 3, 4],
+        "entropy": 0.7,
+        "band": "easy",
+    },
 ]
 
 
@@ -75,8 +91,14 @@ def test_compute_score_defaults_to_prefix_and_v0():
 def test_rpt_reward_broadcasts_names_and_checks_lengths():
     out = rpt_reward(["p"] * 2, ["\\boxed{ para}", " para"], continuation=[CONT] * 2, boundaries=[BOUNDS] * 2)
     assert out == [1.0, 0.0]
-    out = rpt_reward(["p"] * 2, ["\\boxed{ para}", " para"], continuation=[CONT] * 2, boundaries=[BOUNDS] * 2,
-                     format=["v0", "continuation"], reward="first-token")
+    out = rpt_reward(
+        ["p"] * 2,
+        ["\\boxed{ para}", " para"],
+        continuation=[CONT] * 2,
+        boundaries=[BOUNDS] * 2,
+        format=["v0", "continuation"],
+        reward="first-token",
+    )
     assert out == [1.0, 1.0]
     with pytest.raises(ValueError, match="one continuation"):
         rpt_reward(["p"], ["x"], continuation=[], boundaries=[])
@@ -86,8 +108,17 @@ def test_rpt_reward_broadcasts_names_and_checks_lengths():
 def test_completion_text():
     assert completion_text("plain") == "plain"
     assert completion_text([{"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]) == "a"
-    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"},
-                                                              {"type": "image"}, {"type": "text", "text": "b"}]}]) == "ab"
+    assert (
+        completion_text(
+            [
+                {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}],
+                }
+            ]
+        )
+        == "ab"
+    )
     assert completion_text([{"role": "user", "content": "u"}]) == ""
 
 
@@ -99,10 +130,19 @@ def test_verl_row_keys(fmt_name):
     assert row["data_source"] == "rpt" and row["ability"] == "next-token-prediction"
     assert row["reward_model"]["style"] == "rule"
     assert json.loads(row["reward_model"]["ground_truth"]) == {
-        "continuation": CONT, "boundaries": BOUNDS, "reward": "prefix", "format": fmt_name}
+        "continuation": CONT,
+        "boundaries": BOUNDS,
+        "reward": "prefix",
+        "format": fmt_name,
+    }
     info = row["extra_info"]
     assert {k: info[k] for k in ("task_id", "doc_id", "pos", "entropy", "band")} == {
-        "task_id": "d0:4", "doc_id": "d0", "pos": 4, "entropy": 1.25, "band": "medium"}
+        "task_id": "d0:4",
+        "doc_id": "d0",
+        "pos": 4,
+        "entropy": 1.25,
+        "band": "medium",
+    }
     (message,) = row["prompt"]
     assert message["role"] == "user" and TASKS[0]["context"] in message["content"]
     if fmt_name == "continuation":
@@ -119,7 +159,12 @@ def test_trl_row_keys(fmt_name):
     row = task_to_trl_row(TASKS[0], fmt, reward="first-token")
     assert set(row) == {"prompt", "continuation", "boundaries", "reward", "format", "task_id"}
     assert (row["continuation"], row["boundaries"], row["reward"], row["format"], row["task_id"]) == (
-        CONT, BOUNDS, "first-token", fmt_name, "d0:4")
+        CONT,
+        BOUNDS,
+        "first-token",
+        fmt_name,
+        "d0:4",
+    )
     if fmt_name == "continuation":
         assert row["prompt"] == TASKS[0]["context"]
     else:
@@ -171,4 +216,3 @@ def test_prompt_text_with_tokenizer():
     assert row["extra_info"]["prompt_text"].endswith("|assistant:")
     row = task_to_trl_row(TASKS[0], PROMPT_FORMATS["v0"], tokenizer=FakeTokenizer())
     assert row["prompt_text"].endswith("|assistant:")
-

@@ -98,9 +98,30 @@ def test_truncated_task_shard_is_an_error_naming_it_not_a_usage_error(tmp_path, 
     model = tiny_llama(tmp_path / "model", tiny_bpe_dir)
     shard = tasks / "train" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:300])
-    r = CliRunner().invoke(cli, ["train", str(tasks), "--out", str(tmp_path / "run"), "--model", str(model), "--steps", "1",
-                                 "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "1", "--device", "cpu",
-                                 "--prompt-template", "continuation", "--no-progress"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(tasks),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            str(model),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "1",
+            "--device",
+            "cpu",
+            "--prompt-template",
+            "continuation",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 1, r.output
     assert "Usage:" not in r.output
     assert f"{shard}: damaged: 300 bytes" in r.output and "rerun `rpt make-tasks" in r.output
@@ -119,12 +140,16 @@ def test_library_errors_are_not_usage_errors():
             if callable(error):
                 error()
             raise error
+
         return command
 
     with pytest.raises(click.UsageError):  # a config check: an option problem
         raising(lambda: PrepareConfig(inputs=(), out="x"))()
-    for error in (pa.ArrowInvalid("Parquet magic bytes not found"), json.JSONDecodeError("x", "{", 0),
-                  OSError(errno.ENOSPC, "No space left on device", "out/docs/part-00000.parquet.tmp-1")):
+    for error in (
+        pa.ArrowInvalid("Parquet magic bytes not found"),
+        json.JSONDecodeError("x", "{", 0),
+        OSError(errno.ENOSPC, "No space left on device", "out/docs/part-00000.parquet.tmp-1"),
+    ):
         with pytest.raises(click.ClickException) as info:
             raising(error)()
         assert not isinstance(info.value, click.UsageError), error
@@ -137,10 +162,23 @@ def test_resume_checks_the_checkpoint_files(tmp_path, tiny_bpe_dir):
 
     tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
     model = tiny_llama(tmp_path / "model", tiny_bpe_dir)
-    config = TrainConfig(tasks_dir=str(tasks), out=str(tmp_path / "run"), model=str(model), steps=2, batch_size=2,
-                         group_size=2, max_new_tokens=1, max_prompt_tokens=32, prompt_template="continuation",
-                         micro_batch_tokens=256, save_every=1, sample_every=0, progress=False, device="cpu",
-                         dynamic_sampling_from=-1)
+    config = TrainConfig(
+        tasks_dir=str(tasks),
+        out=str(tmp_path / "run"),
+        model=str(model),
+        steps=2,
+        batch_size=2,
+        group_size=2,
+        max_new_tokens=1,
+        max_prompt_tokens=32,
+        prompt_template="continuation",
+        micro_batch_tokens=256,
+        save_every=1,
+        sample_every=0,
+        progress=False,
+        device="cpu",
+        dynamic_sampling_from=-1,
+    )
     run_train(config)
     first, last = list_checkpoints(tmp_path / "run")
     state = json.loads((last / "state.json").read_text())
@@ -151,7 +189,9 @@ def test_resume_checks_the_checkpoint_files(tmp_path, tiny_bpe_dir):
     r = CliRunner().invoke(cli, ["verify", str(tmp_path / "run")])
     assert r.exit_code == 1 and "step-000002/trainer_state.pt: its sha256 differs" in r.output
     longer = TrainConfig(**{**config.__dict__, "steps": 3})
-    with pytest.raises(DamagedFile, match=r"step-000002/trainer_state\.pt: damaged checkpoint file.*resume from step-000001"):
+    with pytest.raises(
+        DamagedFile, match=r"step-000002/trainer_state\.pt: damaged checkpoint file.*resume from step-000001"
+    ):
         run_train(longer, resume=True)
     (last / "model.safetensors").write_bytes(b"")
     with pytest.raises(DamagedFile, match=r"model\.safetensors: damaged checkpoint file: 0 bytes"):

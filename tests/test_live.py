@@ -128,8 +128,10 @@ def test_target_only_estimate(lp, temperature):
 
 def test_more_accepted_tokens_never_lower_q():
     lps = [math.log(x) for x in (0.4, 0.3, 0.2)]
-    qs = [tempered_accept_mass(lps, flags, 0.8, lps[-1]) for flags in
-          ([True, False, False], [True, False, True], [True, True, True])]
+    qs = [
+        tempered_accept_mass(lps, flags, 0.8, lps[-1])
+        for flags in ([True, False, False], [True, False, True], [True, True, True])
+    ]
     assert qs[0] < qs[1] < qs[2] <= 1.0
     assert math.isnan(tempered_accept_mass([math.nan], [True], 0.8, math.nan))
     with pytest.raises(ValueError, match="temperature"):
@@ -185,7 +187,9 @@ def test_tasks_carry_q_and_live_and_min_live_counts_reconcile(scored, tmp_path):
     assert read_split(tmp_path / "live", "eval") == read_split(tmp_path / "full", "eval")  # never filtered
     assert c["predicted_live"]["train"] > full["counts"]["predicted_live"]["train"]
     # the caps sample among the live tasks: low_live first, then over_max_tasks
-    capped = run_make_tasks(cfg(scored, tmp_path / "cap", temperature=0.7, group_size=4, min_live=threshold, max_tasks=5))
+    capped = run_make_tasks(
+        cfg(scored, tmp_path / "cap", temperature=0.7, group_size=4, min_live=threshold, max_tasks=5)
+    )
     assert capped["counts"]["skipped"]["low_live"] == len(below)
     assert capped["counts"]["skipped"]["over_max_tasks"] == c["tasks"]["train"] - 5
 
@@ -222,10 +226,21 @@ def test_topk_tokens_spanning_whole_continuation_tokens_count(scored, tmp_path, 
             else:
                 ids.append([])
                 lps.append([])
-        t = t.set_column(t.schema.get_field_index("target_logprob"), "target_logprob",
-                         pa.array([math.log(0.5) if (d, p) == (doc_id, pos) else lp for d, p, lp in
-                                   zip(t.column("doc_id").to_pylist(), t.column("pos").to_pylist(),
-                                       t.column("target_logprob").to_pylist())], pa.float32()))
+        t = t.set_column(
+            t.schema.get_field_index("target_logprob"),
+            "target_logprob",
+            pa.array(
+                [
+                    math.log(0.5) if (d, p) == (doc_id, pos) else lp
+                    for d, p, lp in zip(
+                        t.column("doc_id").to_pylist(),
+                        t.column("pos").to_pylist(),
+                        t.column("target_logprob").to_pylist(),
+                    )
+                ],
+                pa.float32(),
+            ),
+        )
         t = t.append_column("topk_ids", pa.array(ids, pa.list_(pa.int32())))
         t = t.append_column("topk_logprobs", pa.array(lps, pa.list_(pa.float32())))
         stage.write_shard("positions", int(path.stem.split("-")[1]), t, {"positions": t.num_rows})
@@ -244,8 +259,25 @@ def test_min_live_cli_and_help(scored, tmp_path):
     r = CliRunner().invoke(cli, ["make-tasks", "--help"])
     assert r.exit_code == 0 and "exact only when the policy is the proxy" in " ".join(r.output.split())
     out = tmp_path / "t"
-    args = ["make-tasks", str(scored[0]), "--out", str(out), "--threshold", "0", "--seed", str(scored[3]),
-            "--eval-fraction", "0.3", "--context-tokens", "16", "--min-live", "0.3", "--group-size", "4", "--no-progress"]
+    args = [
+        "make-tasks",
+        str(scored[0]),
+        "--out",
+        str(out),
+        "--threshold",
+        "0",
+        "--seed",
+        str(scored[3]),
+        "--eval-fraction",
+        "0.3",
+        "--context-tokens",
+        "16",
+        "--min-live",
+        "0.3",
+        "--group-size",
+        "4",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     m = read_manifest(out, "make-tasks")
@@ -265,7 +297,8 @@ def test_task_rows_carry_live_when_present_and_old_dirs_still_load(scored, tmp_p
     rows = TaskRows(out, cache=tmp_path / "cache").take([0, 1])
     assert set(rows[0]) == set(TASK_COLUMNS + OPTIONAL_TASK_COLUMNS) and rows[0]["live"] is not None
     assert predicted_zero_variance(rows, group_size=8) == pytest.approx(
-        np.mean([1 - live_probability(r["accept_mass"], 8) for r in rows]))
+        np.mean([1 - live_probability(r["accept_mass"], 8) for r in rows])
+    )
     # an older tasks directory: the shards lack both columns
     for path in list_shards(out / "train"):
         t = pq.read_table(path)

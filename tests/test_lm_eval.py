@@ -20,14 +20,16 @@ from rpttrain.eval.harness_report import format_harness, split_metric
 
 RPT = [sys.executable, "-c", "from cli.main import cli; cli()"]
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
-        "Water boils at one hundred degrees Celsius at sea level.",
-        "Paris is the capital of France, and Berlin is the capital of Germany.",
-        "One plus one equals two. Two plus two equals four.",
-        "The moon orbits the Earth about once every twenty-seven days.",
-        "Cats and dogs are common pets in many households.",
-        "A triangle has three sides, and a square has four sides.",
-        "The library opens at nine in the morning on weekdays."]
+DOCS = [
+    "The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "One plus one equals two. Two plus two equals four.",
+    "The moon orbits the Earth about once every twenty-seven days.",
+    "Cats and dogs are common pets in many households.",
+    "A triangle has three sides, and a square has four sides.",
+    "The library opens at nine in the morning on weekdays.",
+]
 MC_YAML = """task: tiny_mc
 dataset_path: json
 dataset_kwargs:
@@ -68,13 +70,35 @@ def test_unknown_task_names_are_refused_before_any_model_loads(tiny_corpus):
 
 def test_harness_table_shows_value_and_stderr():
     assert split_metric("acc_norm_stderr,none") == ("acc_norm", "none", True)
-    report = {"rows": [{"model": "m", "mode": "ntp", "bands": {"all": {"accuracy": 0.25}}}],
-              "lm_eval": {"settings": {}, "subjects": [{"model": "m", "run": None, "step": None, "compute": None, "lm_eval": {
-                  "t": {"name": "t", "sample_len": 4, "acc,none": 0.5, "acc_stderr,none": 0.25, "bits_per_byte,none": 1.5,
-                        "bits_per_byte_stderr,none": None}}}]}}
+    report = {
+        "rows": [{"model": "m", "mode": "ntp", "bands": {"all": {"accuracy": 0.25}}}],
+        "lm_eval": {
+            "settings": {},
+            "subjects": [
+                {
+                    "model": "m",
+                    "run": None,
+                    "step": None,
+                    "compute": None,
+                    "lm_eval": {
+                        "t": {
+                            "name": "t",
+                            "sample_len": 4,
+                            "acc,none": 0.5,
+                            "acc_stderr,none": 0.25,
+                            "bits_per_byte,none": 1.5,
+                            "bits_per_byte_stderr,none": None,
+                        }
+                    },
+                }
+            ],
+        },
+    }
     assert format_harness(report).splitlines()[2:] == [
-        "| model | documents | acc | bits_per_byte | next-token accuracy (all) |", "|---|---|---|---|---|",
-        "| m | 4 | 0.5 ± 0.25 | 1.5 | 25.00 |"]
+        "| model | documents | acc | bits_per_byte | next-token accuracy (all) |",
+        "|---|---|---|---|---|",
+        "| m | 4 | 0.5 ± 0.25 | 1.5 | 25.00 |",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +111,24 @@ def tiny_corpus(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm_eval")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    subprocess.run(RPT + ["prepare", str(root / "corpus.jsonl"), "--out", str(root / "prep")], cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        RPT + ["prepare", str(root / "corpus.jsonl"), "--out", str(root / "prep")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     pairs = [("The capital of France is", " Paris"), ("One, two, three, four,", " five")]
     write_tasks_dir(root / "tasks", local_model_dir("smollm2-135m"), pairs, pairs, prepared_dir=str(root / "prep"))
     include = root / "include"
     include.mkdir()
-    items = [("The capital of France is", ["Paris", "Rome", "Tokyo"], 0), ("Two plus two equals", ["five", "four", "ten"], 1),
-             ("Water boils at one hundred degrees", ["Fahrenheit", "Kelvin", "Celsius"], 2)]
-    (include / "tiny_mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
-                                                   for q, c, a in items))
+    items = [
+        ("The capital of France is", ["Paris", "Rome", "Tokyo"], 0),
+        ("Two plus two equals", ["five", "four", "ten"], 1),
+        ("Water boils at one hundred degrees", ["Fahrenheit", "Kelvin", "Celsius"], 2),
+    ]
+    (include / "tiny_mc.jsonl").write_text(
+        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in items)
+    )
     (include / "tiny_mc.yaml").write_text(MC_YAML.format(data=json.dumps(str(include / "tiny_mc.jsonl"))))
     return root
 
@@ -110,9 +142,23 @@ def test_rpt_eval_reports_the_harness_numbers_of_a_direct_lm_eval_run(tiny_corpu
     from rptdata.tasks.taskdef import split_of
 
     out = tiny_corpus / "report"
-    cmd = RPT + ["eval", str(tiny_corpus / "tasks"), "--model", "smollm2-135m", "--lm-eval-tasks", "rpt_heldout_bpb,tiny_mc",
-                 "--lm-eval-include", str(tiny_corpus / "include"), "--lm-eval-limit", "3", "--lm-eval-batch-size", "4",
-                 "--out", str(out), "--no-progress"]
+    cmd = RPT + [
+        "eval",
+        str(tiny_corpus / "tasks"),
+        "--model",
+        "smollm2-135m",
+        "--lm-eval-tasks",
+        "rpt_heldout_bpb,tiny_mc",
+        "--lm-eval-include",
+        str(tiny_corpus / "include"),
+        "--lm-eval-limit",
+        "3",
+        "--lm-eval-batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,9 +171,14 @@ def test_rpt_eval_reports_the_harness_numbers_of_a_direct_lm_eval_run(tiny_corpu
     assert [d["text"] for d in data] == held_out and 0 < len(held_out) < len(DOCS)
     # the same harness, directly, on the same HF folder: the numbers must be equal
     direct = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": local_model_dir("smollm2-135m"), "dtype": "float32", "device": "cpu"},
-        tasks=["rpt_heldout_bpb", "tiny_mc"], limit=3, batch_size=4, log_samples=False,
-        task_manager=TaskManager(include_path=[str(tiny_corpus / "include"), str(out / "lm_eval" / "tasks")]))
+        model="hf",
+        model_args={"pretrained": local_model_dir("smollm2-135m"), "dtype": "float32", "device": "cpu"},
+        tasks=["rpt_heldout_bpb", "tiny_mc"],
+        limit=3,
+        batch_size=4,
+        log_samples=False,
+        task_manager=TaskManager(include_path=[str(tiny_corpus / "include"), str(out / "lm_eval" / "tasks")]),
+    )
     for task, metrics in direct["results"].items():
         for key, value in metrics.items():
             if key != "alias":
@@ -149,12 +200,27 @@ def test_checkpoint_tables_and_plot_against_compute(tmp_path):
     from rpttrain.eval.harness_report import plot_harness
 
     def subject(model, run, step, compute, bpb):
-        return {"model": model, "run": run, "step": step, "compute": compute,
-                "lm_eval": {"rpt_heldout_bpb": {"name": "rpt_heldout_bpb", "sample_len": 4, "bits_per_byte,none": bpb,
-                                                "bits_per_byte_stderr,none": None}}}
+        return {
+            "model": model,
+            "run": run,
+            "step": step,
+            "compute": compute,
+            "lm_eval": {
+                "rpt_heldout_bpb": {
+                    "name": "rpt_heldout_bpb",
+                    "sample_len": 4,
+                    "bits_per_byte,none": bpb,
+                    "bits_per_byte_stderr,none": None,
+                }
+            },
+        }
 
-    subjects = [subject("rpt@0", "rpt", 0, 0.0, 1.18), subject("rpt@1", "rpt", 1, 1e10, 1.17), subject("ntp@0", "ntp", 0, 0.0, 1.18),
-                subject("ntp@1", "ntp", 1, 2e10, 1.16)]
+    subjects = [
+        subject("rpt@0", "rpt", 0, 0.0, 1.18),
+        subject("rpt@1", "rpt", 1, 1e10, 1.17),
+        subject("ntp@0", "ntp", 0, 0.0, 1.18),
+        subject("ntp@1", "ntp", 1, 2e10, 1.16),
+    ]
     report = {"rows": [], "lm_eval": {"settings": {}, "subjects": subjects}}
     lines = format_harness(report).splitlines()
     assert lines[2] == "| model | step | compute (FLOPs) | documents | bits_per_byte |"

@@ -20,10 +20,16 @@ from rpttrain.config import TrainConfig, config_from_dict
 from rpttrain.train import Trainer, run_train
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
-CONTEXTS = [("The quick brown fox jumps over the", " lazy"), ("Once upon a time, there was a", " little"),
-            ("1, 2, 3, 4, 5,", " 6"), ("The capital of France is", " Paris"), ("She opened the door and", " saw"),
-            ("In the beginning God created the", " heaven"), ("To be or not to be, that is the", " question"),
-            ("The sum of 2 and 3 is", " 5")]
+CONTEXTS = [
+    ("The quick brown fox jumps over the", " lazy"),
+    ("Once upon a time, there was a", " little"),
+    ("1, 2, 3, 4, 5,", " 6"),
+    ("The capital of France is", " Paris"),
+    ("She opened the door and", " saw"),
+    ("In the beginning God created the", " heaven"),
+    ("To be or not to be, that is the", " question"),
+    ("The sum of 2 and 3 is", " 5"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +43,25 @@ def smol_tasks(tmp_path_factory):
 def _weight_change(tasks, out, compute_dtype, master_dtype, steps=3):
     """(norm of the parameter change, share of parameters that changed) after `steps` next-token
     steps at lr 1e-6, measured on the parameters themselves (the master weights)."""
-    config = TrainConfig(tasks_dir=str(tasks), out=str(out), model="smollm2-135m", objective="ntp", ntp_positions="tasks",
-                         steps=steps, batch_size=8, max_prompt_tokens=32, lr=1e-6, grad_clip=1.0, weight_decay=0.0,
-                         micro_batch_tokens=4096, device="cpu", compute_dtype=compute_dtype, master_dtype=master_dtype,
-                         progress=False, seed=0)
+    config = TrainConfig(
+        tasks_dir=str(tasks),
+        out=str(out),
+        model="smollm2-135m",
+        objective="ntp",
+        ntp_positions="tasks",
+        steps=steps,
+        batch_size=8,
+        max_prompt_tokens=32,
+        lr=1e-6,
+        grad_clip=1.0,
+        weight_decay=0.0,
+        micro_batch_tokens=4096,
+        device="cpu",
+        compute_dtype=compute_dtype,
+        master_dtype=master_dtype,
+        progress=False,
+        seed=0,
+    )
     trainer = Trainer(config)
     trainer.setup(resume=False, overwrite=False)
     before = [p.detach().float().clone() for p in trainer.model.parameters()]
@@ -77,10 +98,28 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 
 def _tiny_config(tiny, out, **over):
     model, tasks = tiny
-    base = dict(tasks_dir=str(tasks), out=str(out), model=str(model), steps=3, batch_size=4, group_size=4,
-                temperature=1.0, max_new_tokens=1, max_prompt_tokens=32, prompt_template="continuation", lr=3e-2,
-                grad_clip=1.0, micro_batch_tokens=256, save_every=1, sample_every=0, progress=False, device="cpu",
-                dynamic_sampling_from=-1, seed=3, compute_dtype="bfloat16")
+    base = dict(
+        tasks_dir=str(tasks),
+        out=str(out),
+        model=str(model),
+        steps=3,
+        batch_size=4,
+        group_size=4,
+        temperature=1.0,
+        max_new_tokens=1,
+        max_prompt_tokens=32,
+        prompt_template="continuation",
+        lr=3e-2,
+        grad_clip=1.0,
+        micro_batch_tokens=256,
+        save_every=1,
+        sample_every=0,
+        progress=False,
+        device="cpu",
+        dynamic_sampling_from=-1,
+        seed=3,
+        compute_dtype="bfloat16",
+    )
     base.update(over)
     return TrainConfig(**base)
 
@@ -121,19 +160,33 @@ def test_precision_options_refuse_float16_and_the_old_dtype_key():
 # ---------------------------------------------------------------------------------------------
 # memory preflight
 
-QWEN_14B = ModelShape(n_params=14_770_033_664, layers=48, hidden=5120, intermediate=13824, vocab=152064, heads=40, kv_dim=1024)
+QWEN_14B = ModelShape(
+    n_params=14_770_033_664, layers=48, hidden=5120, intermediate=13824, vocab=152064, heads=40, kv_dim=1024
+)
 
 
 def test_estimate_counts_master_weights_gradients_and_adamw():
-    mixed = TrainSizing("cuda", 2, 4, micro_batch_rows=2, sequence_tokens=12288, logit_positions=4,
-                        gradient_checkpointing=True, reference_model=False, rollout_sequences=0, vllm_fraction=0.3)
+    mixed = TrainSizing(
+        "cuda",
+        2,
+        4,
+        micro_batch_rows=2,
+        sequence_tokens=12288,
+        logit_positions=4,
+        gradient_checkpointing=True,
+        reference_model=False,
+        rollout_sequences=0,
+        vllm_fraction=0.3,
+    )
     parts = estimate_train_memory(QWEN_14B, mixed, device_total=141 * GIB)
     n = QWEN_14B.n_params
     assert parts["weights"] == parts["gradients"] == 4 * n and parts["adamw"] == 8 * n
     assert parts["compute_copy"] == 2 * n and parts["vllm"] == int(0.3 * 141 * GIB)
     assert parts["peak"] > 16 * n > 224e9  # the issue's ~224 GB before activations and vLLM
     # gradient checkpointing keeps each layer's input and one recomputed layer's backward: far less than all 48
-    full = estimate_train_memory(QWEN_14B, TrainSizing(**{**mixed.__dict__, "gradient_checkpointing": False}), 141 * GIB)
+    full = estimate_train_memory(
+        QWEN_14B, TrainSizing(**{**mixed.__dict__, "gradient_checkpointing": False}), 141 * GIB
+    )
     assert full["activations"] > 4 * parts["activations"]
     assert full["attention"] == parts["attention"] == 2 * 12288**2  # flash: only the boolean padding mask
     math = estimate_train_memory(QWEN_14B, TrainSizing(**{**mixed.__dict__, "attention": "math"}), 141 * GIB)
@@ -158,9 +211,27 @@ def test_train_refuses_before_loading_or_writing(smol_tasks, tmp_path):
     from cli.main import cli
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train", str(smol_tasks), "--out", str(out), "--objective", "ntp",
-                                      "--ntp-positions", "tasks", "--batch-size", "2", "--max-prompt-tokens", "32",
-                                      "--memory-budget-gib", "0.5", "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(smol_tasks),
+            "--out",
+            str(out),
+            "--objective",
+            "ntp",
+            "--ntp-positions",
+            "tasks",
+            "--batch-size",
+            "2",
+            "--max-prompt-tokens",
+            "32",
+            "--memory-budget-gib",
+            "0.5",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "Error: this run needs about" in result.output and "0.5 GiB are free" in result.output
     assert "Usage:" not in result.output
@@ -189,10 +260,22 @@ print(json.dumps({"estimate": est["peak"], "measured": status("VmHWM:") - base, 
 
 @pytest.mark.slow
 def test_estimate_is_within_2x_of_the_measured_peak_on_cpu(smol_tasks, tmp_path):
-    config = dict(tasks_dir=str(smol_tasks), out=str(tmp_path / "run"), model="smollm2-135m", objective="ntp",
-                  ntp_positions="tasks", batch_size=8, max_prompt_tokens=64, micro_batch_tokens=512, device="cpu",
-                  progress=False, steps=2)
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config)], capture_output=True, text=True, check=True)
+    config = dict(
+        tasks_dir=str(smol_tasks),
+        out=str(tmp_path / "run"),
+        model="smollm2-135m",
+        objective="ntp",
+        ntp_positions="tasks",
+        batch_size=8,
+        max_prompt_tokens=64,
+        micro_batch_tokens=512,
+        device="cpu",
+        progress=False,
+        steps=2,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(config)], capture_output=True, text=True, check=True
+    )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["measured"] > 2**30, figures  # 135M parameters with AdamW: over 2 GB in float32
     ratio = figures["estimate"] / figures["measured"]

@@ -33,15 +33,27 @@ def check_spans(rows):
 
 
 def test_prepare_jsonl_template_and_schema(tmp_path, write_jsonl):
-    src = write_jsonl("c.jsonl", [{"problem": f"Problem {i}: 世界 {{x}}", "solution": f"Answer {i} 🎉"} for i in range(25)])
-    m = run_prepare(PrepareConfig(inputs=(str(src),), out=str(tmp_path / "p"), template=r"{problem}\n\n{solution}", shard_docs=10, progress=False))
+    src = write_jsonl(
+        "c.jsonl", [{"problem": f"Problem {i}: 世界 {{x}}", "solution": f"Answer {i} 🎉"} for i in range(25)]
+    )
+    m = run_prepare(
+        PrepareConfig(
+            inputs=(str(src),),
+            out=str(tmp_path / "p"),
+            template=r"{problem}\n\n{solution}",
+            shard_docs=10,
+            progress=False,
+        )
+    )
     rows = read_docs(tmp_path / "p")
     assert len(rows) == 25 and len(m["shards"]) == 3
     assert rows[0]["text"] == "Problem 0: 世界 {x}\n\nAnswer 0 🎉"
     assert rows[3]["doc_id"] == f"{src}#4"  # 1-based line number
     assert m["counts"]["tokens"] == sum(r["n_tokens"] for r in rows)
     assert m["counts"]["documents_read"] == m["counts"]["documents_written"] == 25
-    assert str(pq.read_schema(list_shards(tmp_path / "p" / "docs")[0]).field("token_ids").type) == "list<element: int32>"
+    assert (
+        str(pq.read_schema(list_shards(tmp_path / "p" / "docs")[0]).field("token_ids").type) == "list<element: int32>"
+    )
     check_spans(rows)
 
 
@@ -67,8 +79,13 @@ def test_all_input_kinds_and_dedupe(tmp_path, write_jsonl):
 
 @pytest.mark.parametrize(
     "raw, reason",
-    [(b'{"text": "ok"', "malformed json"), (b'{"body": "x"}', "missing field"), (b'{"text": "caf\xe9"}', "invalid utf8"),
-     (b'{"text": "\\ud800"}', "invalid unicode"), (b'["a list"]', "not an object")],
+    [
+        (b'{"text": "ok"', "malformed json"),
+        (b'{"body": "x"}', "missing field"),
+        (b'{"text": "caf\xe9"}', "invalid utf8"),
+        (b'{"text": "\\ud800"}', "invalid unicode"),
+        (b'["a list"]', "not an object"),
+    ],
 )
 def test_bad_input_names_file_and_line(tmp_path, write_jsonl, raw, reason):
     src = write_jsonl("bad.jsonl", [{"text": "good one"}, {"text": "good two"}], raw_lines=[raw])
@@ -78,7 +95,11 @@ def test_bad_input_names_file_and_line(tmp_path, write_jsonl, raw, reason):
 
 
 def test_skip_bad_counts_and_logs_rejects(tmp_path, write_jsonl):
-    src = write_jsonl("bad.jsonl", [{"text": "good"}], raw_lines=[b"{oops", b'{"text": "\xff"}', b'{"text": "ctl \\u0016 char"}', b'{"t": 1}'])
+    src = write_jsonl(
+        "bad.jsonl",
+        [{"text": "good"}],
+        raw_lines=[b"{oops", b'{"text": "\xff"}', b'{"text": "ctl \\u0016 char"}', b'{"t": 1}'],
+    )
     m = run_prepare(PrepareConfig(inputs=(str(src),), out=str(tmp_path / "p"), skip_bad=True, progress=False))
     c = m["counts"]
     assert c["documents_read"] == 5 and c["documents_written"] == 1
@@ -108,7 +129,11 @@ def test_resume_after_crash_gives_identical_output(tmp_path, write_jsonl, monkey
     assert not (tmp_path / "crash" / "manifest.json").exists()
 
     written = []
-    monkeypatch.setattr(prepare_mod, "_prepare_unit", lambda stage, index, *a, **k: written.append(index) or real_write(stage, index, *a, **k))
+    monkeypatch.setattr(
+        prepare_mod,
+        "_prepare_unit",
+        lambda stage, index, *a, **k: written.append(index) or real_write(stage, index, *a, **k),
+    )
     resumed = run_prepare(PrepareConfig(out=str(tmp_path / "crash"), **cfg))
     assert written == [2, 3, 4, 5, 6]  # the two finished shards were not redone
     assert read_docs(tmp_path / "crash") == read_docs(tmp_path / "whole")
@@ -146,7 +171,10 @@ def mixed_corpus(tmp_path, write_jsonl):
 
 
 def _as_set(rows):
-    return sorted((r["doc_id"], r["source"], r["text"], tuple(r["token_ids"]), tuple(r["token_end_bytes"]), r["n_tokens"]) for r in rows)
+    return sorted(
+        (r["doc_id"], r["source"], r["text"], tuple(r["token_ids"]), tuple(r["token_end_bytes"]), r["n_tokens"])
+        for r in rows
+    )
 
 
 def _rejects(out):
@@ -159,7 +187,9 @@ def test_two_workers_equal_one(tmp_path, mixed_corpus, monkeypatch):
     cfg = dict(inputs=(str(mixed_corpus),), shard_docs=9, skip_bad=True, min_chars=3, progress=False)
     one = run_prepare(PrepareConfig(out=str(tmp_path / "one"), **cfg))
     c = one["counts"]
-    assert c["documents_read"] == c["documents_written"] + sum(c["documents_rejected"].values()) + sum(c["documents_dropped"].values())
+    assert c["documents_read"] == c["documents_written"] + sum(c["documents_rejected"].values()) + sum(
+        c["documents_dropped"].values()
+    )
     assert c["documents_rejected"]["malformed_json"] == 6 and c["documents_dropped"]["empty"] == 8
 
     first = run_prepare(PrepareConfig(out=str(tmp_path / "two"), num_workers=2, worker_index=0, **cfg))
@@ -209,7 +239,9 @@ def test_killed_worker_resumes_to_the_same_output(tmp_path, mixed_corpus, monkey
         run_prepare(PrepareConfig(out=str(out), num_workers=2, worker_index=1, **cfg))
     assert calls == [1] and not (out / "manifest.json").exists()
     redone = []
-    monkeypatch.setattr(prepare_mod, "_prepare_unit", lambda stage, index, *a, **k: redone.append(index) or real(stage, index, *a, **k))
+    monkeypatch.setattr(
+        prepare_mod, "_prepare_unit", lambda stage, index, *a, **k: redone.append(index) or real(stage, index, *a, **k)
+    )
     m = run_prepare(PrepareConfig(out=str(out), num_workers=2, worker_index=1, **cfg))
     assert redone and 1 not in redone and all(i % 2 == 1 for i in redone), "only worker 1's unfinished shards"
     assert m["counts"] == one["counts"]
@@ -221,7 +253,9 @@ def test_torchrun_env_and_dedupe_refusal(tmp_path, mixed_corpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "2")
     out = tmp_path / "p"
-    partial = run_prepare(PrepareConfig(inputs=(str(mixed_corpus),), out=str(out), shard_docs=40, skip_bad=True, progress=False))
+    partial = run_prepare(
+        PrepareConfig(inputs=(str(mixed_corpus),), out=str(out), shard_docs=40, skip_bad=True, progress=False)
+    )
     assert partial["worker"] == [2, 3] and partial["shards_total"] == 4
     assert [p.name for p in list_shards(out / "docs")] == ["part-00002.parquet"]
     with pytest.raises(ValueError, match="--dedupe needs one process"):
@@ -229,7 +263,9 @@ def test_torchrun_env_and_dedupe_refusal(tmp_path, mixed_corpus, monkeypatch):
     with pytest.raises(ValueError, match="--dedupe needs one process"):
         PrepareConfig(inputs=("x",), out="o", dedupe=True, processes=2)
     monkeypatch.delenv("WORLD_SIZE")
-    r = CliRunner().invoke(cli, ["prepare", str(mixed_corpus), "--out", str(tmp_path / "c"), "--dedupe", "--num-workers", "2"])
+    r = CliRunner().invoke(
+        cli, ["prepare", str(mixed_corpus), "--out", str(tmp_path / "c"), "--dedupe", "--num-workers", "2"]
+    )
     assert r.exit_code == 2 and "--dedupe needs one process" in r.output
 
 
@@ -290,14 +326,24 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, write_jsonl):
     assert r.exit_code == 1 and "line 1" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["prepare", "nope/missing.jsonl", "--out", str(tmp_path / "q")])
     assert r.exit_code == 1 and "no such file" in r.output
-    r = CliRunner().invoke(cli, ["prepare", str(src), "--out", str(tmp_path / "q"), "--text-field", "a", "--template", "{b}"])
+    r = CliRunner().invoke(
+        cli, ["prepare", str(src), "--out", str(tmp_path / "q"), "--text-field", "a", "--template", "{b}"]
+    )
     assert r.exit_code == 2 and "either --text-field or --template" in r.output
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not OMNIMATH.exists(), reason="../shared/corpora is not present")
 def test_prepare_omnimath(tmp_path):
-    m = run_prepare(PrepareConfig(inputs=(str(OMNIMATH),), out=str(tmp_path / "o"), template=r"{problem}\n\n{solution}", shard_docs=1000, progress=False))
+    m = run_prepare(
+        PrepareConfig(
+            inputs=(str(OMNIMATH),),
+            out=str(tmp_path / "o"),
+            template=r"{problem}\n\n{solution}",
+            shard_docs=1000,
+            progress=False,
+        )
+    )
     assert m["counts"]["documents_written"] == 2821
     assert m["counts"]["tokens"] == 1_231_196  # ENVIRONMENT.md's count for the same tokenizer and template
     check_spans(read_docs(tmp_path / "o")[:200])
@@ -308,12 +354,34 @@ def test_jsonl_reader_reads_every_line_as_json_would(tmp_path):
     integers over 64 bits, NaN, lone surrogates, a BOM, invalid UTF-8 come out as they always did."""
     from rptdata.sources import TextBuilder, expand_inputs, read_source
 
-    lines = [b'{"text": "plain"}', b'{"text": 123456789012345678901234567890}', b'{"text": NaN}', b'{"text": 1.5e300}',
-             b'{"text": "lone \\ud800"}', b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "\xff"}', b'{"text": "a", "text": "b"}',
-             b'[1, 2]', b'{"text": "\\u00e9t\\u00e9 \xf0\x9f\x8e\x89"}', b'{"other": 1}', b'{"text": -0.0}']
+    lines = [
+        b'{"text": "plain"}',
+        b'{"text": 123456789012345678901234567890}',
+        b'{"text": NaN}',
+        b'{"text": 1.5e300}',
+        b'{"text": "lone \\ud800"}',
+        b'\xef\xbb\xbf{"text": "bom"}',
+        b'{"text": "\xff"}',
+        b'{"text": "a", "text": "b"}',
+        b"[1, 2]",
+        b'{"text": "\\u00e9t\\u00e9 \xf0\x9f\x8e\x89"}',
+        b'{"other": 1}',
+        b'{"text": -0.0}',
+    ]
     path = tmp_path / "t.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     got = [(r.text, r.reject) for r in read_source(expand_inputs([str(path)])[0], TextBuilder())]
-    assert got == [("plain", None), ("123456789012345678901234567890", None), ("nan", None), ("1.5e+300", None),
-                   ("lone \ud800", None), (None, "malformed_json"), (None, "invalid_utf8"), ("b", None),
-                   (None, "not_an_object"), ("été 🎉", None), (None, "missing_field"), ("-0.0", None)]
+    assert got == [
+        ("plain", None),
+        ("123456789012345678901234567890", None),
+        ("nan", None),
+        ("1.5e+300", None),
+        ("lone \ud800", None),
+        (None, "malformed_json"),
+        (None, "invalid_utf8"),
+        ("b", None),
+        (None, "not_an_object"),
+        ("été 🎉", None),
+        (None, "missing_field"),
+        ("-0.0", None),
+    ]

@@ -3,7 +3,6 @@
 Run: .venv/bin/python -m pytest -q tests/test_prompts.py
 """
 
-
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -141,4 +140,3 @@ def test_get_extract():
     assert get_extract("file:/not/here.txt") is extract_prediction
     with pytest.raises(ValueError, match="unknown prompt format"):
         get_extract("v9")
-

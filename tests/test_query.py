@@ -47,13 +47,16 @@ class FakeScorer:
             right = j % 2 == 0
             top1 = np.where(right, target, target + 1).astype(np.int32)
             topk = np.tile(top1[:, None], (1, 16)).astype(np.int32)
-            yield i, PositionScores(
-                entropy=entropy,
-                target_logprob=-entropy,
-                target_rank=np.where(right, 1, 2).astype(np.int32),
-                top1_id=top1,
-                topk_ids=topk,
-                topk_logprobs=np.zeros((len(j), 16), np.float32),
+            yield (
+                i,
+                PositionScores(
+                    entropy=entropy,
+                    target_logprob=-entropy,
+                    target_rank=np.where(right, 1, 2).astype(np.int32),
+                    top1_id=top1,
+                    topk_ids=topk,
+                    topk_logprobs=np.zeros((len(j), 16), np.float32),
+                ),
             )
             if progress:
                 progress(len(j))
@@ -84,7 +87,9 @@ def _expected(prep) -> list[dict]:
     rows = []
     for doc in pq.read_table(prep / "docs").to_pylist():
         for pos in range(1, doc["n_tokens"]):
-            rows.append({"doc_id": doc["doc_id"], "pos": pos, "entropy": np.float32((37 * doc["token_ids"][pos]) % 300 / 100)})
+            rows.append(
+                {"doc_id": doc["doc_id"], "pos": pos, "entropy": np.float32((37 * doc["token_ids"][pos]) % 300 / 100)}
+            )
     return rows
 
 
@@ -94,7 +99,9 @@ def test_views_and_counts(prep, scored):
     n = con.sql("SELECT count(*) FROM positions").fetchall()[0][0]
     assert n == m["counts"]["positions_kept"] == len(_expected(prep))
     assert con.sql("SELECT count(*) FROM docs").fetchall()[0][0] == len(TEXTS)
-    bad = con.sql("SELECT count(*) FROM positions p JOIN docs d USING (doc_id) WHERE p.token_id != d.token_ids[p.pos + 1]")
+    bad = con.sql(
+        "SELECT count(*) FROM positions p JOIN docs d USING (doc_id) WHERE p.token_id != d.token_ids[p.pos + 1]"
+    )
     assert bad.fetchall()[0][0] == 0, "token_id is the document's token at pos (DuckDB lists are 1-based)"
     cols, rows = query_rows(scored, "SELECT doc_id, pos, entropy FROM positions ORDER BY doc_id, pos")
     assert cols == ["doc_id", "pos", "entropy"]

@@ -29,10 +29,10 @@ def wandb_records(path: Path) -> list[bytes]:
         if left < 7:  # a block's tail too short for a record header is padding
             pos += left
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
         if kind == 0:
             break
-        chunks.append(data[pos + 7:pos + 7 + length])
+        chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):  # full, last
             records.append(b"".join(chunks))
@@ -56,12 +56,33 @@ def test_backends_map_report_to():
     from rpttrain.backends import unsupported_options
     from rpttrain.backends.trl import grpo_args
 
-    config = TrainConfig("t", "o", report_to="wandb", batch_size=2, group_size=2, max_new_tokens=1, max_prompt_tokens=63,
-                         micro_batch_tokens=256)
+    config = TrainConfig(
+        "t",
+        "o",
+        report_to="wandb",
+        batch_size=2,
+        group_size=2,
+        max_new_tokens=1,
+        max_prompt_tokens=63,
+        micro_batch_tokens=256,
+    )
     assert unsupported_options(config, "trl") == [] and unsupported_options(config, "verl") == []
     assert grpo_args(config)["report_to"] == ["wandb"]
-    assert grpo_args(TrainConfig("t", "o", report_to="none", batch_size=2, group_size=2, max_new_tokens=1,
-                                 max_prompt_tokens=63, micro_batch_tokens=256))["report_to"] == "none"
+    assert (
+        grpo_args(
+            TrainConfig(
+                "t",
+                "o",
+                report_to="none",
+                batch_size=2,
+                group_size=2,
+                max_new_tokens=1,
+                max_prompt_tokens=63,
+                micro_batch_tokens=256,
+            )
+        )["report_to"]
+        == "none"
+    )
     assert verl_loggers("tensorboard,wandb") == ["console", "file", "tensorboard", "wandb"]
     assert verl_loggers("none") == ["console", "file"]
 
@@ -78,16 +99,50 @@ def test_train_report_to_wandb_offline_writes_a_readable_run(tmp_path, smollm2_t
     from rptdata.models import local_model_dir
     from tests.rpt_fixtures import write_tasks_dir
 
-    pairs = [("The capital of France is", " Paris"), ("One, two, three, four,", " five"),
-             ("The sun rises in the", " east"), ("Water freezes at zero degrees", " Celsius")]
+    pairs = [
+        ("The capital of France is", " Paris"),
+        ("One, two, three, four,", " five"),
+        ("The sun rises in the", " east"),
+        ("Water freezes at zero degrees", " Celsius"),
+    ]
     tasks = write_tasks_dir(tmp_path / "tasks", local_model_dir("smollm2-135m"), pairs)
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_PROJECT": "rpt-test"}
     proc = subprocess.run(
-        RPT + ["train", str(tasks), "--out", str(run), "--model", "smollm2-135m", "--report-to", "wandb", "--steps", "2",
-               "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "1", "--prompt-template", "continuation",
-               "--max-prompt-tokens", "64", "--sample-every", "1", "--dynamic-sampling-from", "-1", "--no-progress"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        RPT
+        + [
+            "train",
+            str(tasks),
+            "--out",
+            str(run),
+            "--model",
+            "smollm2-135m",
+            "--report-to",
+            "wandb",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "1",
+            "--prompt-template",
+            "continuation",
+            "--max-prompt-tokens",
+            "64",
+            "--sample-every",
+            "1",
+            "--dynamic-sampling-from",
+            "-1",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1, list((run / "wandb").rglob("*"))

@@ -54,8 +54,17 @@ def reference_extract(text):
 
 @pytest.mark.parametrize(
     "prediction, expected",
-    [(" para", 1.0), (" paragraph", 1.0), (" par", 0.0), (" paragr", 0.0), ("", 0.0), (None, 0.0),
-     ("para", 0.0), (" paragraphs", 0.0), (" Para", 0.0)],
+    [
+        (" para", 1.0),
+        (" paragraph", 1.0),
+        (" par", 0.0),
+        (" paragr", 0.0),
+        ("", 0.0),
+        (None, 0.0),
+        ("para", 0.0),
+        (" paragraphs", 0.0),
+        (" Para", 0.0),
+    ],
 )
 def test_prefix_reward_paper_example(prediction, expected):
     assert prefix_reward(prediction, " paragraph", [5, 10]) == expected
@@ -138,7 +147,11 @@ def test_score_completions():
     scores = score_completions(completions, [" paragraph"] * 4, [[5, 10]] * 4)
     assert scores == [1.0, 1.0, 0.0, 0.0]
     assert score_completions(completions, [" paragraph"] * 4, [[5, 10]] * 4, reward="first-token") == [
-        1.0, 0.0, 0.0, 0.0]
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
     assert score_completions([" para"], [" paragraph"], [[5, 10]], extract=lambda c: c) == [1.0]
     assert score_completions([" para"], [" paragraph"], [[5, 10]], reward=lambda p, c, b: 0.5) == [0.5]
     with pytest.raises(ValueError, match="one entry per item"):
@@ -240,7 +253,6 @@ def test_extract_prediction_is_linear_on_hostile_input(name):
     assert t_big < 10 * t_small + 0.05, f"{name}: {t_small:.3f} s -> {t_big:.3f} s for 4x the input"
 
 
-
 # ---------------------------------------------------------------- App. A dense rewards
 # Hand-computed from the paper's definitions (arXiv 2506.08007v1, App. A): a group of G = 4
 # rollouts of one context whose true next token x_t has id 11. The policy's probabilities of
@@ -267,7 +279,10 @@ def test_score_group_all_four_rewards():
     assert score_group("first-token", preds, cont, bounds) == ([1.0, 0.0, 0.0, 0.0], [True, False, False, False])
     # dense rewards judge y[0], the prediction's first TOKEN (" paragraph" may be one token, not " para")
     ids, probs = [11, 12, 13, None], [0.5, 0.25, 0.125, None]
-    assert score_group("dense", preds, cont, bounds, ids, 11, probs) == ([1.0, 0.25, 0.125, 0.0], [True, False, False, False])
+    assert score_group("dense", preds, cont, bounds, ids, 11, probs) == (
+        [1.0, 0.25, 0.125, 0.0],
+        [True, False, False, False],
+    )
     assert score_group("conditional-dense", preds, cont, bounds, ids, 99, probs) == ([0.0] * 4, [False] * 4)
     with pytest.raises(ValueError, match="needs first_ids"):
         score_group("dense", preds, cont, bounds)

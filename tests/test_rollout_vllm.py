@@ -75,7 +75,9 @@ def _trainer_logprobs(model, prompts, groups, temperature):
 
     objective = GRPOObjective.__new__(GRPOObjective)  # no setup: the method needs only the temperature
     objective.config = SimpleNamespace(temperature=temperature)
-    batch = [SimpleNamespace(prompt_ids=list(p), completion_ids=c.token_ids) for p, g in zip(prompts, groups) for c in g]
+    batch = [
+        SimpleNamespace(prompt_ids=list(p), completion_ids=c.token_ids) for p, g in zip(prompts, groups) for c in g
+    ]
     with torch.no_grad():
         logp, mask = objective.completion_logprobs(model, batch)[:2]
     return [logp[i, : int(mask[i].sum())].tolist() for i in range(len(batch))]
@@ -192,10 +194,38 @@ def test_rpt_train_with_vllm_engine(policy, tmp_path):
     out = tmp_path / "run"
     rpt = Path(sys.executable).with_name("rpt")
     cmd = [
-        str(rpt), "train", str(tasks), "--out", str(out), "--engine", "vllm", "--compute-dtype", "float32",
-        "--prompt-template", "continuation", "--max-new-tokens", "4", "--batch-size", "4", "--group-size", "4",
-        "--steps", "3", "--lr", "1e-4", "--grad-clip", "1.0", "--max-prompt-tokens", "64", "--no-progress",
-        "--sample-every", "0", "--save-every", "100", "--keep-checkpoints", "1",
+        str(rpt),
+        "train",
+        str(tasks),
+        "--out",
+        str(out),
+        "--engine",
+        "vllm",
+        "--compute-dtype",
+        "float32",
+        "--prompt-template",
+        "continuation",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+        "--group-size",
+        "4",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-4",
+        "--grad-clip",
+        "1.0",
+        "--max-prompt-tokens",
+        "64",
+        "--no-progress",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "100",
+        "--keep-checkpoints",
+        "1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

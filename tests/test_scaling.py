@@ -83,9 +83,16 @@ def test_runs_sharing_a_base_model_share_one_step0_line():
     def row(run, compute, acc, mode="ntp"):
         return {"run": run, "mode": mode, "compute": compute, "bands": {"hard": {"accuracy": acc}}}
 
-    rows = [row("rpt", 0.0, 0.3), row("rpt", 1e12, 0.35), row("ntp", 0.0, 0.3), row("ntp", 1e12, 0.4),
-            row("big", 0.0, 0.45), row("rpt", 0.0, 0.2, mode="reasoning"), row(None, None, 0.9),
-            row("empty", 0.0, None)]
+    rows = [
+        row("rpt", 0.0, 0.3),
+        row("rpt", 1e12, 0.35),
+        row("ntp", 0.0, 0.3),
+        row("ntp", 1e12, 0.4),
+        row("big", 0.0, 0.45),
+        row("rpt", 0.0, 0.2, mode="reasoning"),
+        row(None, None, 0.9),
+        row("empty", 0.0, None),
+    ]
     assert step0_lines(rows, "ntp", "hard") == [(30.0, ["rpt", "ntp"]), (45.0, ["big"])]
     assert step0_lines(rows, "reasoning", "hard") == [(20.0, ["rpt"])]
 
@@ -97,11 +104,14 @@ def test_three_points_are_refused_even_on_the_law():
         fit_scaling(c, [float(scaling_law(x, TRUE_A, TRUE_ALPHA, TRUE_P_STAR)) for x in c])
 
 
-@pytest.mark.parametrize("accuracy, bound", [
-    ([0.20, 0.50, 0.50, 0.50, 0.50], "alpha = 5 (upper bound)"),  # a step: the law's alpha runs to its bound
-    ([0.35, 0.36, 0.38, 0.42, 0.50], "P* = 1 (upper bound)"),  # accelerating: no asymptote below 100%
-    ([0.50, 0.40, 0.45, 0.41, 0.44], "alpha = 5 (upper bound)"),  # noise around a level, as in issue 16
-])
+@pytest.mark.parametrize(
+    "accuracy, bound",
+    [
+        ([0.20, 0.50, 0.50, 0.50, 0.50], "alpha = 5 (upper bound)"),  # a step: the law's alpha runs to its bound
+        ([0.35, 0.36, 0.38, 0.42, 0.50], "P* = 1 (upper bound)"),  # accelerating: no asymptote below 100%
+        ([0.50, 0.40, 0.45, 0.41, 0.44], "alpha = 5 (upper bound)"),  # noise around a level, as in issue 16
+    ],
+)
 def test_fits_on_a_parameter_bound_are_refused(accuracy, bound):
     c = [1e15, 2e15, 4e15, 8e15, 1.6e16]
     with pytest.raises(NoFit, match="sits on a bound") as e:
@@ -116,9 +126,17 @@ def test_eval_report_and_plot_legend_say_why_there_is_no_fit(tmp_path):
     from rpttrain.scaling import plot_scaling
 
     bands = dict(DEFAULT_BANDS)
-    rows = [{"run": "r", "model": f"r@{i}", "step": i, "compute": c, "mode": "ntp",
-             "bands": {b: {"accuracy": a, "n": 100} for b in [*bands, "all"]}}
-            for i, (c, a) in enumerate([(0.0, 0.1), (1e15, 0.2), (2e15, 0.5), (4e15, 0.5), (8e15, 0.5), (1.6e16, 0.5)])]
+    rows = [
+        {
+            "run": "r",
+            "model": f"r@{i}",
+            "step": i,
+            "compute": c,
+            "mode": "ntp",
+            "bands": {b: {"accuracy": a, "n": 100} for b in [*bands, "all"]},
+        }
+        for i, (c, a) in enumerate([(0.0, 0.1), (1e15, 0.2), (2e15, 0.5), (4e15, 0.5), (8e15, 0.5), (1.6e16, 0.5)])
+    ]
     fits = eval_report.scaling_fits(EvalConfig(tasks_dir="t", models=("m",)), rows)
     assert all(f["status"].startswith("no fit: the best fit sits on a bound") and f["A"] is None for f in fits)
     report = {"rows": rows, "bands": bands, "scaling": fits}
@@ -126,4 +144,6 @@ def test_eval_report_and_plot_legend_say_why_there_is_no_fit(tmp_path):
     assert "no fit: the best fit sits on a bound (alpha = 5 (upper bound))" in table and "e+" not in table
     fig = plot_scaling(report, tmp_path / "s.png")
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-    assert sum(label.startswith("r: no fit: the best fit sits on a bound") for label in labels) == len(bands)  # a panel per band
+    assert sum(label.startswith("r: no fit: the best fit sits on a bound") for label in labels) == len(
+        bands
+    )  # a panel per band

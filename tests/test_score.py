@@ -112,7 +112,9 @@ def test_entropy_hand_computed():
     assert float(entropy_from_logits(lp, k=2)) == pytest.approx(0.5 * math.log(2) - 0.3 * math.log(0.3), abs=1e-6)
     # renormalized, k=2: q = (.625, .375)
     q = (0.625, 0.375)
-    assert float(entropy_from_logits(lp, k=2, mode="renormalized")) == pytest.approx(-sum(x * math.log(x) for x in q), abs=1e-6)
+    assert float(entropy_from_logits(lp, k=2, mode="renormalized")) == pytest.approx(
+        -sum(x * math.log(x) for x in q), abs=1e-6
+    )
     # uniform over 4, k=2: full softmax gives 2 * .25 ln 4 = ln 2, renormalized gives ln 2 too
     assert float(entropy_from_logits(torch.zeros(4), k=2)) == pytest.approx(math.log(2), abs=1e-6)
     assert float(entropy_from_logits(torch.zeros(4), k=2, mode="renormalized")) == pytest.approx(math.log(2), abs=1e-6)
@@ -244,8 +246,16 @@ def test_plan_batches_properties(lengths, budget):
 
 
 def test_config_invariants(tmp_path):
-    for bad in (dict(top_k=0), dict(min_context=0), dict(max_context=4, min_context=4), dict(threshold=-1.0),
-                dict(max_context=16, overlap=16), dict(engine="tgi"), dict(entropy="x"), dict(dtype="int8")):
+    for bad in (
+        dict(top_k=0),
+        dict(min_context=0),
+        dict(max_context=4, min_context=4),
+        dict(threshold=-1.0),
+        dict(max_context=16, overlap=16),
+        dict(engine="tgi"),
+        dict(entropy="x"),
+        dict(dtype="int8"),
+    ):
         with pytest.raises(ValueError):
             ScoreConfig(prepared="p", out="o", **bad)
 
@@ -283,8 +293,11 @@ def _reference_banded(model, tokens, chunks, k: int = 16):
         for pos in range(c.first, c.end):
             lp = torch.log_softmax(logits[pos - 1], -1)
             top = lp.topk(k).values
-            out[pos] = {"entropy": float(-(top.exp() * top).sum()), "target_logprob": float(lp[tokens[pos]]),
-                        "logits": logits[pos - 1]}
+            out[pos] = {
+                "entropy": float(-(top.exp() * top).sum()),
+                "target_logprob": float(lp[tokens[pos]]),
+                "logits": logits[pos - 1],
+            }
     return out
 
 
@@ -342,8 +355,15 @@ def test_windows_match_independent_windows(prep, baseline, model, tmp_path):
 
     engine = load_scorer("hf", "smollm2-135m", dtype="float32", device="cpu")
     docs = pq.read_table(prep / "docs").to_pylist()
-    table, stats = score_docs(engine, [d["doc_id"] for d in docs], [np.asarray(d["token_ids"]) for d in docs],
-                              max_context=WINDOW, threshold=None, save_topk=True, long_documents="windows")
+    table, stats = score_docs(
+        engine,
+        [d["doc_id"] for d in docs],
+        [np.asarray(d["token_ids"]) for d in docs],
+        max_context=WINDOW,
+        threshold=None,
+        save_topk=True,
+        long_documents="windows",
+    )
     by_doc = _by_doc(table.to_pylist())
     overlapped = 0
     for doc in docs:
@@ -371,10 +391,17 @@ def test_carried_chunks_match_full_document_forward(prep, model):
     assert sorted(got) == list(range(len(docs)))
     for i, tokens in enumerate(docs):
         full = _reference_window(model, tokens, Window(0, 1, len(tokens)))
-        rows = {1 + j: {"token_id": tokens[1 + j], "entropy": float(got[i].entropy[j]),
-                        "target_logprob": float(got[i].target_logprob[j]), "target_rank": int(got[i].target_rank[j]),
-                        "top1_id": int(got[i].top1_id[j]), "topk_ids": got[i].topk_ids[j].tolist()}
-                for j in range(len(got[i]))}
+        rows = {
+            1 + j: {
+                "token_id": tokens[1 + j],
+                "entropy": float(got[i].entropy[j]),
+                "target_logprob": float(got[i].target_logprob[j]),
+                "target_rank": int(got[i].target_rank[j]),
+                "top1_id": int(got[i].top1_id[j]),
+                "topk_ids": got[i].topk_ids[j].tolist(),
+            }
+            for j in range(len(got[i]))
+        }
         assert sorted(rows) == sorted(full)
         _check_rows(rows, full, tokens, i)
 
@@ -389,7 +416,8 @@ def test_topk_columns_are_consistent(baseline):
         assert r["entropy"] == pytest.approx(float(-(np.exp(lp) * lp).sum()), abs=1e-5)
         if r["target_rank"] <= 16:
             assert r["topk_ids"][r["target_rank"] - 1] == r["token_id"] or lp[r["target_rank"] - 1] == pytest.approx(
-                r["target_logprob"], abs=1e-5)
+                r["target_logprob"], abs=1e-5
+            )
     m = _manifest(baseline)
     c = m["counts"]
     assert c["positions_scored"] == c["positions_kept"] == t.num_rows
@@ -409,7 +437,9 @@ def test_renormalized_matches_reference(prep, baseline, tmp_path):
     out = tmp_path / "renorm"
     run_score_entropy(_config(prep, out, entropy="renormalized"))
     a, b = _rows(baseline), _rows(out)
-    assert [(r["doc_id"], r["pos"], r["target_rank"]) for r in a] == [(r["doc_id"], r["pos"], r["target_rank"]) for r in b]
+    assert [(r["doc_id"], r["pos"], r["target_rank"]) for r in a] == [
+        (r["doc_id"], r["pos"], r["target_rank"]) for r in b
+    ]
     for r in b[:200]:
         lp = torch.tensor(r["topk_logprobs"], dtype=torch.float64)
         assert r["entropy"] == pytest.approx(float(topk_entropy(lp, "renormalized")), abs=1e-5)
@@ -442,7 +472,11 @@ def test_kill_and_resume_gives_identical_rows(prep, baseline, tmp_path, monkeypa
     first_shard = (out / "positions" / "part-00000.parquet").stat().st_mtime_ns
 
     resumed = []
-    monkeypatch.setattr(score, "_score_shard", lambda stage, path, index, *a, **k: resumed.append(index) or real(stage, path, index, *a, **k))
+    monkeypatch.setattr(
+        score,
+        "_score_shard",
+        lambda stage, path, index, *a, **k: resumed.append(index) or real(stage, path, index, *a, **k),
+    )
     m = run_score_entropy(_config(prep, out))
     assert resumed == [1, 2], "only the unfinished shards are scored again"
     assert (out / "positions" / "part-00000.parquet").stat().st_mtime_ns == first_shard
@@ -526,21 +560,45 @@ def test_cli_score_query_stats(prep, baseline, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "scored"
-    r = runner.invoke(cli, ["score-entropy", str(prep), "--out", str(out), "--max-context", str(WINDOW),
-                            "--threshold", "1.0", "--no-progress"])
+    r = runner.invoke(
+        cli,
+        [
+            "score-entropy",
+            str(prep),
+            "--out",
+            str(out),
+            "--max-context",
+            str(WINDOW),
+            "--threshold",
+            "1.0",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "positions scored" in r.output and "kept (entropy >= 1)" in r.output
     m = _manifest(out)
-    assert _rows(out) == [{k: v for k, v in row.items() if k not in ("topk_ids", "topk_logprobs")}
-                          for row in _rows(baseline) if row["entropy"] >= 1.0]
+    assert _rows(out) == [
+        {k: v for k, v in row.items() if k not in ("topk_ids", "topk_logprobs")}
+        for row in _rows(baseline)
+        if row["entropy"] >= 1.0
+    ]
 
     r = runner.invoke(cli, ["query", str(out), "SELECT count(*) AS n FROM positions", "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == [{"n": m["counts"]["positions_kept"]}]
-    r = runner.invoke(cli, ["query", str(out), "SELECT d.n_tokens, p.pos FROM positions p JOIN docs d USING (doc_id) "
-                                               "WHERE p.pos >= d.n_tokens"])
+    r = runner.invoke(
+        cli,
+        [
+            "query",
+            str(out),
+            "SELECT d.n_tokens, p.pos FROM positions p JOIN docs d USING (doc_id) WHERE p.pos >= d.n_tokens",
+        ],
+    )
     assert r.exit_code == 0 and "(0 rows)" in r.output, r.output
-    r = runner.invoke(cli, ["query", str(out), "SELECT * FROM positions ORDER BY doc_id, pos", "--output", str(tmp_path / "p.parquet")])
+    r = runner.invoke(
+        cli,
+        ["query", str(out), "SELECT * FROM positions ORDER BY doc_id, pos", "--output", str(tmp_path / "p.parquet")],
+    )
     assert r.exit_code == 0 and pq.read_table(tmp_path / "p.parquet").num_rows == m["counts"]["positions_kept"]
     r = runner.invoke(cli, ["query", str(out), "SELECT * FROM no_such_view"])
     assert r.exit_code == 1 and "query failed" in r.output
@@ -555,7 +613,9 @@ def test_cli_score_query_stats(prep, baseline, tmp_path):
     assert r.exit_code == 0 and "positions scored" in r.output
     r = runner.invoke(cli, ["score-entropy", str(prep), "--out", str(out), "--keep-all", "--threshold", "1"])
     assert r.exit_code == 2 and "not both" in r.output
-    r = runner.invoke(cli, ["score-entropy", str(prep), "--out", str(out), "--max-context", str(WINDOW), "--threshold", "2.0"])
+    r = runner.invoke(
+        cli, ["score-entropy", str(prep), "--out", str(out), "--max-context", str(WINDOW), "--threshold", "2.0"]
+    )
     assert r.exit_code == 1 and "--overwrite" in r.output
 
 

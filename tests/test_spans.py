@@ -16,10 +16,35 @@ from rptdata.errors import TokenizerNotSupported
 from rptdata.spans import ByteSpanTokenizer, token_spans
 from tests.conftest import OMNIMATH
 
-PIECES = ["🎉", "👩‍👩‍👧", "世界", "中文字符", "e\u0301", "a\u0308\u0323", "\r\n", "\n\n", "    ", "\t", "0123456789", "1e-10",
-          "ﬁ", "Å", "Å", "한국어", "\u200b", "x²", "𝔘𝔫𝔦", "ا لعربية", " para", "graph", "$\\frac{a}{b}$"]
-texts = st.lists(st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30), st.sampled_from(PIECES)),
-                 max_size=12).map("".join)
+PIECES = [
+    "🎉",
+    "👩‍👩‍👧",
+    "世界",
+    "中文字符",
+    "e\u0301",
+    "a\u0308\u0323",
+    "\r\n",
+    "\n\n",
+    "    ",
+    "\t",
+    "0123456789",
+    "1e-10",
+    "ﬁ",
+    "Å",
+    "Å",
+    "한국어",
+    "\u200b",
+    "x²",
+    "𝔘𝔫𝔦",
+    "ا لعربية",
+    " para",
+    "graph",
+    "$\\frac{a}{b}$",
+]
+texts = st.lists(
+    st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30), st.sampled_from(PIECES)),
+    max_size=12,
+).map("".join)
 
 
 def check_doc(tokenizer, spans, text):
@@ -124,7 +149,10 @@ def plain_and_auto(smollm2_tokenizer, request):
 
     pairs = {"smollm2": ("smollm2-135m", smollm2_tokenizer)}
     try:
-        pairs["r1-distill-qwen"] = (str(request.getfixturevalue("qwen_tokenizer").name_or_path), request.getfixturevalue("qwen_tokenizer"))
+        pairs["r1-distill-qwen"] = (
+            str(request.getfixturevalue("qwen_tokenizer").name_or_path),
+            request.getfixturevalue("qwen_tokenizer"),
+        )
     except pytest.skip.Exception:
         pass
     out = {}
@@ -146,7 +174,15 @@ def _same_encoding(plain, auto, docs):
 
 
 def test_plain_tokenizer_equals_autotokenizer_on_hostile_unicode_and_nfc(plain_and_auto):
-    docs = PIECES + ["".join(PIECES), "e\u0301cole", "Cafe\u0301 \u212b \u2126", "\x00\x16", " leading", "trailing  ", ""]
+    docs = PIECES + [
+        "".join(PIECES),
+        "e\u0301cole",
+        "Cafe\u0301 \u212b \u2126",
+        "\x00\x16",
+        " leading",
+        "trailing  ",
+        "",
+    ]
     for plain, auto in plain_and_auto.values():
         _same_encoding(plain, auto, docs)
     if "r1-distill-qwen" in plain_and_auto:  # the NFC normalizer came along

@@ -68,7 +68,9 @@ def build_scored(root, texts=None, shard_docs: int = 6, tokenizer: str = "smollm
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (texts or corpus_texts())))
     prep = root / "prep"
-    run_prepare(PrepareConfig(inputs=(str(corpus),), out=str(prep), tokenizer=tokenizer, shard_docs=shard_docs, progress=False))
+    run_prepare(
+        PrepareConfig(inputs=(str(corpus),), out=str(prep), tokenizer=tokenizer, shard_docs=shard_docs, progress=False)
+    )
     pm = read_manifest(prep, "prepare")
     scored = root / "scored"
     stage = StageDir(scored, "score-entropy", ["positions"])
@@ -86,11 +88,27 @@ def build_scored(root, texts=None, shard_docs: int = 6, tokenizer: str = "smollm
                 cols["target_logprob"].append(-h)
                 cols["target_rank"].append(pos % 5)
                 cols["top1_id"].append(tok if pos % 5 == 0 else 0)
-        schema = pa.schema([("doc_id", pa.string()), ("pos", pa.int32()), ("token_id", pa.int32()), ("entropy", pa.float32()),
-                            ("target_logprob", pa.float32()), ("target_rank", pa.int32()), ("top1_id", pa.int32())])
-        stage.write_shard("positions", index, pa.Table.from_pydict(cols, schema=schema), {"positions": len(cols["pos"])})
-    stage.finish({"tokenizer": pm["tokenizer"], "proxy": {"name": "fake-proxy", "spec": "fake", "vocab_hash": pm["tokenizer"]["vocab_hash"]},
-                  "prepared": {"dir": str(prep.resolve()), "fingerprint": pm["fingerprint"]}})
+        schema = pa.schema(
+            [
+                ("doc_id", pa.string()),
+                ("pos", pa.int32()),
+                ("token_id", pa.int32()),
+                ("entropy", pa.float32()),
+                ("target_logprob", pa.float32()),
+                ("target_rank", pa.int32()),
+                ("top1_id", pa.int32()),
+            ]
+        )
+        stage.write_shard(
+            "positions", index, pa.Table.from_pydict(cols, schema=schema), {"positions": len(cols["pos"])}
+        )
+    stage.finish(
+        {
+            "tokenizer": pm["tokenizer"],
+            "proxy": {"name": "fake-proxy", "spec": "fake", "vocab_hash": pm["tokenizer"]["vocab_hash"]},
+            "prepared": {"dir": str(prep.resolve()), "fingerprint": pm["fingerprint"]},
+        }
+    )
     return scored, prep
 
 
@@ -124,8 +142,16 @@ def scored(tmp_path_factory):
 
 
 def cfg(scored, out, **kw):
-    base = dict(scored_dir=str(scored[0]), out=str(out), threshold=0.0, eval_fraction=0.3, seed=scored[3],
-                context_tokens=16, continuation_tokens=4, progress=False)
+    base = dict(
+        scored_dir=str(scored[0]),
+        out=str(out),
+        threshold=0.0,
+        eval_fraction=0.3,
+        seed=scored[3],
+        context_tokens=16,
+        continuation_tokens=4,
+        progress=False,
+    )
     return MakeTasksConfig(**{**base, **kw})
 
 
@@ -137,10 +163,17 @@ def tables(out) -> dict:
 # pure helpers
 
 
-
 def test_band_of_and_parse_bands():
     assert [band_of(h) for h in (0.0, 0.5, 0.51, 1.0, 1.2, 1.5, 1.51, 9)] == [
-        "other", "other", "easy", "easy", "medium", "medium", "hard", "hard"]
+        "other",
+        "other",
+        "easy",
+        "easy",
+        "medium",
+        "medium",
+        "hard",
+        "hard",
+    ]
     assert band_of(float("nan")) == "other"
     assert parse_bands("a=1,b=2") == (("a", 1.0), ("b", 2.0))
     with pytest.raises(ValueError, match="name every band"):
@@ -387,7 +420,9 @@ def test_refuses_non_scored_or_unfinished_or_mismatched_input(scored, tmp_path):
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MissingUpstream, match="--prepared"):
         run_make_tasks(cfg(scored, tmp_path / "c", scored_dir=str(moved)))
-    assert run_make_tasks(cfg(scored, tmp_path / "c", scored_dir=str(moved), prepared_dir=str(scored[1])))["counts"]["tasks"]
+    assert run_make_tasks(cfg(scored, tmp_path / "c", scored_dir=str(moved), prepared_dir=str(scored[1])))["counts"][
+        "tasks"
+    ]
     manifest["prepared"]["dir"] = str(scored[1])
     manifest["tokenizer"] = {**manifest["tokenizer"], "vocab_hash": "0000"}
     (moved / "manifest.json").write_text(json.dumps(manifest))
@@ -418,8 +453,25 @@ def test_readers(scored, tmp_path):
 
 def test_cli(scored, tmp_path):
     out = tmp_path / "t"
-    args = ["make-tasks", str(scored[0]), "--out", str(out), "--threshold", "0", "--seed", str(scored[3]),
-            "--eval-fraction", "0.3", "--context-tokens", "32", "--bands", "lo=0.5,hi=2", "--max-eval-tasks", "4", "--no-progress"]
+    args = [
+        "make-tasks",
+        str(scored[0]),
+        "--out",
+        str(out),
+        "--threshold",
+        "0",
+        "--seed",
+        str(scored[3]),
+        "--eval-fraction",
+        "0.3",
+        "--context-tokens",
+        "32",
+        "--bands",
+        "lo=0.5,hi=2",
+        "--max-eval-tasks",
+        "4",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "make-tasks:" in r.output and "lo " in r.output

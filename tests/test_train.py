@@ -60,14 +60,24 @@ def test_token_logprobs_and_kl():
     logits = torch.tensor([[[2.0, 0.0, -1.0]]])
     lp = algos.token_logprobs(logits, torch.tensor([[0]]), temperature=0.5)
     assert lp.item() == pytest.approx(torch.log_softmax(logits / 0.5, -1)[0, 0, 0].item(), abs=1e-6)
-    assert algos.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() == pytest.approx(torch.exp(torch.tensor(-1.0)).item() + 1 - 1)
+    assert algos.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() == pytest.approx(
+        torch.exp(torch.tensor(-1.0)).item() + 1 - 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # a tiny real model
 
-PAIRS = [("The quick brown", " fox"), ("jumps over the", " lazy"), ("The lazy", " dog"), ("12345", "6"),
-         ("héllo", " wörld"), ("naïve", " café"), ("quick brown fox", " jumps"), ("over the lazy", " dog")]
+PAIRS = [
+    ("The quick brown", " fox"),
+    ("jumps over the", " lazy"),
+    ("The lazy", " dog"),
+    ("12345", "6"),
+    ("héllo", " wörld"),
+    ("naïve", " café"),
+    ("quick brown fox", " jumps"),
+    ("over the lazy", " dog"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +90,27 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 
 def tiny_config(tiny, out, **over):
     model, tasks = tiny
-    base = dict(tasks_dir=str(tasks), out=str(out), model=str(model), steps=3, batch_size=8, group_size=8,
-                temperature=1.0, max_new_tokens=1, max_prompt_tokens=32, prompt_template="continuation", lr=3e-2,
-                grad_clip=1.0, micro_batch_tokens=256, save_every=1, sample_every=1, progress=False, device="cpu",
-                dynamic_sampling_from=-1, seed=3)
+    base = dict(
+        tasks_dir=str(tasks),
+        out=str(out),
+        model=str(model),
+        steps=3,
+        batch_size=8,
+        group_size=8,
+        temperature=1.0,
+        max_new_tokens=1,
+        max_prompt_tokens=32,
+        prompt_template="continuation",
+        lr=3e-2,
+        grad_clip=1.0,
+        micro_batch_tokens=256,
+        save_every=1,
+        sample_every=1,
+        progress=False,
+        device="cpu",
+        dynamic_sampling_from=-1,
+        seed=3,
+    )
     base.update(over)
     return TrainConfig(**base)
 
@@ -106,16 +133,25 @@ def greedy_accuracy(model_dir, tasks_pairs, tokenizer_dir):
 
 # two answers, each decided by the context: learnable from a random init, where 8 distinct
 # answers mostly end in entropy collapse onto the first ones found (all-zero groups carry no signal)
-LEARNABLE = [("The quick brown", " fox"), ("The brown", " fox"), ("quick brown", " fox"), ("A brown", " fox"),
-             ("over the lazy", " dog"), ("The lazy", " dog"), ("the lazy", " dog"), ("a lazy", " dog")]
+LEARNABLE = [
+    ("The quick brown", " fox"),
+    ("The brown", " fox"),
+    ("quick brown", " fox"),
+    ("A brown", " fox"),
+    ("over the lazy", " dog"),
+    ("The lazy", " dog"),
+    ("the lazy", " dog"),
+    ("a lazy", " dog"),
+]
 
 
 def test_grpo_learns_a_learnable_task(tmp_path, tiny_bpe_dir):
     model = tiny_llama(tmp_path / "model", tiny_bpe_dir)
     tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), LEARNABLE)
     assert greedy_accuracy(model, LEARNABLE, tiny_bpe_dir) <= 0.125
-    summary = run_train(tiny_config((model, tasks), tmp_path / "run", steps=50, save_every=50, sample_every=0,
-                                    lr=1e-2, group_size=16))
+    summary = run_train(
+        tiny_config((model, tasks), tmp_path / "run", steps=50, save_every=50, sample_every=0, lr=1e-2, group_size=16)
+    )
     assert summary["steps"] == 50
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = sum(m["reward_mean"] for m in metrics[:10]) / 10
@@ -194,7 +230,9 @@ def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
     prompts = [trainer.tokenizer(c, add_special_tokens=False)["input_ids"] for c, _ in PAIRS[:3]]
     grpo = trainer.objective
     groups = grpo.engine.generate(prompts, Sampling(n=4, temperature=1.0, max_new_tokens=1, seed=5))
-    batch = [Rollout(p, c.token_ids, c.text, 0.0, 0.0, None, False, c.logprobs) for p, g in zip(prompts, groups) for c in g]
+    batch = [
+        Rollout(p, c.token_ids, c.text, 0.0, 0.0, None, False, c.logprobs) for p, g in zip(prompts, groups) for c in g
+    ]
     fast, fast_mask = grpo.completion_logprobs(trainer.model, batch)
     grpo.single_token = staticmethod(lambda b: False)  # force the general left-padded path
     slow, slow_mask = grpo.completion_logprobs(trainer.model, batch)
@@ -220,7 +258,9 @@ def test_fused_one_token_step_equals_the_two_pass_step(tiny, tmp_path):
     same = ("reward_mean", "accuracy", "zero_variance_share", "groups_trained", "update_tokens", "clip_frac")
     for ma, mb in zip(a, b):
         assert {k: ma[k] for k in same} == {k: mb[k] for k in same}
-        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5) and ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5) and ma["grad_norm"] == pytest.approx(
+            mb["grad_norm"], rel=1e-5
+        )
         assert ma["rollout_forward_tokens"] == 0 < mb["rollout_forward_tokens"]
         assert ma["flops"] < mb["flops"]  # 6N per update token only: the rollout forward is the update's
     sa = [json.loads(x) for x in (fused / "samples.jsonl").read_text().splitlines()]

@@ -18,12 +18,34 @@ import pytest
 from tests.rpt_fixtures import write_tasks_dir
 
 RPT = str(Path(sys.executable).with_name("rpt"))
-PAIRS = [("1, 2, 3, 4, 5,", " 6"), ("The capital of France is", " Paris"), ("Monday, Tuesday,", " Wednesday"),
-         ("She opened the", " door")]
+PAIRS = [
+    ("1, 2, 3, 4, 5,", " 6"),
+    ("The capital of France is", " Paris"),
+    ("Monday, Tuesday,", " Wednesday"),
+    ("She opened the", " door"),
+]
 # the README's CPU command, sized down: one sampled token, two groups of four
-TINY = ["--model", "smollm2-135m", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--group-size", "4",
-        "--max-new-tokens", "1", "--prompt-template", "continuation", "--max-prompt-tokens", "64",
-        "--dynamic-sampling-from", "-1", "--no-progress"]
+TINY = [
+    "--model",
+    "smollm2-135m",
+    "--device",
+    "cpu",
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--group-size",
+    "4",
+    "--max-new-tokens",
+    "1",
+    "--prompt-template",
+    "continuation",
+    "--max-prompt-tokens",
+    "64",
+    "--dynamic-sampling-from",
+    "-1",
+    "--no-progress",
+]
 SUMMARY = re.compile(r"^train: (\d+) steps.*, ([\d,]+) samples, [\d.e+]+ FLOPs -> ", re.M)
 
 
@@ -41,8 +63,23 @@ def test_dry_run_sizes_from_the_tasks_not_the_limit(tasks, tmp_path):
     """Default --max-prompt-tokens (4096) and template (v0): the estimate is sized from the tasks'
     longest context (a few tokens), prints by part, exits 0, and writes nothing."""
     out = tmp_path / "run"
-    done = rpt("train", str(tasks), "--out", str(out), "--model", "smollm2-135m", "--device", "cpu",
-               "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "12", "--dry-run")
+    done = rpt(
+        "train",
+        str(tasks),
+        "--out",
+        str(out),
+        "--model",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--dry-run",
+    )
     assert done.returncode == 0, done.stderr
     text = done.stdout
     for part in ("weights", "gradients", "adamw", "activations", "attention", "logits", "peak"):
@@ -54,23 +91,68 @@ def test_dry_run_sizes_from_the_tasks_not_the_limit(tasks, tmp_path):
 
 
 def test_dry_run_refuses_with_the_deciding_part_and_one_option(tasks, tmp_path):
-    done = rpt("train", str(tasks), "--out", str(tmp_path / "run"), "--model", "smollm2-135m", "--device", "cpu",
-               "--memory-budget-gib", "2.5", "--dry-run")
+    done = rpt(
+        "train",
+        str(tasks),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--memory-budget-gib",
+        "2.5",
+        "--dry-run",
+    )
     assert done.returncode == 1
     assert "verdict: does-not-fit" in done.stdout
     assert "What decides it: adamw" in done.stderr and "--backend verl" in done.stderr, done.stderr
     # 512 completions of a few tokens fill the default 16k-token micro-batch: activations decide it,
     # and a smaller micro-batch fits
-    done = rpt("train", str(tasks), "--out", str(tmp_path / "run"), "--model", "smollm2-135m", "--device", "cpu",
-               "--max-new-tokens", "12", "--batch-size", "64", "--group-size", "8", "--memory-budget-gib", "6",
-               "--dry-run")
+    done = rpt(
+        "train",
+        str(tasks),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "64",
+        "--group-size",
+        "8",
+        "--memory-budget-gib",
+        "6",
+        "--dry-run",
+    )
     assert done.returncode == 1
     assert "What decides it: activations" in done.stderr, done.stderr
     way = re.search(r"It fits with --micro-batch-tokens (\d+)", done.stderr)
     assert way, done.stderr
-    fits = rpt("train", str(tasks), "--out", str(tmp_path / "run"), "--model", "smollm2-135m", "--device", "cpu",
-               "--max-new-tokens", "12", "--batch-size", "64", "--group-size", "8", "--memory-budget-gib", "6",
-               "--micro-batch-tokens", way.group(1), "--dry-run")
+    fits = rpt(
+        "train",
+        str(tasks),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "64",
+        "--group-size",
+        "8",
+        "--memory-budget-gib",
+        "6",
+        "--micro-batch-tokens",
+        way.group(1),
+        "--dry-run",
+    )
     assert fits.returncode == 0 and "verdict: fits" in fits.stdout, fits.stdout
 
 
@@ -95,8 +177,19 @@ def test_warns_when_g_or_t_differs_from_the_live_estimate(tasks, tmp_path):
 def test_estimate_only_warns_inside_its_error_band():
     from rpttrain.memory import GIB, check_fits, lower_bound
 
-    parts = {"weights": GIB, "gradients": GIB, "adamw": 2 * GIB, "compute_copy": 0, "reference": 0, "vllm": 0,
-             "runtime": GIB, "activations": 4 * GIB, "attention": 0, "logits": 0, "rollout": 0}
+    parts = {
+        "weights": GIB,
+        "gradients": GIB,
+        "adamw": 2 * GIB,
+        "compute_copy": 0,
+        "reference": 0,
+        "vllm": 0,
+        "runtime": GIB,
+        "activations": 4 * GIB,
+        "attention": 0,
+        "logits": 0,
+        "rollout": 0,
+    }
     parts["peak"] = 9 * GIB
     assert lower_bound(parts) == 7 * GIB  # the exact parts, and the activations at half
     assert check_fits(parts, 10 * GIB) == "fits"
@@ -136,8 +229,22 @@ def test_backend_runs_to_its_summary_line(backend, tasks, tmp_path):
 
 def test_verl_backend_writes_its_launch(tasks, tmp_path):
     out = tmp_path / "run"
-    done = rpt("train", str(tasks), "--out", str(out), "--backend", "verl", "--model", "smollm2-135m",
-               "--gpus-per-node", "8", "--nodes", "2", "--max-prompt-tokens", "64")
+    done = rpt(
+        "train",
+        str(tasks),
+        "--out",
+        str(out),
+        "--backend",
+        "verl",
+        "--model",
+        "smollm2-135m",
+        "--gpus-per-node",
+        "8",
+        "--nodes",
+        "2",
+        "--max-prompt-tokens",
+        "64",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("train --backend verl: launch with: ")
     assert (out / "verl" / "launch.sh").exists()
@@ -152,8 +259,21 @@ def test_trl_resume_after_torn_log_lines(tasks, tmp_path):
     import shutil
 
     out = tmp_path / "run"
-    args = ["train", str(tasks), "--out", str(out), "--backend", "trl", *TINY, "--steps", "2", "--save-every", "1",
-            "--sample-every", "1"]
+    args = [
+        "train",
+        str(tasks),
+        "--out",
+        str(out),
+        "--backend",
+        "trl",
+        *TINY,
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--sample-every",
+        "1",
+    ]
     assert rpt(*args).returncode == 0
     shutil.rmtree(out / "trl" / "checkpoint-2")
     (out / "checkpoints" / "step-000002").unlink()

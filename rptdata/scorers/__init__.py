@@ -141,7 +141,9 @@ class Chunk(NamedTuple):
     end: int
 
 
-def plan_chunks(n_tokens: int, chunk: int, max_context: int, min_context: int = 1, first_end: int | None = None) -> list[Chunk]:
+def plan_chunks(
+    n_tokens: int, chunk: int, max_context: int, min_context: int = 1, first_end: int | None = None
+) -> list[Chunk]:
     """Consecutive chunks over positions [min_context, n_tokens) for key/value-carry scoring.
 
     The first chunk scores positions up to `first_end` (default `chunk`), each later one `chunk`
@@ -195,9 +197,23 @@ def load_scorer(
     if name == "hf":
         from rptdata.scorers.hf import HFScorer
 
-        return HFScorer(model, dtype=dtype, device=device, top_k=top_k, entropy=entropy,
-                        batch_tokens=batch_tokens, trust_remote_code=trust_remote_code)
+        return HFScorer(
+            model,
+            dtype=dtype,
+            device=device,
+            top_k=top_k,
+            entropy=entropy,
+            batch_tokens=batch_tokens,
+            trust_remote_code=trust_remote_code,
+        )
     from rptdata.scorers.vllm import VLLMScorer
 
-    return VLLMScorer(model, dtype=dtype, top_k=top_k, entropy=entropy, batch_tokens=batch_tokens,
-                      max_context=max_context, trust_remote_code=trust_remote_code)
+    return VLLMScorer(
+        model,
+        dtype=dtype,
+        top_k=top_k,
+        entropy=entropy,
+        batch_tokens=batch_tokens,
+        max_context=max_context,
+        trust_remote_code=trust_remote_code,
+    )

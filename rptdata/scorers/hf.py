@@ -83,8 +83,11 @@ class HFScorer:
         if self._body is None:  # whole-batch logits: keep them to about 1 GB
             self.batch_tokens = min(self.batch_tokens, max(1, 2**28 // self.vocab_size))
         self._torch = torch
-        self.carries_kv = (self._body is not None and kv_carry_supported(self.model.config)
-                           and "cache" in inspect.signature(self._body.forward).parameters)
+        self.carries_kv = (
+            self._body is not None
+            and kv_carry_supported(self.model.config)
+            and "cache" in inspect.signature(self._body.forward).parameters
+        )
 
     # -- logits ---------------------------------------------------------------------------------
     def _logits_from_hidden(self, hidden):
@@ -150,7 +153,9 @@ class HFScorer:
             input_ids = torch.from_numpy(ids).to(self.device)
             attention_mask = torch.from_numpy(mask).to(self.device) if ragged else None
             if self._body is not None:
-                hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+                hidden = self._body(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
                 hidden = hidden.reshape(n * width, -1).index_select(0, rows_t)
                 stats = self._head_stats(hidden, targets_t, self._logits_from_hidden)
             else:
@@ -209,9 +214,11 @@ class HFScorer:
                     input_ids=torch.from_numpy(ids).to(self.device), position_ids=positions, cache=cache, use_cache=True
                 ).last_hidden_state
                 hidden = hidden.reshape(len(alive) * width, -1).index_select(
-                    0, torch.from_numpy(np.concatenate(rows)).to(self.device))
-                stats = self._head_stats(hidden, torch.from_numpy(np.concatenate(targets)).to(self.device),
-                                         self._logits_from_hidden)
+                    0, torch.from_numpy(np.concatenate(rows)).to(self.device)
+                )
+                stats = self._head_stats(
+                    hidden, torch.from_numpy(np.concatenate(targets)).to(self.device), self._logits_from_hidden
+                )
                 for i, scores in zip(alive, _split_scores(stats, counts)):
                     parts[i].append(scores)
                 if progress is not None:
@@ -289,8 +296,12 @@ def kv_carry_supported(config) -> bool:
 def _concat_scores(parts: list[PositionScores]) -> PositionScores:
     if len(parts) == 1:
         return parts[0]
-    return PositionScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in (
-        "entropy", "target_logprob", "target_rank", "top1_id", "topk_ids", "topk_logprobs")))
+    return PositionScores(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("entropy", "target_logprob", "target_rank", "top1_id", "topk_ids", "topk_logprobs")
+        )
+    )
 
 
 def _trim_cache(cache, keep: int | None = None, drop_front: int = 0, rows=None) -> None:

@@ -78,12 +78,16 @@ def check_context_options(min_context: int, max_context: int | None, overlap: in
     if min_context < 1:
         raise BadOption("--min-context must be at least 1: a position needs some context (no BOS is added)")
     if max_context is not None and max_context <= min_context:
-        raise BadOption(f"--max-context ({max_context}) must exceed --min-context ({min_context}): "
-                        "a window holds the context and the target")
+        raise BadOption(
+            f"--max-context ({max_context}) must exceed --min-context ({min_context}): "
+            "a window holds the context and the target"
+        )
     top = max_context - 1 if max_context is not None else None
     if overlap is not None and (overlap < min_context or (top is not None and overlap > top)):
-        raise BadOption(f"--overlap {overlap} must be in [{min_context}, {top if top is not None else 'max-context - 1'}] "
-                        "(--min-context .. --max-context - 1): later windows carry that much context")
+        raise BadOption(
+            f"--overlap {overlap} must be in [{min_context}, {top if top is not None else 'max-context - 1'}] "
+            "(--min-context .. --max-context - 1): later windows carry that much context"
+        )
 
 
 def plan_windows(n_tokens: int, max_context: int, min_context: int = 1, overlap: int | None = None) -> list[Window]:
@@ -175,9 +179,14 @@ def score_docs(
         keep(unit_of[("win", i)], scores)
     if carried:
         docs = sorted(carried)
-        for i, scores in scorer.score_carried([tokens[d] for d in docs], chunk=max_context - overlap,
-                                              max_context=max_context, min_context=min_context,
-                                              first_end=max_context, progress=progress):
+        for i, scores in scorer.score_carried(
+            [tokens[d] for d in docs],
+            chunk=max_context - overlap,
+            max_context=max_context,
+            min_context=min_context,
+            first_end=max_context,
+            progress=progress,
+        ):
             keep(unit_of[("doc", docs[i])], scores)
     if any(c is None for c in kept):  # the scorer contract: every sequence exactly once
         raise AssertionError("the scoring scorer left sequences unscored")

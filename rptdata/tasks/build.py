@@ -189,8 +189,13 @@ def run_make_tasks(config: MakeTasksConfig) -> dict:
         for index in tqdm(todo, desc="make-tasks", unit=" shard", disable=not config.progress, dynamic_ncols=True):
             _write_task_shard(stage, load_shard(inputs, index, config), chosen, config)
 
-    return run_stage(stage, inputs.shards, done=lambda: _done(stage), run=run,
-                     finish=lambda done: _finish(stage, inputs, config, [done[i] for i in inputs.shards], started))
+    return run_stage(
+        stage,
+        inputs.shards,
+        done=lambda: _done(stage),
+        run=run,
+        finish=lambda done: _finish(stage, inputs, config, [done[i] for i in inputs.shards], started),
+    )
 
 
 def _finish(stage: StageDir, inputs: Inputs, config: MakeTasksConfig, per_shard: list[dict], started: float) -> dict:

@@ -97,9 +97,13 @@ class MakeTasksConfig:
         if self.min_live is not None and not 0.0 <= self.min_live <= 1.0:
             raise BadOption(f"--min-live is a probability, between 0 and 1; got {self.min_live}")
         if self.group_size < 2:
-            raise BadOption(f"--group-size must be at least 2: one sample cannot disagree with itself; got {self.group_size}")
+            raise BadOption(
+                f"--group-size must be at least 2: one sample cannot disagree with itself; got {self.group_size}"
+            )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise BadOption(f"--temperature must be a positive number (the sampling temperature); got {self.temperature}")
+            raise BadOption(
+                f"--temperature must be a positive number (the sampling temperature); got {self.temperature}"
+            )
         for name, cap in (("--max-tasks", self.max_tasks), ("--max-eval-tasks", self.max_eval_tasks)):
             if cap is not None and cap < 0:
                 raise BadOption(f"{name} must be 0 or more (or left out for no cap); got {cap}")

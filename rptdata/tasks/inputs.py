@@ -77,7 +77,9 @@ class Shard:
         try:
             self.row = np.fromiter((row_of[d] for d in p_doc), dtype=np.int64, count=self.n)
         except KeyError as e:
-            raise BadInput(f"{where}: position of document {e.args[0]!r}, which is not in the matching docs shard") from None
+            raise BadInput(
+                f"{where}: position of document {e.args[0]!r}, which is not in the matching docs shard"
+            ) from None
         self.pos = positions.column("pos").to_numpy().astype(np.int64)
         self.token_id = positions.column("token_id").to_numpy().astype(np.int64)
         self.entropy = positions.column("entropy").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -89,7 +91,9 @@ class Shard:
 
         if self.n and (np.any(self.pos < 0) or np.any(self.pos >= n_tok[self.row])):
             bad = int(np.nonzero((self.pos < 0) | (self.pos >= n_tok[self.row]))[0][0])
-            raise BadInput(f"{where}: position {self.pos[bad]} of {p_doc[bad]!r} is outside its {n_tok[self.row[bad]]} tokens")
+            raise BadInput(
+                f"{where}: position {self.pos[bad]} of {p_doc[bad]!r} is outside its {n_tok[self.row[bad]]} tokens"
+            )
         tok_at = ids_flat[ids_off[self.row] + self.pos] if self.n else np.zeros(0, np.int64)
         if np.any(tok_at != self.token_id):
             bad = int(np.nonzero(tok_at != self.token_id)[0][0])
@@ -103,7 +107,9 @@ class Shard:
         self.reason = np.zeros(self.n, dtype=np.int8)
         self.start = np.zeros(self.n, dtype=np.int64)  # first context token of each position
         self._filter(config)
-        self.split_eval = np.array([split_of(d, config.seed, config.eval_fraction) == "eval" for d in self.doc_ids], bool)
+        self.split_eval = np.array(
+            [split_of(d, config.seed, config.eval_fraction) == "eval" for d in self.doc_ids], bool
+        )
         self.pos_eval = self.split_eval[self.row] if self.n else np.zeros(0, bool)
         self.accept_mass = np.full(self.n, np.nan, np.float64)
         self.live = np.full(self.n, np.nan, np.float64)
@@ -267,7 +273,9 @@ def open_inputs(config: MakeTasksConfig) -> Inputs:
         )
     missing = [name for name in sm.get("shards", []) if not (scored / name).exists()]
     if missing:
-        raise MissingUpstream(f"{scored}: the manifest lists {len(missing)} shard(s) that are not there, e.g. {missing[0]}")
+        raise MissingUpstream(
+            f"{scored}: the manifest lists {len(missing)} shard(s) that are not there, e.g. {missing[0]}"
+        )
     shards = []
     for path in list_shards(scored / POSITIONS_DIR):
         index = shard_index(path)

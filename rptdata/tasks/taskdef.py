@@ -158,7 +158,7 @@ def _unit_hash(key: str) -> float:
 
 
 def split_of(doc_id: str, seed: int = 0, eval_fraction: float = 0.1) -> str:
-    """"eval" or "train" for a document, from a seeded SHA-256 of its id (stable across runs,
+    """ "eval" or "train" for a document, from a seeded SHA-256 of its id (stable across runs,
     machines and Python versions; unlike `hash()`).
 
     The rule: u = first 8 bytes of sha256(f"{seed}:{doc_id}") as a big-endian integer, >> 11,

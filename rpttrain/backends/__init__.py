@@ -81,7 +81,11 @@ def unsupported_options(config: Any, backend: str) -> list[str]:
     for f in fields(config):
         if f.name in honoured:
             continue
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        )
         if default is MISSING or getattr(config, f.name) != default:
             out.append(f.name)
     return out
@@ -145,9 +149,17 @@ def run_backend(
             raise BackendOptionError("--sharding is for --backend trl; verl shards the actor with FSDP itself")
         from rpttrain.backends.verl import run_verl
 
-        return run_verl(config, launch=launch, gpus_per_node=gpus_per_node, nodes=nodes, resume=resume,
-                        overwrite=overwrite)
+        return run_verl(
+            config, launch=launch, gpus_per_node=gpus_per_node, nodes=nodes, resume=resume, overwrite=overwrite
+        )
     from rpttrain.backends.trl import run_trl
 
-    return run_trl(config, launch=launch, gpus_per_node=gpus_per_node, nodes=nodes, sharding=sharding,
-                   resume=resume, overwrite=overwrite)
+    return run_trl(
+        config,
+        launch=launch,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        sharding=sharding,
+        resume=resume,
+        overwrite=overwrite,
+    )

@@ -51,7 +51,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rptdata.io import STAGE_TASKS, STAGE_TRAIN, fingerprint, list_shards, read_manifest, truncate_jsonl, write_json_atomic, write_text_atomic
+from rptdata.io import (
+    STAGE_TASKS,
+    STAGE_TRAIN,
+    fingerprint,
+    list_shards,
+    read_manifest,
+    truncate_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
 from rptdata.stage import claim_run_dir
 from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 from rpttrain.report_to import trl_report_to
@@ -60,20 +69,70 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HONOURED", "SHARDINGS", "accelerate_config", "grpo_args", "run_trl", "train_trl"]
 
-HONOURED = frozenset({
-    "tasks_dir", "out", "model", "steps", "batch_size", "group_size", "temperature", "top_p", "max_new_tokens",
-    "max_prompt_tokens", "prompt_template", "reward", "scale_rewards", "loss_agg", "clip_eps", "clip_eps_high",
-    "kl_coef", "lr", "adam_beta1", "adam_beta2", "weight_decay", "grad_clip", "warmup_steps", "dynamic_sampling_from",
-    "micro_batch_tokens", "engine", "compute_dtype", "master_dtype", "device", "gradient_checkpointing",
-    "seed", "save_every", "keep_checkpoints", "sample_every", "compute_budget", "allow_tokenizer_mismatch",
-    "trust_remote_code", "vllm_gpu_memory_utilization", "progress", "report_to",
-}) | IRRELEVANT_TO_RPT
+HONOURED = (
+    frozenset(
+        {
+            "tasks_dir",
+            "out",
+            "model",
+            "steps",
+            "batch_size",
+            "group_size",
+            "temperature",
+            "top_p",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "prompt_template",
+            "reward",
+            "scale_rewards",
+            "loss_agg",
+            "clip_eps",
+            "clip_eps_high",
+            "kl_coef",
+            "lr",
+            "adam_beta1",
+            "adam_beta2",
+            "weight_decay",
+            "grad_clip",
+            "warmup_steps",
+            "dynamic_sampling_from",
+            "micro_batch_tokens",
+            "engine",
+            "compute_dtype",
+            "master_dtype",
+            "device",
+            "gradient_checkpointing",
+            "seed",
+            "save_every",
+            "keep_checkpoints",
+            "sample_every",
+            "compute_budget",
+            "allow_tokenizer_mismatch",
+            "trust_remote_code",
+            "vllm_gpu_memory_utilization",
+            "progress",
+            "report_to",
+        }
+    )
+    | IRRELEVANT_TO_RPT
+)
 
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean": "grpo", "dr-grpo": "dr_grpo"}
 SHARDINGS = ("ddp", "fsdp", "zero3")
 TRL_DIR = "trl"  # TRL's output_dir inside the run: checkpoint-N folders
-OWN_FILES = ("config.yaml", "backend.json", "metrics.jsonl", "samples.jsonl", "summary.json", "accelerate.yaml",
-             "launch-trl.sh", "checkpoints", TRL_DIR, "data-cache", "preflight.json")
+OWN_FILES = (
+    "config.yaml",
+    "backend.json",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "summary.json",
+    "accelerate.yaml",
+    "launch-trl.sh",
+    "checkpoints",
+    TRL_DIR,
+    "data-cache",
+    "preflight.json",
+)
 
 
 def micro_rows(per_process: int, max_rows: int) -> int:
@@ -164,8 +223,9 @@ def grpo_args(config: Any, world_size: int = 1, device: str = "cpu") -> dict:
     )
 
 
-def accelerate_config(sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str = "bf16",
-                      cpu: bool = False) -> dict:
+def accelerate_config(
+    sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str = "bf16", cpu: bool = False
+) -> dict:
     """An accelerate config: DDP, FSDP2 (full state dict, so checkpoints stay HF folders), or
     DeepSpeed ZeRO-3 (needs `pip install deepspeed`).
 
@@ -184,23 +244,39 @@ def accelerate_config(sharding: str, gpus_per_node: int, nodes: int, mixed_preci
     if cpu and sharding != "ddp":
         raise BackendOptionError("--sharding fsdp/zero3 needs GPUs; on a CPU only ddp (gloo) runs")
     out: dict[str, Any] = {
-        "compute_environment": "LOCAL_MACHINE", "debug": False, "downcast_bf16": "no", "machine_rank": 0,
-        "main_training_function": "main", "mixed_precision": mixed_precision, "num_machines": nodes,
-        "num_processes": gpus_per_node * nodes, "rdzv_backend": "static", "same_network": True, "use_cpu": False,
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "downcast_bf16": "no",
+        "machine_rank": 0,
+        "main_training_function": "main",
+        "mixed_precision": mixed_precision,
+        "num_machines": nodes,
+        "num_processes": gpus_per_node * nodes,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
         "distributed_type": "MULTI_GPU",
     }
     if sharding == "fsdp":
         out["distributed_type"] = "FSDP"
         out["fsdp_config"] = {
-            "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_offload_params": False, "fsdp_reshard_after_forward": True, "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": False,
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
             "fsdp_activation_checkpointing": False,
         }
     elif sharding == "zero3":
         out["distributed_type"] = "DEEPSPEED"
         out["deepspeed_config"] = {
-            "deepspeed_multinode_launcher": "standard", "offload_optimizer_device": "none", "offload_param_device": "none",
-            "zero3_init_flag": True, "zero3_save_16bit_model": True, "zero_stage": 3,
+            "deepspeed_multinode_launcher": "standard",
+            "offload_optimizer_device": "none",
+            "offload_param_device": "none",
+            "zero3_init_flag": True,
+            "zero3_save_16bit_model": True,
+            "zero_stage": 3,
         }
     return out
 
@@ -221,9 +297,18 @@ def prepare_run(config: Any, resume: bool, overwrite: bool) -> Path:
     import yaml
 
     run = Path(config.out)
-    claim_run_dir(run, STAGE_TRAIN, {"backend": "trl", "train": _identity(config)}, OWN_FILES, overwrite=overwrite,
-                  resume=resume, progress=(f"{TRL_DIR}/checkpoint-*", "checkpoints/step-*"))
-    write_json_atomic(run / "backend.json", {"backend": "trl", "trl": trl.__version__, "fingerprint": _identity(config)})
+    claim_run_dir(
+        run,
+        STAGE_TRAIN,
+        {"backend": "trl", "train": _identity(config)},
+        OWN_FILES,
+        overwrite=overwrite,
+        resume=resume,
+        progress=(f"{TRL_DIR}/checkpoint-*", "checkpoints/step-*"),
+    )
+    write_json_atomic(
+        run / "backend.json", {"backend": "trl", "trl": trl.__version__, "fingerprint": _identity(config)}
+    )
     write_text_atomic(run / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=False))
     return run
 
@@ -234,7 +319,6 @@ def _last_trl_checkpoint(run: Path) -> Path | None:
     folder = run / TRL_DIR
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     return Path(last) if last else None
-
 
 
 def train_dataset(tasks_dir: str, cache: Path):
@@ -268,17 +352,24 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
     check_tokenizer(c, read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer)
     if 0 <= c.dynamic_sampling_from:
-        log.info("dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
-                 c.dynamic_sampling_from)
+        log.info(
+            "dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
+            c.dynamic_sampling_from,
+        )
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         record, meter = _memory_preflight(c, device, tokenizer)
     args = GRPOConfig(output_dir=str(run / TRL_DIR), **grpo_args(c, world, device))
     reward = RptReward(fmt, get_reward_fn(c.reward), run / "samples.jsonl", c.sample_every)
     trainer = RptGRPOTrainer(
-        model=local_model_dir(c.model), reward_funcs=reward, args=args, processing_class=tokenizer,
+        model=local_model_dir(c.model),
+        reward_funcs=reward,
+        args=args,
+        processing_class=tokenizer,
         train_dataset=train_dataset(c.tasks_dir, run / "data-cache"),
-        rpt_format=fmt, max_prompt_tokens=c.max_prompt_tokens, dynamic_sampling_from=c.dynamic_sampling_from,
+        rpt_format=fmt,
+        max_prompt_tokens=c.max_prompt_tokens,
+        dynamic_sampling_from=c.dynamic_sampling_from,
     )
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
     runlog = RunLog(run, n_params, c.compute_budget)
@@ -293,10 +384,18 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     state = trainer.state
     stopped_by = "compute_budget" if state.global_step < c.steps else None
-    summary = {"backend": "trl", "processes": trainer.accelerator.num_processes, "steps": state.global_step,
-               "stopped_by": stopped_by, "run_dir": str(run),
-               "totals": {"flops": runlog.flops(state), "update_tokens": int(state.num_input_tokens_seen),
-                          "samples": state.global_step * c.batch_size * c.group_size}}
+    summary = {
+        "backend": "trl",
+        "processes": trainer.accelerator.num_processes,
+        "steps": state.global_step,
+        "stopped_by": stopped_by,
+        "run_dir": str(run),
+        "totals": {
+            "flops": runlog.flops(state),
+            "update_tokens": int(state.num_input_tokens_seen),
+            "samples": state.global_step * c.batch_size * c.group_size,
+        },
+    }
     if trainer.accelerator.is_main_process:
         write_json_atomic(run / "summary.json", summary)
     if main_process:
@@ -316,15 +415,17 @@ def _memory_preflight(c: Any, device: str, tokenizer) -> tuple[dict, Any]:
     from rpttrain.train import PREFLIGHT
 
     precision = resolve_precision(c.compute_dtype, c.master_dtype, device)
-    record = preflight(c, device, precision, "hf", read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer,
-                       enforce=False)
+    record = preflight(
+        c, device, precision, "hf", read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer, enforce=False
+    )
     record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
     write_json_atomic(Path(c.out) / PREFLIGHT, record)
     return record, PeakMeter(device)
 
 
-def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str, cpu: bool,
-                   resume: bool) -> list[str]:
+def launch_command(
+    run: Path, sharding: str, gpus_per_node: int, nodes: int, mixed_precision: str, cpu: bool, resume: bool
+) -> list[str]:
     """Write RUN/accelerate.yaml and RUN/launch-trl.sh; return the command that runs it.
 
     Several nodes: run the script on each with MACHINE_RANK and MAIN_PROCESS_IP set.
@@ -332,13 +433,21 @@ def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mix
     import yaml
 
     cfg = run / "accelerate.yaml"
-    write_text_atomic(cfg, yaml.safe_dump(accelerate_config(sharding, gpus_per_node, nodes, mixed_precision, cpu), sort_keys=False))
+    write_text_atomic(
+        cfg, yaml.safe_dump(accelerate_config(sharding, gpus_per_node, nodes, mixed_precision, cpu), sort_keys=False)
+    )
     q = shlex.quote
-    lines = ["#!/usr/bin/env bash", "# written by `rpt train --backend trl`; run it on every node", "set -euo pipefail",
-             f"exec {q(sys.executable)} -m accelerate.commands.launch --config_file {q(str(cfg.resolve()))} \\"]
+    lines = [
+        "#!/usr/bin/env bash",
+        "# written by `rpt train --backend trl`; run it on every node",
+        "set -euo pipefail",
+        f"exec {q(sys.executable)} -m accelerate.commands.launch --config_file {q(str(cfg.resolve()))} \\",
+    ]
     if nodes > 1:
-        lines.append('    --machine_rank "${MACHINE_RANK:?set MACHINE_RANK (0 on the main node)}" '
-                     '--main_process_ip "${MAIN_PROCESS_IP:?set MAIN_PROCESS_IP}" --main_process_port "${MAIN_PROCESS_PORT:-29500}" \\')
+        lines.append(
+            '    --machine_rank "${MACHINE_RANK:?set MACHINE_RANK (0 on the main node)}" '
+            '--main_process_ip "${MAIN_PROCESS_IP:?set MAIN_PROCESS_IP}" --main_process_port "${MAIN_PROCESS_PORT:-29500}" \\'
+        )
     lines.append(f"    -m rpttrain.backends.trl {q(str(run.resolve()))}" + (" --resume" if resume else ""))
     script = run / "launch-trl.sh"
     write_text_atomic(script, "\n".join(lines) + "\n")
@@ -346,13 +455,22 @@ def launch_command(run: Path, sharding: str, gpus_per_node: int, nodes: int, mix
     return ["bash", str(script)]
 
 
-def run_trl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes: int = 1, sharding: str = "ddp",
-            resume: bool = False, overwrite: bool = False) -> dict:
+def run_trl(
+    config: Any,
+    *,
+    launch: bool = False,
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+    sharding: str = "ddp",
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """`rpt train --backend trl`: in-process for one process, else through accelerate."""
     from rpttrain.data import live_estimate_mismatch
 
-    mismatch = live_estimate_mismatch(read_manifest(Path(config.tasks_dir), STAGE_TASKS), config.group_size,
-                                      config.temperature)
+    mismatch = live_estimate_mismatch(
+        read_manifest(Path(config.tasks_dir), STAGE_TASKS), config.group_size, config.temperature
+    )
     if mismatch:
         log.warning(mismatch)
     run = prepare_run(config, resume, overwrite)

@@ -135,8 +135,13 @@ class RunLog(TrainerCallback):
         self.last_tokens = state.num_input_tokens_seen
         line = {"step": state.global_step}
         line.update({ours: logs[theirs] for theirs, ours in METRIC_KEYS.items() if theirs in logs})
-        line.update(update_tokens=int(tokens), flops=8.0 * self.n_params * tokens, flops_total=self.flops(state),
-                    skipped_update=False, trl=logs)
+        line.update(
+            update_tokens=int(tokens),
+            flops=8.0 * self.n_params * tokens,
+            flops_total=self.flops(state),
+            skipped_update=False,
+            trl=logs,
+        )
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
 

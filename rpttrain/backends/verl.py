@@ -65,14 +65,51 @@ log = logging.getLogger(__name__)
 __all__ = ["HONOURED", "VERL_VERSION", "launch_script", "phases", "run_verl", "verl_overrides"]
 
 VERL_VERSION = "0.9.1"  # the release these overrides are tested against (make test-verl)
-HONOURED = frozenset({
-    "tasks_dir", "out", "model", "steps", "batch_size", "group_size", "temperature", "top_p", "max_new_tokens",
-    "max_prompt_tokens", "prompt_template", "reward", "scale_rewards", "loss_agg", "clip_eps", "clip_eps_high",
-    "kl_coef", "lr", "adam_beta1", "adam_beta2", "weight_decay", "grad_clip", "warmup_steps", "dynamic_sampling_from",
-    "micro_batch_tokens", "engine", "compute_dtype", "master_dtype", "device", "gradient_checkpointing",
-    "seed", "save_every", "keep_checkpoints", "allow_tokenizer_mismatch", "trust_remote_code",
-    "vllm_gpu_memory_utilization", "progress", "report_to",
-}) | IRRELEVANT_TO_RPT
+HONOURED = (
+    frozenset(
+        {
+            "tasks_dir",
+            "out",
+            "model",
+            "steps",
+            "batch_size",
+            "group_size",
+            "temperature",
+            "top_p",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "prompt_template",
+            "reward",
+            "scale_rewards",
+            "loss_agg",
+            "clip_eps",
+            "clip_eps_high",
+            "kl_coef",
+            "lr",
+            "adam_beta1",
+            "adam_beta2",
+            "weight_decay",
+            "grad_clip",
+            "warmup_steps",
+            "dynamic_sampling_from",
+            "micro_batch_tokens",
+            "engine",
+            "compute_dtype",
+            "master_dtype",
+            "device",
+            "gradient_checkpointing",
+            "seed",
+            "save_every",
+            "keep_checkpoints",
+            "allow_tokenizer_mismatch",
+            "trust_remote_code",
+            "vllm_gpu_memory_utilization",
+            "progress",
+            "report_to",
+        }
+    )
+    | IRRELEVANT_TO_RPT
+)
 
 LOSS_AGG_MODES = {"token-mean": "token-mean", "seq-mean": "seq-mean-token-mean", "dr-grpo": "seq-mean-token-sum-norm"}
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -107,9 +144,19 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def verl_overrides(config: Any, *, data_dir: Path, run_dir: Path, model_path: str, reward_path: str,
-                   gpus_per_node: int = 1, nodes: int = 1, last_step: int | None = None,
-                   dynamic: bool = False, raw_prompt: bool = False) -> list[str]:
+def verl_overrides(
+    config: Any,
+    *,
+    data_dir: Path,
+    run_dir: Path,
+    model_path: str,
+    reward_path: str,
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+    last_step: int | None = None,
+    dynamic: bool = False,
+    raw_prompt: bool = False,
+) -> list[str]:
     """The `key=value` overrides of verl's ppo_trainer config for one phase of a TrainConfig.
 
     >>> from rpttrain.config import TrainConfig
@@ -201,25 +248,35 @@ def verl_overrides(config: Any, *, data_dir: Path, run_dir: Path, model_path: st
     if raw_prompt:
         from rpttrain.backends.verl_agent_loop import AGENT_NAME
 
-        kv += [(f"{r}.agent.agent_loop_config_path", str(run_dir / VERL_DIR / "agent_loop.yaml")),
-               (f"{r}.agent.default_agent_loop", AGENT_NAME)]
+        kv += [
+            (f"{r}.agent.agent_loop_config_path", str(run_dir / VERL_DIR / "agent_loop.yaml")),
+            (f"{r}.agent.default_agent_loop", AGENT_NAME),
+        ]
     return [f"{k}={_value(v)}" for k, v in kv]
 
 
 def launch_script(phase_overrides: list[list[str]], metrics_files: list[Path]) -> str:
     """A bash script running verl's main_ppo once per phase, every override single-quoted."""
-    lines = ["#!/usr/bin/env bash",
-             "# written by `rpt train --backend verl`; PYTHON selects verl's environment (rpt installed in it)",
-             "# several nodes: start a Ray cluster first (ray start --head / --address) and run this on the head node",
-             "set -euo pipefail", 'PYTHON="${PYTHON:-python3}"']
+    lines = [
+        "#!/usr/bin/env bash",
+        "# written by `rpt train --backend verl`; PYTHON selects verl's environment (rpt installed in it)",
+        "# several nodes: start a Ray cluster first (ray start --head / --address) and run this on the head node",
+        "set -euo pipefail",
+        'PYTHON="${PYTHON:-python3}"',
+    ]
     if metrics_files:  # where verl's tensorboard logger (--report-to tensorboard) writes
         lines.append(f"export TENSORBOARD_DIR={shlex.quote(str(Path(metrics_files[0]).parent / 'tb'))}")
     for i, (overrides, metrics) in enumerate(zip(phase_overrides, metrics_files), 1):
         if len(phase_overrides) > 1:
-            lines.append(f"# phase {i} of {len(phase_overrides)}" + (
-                ": dynamic sampling on, resuming from the previous phase's last checkpoint" if i > 1 else
-                ": up to the step dynamic sampling starts"))
-        lines.append(f"VERL_FILE_LOGGER_PATH={shlex.quote(str(metrics))} \"$PYTHON\" -m verl.trainer.main_ppo \\")
+            lines.append(
+                f"# phase {i} of {len(phase_overrides)}"
+                + (
+                    ": dynamic sampling on, resuming from the previous phase's last checkpoint"
+                    if i > 1
+                    else ": up to the step dynamic sampling starts"
+                )
+            )
+        lines.append(f'VERL_FILE_LOGGER_PATH={shlex.quote(str(metrics))} "$PYTHON" -m verl.trainer.main_ppo \\')
         lines += [f"    {shlex.quote(x)} \\" for x in overrides[:-1]] + [f"    {shlex.quote(overrides[-1])}"]
     return "\n".join(lines) + "\n"
 
@@ -230,8 +287,15 @@ def _model_path(spec: str) -> str:
     return local_model_dir(spec)
 
 
-def run_verl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes: int = 1, resume: bool = False,
-             overwrite: bool = False) -> dict:
+def run_verl(
+    config: Any,
+    *,
+    launch: bool = False,
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Write RUN/verl/ (module docstring) and return {"command", "script", "phases", ...}; with
     `launch`, run the script here (verl's main_ppo needs GPUs, Ray and vLLM)."""
     import yaml
@@ -250,31 +314,65 @@ def run_verl(config: Any, *, launch: bool = False, gpus_per_node: int = 1, nodes
     run = Path(c.out).resolve()
     vdir = run / VERL_DIR
     # the rule every stage shares (`rptdata.stage.claim_run_dir`); kept checkpoints need --resume
-    claim_run_dir(run, STAGE_TRAIN, {"backend": "verl", "config": asdict(c)}, ("config.yaml", "backend.json", VERL_DIR),
-                  overwrite=overwrite, resume=resume,
-                  progress=(f"{VERL_DIR}/checkpoints", "checkpoints/step-*", "trl/checkpoint-*"))
+    claim_run_dir(
+        run,
+        STAGE_TRAIN,
+        {"backend": "verl", "config": asdict(c)},
+        ("config.yaml", "backend.json", VERL_DIR),
+        overwrite=overwrite,
+        resume=resume,
+        progress=(f"{VERL_DIR}/checkpoints", "checkpoints/step-*", "trl/checkpoint-*"),
+    )
     fmt = load_prompt_format(c.prompt_template)
     check_tokenizer(c, read_manifest(Path(c.tasks_dir), "make-tasks"), load_tokenizer(c.model, c.trust_remote_code))
     vdir.mkdir(parents=True, exist_ok=True)
     data = vdir / "data"
-    export = run_export_tasks(ExportConfig(c.tasks_dir, str(data), "verl", prompt_template=c.prompt_template,
-                                           reward=c.reward, overwrite=True, progress=c.progress))
+    export = run_export_tasks(
+        ExportConfig(
+            c.tasks_dir,
+            str(data),
+            "verl",
+            prompt_template=c.prompt_template,
+            reward=c.reward,
+            overwrite=True,
+            progress=c.progress,
+        )
+    )
     raw = not fmt.uses_chat
     if raw:
         write_text_atomic(vdir / "agent_loop.yaml", agent_loop_yaml())
     reward_path = str(Path(reward_module.__file__).resolve())
     plan = phases(c)
-    overrides = [verl_overrides(c, data_dir=data, run_dir=run, model_path=_model_path(c.model), reward_path=reward_path,
-                                gpus_per_node=gpus_per_node, nodes=nodes, last_step=last, dynamic=dyn, raw_prompt=raw)
-                 for last, dyn in plan]
+    overrides = [
+        verl_overrides(
+            c,
+            data_dir=data,
+            run_dir=run,
+            model_path=_model_path(c.model),
+            reward_path=reward_path,
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            last_step=last,
+            dynamic=dyn,
+            raw_prompt=raw,
+        )
+        for last, dyn in plan
+    ]
     metrics = [vdir / f"metrics-phase{i}.jsonl" for i in range(1, len(plan) + 1)]
     script = vdir / "launch.sh"
     write_text_atomic(script, launch_script(overrides, metrics))
     script.chmod(0o755)
     write_text_atomic(run / "config.yaml", yaml.safe_dump(asdict(c), sort_keys=False))
     write_json_atomic(run / "backend.json", {"backend": "verl", "verl": VERL_VERSION, "config": asdict(c)})
-    summary = {"backend": "verl", "run_dir": str(run), "script": str(script), "command": f"bash {shlex.quote(str(script))}",
-               "phases": plan, "rows": export["rows"], "overrides": overrides}
+    summary = {
+        "backend": "verl",
+        "run_dir": str(run),
+        "script": str(script),
+        "command": f"bash {shlex.quote(str(script))}",
+        "phases": plan,
+        "rows": export["rows"],
+        "overrides": overrides,
+    }
     if launch:
         subprocess.run(["bash", str(script)], check=True)
     return summary

@@ -25,8 +25,9 @@ def raw_prompt_ids(extra_info: Mapping[str, Any], tokenizer: Any, max_prompt_tok
     """The prompt token ids `rpt train` would feed for a verl row's `extra_info`."""
     from rpttrain.prompts import build_prompt_ids, load_prompt_format
 
-    return build_prompt_ids(load_prompt_format(extra_info["format"]), extra_info["prompt_text"], tokenizer,
-                            max_prompt_tokens)
+    return build_prompt_ids(
+        load_prompt_format(extra_info["format"]), extra_info["prompt_text"], tokenizer, max_prompt_tokens
+    )
 
 
 def agent_loop_yaml() -> str:
@@ -56,15 +57,22 @@ if SingleTurnAgentLoop is not None:
             metrics: dict[str, Any] = {}
             with simple_timer("generate_sequences", metrics):
                 output = await self.server_manager.generate(
-                    request_id=uuid4().hex, prompt_ids=prompt_ids, sampling_params=sampling_params,
+                    request_id=uuid4().hex,
+                    prompt_ids=prompt_ids,
+                    sampling_params=sampling_params,
                     priority=int(priority),
                 )
             response_ids = list(output.token_ids)[: self.response_length]
             logprobs = list(output.log_probs)[: self.response_length] if output.log_probs else None
             metrics["num_preempted"] = output.num_preempted if output.num_preempted is not None else -1
             result = AgentLoopOutput(
-                prompt_ids=prompt_ids, response_ids=response_ids, response_mask=[1] * len(response_ids),
-                response_logprobs=logprobs, multi_modal_data={}, num_turns=2, metrics=AgentLoopMetrics(**metrics),
+                prompt_ids=prompt_ids,
+                response_ids=response_ids,
+                response_mask=[1] * len(response_ids),
+                response_logprobs=logprobs,
+                multi_modal_data={},
+                num_turns=2,
+                metrics=AgentLoopMetrics(**metrics),
                 extra_fields=dict(output.extra_fields),
             )
             result.extra_fields.update({"turn_scores": [], "tool_rewards": []})

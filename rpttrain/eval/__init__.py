@@ -72,7 +72,14 @@ Left out on purpose: vLLM for the ntp pass (a forward pass is all it needs).
 """
 
 from rpttrain.eval.config import MODES, EvalConfig
-from rpttrain.eval.markdown import PAIRED_LEGEND, format_band_counts, format_paired, format_report_md, format_scaling, format_table
+from rpttrain.eval.markdown import (
+    PAIRED_LEGEND,
+    format_band_counts,
+    format_paired,
+    format_report_md,
+    format_scaling,
+    format_table,
+)
 from rpttrain.eval.passes import NextTokens, context_ids, next_token_pass, pad_id
 from rpttrain.eval.report import FLOPS_FORMULA
 from rpttrain.eval.run import run_eval

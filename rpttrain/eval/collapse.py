@@ -43,9 +43,11 @@ def collapse_by_band(table: pa.Table, label: str, task_index: dict[str, int], en
     out = {}
     for name, threshold in [*band_items(bands), ("all", None)]:
         idx = [i for i in sorted(preds) if threshold is None or h[i] > threshold]
-        row = {"tasks": len(idx),
-               "accuracy": float(np.mean([np.mean(right[i]) for i in idx])) if idx else None,
-               "length_mean": float(np.mean([np.mean(lengths[i]) for i in idx])) if idx else None}
+        row = {
+            "tasks": len(idx),
+            "accuracy": float(np.mean([np.mean(right[i]) for i in idx])) if idx else None,
+            "length_mean": float(np.mean([np.mean(lengths[i]) for i in idx])) if idx else None,
+        }
         figs = collapse_metrics([(preds[i], right[i]) for i in idx]) if k > 1 else dict.fromkeys(COLLAPSE_KEYS)
         out[name] = {**row, **figs}
     return out
@@ -60,15 +62,19 @@ def format_collapse(report: dict) -> str:
     rows = [r for r in report["rows"] if r.get("collapse")]
     if not rows:
         return ""
-    lines = ["| model | step | band | tasks | accuracy % | response length | distinct predictions | majority share "
-             "| wrong consensus |", "|" + "---|" * 9]
+    lines = [
+        "| model | step | band | tasks | accuracy % | response length | distinct predictions | majority share "
+        "| wrong consensus |",
+        "|" + "---|" * 9,
+    ]
     for r in rows:
         for band, c in r["collapse"].items():
             lines.append(
                 f"| {r['model']} | {'—' if r['step'] is None else r['step']} | {band} | {c['tasks']} | "
                 f"{_num(None if c['accuracy'] is None else 100 * c['accuracy'], '.2f')} | {_num(c['length_mean'], '.1f')} | "
                 f"{_num(c['distinct_predictions_mean'], '.2f')} | {_num(c['majority_share_mean'], '.2f')} | "
-                f"{_num(c['wrong_consensus_share'], '.2f')} |")
+                f"{_num(c['wrong_consensus_share'], '.2f')} |"
+            )
     return "\n".join(lines)
 
 

@@ -141,8 +141,9 @@ class EvalConfig:
 
     @property
     def harness(self) -> HarnessSettings:
-        return HarnessSettings(self.lm_eval_tasks, self.lm_eval_include, self.lm_eval_limit, self.lm_eval_fewshot,
-                               self.lm_eval_batch_size)
+        return HarnessSettings(
+            self.lm_eval_tasks, self.lm_eval_include, self.lm_eval_limit, self.lm_eval_fewshot, self.lm_eval_batch_size
+        )
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -151,8 +152,18 @@ class EvalConfig:
     def identity(self, tasks_fingerprint: str | None) -> dict:
         """The settings the stored predictions depend on; a resumed evaluation must match them.
         Models, modes and --limit may change between runs (new rows are added)."""
-        keys = ("split", "samples", "temperature", "max_new_tokens", "max_prompt_tokens", "prompt_template",
-                "band_model", "reward", "seed", "dtype")
+        keys = (
+            "split",
+            "samples",
+            "temperature",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "prompt_template",
+            "band_model",
+            "reward",
+            "seed",
+            "dtype",
+        )
         d = {k: getattr(self, k) for k in keys}
         d["bands"] = [list(b) for b in self.bands]
         d["tasks"] = tasks_fingerprint

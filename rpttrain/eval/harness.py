@@ -100,7 +100,9 @@ def require_lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise RptError(f"--lm-eval-tasks needs lm-evaluation-harness, which is not installed: {LM_EVAL_EXTRA}") from None
+        raise RptError(
+            f"--lm-eval-tasks needs lm-evaluation-harness, which is not installed: {LM_EVAL_EXTRA}"
+        ) from None
     return lm_eval
 
 
@@ -114,9 +116,11 @@ def check_tasks(settings: HarnessSettings) -> None:
     known = set(manager.all_tasks)
     unknown = [t for t in settings.tasks if t != BUILTIN_BPB and t not in known]
     if unknown:
-        raise RptError(f"--lm-eval-tasks: {', '.join(unknown)} not known to lm-eval"
-                       + (f" or in {settings.include}" if settings.include else "")
-                       + f"; local task YAMLs go in --lm-eval-include DIR; built in: {BUILTIN_BPB}")
+        raise RptError(
+            f"--lm-eval-tasks: {', '.join(unknown)} not known to lm-eval"
+            + (f" or in {settings.include}" if settings.include else "")
+            + f"; local task YAMLs go in --lm-eval-include DIR; built in: {BUILTIN_BPB}"
+        )
 
 
 def write_builtin_task(tasks_dir: Path, manifest: dict, folder: Path) -> Path:
@@ -125,8 +129,10 @@ def write_builtin_task(tasks_dir: Path, manifest: dict, folder: Path) -> Path:
     prepared = manifest.get("prepared_dir")
     rule = manifest.get("split") or {}
     if not prepared or not (Path(prepared) / "docs").is_dir():
-        raise MissingUpstream(f"--lm-eval-tasks {BUILTIN_BPB} reads the held-out documents of the prepared corpus behind "
-                              f"{tasks_dir} ({prepared or 'not recorded in its manifest'}), which is not there")
+        raise MissingUpstream(
+            f"--lm-eval-tasks {BUILTIN_BPB} reads the held-out documents of the prepared corpus behind "
+            f"{tasks_dir} ({prepared or 'not recorded in its manifest'}), which is not there"
+        )
     if "seed" not in rule or "eval_fraction" not in rule:
         raise MissingUpstream(f"{tasks_dir}/manifest.json records no split rule (split.seed, split.eval_fraction)")
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,9 +147,13 @@ def write_builtin_task(tasks_dir: Path, manifest: dict, folder: Path) -> Path:
                             f.write(json.dumps({"doc_id": doc_id, "text": text}) + "\n")
                             n += 1
         if not n:
-            raise RptError(f"--lm-eval-tasks {BUILTIN_BPB}: the prepared corpus {prepared} holds no eval-split document")
-    write_text_atomic(folder / f"{BUILTIN_BPB}.yaml",
-                      BPB_YAML.format(tasks_dir=tasks_dir, name=BUILTIN_BPB, data=json.dumps(str(data.resolve()))))
+            raise RptError(
+                f"--lm-eval-tasks {BUILTIN_BPB}: the prepared corpus {prepared} holds no eval-split document"
+            )
+    write_text_atomic(
+        folder / f"{BUILTIN_BPB}.yaml",
+        BPB_YAML.format(tasks_dir=tasks_dir, name=BUILTIN_BPB, data=json.dumps(str(data.resolve()))),
+    )
     log.info("%s: %d held-out documents in %s", BUILTIN_BPB, n, data)
     return folder
 
@@ -162,12 +172,15 @@ def harness_model(path: str, dtype: str, device: str, trust_remote_code: bool = 
 
 def scores_of(results: dict) -> dict:
     """The harness's results per task, its metric names kept; "N/A" stderrs become None."""
-    return {task: {k: (None if v == "N/A" else v) for k, v in metrics.items() if k != "alias"}
-            for task, metrics in results.items()}
+    return {
+        task: {k: (None if v == "N/A" else v) for k, v in metrics.items() if k != "alias"}
+        for task, metrics in results.items()
+    }
 
 
-def run_harness(settings: HarnessSettings, path: str, dtype: str, device: str, include: list[str],
-                trust_remote_code: bool = False) -> dict:
+def run_harness(
+    settings: HarnessSettings, path: str, dtype: str, device: str, include: list[str], trust_remote_code: bool = False
+) -> dict:
     """One harness run on one HF folder: {task: {metric: value}}."""
     lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
@@ -175,9 +188,16 @@ def run_harness(settings: HarnessSettings, path: str, dtype: str, device: str, i
     model, model_args = harness_model(path, dtype, device, trust_remote_code)
     manager = TaskManager(include_path=include or None)
     try:
-        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(settings.tasks),
-                                      num_fewshot=settings.fewshot, limit=settings.limit, batch_size=settings.batch_size,
-                                      task_manager=manager, log_samples=False)
+        out = lm_eval.simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=list(settings.tasks),
+            num_fewshot=settings.fewshot,
+            limit=settings.limit,
+            batch_size=settings.batch_size,
+            task_manager=manager,
+            log_samples=False,
+        )
     except (KeyError, ValueError) as e:  # an unknown task name, a bad task YAML
         raise RptError(f"lm-eval could not run {','.join(settings.tasks)} on {path}: {e}") from None
     return scores_of(out["results"])
@@ -188,8 +208,16 @@ def _file_name(label: str) -> str:
     return f"{safe}-{hashlib.sha256(label.encode()).hexdigest()[:8]}.json"
 
 
-def harness_scores(settings: HarnessSettings, out: Path, subjects: list, dtype: str, device: str, tasks_dir: Path,
-                   manifest: dict, trust_remote_code: bool = False) -> dict[str, dict]:
+def harness_scores(
+    settings: HarnessSettings,
+    out: Path,
+    subjects: list,
+    dtype: str,
+    device: str,
+    tasks_dir: Path,
+    manifest: dict,
+    trust_remote_code: bool = False,
+) -> dict[str, dict]:
     """Run (or reuse) the harness for every subject; {label: {task: {metric: value}}}."""
     from rptdata.models import resolve_dtype
 

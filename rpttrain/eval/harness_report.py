@@ -16,8 +16,11 @@ def harness_report(settings, subjects: list, scores: dict[str, dict]) -> dict:
     """{"settings", "subjects": [{model, run, step, compute, lm_eval: {task: {metric: value}}}]}."""
     return {
         "settings": {**asdict(settings), "tasks": list(settings.tasks)},
-        "subjects": [{"model": s.label, "run": s.run, "step": s.step, "compute": s.compute, "lm_eval": scores[s.label]}
-                     for s in subjects if s.label in scores],
+        "subjects": [
+            {"model": s.label, "run": s.run, "step": s.step, "compute": s.compute, "lm_eval": scores[s.label]}
+            for s in subjects
+            if s.label in scores
+        ],
     }
 
 
@@ -73,8 +76,10 @@ def format_harness(report: dict) -> str:
             m = s["lm_eval"].get(task) or {}
             cells = [s["model"]]
             if with_ckpt:
-                cells += ["—" if s["step"] is None else str(s["step"]),
-                          "—" if s["compute"] is None else ("0" if s["compute"] == 0 else f"{s['compute']:.3g}")]
+                cells += [
+                    "—" if s["step"] is None else str(s["step"]),
+                    "—" if s["compute"] is None else ("0" if s["compute"] == 0 else f"{s['compute']:.3g}"),
+                ]
             cells.append(str(m.get("sample_len", "—")))
             for k in keys:
                 err = m.get(_stderr_key(k))

@@ -16,8 +16,10 @@ def _pct(x: float | None, digits: int = 2) -> str:
 def _cell(stats: dict) -> str:
     if not stats["n"]:
         return "— (0)"
-    return (f"{_pct(stats['accuracy'])} ({stats['correct']:g}/{stats['n']}; "
-            f"{_pct(stats['ci_low'], 1)}–{_pct(stats['ci_high'], 1)})")
+    return (
+        f"{_pct(stats['accuracy'])} ({stats['correct']:g}/{stats['n']}; "
+        f"{_pct(stats['ci_low'], 1)}–{_pct(stats['ci_high'], 1)})"
+    )
 
 
 def _compute_str(c: float | None) -> str:
@@ -58,12 +60,17 @@ def format_band_counts(report: dict) -> str:
     disjoint = report["band_counts"]["disjoint"]
     names = list(report["bands"])
     src = report["band_entropy"]
-    source = (f"the band model {src['model']} (top-{src['top_k']}, {src['mode']})" if src["source"] == "band_model"
-              else f"the tasks' entropy column (proxy: {src.get('proxy') or 'unknown'})")
+    source = (
+        f"the band model {src['model']} (top-{src['top_k']}, {src['mode']})"
+        if src["source"] == "band_model"
+        else f"the tasks' entropy column (proxy: {src.get('proxy') or 'unknown'})"
+    )
     nest = " ⊇ ".join(f"{n} {nested[n]}" for n in names)
     disj = " · ".join(f"{n} {disjoint[n]}" for n in ["other", *names])
-    return (f"{report['tasks']} tasks from {report['documents']} documents ({report['split']} split); entropy from {source}.\n"
-            f"Nested bands: {nest}. Disjoint: {disj}.")
+    return (
+        f"{report['tasks']} tasks from {report['documents']} documents ({report['split']} split); entropy from {source}.\n"
+        f"Nested bands: {nest}. Disjoint: {disj}."
+    )
 
 
 def format_scaling(report: dict) -> str:
@@ -76,8 +83,10 @@ def format_scaling(report: dict) -> str:
         if f["status"] != "ok":
             lines.append(f"| {f['run']} | {f['mode']} | {f['band']} | {f['points']} | {f['status']} | | | |")
             continue
-        lines.append(f"| {f['run']} | {f['mode']} | {f['band']} | {f['points']} | {f['A']:.4g} | {f['alpha']:.4g} | "
-                     f"{100 * f['p_star']:.2f} | {f['r2']:.4f} |")
+        lines.append(
+            f"| {f['run']} | {f['mode']} | {f['band']} | {f['points']} | {f['A']:.4g} | {f['alpha']:.4g} | "
+            f"{100 * f['p_star']:.2f} | {f['r2']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -86,8 +95,10 @@ def _diff_cell(d: dict) -> str:
         return "— (0)"
     if d["ci_low"] is None:
         return f"{100 * d['diff']:+.2f}"
-    return (f"{100 * d['diff']:+.2f} ({100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f}; "
-            f"{d['wins']}/{d['losses']}; p={d['p_value']:.2g})")
+    return (
+        f"{100 * d['diff']:+.2f} ({100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f}; "
+        f"{d['wins']}/{d['losses']}; p={d['p_value']:.2g})"
+    )
 
 
 def format_paired(report: dict) -> str:
@@ -99,20 +110,27 @@ def format_paired(report: dict) -> str:
     head = ["A − B", "mode"] + [f"{n}" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([f"{r['a']} − {r['b']}", r["mode"]] + [_diff_cell(r["bands"][n]) for n in names]) + " |")
+        lines.append(
+            "| " + " | ".join([f"{r['a']} − {r['b']}", r["mode"]] + [_diff_cell(r["bands"][n]) for n in names]) + " |"
+        )
     return "\n".join(lines)
 
 
-PAIRED_LEGEND = ("Accuracy points of A minus B on the same tasks: difference (95% interval; tasks only A got right / "
-                 "only B got right; p, exact McNemar). Compared: each --model, the base model, each run's last "
-                 "checkpoint.")
+PAIRED_LEGEND = (
+    "Accuracy points of A minus B on the same tasks: difference (95% interval; tasks only A got right / "
+    "only B got right; p, exact McNemar). Compared: each --model, the base model, each run's last "
+    "checkpoint."
+)
 
 
 def format_report_md(report: dict) -> str:
     """report.md: the tables above with their captions and the warnings first."""
     parts = ["# rpt eval", ""]
-    parts += [f"Tasks: `{report['tasks_dir']}`. Reward: {report['settings']['reward']} matching. "
-              f"Cells: accuracy % (correct/n; 95% Wilson interval).", ""]
+    parts += [
+        f"Tasks: `{report['tasks_dir']}`. Reward: {report['settings']['reward']} matching. "
+        f"Cells: accuracy % (correct/n; 95% Wilson interval).",
+        "",
+    ]
     parts += [w for w in report["warnings"]] + ([""] if report["warnings"] else [])
     parts += [format_table(report), "", format_band_counts(report), ""]
     if format_collapse(report):
@@ -120,16 +138,27 @@ def format_report_md(report: dict) -> str:
     if report.get("paired"):
         parts += ["## Paired differences", "", PAIRED_LEGEND, "", format_paired(report), ""]
     if report.get("scaling"):
-        parts += ["## Scaling: P(C) = A / C^alpha + P*", "", f"Compute C: {report['compute_formula']}.", "",
-                  format_scaling(report), ""]
+        parts += [
+            "## Scaling: P(C) = A / C^alpha + P*",
+            "",
+            f"Compute C: {report['compute_formula']}.",
+            "",
+            format_scaling(report),
+            "",
+        ]
         if report["files"].get("plot"):
             parts += [f"![accuracy against compute]({Path(report['files']['plot']).name})", ""]
     if report.get("lm_eval"):
         s = report["lm_eval"]["settings"]
-        parts += ["## lm-evaluation-harness", "",
-                  f"Tasks {', '.join(s['tasks'])} (lm-eval; few-shot {s['fewshot'] if s['fewshot'] is not None else 'task default'}, "
-                  f"limit {s['limit'] or 'none'}); the harness's metrics, value ± stderr, beside the next-token accuracy.", "",
-                  format_harness(report), ""]
+        parts += [
+            "## lm-evaluation-harness",
+            "",
+            f"Tasks {', '.join(s['tasks'])} (lm-eval; few-shot {s['fewshot'] if s['fewshot'] is not None else 'task default'}, "
+            f"limit {s['limit'] or 'none'}); the harness's metrics, value ± stderr, beside the next-token accuracy.",
+            "",
+            format_harness(report),
+            "",
+        ]
         if report["files"].get("lm_eval_plot"):
             parts += [f"![lm-eval metrics against compute]({Path(report['files']['lm_eval_plot']).name})", ""]
     return "\n".join(parts)

@@ -52,8 +52,14 @@ class NextTokens:
     top1_prob: list[float] = field(default_factory=list)
 
 
-def next_token_pass(model, id_lists: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                    top_k: int | None = None, entropy_mode: str = "full-softmax") -> NextTokens:
+def next_token_pass(
+    model,
+    id_lists: Sequence[Sequence[int]],
+    batch_size: int,
+    pad_id: int,
+    top_k: int | None = None,
+    entropy_mode: str = "full-softmax",
+) -> NextTokens:
     """One forward pass per batch of contexts (left-padded, only the last position through the
     LM head); returns the argmax next token and entropies of each context, in input order."""
     n = len(id_lists)
@@ -113,8 +119,18 @@ class Context:
     timings: dict = field(default_factory=dict)  # (label, mode) -> [seconds, tasks]
 
 
-def add_prediction(rows: dict[str, list], ctx: Context, i: int, label: str, mode: str, sample: int,
-                   prediction: str | None, model_entropy: float | None, new_tokens: int, reward: float) -> None:
+def add_prediction(
+    rows: dict[str, list],
+    ctx: Context,
+    i: int,
+    label: str,
+    mode: str,
+    sample: int,
+    prediction: str | None,
+    model_entropy: float | None,
+    new_tokens: int,
+    reward: float,
+) -> None:
     """Append one PREDICTIONS_SCHEMA row for task i: the prediction, its reward and the task's band."""
     task = ctx.tasks[i]
     rows["task_id"].append(task["task_id"])
@@ -137,8 +153,15 @@ def ntp_chunk(ctx: Context, subject: Subject, model, tok, idx: list[int]) -> dic
     for j, i in enumerate(idx):
         task, pred = ctx.tasks[i], tok.decode([res.ids[j]])
         # dense rewards: y[0] is the greedy token and P(y[0] | x<t) comes from this same forward
-        (r,), _ = score_group(c.reward, [pred], task["continuation"], task["boundaries"], [res.ids[j]],
-                              task.get("target_id"), [res.top1_prob[j]])
+        (r,), _ = score_group(
+            c.reward,
+            [pred],
+            task["continuation"],
+            task["boundaries"],
+            [res.ids[j]],
+            task.get("target_id"),
+            [res.top1_prob[j]],
+        )
         add_prediction(rows, ctx, i, subject.label, "ntp", 0, pred, res.entropy[j], 1, r)
     return rows
 
@@ -146,15 +169,21 @@ def ntp_chunk(ctx: Context, subject: Subject, model, tok, idx: list[int]) -> dic
 def reasoning_chunk(ctx: Context, subject: Subject, engine, tok, fmt, idx: list[int], model=None) -> dict[str, list]:
     c = ctx.config
     prompts = [build_prompt_ids(fmt, ctx.tasks[i]["context"], tok, c.max_prompt_tokens) for i in idx]
-    sampling = Sampling(n=c.samples, temperature=subject.temperature, max_new_tokens=subject.max_new_tokens,
-                        seed=c.seed + idx[0], stop_token_ids=stop_ids(tok))
+    sampling = Sampling(
+        n=c.samples,
+        temperature=subject.temperature,
+        max_new_tokens=subject.max_new_tokens,
+        seed=c.seed + idx[0],
+        stop_token_ids=stop_ids(tok),
+    )
     groups = engine.generate(prompts, sampling)
     scored = GroupScorer(c.reward, fmt, tok, model, c.max_prompt_tokens).score([ctx.tasks[i] for i in idx], groups)
     rows = empty_rows()
     for i, group, sg in zip(idx, groups, scored):
         for s, comp in enumerate(group):
-            add_prediction(rows, ctx, i, subject.label, "reasoning", s, sg.predictions[s], None,
-                           len(comp.token_ids), sg.rewards[s])
+            add_prediction(
+                rows, ctx, i, subject.label, "reasoning", s, sg.predictions[s], None, len(comp.token_ids), sg.rewards[s]
+            )
     return rows
 
 
@@ -181,12 +210,20 @@ def evaluate_subject(ctx: Context, subject: Subject, todo: dict[str, list[int]],
             if mode == "reasoning":
                 fmt = load_prompt_format(subject.prompt_template)
                 name = choose_engine(c.engine, device)
-                kwargs = {"max_batch_sequences": c.batch_size} if name == "hf" else {
-                    "model_path": _vllm_path(subject.spec), "seed": c.seed, "dtype": c.dtype}
+                kwargs = (
+                    {"max_batch_sequences": c.batch_size}
+                    if name == "hf"
+                    else {"model_path": _vllm_path(subject.spec), "seed": c.seed, "dtype": c.dtype}
+                )
                 engine = make_engine(name, model, tok, **kwargs)  # vLLM itself is imported only when picked
             started = time.perf_counter()
-            bar = tqdm(total=len(idx), desc=f"eval {subject.label} {mode}", unit=" task", disable=not c.progress,
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=len(idx),
+                desc=f"eval {subject.label} {mode}",
+                unit=" task",
+                disable=not c.progress,
+                dynamic_ncols=True,
+            )
             for start in range(0, len(idx), c.flush_every):
                 chunk = idx[start : start + c.flush_every]
                 if mode == "ntp":
@@ -210,7 +247,9 @@ def band_entropies(config: EvalConfig, out: Path, tasks: list[dict], manifest: d
     if config.band_model is None:
         proxy = manifest.get("proxy") or {}
         return [float("nan") if t["entropy"] is None else float(t["entropy"]) for t in tasks], {
-            "source": "tasks", "proxy": proxy.get("name") or proxy.get("spec")}
+            "source": "tasks",
+            "proxy": proxy.get("name") or proxy.get("spec"),
+        }
     top_k, mode = 16, "full-softmax"
     try:  # use the definition of the scorer that built these tasks
         options = read_manifest(Path(manifest["scored_dir"])).get("options") or {}
@@ -226,15 +265,22 @@ def band_entropies(config: EvalConfig, out: Path, tasks: list[dict], manifest: d
     if missing:
         device = resolve_device(config.device)
         tok = load_tokenizer(config.band_model, trust_remote_code=config.trust_remote_code)
-        model = load_causal_lm(config.band_model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
+        model = load_causal_lm(
+            config.band_model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code
+        )
         ids = context_ids(tok, [tasks[i]["context"] for i in missing], max_positions(model, config.max_prompt_tokens))
         log.info("band entropy: %d contexts through %s", len(ids), config.band_model)
         res = next_token_pass(model, ids, config.batch_size, pad_id(tok), top_k=top_k, entropy_mode=mode)
         for i, h in zip(missing, res.topk_entropy):
             cached[tasks[i]["task_id"]] = h
-        write_parquet_atomic(pa.table({"task_id": list(cached), "entropy": pa.array(list(cached.values()), pa.float32())}),
-                             cache_path)
+        write_parquet_atomic(
+            pa.table({"task_id": list(cached), "entropy": pa.array(list(cached.values()), pa.float32())}), cache_path
+        )
         del model
         gc.collect()
     return [float(cached[t["task_id"]]) for t in tasks], {
-        "source": "band_model", "model": config.band_model, "top_k": top_k, "mode": mode}
+        "source": "band_model",
+        "model": config.band_model,
+        "top_k": top_k,
+        "mode": mode,
+    }

@@ -43,8 +43,9 @@ def _aggregate(table: pa.Table, label: str, mode: str, task_index: dict[str, int
     count = np.zeros(n, dtype=np.int64)
     correct = np.zeros(n, dtype=np.int64)
     ment = np.full(n, np.nan)
-    for tid, r, me in zip(t.column("task_id").to_pylist(), t.column("reward").to_pylist(),
-                          t.column("model_entropy").to_pylist()):
+    for tid, r, me in zip(
+        t.column("task_id").to_pylist(), t.column("reward").to_pylist(), t.column("model_entropy").to_pylist()
+    ):
         i = task_index.get(tid)
         if i is None:  # a task outside this evaluation (another --limit)
             continue
@@ -54,12 +55,27 @@ def _aggregate(table: pa.Table, label: str, mode: str, task_index: dict[str, int
         if me is not None:
             ment[i] = me
     seen = count > 0
-    return {"mean": np.where(seen, total / np.maximum(count, 1), 0.0), "count": count, "correct": correct,
-            "seen": seen, "model_entropy": ment}
+    return {
+        "mean": np.where(seen, total / np.maximum(count, 1), 0.0),
+        "count": count,
+        "correct": correct,
+        "seen": seen,
+        "model_entropy": ment,
+    }
 
 
-def build_report(config: EvalConfig, ctx: Context, manifest: dict, subjects: list[Subject], runs: list[RunInfo],
-                 infos: dict, table: pa.Table, entropy_source: dict, overlap: list[dict], warnings: list[str]) -> dict:
+def build_report(
+    config: EvalConfig,
+    ctx: Context,
+    manifest: dict,
+    subjects: list[Subject],
+    runs: list[RunInfo],
+    infos: dict,
+    table: pa.Table,
+    entropy_source: dict,
+    overlap: list[dict],
+    warnings: list[str],
+) -> dict:
     """Everything report.json holds but `seconds` and the plot, which run_eval adds."""
     task_index = {t["task_id"]: i for i, t in enumerate(ctx.tasks)}
     entropy = np.asarray(ctx.entropy, dtype=np.float64)
@@ -77,16 +93,25 @@ def build_report(config: EvalConfig, ctx: Context, manifest: dict, subjects: lis
                 raise AssertionError(f"{subject.label} {mode}: {int((~seen).sum())} tasks have no prediction")
             k = int(agg["count"].max())
             row = {
-                "model": subject.label, "spec": subject.spec, "run": subject.run, "step": subject.step,
-                "compute": subject.compute, "mode": mode, "tasks": len(ctx.tasks),
-                "samples": k, "bands": band_table(entropy, agg["mean"], config.bands),
+                "model": subject.label,
+                "spec": subject.spec,
+                "run": subject.run,
+                "step": subject.step,
+                "compute": subject.compute,
+                "mode": mode,
+                "tasks": len(ctx.tasks),
+                "samples": k,
+                "bands": band_table(entropy, agg["mean"], config.bands),
                 "model_entropy": None,
                 "same_tokenizer_as_tasks": infos[subject.label]["vocab_hash"] == tasks_hash if tasks_hash else None,
             }
             if mode == "reasoning":
-                row.update(prompt_template=subject.prompt_template, temperature=subject.temperature,
-                           max_new_tokens=subject.max_new_tokens,
-                           collapse=collapse_by_band(table, subject.label, task_index, entropy, config.bands))
+                row.update(
+                    prompt_template=subject.prompt_template,
+                    temperature=subject.temperature,
+                    max_new_tokens=subject.max_new_tokens,
+                    collapse=collapse_by_band(table, subject.label, task_index, entropy, config.bands),
+                )
                 if k > 1:
                     passk = [pass_at_k(int(n), int(c), k) for n, c in zip(agg["count"], agg["correct"])]
                     row["pass_at_k"] = {b: v["accuracy"] for b, v in band_table(entropy, passk, config.bands).items()}
@@ -115,11 +140,21 @@ def build_report(config: EvalConfig, ctx: Context, manifest: dict, subjects: lis
             "disjoint": disjoint_counts(entropy, config.bands),
         },
         "settings": {
-            "modes": list(config.modes), "samples": config.samples, "temperature": config.temperature,
-            "max_new_tokens": config.max_new_tokens, "max_prompt_tokens": config.max_prompt_tokens,
-            "prompt_template": config.prompt_template, "reward": config.reward, "seed": config.seed,
-            "engine": config.engine, "dtype": config.dtype, "device": config.device, "batch_size": config.batch_size,
-            "limit": config.limit, "resume": config.resume, "max_compute": config.max_compute,
+            "modes": list(config.modes),
+            "samples": config.samples,
+            "temperature": config.temperature,
+            "max_new_tokens": config.max_new_tokens,
+            "max_prompt_tokens": config.max_prompt_tokens,
+            "prompt_template": config.prompt_template,
+            "reward": config.reward,
+            "seed": config.seed,
+            "engine": config.engine,
+            "dtype": config.dtype,
+            "device": config.device,
+            "batch_size": config.batch_size,
+            "limit": config.limit,
+            "resume": config.resume,
+            "max_compute": config.max_compute,
         },
         "overlap": overlap,
         "warnings": warnings,
@@ -185,10 +220,21 @@ def scaling_fits(config: EvalConfig, rows: list[dict]) -> list[dict]:
             if not mine:
                 continue
             for band in [name for name, _ in config.bands] + ["all"]:
-                pts = [(r["compute"], r["bands"][band]["accuracy"]) for r in mine
-                       if r["compute"] is not None and r["compute"] > 0 and r["bands"][band]["accuracy"] is not None]
-                fit = {"run": run, "mode": mode, "band": band, "points": len(pts),
-                       "A": None, "alpha": None, "p_star": None, "r2": None}
+                pts = [
+                    (r["compute"], r["bands"][band]["accuracy"])
+                    for r in mine
+                    if r["compute"] is not None and r["compute"] > 0 and r["bands"][band]["accuracy"] is not None
+                ]
+                fit = {
+                    "run": run,
+                    "mode": mode,
+                    "band": band,
+                    "points": len(pts),
+                    "A": None,
+                    "alpha": None,
+                    "p_star": None,
+                    "r2": None,
+                }
                 if len(pts) < MIN_POINTS:
                     fit["status"] = f"no fit: {len(pts)} points with compute > 0 for 3 parameters (need {MIN_POINTS})"
                 elif len({p[1] for p in pts}) == 1:  # R² is undefined and alpha arbitrary on a flat line

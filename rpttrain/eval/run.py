@@ -59,8 +59,14 @@ def run_eval(config: EvalConfig) -> dict:
         claim_report_dir(config, out, config.identity(manifest.get("fingerprint")))
         faults.hit("begin")
         entropy, entropy_source = band_entropies(config, out, tasks, manifest)
-        ctx = Context(config, tasks, entropy, [band_of(h, config.bands) for h in entropy], Store(out),
-                      None if config.reward in DENSE_REWARDS else get_reward_fn(config.reward))
+        ctx = Context(
+            config,
+            tasks,
+            entropy,
+            [band_of(h, config.bands) for h in entropy],
+            Store(out),
+            None if config.reward in DENSE_REWARDS else get_reward_fn(config.reward),
+        )
         done = ctx.store.done() if config.resume else set()
         if done:
             log.info("resuming: %d (task, model, mode) rows already in %s", len(done), out / PREDICTIONS_DIR)
@@ -68,21 +74,27 @@ def run_eval(config: EvalConfig) -> dict:
         infos = {}
         first_with: dict[tuple, str] = {}  # what a subject's predictions depend on -> first subject with it
         for subject in subjects:
-            todo = {mode: [i for i, t in enumerate(tasks) if (t["task_id"], subject.label, mode) not in done]
-                    for mode in config.modes}
+            todo = {
+                mode: [i for i, t in enumerate(tasks) if (t["task_id"], subject.label, mode) not in done]
+                for mode in config.modes
+            }
             twin = first_with.setdefault(predictions_key(subject, config.modes), subject.label)
             if twin != subject.label:  # e.g. the shared base model (step 0) of several runs: evaluated once
                 infos[subject.label] = infos[twin]
-                ctx.store.copy(twin, subject.label, {(tasks[i]["task_id"], mode) for mode, idx in todo.items() for i in idx})
+                ctx.store.copy(
+                    twin, subject.label, {(tasks[i]["task_id"], mode) for mode, idx in todo.items() for i in idx}
+                )
                 continue
             infos[subject.label] = evaluate_subject(ctx, subject, todo, device)
         table = ctx.store.table()
         write_parquet_atomic(table, out / PREDICTIONS_FILE)
-        report = build_report(config, ctx, manifest, subjects, runs, infos, table, entropy_source,
-                              overlap_report, warnings)
+        report = build_report(
+            config, ctx, manifest, subjects, runs, infos, table, entropy_source, overlap_report, warnings
+        )
         if config.lm_eval_tasks:  # lm-evaluation-harness on every subject, resumable per subject
-            scores = harness_scores(config.harness, out, subjects, config.dtype, device, tasks_dir, manifest,
-                                    config.trust_remote_code)
+            scores = harness_scores(
+                config.harness, out, subjects, config.dtype, device, tasks_dir, manifest, config.trust_remote_code
+            )
             report["lm_eval"] = harness_report(config.harness, subjects, scores)
             if runs and config.out is not None and plot_harness(report, out / HARNESS_PLOT_FILE):
                 report["files"]["lm_eval_plot"] = str(out / HARNESS_PLOT_FILE)

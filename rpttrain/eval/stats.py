@@ -1,10 +1,10 @@
 """The statistics of `rpt eval`: pure functions of per-task scores, no model, no files.
 
-    wilson_interval(81, 263)           -> 95% interval of an accuracy over tasks
-    pass_at_k(n=8, c=1, k=8)           -> unbiased Pass@k of one task from n samples
-    paired_difference(a, b)            -> A minus B on the same tasks, interval and p-value
-    band_table(entropies, scores)      -> accuracy per nested entropy band (the paper's Table 1 cells)
-    disjoint_counts(entropies)         -> tasks per disjoint band
+wilson_interval(81, 263)           -> 95% interval of an accuracy over tasks
+pass_at_k(n=8, c=1, k=8)           -> unbiased Pass@k of one task from n samples
+paired_difference(a, b)            -> A minus B on the same tasks, interval and p-value
+band_table(entropies, scores)      -> accuracy per nested entropy band (the paper's Table 1 cells)
+disjoint_counts(entropies)         -> tasks per disjoint band
 """
 
 from __future__ import annotations
@@ -82,8 +82,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -
         raise ValueError(f"paired scores need the same tasks ({x.shape} vs {y.shape})")
     n = len(x)
     d = x - y
-    out = {"n": n, "diff": float(d.mean()) if n else 0.0, "ci_low": None, "ci_high": None,
-           "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "p_value": 1.0}
+    out = {
+        "n": n,
+        "diff": float(d.mean()) if n else 0.0,
+        "ci_low": None,
+        "ci_high": None,
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "p_value": 1.0,
+    }
     if n > 1:
         half = z * float(d.std(ddof=1)) / math.sqrt(n)
         out["ci_low"], out["ci_high"] = out["diff"] - half, out["diff"] + half
@@ -137,8 +144,12 @@ def band_table(
         correct = float(s[mask].sum())
         lo, hi = wilson_interval(min(correct, n), n, z) if n else (None, None)
         out[name] = {
-            "threshold": threshold, "n": n, "correct": correct,
-            "accuracy": correct / n if n else None, "ci_low": lo, "ci_high": hi,
+            "threshold": threshold,
+            "n": n,
+            "correct": correct,
+            "accuracy": correct / n if n else None,
+            "ci_low": lo,
+            "ci_high": hi,
         }
     return out
 

@@ -1,9 +1,9 @@
 """REPORT_DIR on disk: its file names, the claim on the folder, and the predictions store.
 
-    claim_report_dir(config, out, identity)    # refuse / resume / overwrite (claim_run_dir); run.json
-    store = Store(out)                         # out/predictions/part-NNNNN.parquet
-    store.done() -> {(task_id, model, mode)}   # what a resumed evaluation skips
-    store.write(rows); store.table()
+claim_report_dir(config, out, identity)    # refuse / resume / overwrite (claim_run_dir); run.json
+store = Store(out)                         # out/predictions/part-NNNNN.parquet
+store.done() -> {(task_id, model, mode)}   # what a resumed evaluation skips
+store.write(rows); store.table()
 """
 
 from __future__ import annotations
@@ -25,8 +25,17 @@ PREDICTIONS_FILE = "predictions.parquet"
 BAND_ENTROPY_FILE = "band_entropy.parquet"
 PLOT_FILE = "scaling.png"
 HARNESS_PLOT_FILE = "lm_eval.png"
-OWN_NAMES = {RUN_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, BAND_ENTROPY_FILE, PLOT_FILE, HARNESS_PLOT_FILE, HARNESS_DIR,
-             "report.md", "report.json"}
+OWN_NAMES = {
+    RUN_FILE,
+    PREDICTIONS_DIR,
+    PREDICTIONS_FILE,
+    BAND_ENTROPY_FILE,
+    PLOT_FILE,
+    HARNESS_PLOT_FILE,
+    HARNESS_DIR,
+    "report.md",
+    "report.json",
+}
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -93,6 +102,13 @@ class Store:
 def claim_report_dir(config: EvalConfig, out: Path, identity: dict) -> None:
     """Make `out` this evaluation's folder (`rptdata.stage.claim_run_dir`): a foreign folder is
     refused; kept predictions need --resume (same settings) or --overwrite."""
-    claim_run_dir(out, STAGE, identity, OWN_NAMES, overwrite=config.overwrite, resume=config.resume,
-                  progress=(f"{PREDICTIONS_DIR}/*", f"{HARNESS_DIR}/results/*"))
+    claim_run_dir(
+        out,
+        STAGE,
+        identity,
+        OWN_NAMES,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        progress=(f"{PREDICTIONS_DIR}/*", f"{HARNESS_DIR}/results/*"),
+    )
     out.mkdir(parents=True, exist_ok=True)

@@ -80,13 +80,18 @@ def read_run(run_dir: str | Path) -> RunInfo:
     try:
         config = yaml.safe_load(cfg_path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DamagedFile(f"{cfg_path}: damaged, not valid YAML ({e}); `rpt train ... --out {root} --resume` "
-                          "writes it again") from None
+        raise DamagedFile(
+            f"{cfg_path}: damaged, not valid YAML ({e}); `rpt train ... --out {root} --resume` writes it again"
+        ) from None
     for key in ("model", "tasks_dir"):
         if not isinstance(config, dict) or key not in config:
             raise MissingUpstream(f"{cfg_path} has no {key!r}; not an `rpt train` config")
     record_path = root / TRAINED_ON
-    trained_on = read_json(record_path, f"`rpt train ... --out {root} --resume` writes it again") if record_path.exists() else None
+    trained_on = (
+        read_json(record_path, f"`rpt train ... --out {root} --resume` writes it again")
+        if record_path.exists()
+        else None
+    )
     model_path = _local_path(str(config["model"]), root)
     tasks_dir = _local_path(str(trained_on["tasks_dir"]), root) if trained_on else None
     checkpoints = []
@@ -95,8 +100,12 @@ def read_run(run_dir: str | Path) -> RunInfo:
         flops = float((state.get("totals") or {}).get("flops", float("nan")))
         checkpoints.append((int(state.get("step", folder.name.split("-")[-1])), folder, flops))
     return RunInfo(
-        name=root.name, dir=root, config=config, model=str(model_path) if model_path else str(config["model"]),
-        tasks_dir=tasks_dir or _local_path(str(config["tasks_dir"]), root), checkpoints=tuple(checkpoints),
+        name=root.name,
+        dir=root,
+        config=config,
+        model=str(model_path) if model_path else str(config["model"]),
+        tasks_dir=tasks_dir or _local_path(str(config["tasks_dir"]), root),
+        checkpoints=tuple(checkpoints),
         trained_on=trained_on,
     )
 
@@ -105,8 +114,12 @@ def within_budget(run: RunInfo, max_compute: float) -> RunInfo:
     """The run with only the checkpoints that spent at most `max_compute` training FLOPs."""
     kept = tuple(c for c in run.checkpoints if c[2] <= max_compute)
     if len(kept) < len(run.checkpoints):
-        log.info("%s: %d checkpoint(s) over --max-compute %.3g left out", run.dir, len(run.checkpoints) - len(kept),
-                 max_compute)
+        log.info(
+            "%s: %d checkpoint(s) over --max-compute %.3g left out",
+            run.dir,
+            len(run.checkpoints) - len(kept),
+            max_compute,
+        )
     return replace(run, checkpoints=kept)
 
 
@@ -139,15 +152,26 @@ def resolve_subjects(config: EvalConfig, runs: list[RunInfo]) -> list[Subject]:
 
     for spec in config.models:
         template = config.prompt_template or "v0"
-        subjects.append(Subject(unique(model_name(spec)), spec, prompt_template=template,
-                                max_new_tokens=new_tokens(template, None), temperature=temperature(None)))
+        subjects.append(
+            Subject(
+                unique(model_name(spec)),
+                spec,
+                prompt_template=template,
+                max_new_tokens=new_tokens(template, None),
+                temperature=temperature(None),
+            )
+        )
     names = [r.name for r in runs]
     for run in runs:
         rc = run.config
         name = run.name if names.count(run.name) == 1 else f"{run.dir.parent.name}/{run.name}"
         template = config.prompt_template or rc.get("prompt_template") or "v0"
-        common = dict(run=name, prompt_template=template, max_new_tokens=new_tokens(template, rc.get("max_new_tokens")),
-                      temperature=temperature(rc.get("temperature")))
+        common = dict(
+            run=name,
+            prompt_template=template,
+            max_new_tokens=new_tokens(template, rc.get("max_new_tokens")),
+            temperature=temperature(rc.get("temperature")),
+        )
         subjects.append(Subject(unique(f"{name}@0"), run.model, step=0, compute=0.0, **common))
         for step, folder, flops in run.checkpoints:
             if step == 0:
@@ -169,7 +193,9 @@ def predictions_key(subject: Subject, modes: Sequence[str]) -> tuple:
 # held-out check
 
 
-def training_overlap(run: RunInfo, tasks_dir: Path, manifest: dict, split: str, doc_ids: set[str]) -> tuple[set[str], str]:
+def training_overlap(
+    run: RunInfo, tasks_dir: Path, manifest: dict, split: str, doc_ids: set[str]
+) -> tuple[set[str], str]:
     """The evaluated documents the run trained on (by its RUN/trained_on.json), and how that was decided.
 
     Raises MissingUpstream when it cannot be decided: the run has no record, or its tasks
@@ -183,14 +209,17 @@ def training_overlap(run: RunInfo, tasks_dir: Path, manifest: dict, split: str, 
         )
     run_tasks = run.tasks_dir
     same_dir = (run_tasks is not None and run_tasks == tasks_dir.resolve()) or (
-        record.get("tasks_fingerprint") is not None and record["tasks_fingerprint"] == manifest.get("fingerprint"))
+        record.get("tasks_fingerprint") is not None and record["tasks_fingerprint"] == manifest.get("fingerprint")
+    )
     if split == "eval":
         if same_dir:
             return set(), "same tasks directory; its eval split is held out from training"
         rule = recorded_split_rule(manifest)
         if rule is not None and rule == record.get("split_rule"):
-            return set(), (f"same document split rule (seed {rule['seed']}, eval fraction {rule['eval_fraction']}); "
-                           "eval documents are never training documents")
+            return set(), (
+                f"same document split rule (seed {rule['seed']}, eval fraction {rule['eval_fraction']}); "
+                "eval documents are never training documents"
+            )
     if run_tasks is None or not (run_tasks / "manifest.json").exists():
         raise MissingUpstream(
             f"cannot check what run {run.dir} trained on: its tasks directory {record['tasks_dir']!r} "
@@ -213,8 +242,9 @@ def training_overlap(run: RunInfo, tasks_dir: Path, manifest: dict, split: str, 
     return overlap, how
 
 
-def check_runs(config: EvalConfig, runs: list[RunInfo], tasks_dir: Path, manifest: dict, tasks: list[dict],
-               warnings: list[str]) -> list[dict]:
+def check_runs(
+    config: EvalConfig, runs: list[RunInfo], tasks_dir: Path, manifest: dict, tasks: list[dict], warnings: list[str]
+) -> list[dict]:
     """The held-out check of every run: raises EvalOverlap (or, with allow_overlap, appends a
     warning); returns the report's `overlap` entries."""
     doc_ids = {t["doc_id"] for t in tasks}
@@ -235,8 +265,10 @@ def check_runs(config: EvalConfig, runs: list[RunInfo], tasks_dir: Path, manifes
         if overlap:
             n_tasks = sum(t["doc_id"] in overlap for t in tasks)
             example = sorted(overlap)[:3]
-            msg = (f"run {run.dir} trained on {len(overlap)} of the {len(doc_ids)} evaluated documents "
-                   f"({n_tasks} of {len(tasks)} tasks; e.g. {', '.join(example)}); checked against {how}")
+            msg = (
+                f"run {run.dir} trained on {len(overlap)} of the {len(doc_ids)} evaluated documents "
+                f"({n_tasks} of {len(tasks)} tasks; e.g. {', '.join(example)}); checked against {how}"
+            )
             if not config.allow_overlap:
                 raise EvalOverlap(
                     f"{msg}. Its checkpoints' accuracy on them is not held-out accuracy. Evaluate the eval split "

@@ -71,8 +71,9 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Completion]]: ...
 
-    def forward_tokens(self, prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Completion]],
-                       sampling: Sampling) -> int:
+    def forward_tokens(
+        self, prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Completion]], sampling: Sampling
+    ) -> int:
         """Tokens the engine ran through the model for generate(prompts, sampling) -> groups: what
         the rollout compute (2·N FLOPs a token) is counted from."""
         ...

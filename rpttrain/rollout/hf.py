@@ -28,7 +28,9 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_next_tokens(logits: torch.Tensor, sampling: Sampling, seeds: Sequence[int], tokenizer) -> list[list[Completion]]:
+def sample_next_tokens(
+    logits: torch.Tensor, sampling: Sampling, seeds: Sequence[int], tokenizer
+) -> list[list[Completion]]:
     """`sampling.n` draws of one next token for each row of `logits` [P, V], row i from its own
     generator seeded `seeds[i]` (so a row's samples do not depend on the other rows): the one-token
     rollout of the engine, and of the trainer's fused step, which samples from its own forward."""
@@ -52,8 +54,14 @@ def sample_next_tokens(logits: torch.Tensor, sampling: Sampling, seeds: Sequence
         group = []
         for j in range(picks.shape[1]):
             t = int(picks[i, j])
-            group.append(Completion(token_ids=[t], text="" if t in stop else tokenizer.decode([t]),
-                                    finish_reason="stop" if t in stop else "length", logprobs=[float(chosen[i, j])]))
+            group.append(
+                Completion(
+                    token_ids=[t],
+                    text="" if t in stop else tokenizer.decode([t]),
+                    finish_reason="stop" if t in stop else "length",
+                    logprobs=[float(chosen[i, j])],
+                )
+            )
         groups.append(group)
     return groups
 
@@ -124,7 +132,11 @@ class HFEngine:
                     chunk = prompts[start : start + per_chunk]
                     # one seed per chunk: reproducible, and independent of how many chunks came before
                     torch.manual_seed(sampling.seed + start)
-                    out += self._one_token_chunk(chunk, sampling, start) if one_token else self._generate_chunk(chunk, sampling)
+                    out += (
+                        self._one_token_chunk(chunk, sampling, start)
+                        if one_token
+                        else self._generate_chunk(chunk, sampling)
+                    )
         finally:
             self.model.train(was_training)
         return out

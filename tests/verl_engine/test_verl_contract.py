@@ -33,16 +33,29 @@ _spec = importlib.util.spec_from_file_location("rpt_fixtures", Path(__file__).pa
 rpt_fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rpt_fixtures)
 
-PAIRS = [("1, 2, 3, 4, 5,", " 6"), ("The capital of France is", " Paris"), ("Monday, Tuesday,", " Wednesday"),
-         ("She opened the", " door"), ("x" * 400 + " and then", " the")]  # the last one is cut to fit
+PAIRS = [
+    ("1, 2, 3, 4, 5,", " 6"),
+    ("The capital of France is", " Paris"),
+    ("Monday, Tuesday,", " Wednesday"),
+    ("She opened the", " door"),
+    ("x" * 400 + " and then", " the"),
+]  # the last one is cut to fit
 CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
 
 
 def run_dir(tmp_path: Path, template: str, **over) -> tuple[TrainConfig, dict]:
     tasks = rpt_fixtures.write_tasks_dir(tmp_path / "tasks", "smollm2-135m", PAIRS, eval_pairs=PAIRS[:2])
-    options = dict(model="smollm2-135m", steps=10, batch_size=4, group_size=4, max_new_tokens=1 if template ==
-                   "continuation" else 64, max_prompt_tokens=48 if template == "continuation" else 512,
-                   prompt_template=template, micro_batch_tokens=4096, progress=False)
+    options = dict(
+        model="smollm2-135m",
+        steps=10,
+        batch_size=4,
+        group_size=4,
+        max_new_tokens=1 if template == "continuation" else 64,
+        max_prompt_tokens=48 if template == "continuation" else 512,
+        prompt_template=template,
+        micro_batch_tokens=4096,
+        progress=False,
+    )
     config = TrainConfig(str(tasks), str(tmp_path / "run"), **{**options, **over})
     return config, run_backend(config, "verl", gpus_per_node=8, nodes=2)
 
@@ -85,8 +98,14 @@ def test_launch_composes_and_validates(tmp_path, template):
         raw = template == "continuation"
         assert (cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "rpt_raw_prompt") is raw
     # the top-level key docs used to give is not where verl 0.9.1 looks
-    stale = compose_verl([o.replace("reward.custom_reward_function", "+custom_reward_function") if o.startswith(
-        "reward.custom_reward_function") else o for o in phases[0]])
+    stale = compose_verl(
+        [
+            o.replace("reward.custom_reward_function", "+custom_reward_function")
+            if o.startswith("reward.custom_reward_function")
+            else o
+            for o in phases[0]
+        ]
+    )
     assert stale.reward.custom_reward_function.path is None
 
 
@@ -116,7 +135,9 @@ def _reward_batch(rows: list[dict], responses: list[str], tok) -> "verl.DataProt
         resp[i, : len(x)] = torch.tensor(x)
         attn[i, :3] = 1
         attn[i, 3 : 3 + len(x)] = 1
-    non_tensors = {k: np.array([r[k] for r in rows], dtype=object) for k in ("data_source", "reward_model", "extra_info")}
+    non_tensors = {
+        k: np.array([r[k] for r in rows], dtype=object) for k in ("data_source", "reward_model", "extra_info")
+    }
     non_tensors["raw_prompt"] = np.array([r["prompt"] for r in rows], dtype=object)
     return DataProto.from_dict(tensors={"responses": resp, "attention_mask": attn}, non_tensors=non_tensors)
 
@@ -164,12 +185,20 @@ def test_agent_loop_feeds_rpt_prompt_ids(tmp_path):
             seen.append(list(prompt_ids))
             return TokenOutput(token_ids=[tok.eos_token_id], log_probs=[-0.5])
 
-    loop = RawPromptAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=Server(), tokenizer=tok, processor=None,
-                              dataset_cls=RLHFDataset, data_config=DictConfigWrap(cfg.data))
+    loop = RawPromptAgentLoop(
+        trainer_config=DictConfigWrap(cfg),
+        server_manager=Server(),
+        tokenizer=tok,
+        processor=None,
+        dataset_cls=RLHFDataset,
+        data_config=DictConfigWrap(cfg.data),
+    )
     fmt = load_prompt_format("continuation")
     for i, (context, _) in enumerate(PAIRS):
         row = ds[i]
-        out = loop.loop.run_until_complete(loop.run({"temperature": 0.8}, raw_prompt=row["raw_prompt"], extra_info=row["extra_info"]))
+        out = loop.loop.run_until_complete(
+            loop.run({"temperature": 0.8}, raw_prompt=row["raw_prompt"], extra_info=row["extra_info"])
+        )
         want = build_prompt_ids(fmt, context, tok, config.max_prompt_tokens)
         assert seen[-1] == out.prompt_ids == want
         assert out.response_ids == [tok.eos_token_id] and out.response_mask == [1]
