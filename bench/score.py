@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 import torch
 
 from rptdata.batching import plan_batches
+from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.scorers import MAX_CONTEXT_CAP
 from rptdata.scorers.hf import HFScorer
-from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.scorers.positions import score_docs
 
 OMNIMATH = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "omnimath-rule.jsonl"
@@ -107,7 +107,7 @@ def bare_forward(engine: HFScorer, docs: list[np.ndarray]) -> None:
                 ids[b, : lengths[i]] = torch.from_numpy(docs[i][:-1].astype(np.int64))
                 mask[b, : lengths[i]] = 1
             ragged = bool((mask == 0).any())
-            engine.model(
+            _ = engine.model(
                 input_ids=ids.to(engine.device),
                 attention_mask=mask.to(engine.device) if ragged else None,
                 use_cache=False,

@@ -431,7 +431,7 @@ def main() -> None:
     trl_row = next((r for r in rows if r["name"].startswith("TRL")), None)
     print()
     print(f"seconds per step (mean of steps 2..{a.steps}; first step apart), B={a.batch} x G={a.group}:")
-    print(f"| trainer | generation | update | weight sync | step | step vs TRL (x faster) | first step | all steps |")
+    print("| trainer | generation | update | weight sync | step | step vs TRL (x faster) | first step | all steps |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{trl_row['step'] / r['step']:.2f}" if trl_row else "n/a"

@@ -123,7 +123,8 @@ from rpttrain.reward import REWARD_NAMES
 @click.option(
     "--lm-eval-tasks",
     default=None,
-    help="lm-evaluation-harness tasks (T1,T2) run on every evaluated model and checkpoint; rpt_heldout_bpb: bits per byte of the tasks' held-out documents (no download). Needs pip install 'rpt[lm-eval]'.",
+    help="lm-evaluation-harness tasks (T1,T2) run on every evaluated model and checkpoint; rpt_heldout_bpb: "
+    "bits per byte of the tasks' held-out documents (no download). Needs pip install 'rpt[lm-eval]'.",
 )
 @click.option(
     "--lm-eval-include",
@@ -188,7 +189,6 @@ def eval_cmd(
       rpt eval out/tasks --checkpoints out/run --lm-eval-tasks rpt_heldout_bpb --lm-eval-limit 20 --out out/eval-bpb
       duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
     """
-    from rpttrain.eval.harness_report import format_harness
     from rpttrain.eval import (
         PAIRED_LEGEND,
         EvalConfig,
@@ -198,6 +198,7 @@ def eval_cmd(
         format_table,
         run_eval,
     )
+    from rpttrain.eval.harness_report import format_harness
 
     if not models and not runs:
         models = ("smollm2-135m",)

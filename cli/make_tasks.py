@@ -64,7 +64,9 @@ from cli.common import library_errors, no_progress_option, overwrite_option
     "--min-live",
     default=None,
     type=click.FloatRange(0, 1),
-    help="Drop training positions whose predicted probability of a mixed-reward group (live = 1 - q^G - (1-q)^G) is below P; counted as low_live. Eval positions are never dropped. Default: keep all. The estimate is exact only when the policy is the proxy and the format is `continuation`.",
+    help="Drop training positions whose predicted probability of a mixed-reward group (live = 1 - q^G - (1-q)^G) "
+    "is below P; counted as low_live. Eval positions are never dropped. Default: keep all. The estimate is exact "
+    "only when the policy is the proxy and the format is `continuation`.",
 )
 @click.option(
     "--group-size",

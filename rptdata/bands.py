@@ -10,7 +10,8 @@ Bands are nested: a "hard" task also counts as medium and easy; `band_of` names 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+
 from rptdata.errors import BadOption
 
 __all__ = ["DEFAULT_BANDS", "OTHER_BAND", "as_bands", "band_of", "parse_bands"]

@@ -12,7 +12,8 @@ the token budget goes alone rather than being refused.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
+
 from rptdata.errors import BadOption
 
 

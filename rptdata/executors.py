@@ -38,8 +38,8 @@ import hashlib
 import logging
 import os
 import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from rptdata import faults
 from rptdata.errors import BadOption, MissingDependency, RptError

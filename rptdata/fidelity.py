@@ -27,8 +27,8 @@ not compared. Nothing is written but the plot.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rptdata.bands import OTHER_BAND, as_bands
 from rptdata.errors import BadInput

@@ -21,12 +21,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rptdata import faults
-from rptdata.errors import BadOption, DamagedFile, MissingUpstream
+from rptdata.errors import DamagedFile, MissingUpstream
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"

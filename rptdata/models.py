@@ -22,7 +22,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
 import urllib.parse
 from dataclasses import dataclass

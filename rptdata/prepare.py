@@ -65,11 +65,11 @@ from rptdata.io import (
     shard_name,
     write_json_atomic,
 )
-from rptdata.stage import StageDir, finish_or_progress, run_stage, worker_from_env
 from rptdata.models import DEFAULT_MODEL, load_plain_tokenizer, model_name, vocab_hash
 from rptdata.sources import RawRecord, TextBuilder, expand_inputs
-from rptdata.stream import RecordStream, plan_units
 from rptdata.spans import ByteSpanTokenizer
+from rptdata.stage import StageDir, finish_or_progress, run_stage, worker_from_env
+from rptdata.stream import RecordStream, plan_units
 
 log = logging.getLogger(__name__)
 

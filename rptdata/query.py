@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rptdata.bands import DEFAULT_BANDS, as_bands
 from rptdata.errors import BadInput, BadOption, MissingUpstream

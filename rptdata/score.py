@@ -60,7 +60,15 @@ from rptdata.io import (
     read_parquet,
     shard_index,
 )
-from rptdata.stage import StageDir, run_stage, worker_from_env
+from rptdata.models import (
+    DEFAULT_MODEL,
+    load_tokenizer,
+    local_model_dir,
+    model_name,
+    resolve_device,
+    resolve_dtype,
+    vocab_hash,
+)
 from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
 from rptdata.scorers.positions import (
     DEFAULT_THRESHOLD,
@@ -71,15 +79,7 @@ from rptdata.scorers.positions import (
     long_document_method,
     score_docs,
 )
-from rptdata.models import (
-    DEFAULT_MODEL,
-    load_tokenizer,
-    local_model_dir,
-    model_name,
-    resolve_device,
-    resolve_dtype,
-    vocab_hash,
-)
+from rptdata.stage import StageDir, run_stage, worker_from_env
 
 log = logging.getLogger(__name__)
 

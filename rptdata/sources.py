@@ -29,9 +29,9 @@ import itertools
 import json
 import os
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from rptdata.errors import BadInput, BadOption
 
@@ -142,7 +142,7 @@ class TextBuilder:
         """The record fields the text is built from."""
         return self.fields if self.template is not None else [self.text_field]
 
-    def for_source(self, source: InputSource) -> "TextBuilder":
+    def for_source(self, source: InputSource) -> TextBuilder:
         if source.kind == "builtin" and self.template is None and self.text_field == "text":
             return TextBuilder(template=BUILTINS[source.path])
         return self

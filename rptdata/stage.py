@@ -35,8 +35,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 from rptdata import __version__, faults
 from rptdata.errors import BadOption, ManifestMismatch
@@ -78,7 +79,7 @@ def worker_from_env(num_workers: int | None, worker_index: int | None) -> tuple[
 
 
 def run_stage(
-    stage: "StageDir",
+    stage: StageDir,
     units: Sequence[int],
     *,
     done: Callable[[], dict[int, dict]],
@@ -107,7 +108,7 @@ def run_stage(
 
 
 def finish_or_progress(
-    stage: "StageDir",
+    stage: StageDir,
     units: Sequence[int],
     *,
     done: Callable[[], dict[int, dict]],

@@ -13,7 +13,7 @@ shard, or by a Ray task that got the pickled stream (the index, never an open re
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 from rptdata.sources import RawRecord, TextBuilder, index_source, read_source
 

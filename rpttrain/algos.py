@@ -17,6 +17,7 @@ T = completion tokens (padded).
 from __future__ import annotations
 
 import torch
+
 from rptdata.errors import BadOption
 
 LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")

@@ -11,7 +11,7 @@ sequence's last k positions with one LM-head call over N x k rows instead of N x
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["COLLAPSE_KEYS", "GroupCollapse", "collapse_metrics", "group_collapse", "normalized_key"]
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from rptdata.errors import BadOption
 from rpttrain import algos
 from rpttrain.precision import check_dtypes
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
-from rptdata.errors import BadOption
 
 OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
 # knobs of the next-token baselines only: they do not change an RPT run's identity

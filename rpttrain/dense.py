@@ -29,15 +29,15 @@ Left out on purpose: the dense rewards in TRL and verl. Their reward functions s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
+from rptdata.errors import BadOption
 from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.prompts import PromptFormat, build_prompt_ids, load_prompt_format
 from rpttrain.reward import DENSE_REWARDS, score_group
-from rptdata.errors import BadOption
 
 RAW = load_prompt_format("continuation")
 

@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 
 
 def fused_rollout_and_update(
-    objective: "GRPOObjective", tasks: list[dict], step: int, timings: dict
-) -> tuple[list[list["Rollout"]], dict]:
+    objective: GRPOObjective, tasks: list[dict], step: int, timings: dict
+) -> tuple[list[list[Rollout]], dict]:
     """Sample, reward and accumulate the gradient from one forward per micro-batch of prompts;
     then the optimizer step. Returns the groups (in task order) and the update's stats."""
     c = objective.config
     prompts, sampling = objective.prompts(tasks), objective.sampling(step, 0)
     n = len(tasks) * c.group_size
     denom = algos.loss_denominator(torch.ones(n, 1), c.loss_agg, max_len=c.max_new_tokens)
-    groups: list[list["Rollout"] | None] = [None] * len(tasks)
+    groups: list[list[Rollout] | None] = [None] * len(tasks)
     stats = {"loss": 0.0, "kl": 0.0, "update_tokens": 0}
     clipped = 0.0
     for mb in plan_batches([len(p) for p in prompts], max_tokens=c.micro_batch_tokens):

@@ -25,22 +25,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from rptdata.tasks.live import predicted_zero_variance
 from rptdata.models import local_model_dir
+from rptdata.tasks.live import predicted_zero_variance
 from rpttrain import algos
 from rpttrain.batching import last_positions_logits, plan_batches
-from rpttrain.precision import Precision, dtype_name
-from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
 from rpttrain.fused_step import fused_rollout_and_update
+from rpttrain.precision import Precision, dtype_name
+from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 
 

@@ -128,9 +128,7 @@ class TrainSizing:
         return self.micro_batch_rows * self.sequence_tokens
 
     @classmethod
-    def of(
-        cls, config, precision, device: str, engine: str = "hf", data=None, attention: str = "flash"
-    ) -> "TrainSizing":
+    def of(cls, config, precision, device: str, engine: str = "hf", data=None, attention: str = "flash") -> TrainSizing:
         """From the config and, when given, the data's longest context (`memory_probe.DataShape`);
         without it, from the limits (--max-prompt-tokens), as a bound."""
         c = config
@@ -378,7 +376,7 @@ def preflight(
     not raised: the user asked to run unchecked."""
     try:
         record = plan(config, device, precision, engine, tasks_manifest, tokenizer)
-    except Exception as e:  # noqa: BLE001  (an unchecked run does not stop for its estimate)
+    except Exception as e:
         if enforce:
             raise
         log.warning("memory preflight: no estimate (%s)", e)

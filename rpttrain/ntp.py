@@ -11,7 +11,7 @@ No rollout engine is built: these objectives never sample.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from rptdata.errors import BadOption
 
 log = logging.getLogger(__name__)

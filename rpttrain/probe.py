@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rptdata.models import load_causal_lm, load_tokenizer
-from rpttrain.prompts import build_prompt_ids, load_prompt_format
-from rpttrain.dense import GroupScorer
-from rpttrain.reward import REWARD_NAMES
 from rptdata.engine_choice import choose_engine
-from rpttrain.rollout import Sampling, make_engine, stop_ids
-from rpttrain.data import load_tasks
-from rptdata.tasks.live import live_probability
-from rptdata.io import STAGE_TASKS, read_manifest, write_text_atomic
 from rptdata.errors import BadOption
+from rptdata.io import STAGE_TASKS, read_manifest, write_text_atomic
+from rptdata.models import load_causal_lm, load_tokenizer
+from rptdata.tasks.live import live_probability
+from rpttrain.data import load_tasks
+from rpttrain.dense import GroupScorer
+from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.reward import REWARD_NAMES
+from rpttrain.rollout import Sampling, make_engine, stop_ids
 
 log = logging.getLogger(__name__)
 

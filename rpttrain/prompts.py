@@ -30,11 +30,12 @@ fence, so a context containing a triple backtick closes the fence early.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from rpttrain.reward import extract_prediction
 from rptdata.errors import BadOption
+from rpttrain.reward import extract_prediction
 
 __all__ = [
     "PLACEHOLDER",

@@ -40,7 +40,8 @@ Run the examples with ``python -m doctest rpttrain/reward.py``.
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
 from rptdata.errors import BadOption
 
 __all__ = [

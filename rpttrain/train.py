@@ -49,8 +49,8 @@ from rptdata.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from rptdata.stage import claim_run_dir
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
+from rptdata.stage import claim_run_dir
 from rpttrain.checkpoint import (
     list_checkpoints,
     load_master_weights,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rptdata.stage import StageDir
-from rptdata.models import load_tokenizer, vocab_hash
 from rptdata.io import STAGE_TASKS as STAGE
+from rptdata.models import load_tokenizer, vocab_hash
+from rptdata.stage import StageDir
 from rptdata.tasks.taskdef import TASKS_SCHEMA
 
 

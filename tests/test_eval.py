@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from click.testing import CliRunner
 
 from cli.main import cli
+from rptdata.bands import DEFAULT_BANDS
 from rptdata.errors import ManifestMismatch
 from rpttrain.eval import (
     PREDICTIONS_SCHEMA,
@@ -27,12 +28,13 @@ from rpttrain.eval import (
     EvalOverlap,
     band_table,
     disjoint_counts,
+    markdown,
     pass_at_k,
+    passes,
     run_eval,
     wilson_interval,
 )
-from rptdata.bands import DEFAULT_BANDS
-from rpttrain.eval import markdown, passes, report as eval_report
+from rpttrain.eval import report as eval_report
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -548,8 +550,8 @@ def test_resume_skips_rows_already_done(tiny, tmp_path, monkeypatch, forward_siz
 def test_band_model_recomputes_the_band_entropy(tiny, tmp_path):
     import torch
 
-    from rptdata.scorers import entropy_from_logits
     from rptdata.models import load_causal_lm, load_tokenizer
+    from rptdata.scorers import entropy_from_logits
 
     model, tasks = tiny
     report = run_eval(tiny_config(tiny, tmp_path / "rep", band_model=str(model)))

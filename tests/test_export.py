@@ -16,14 +16,14 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from rptdata.errors import ManifestMismatch, MissingUpstream
+from rptdata.tasks import MakeTasksConfig, run_make_tasks
 from rpttrain import export as export_mod
+from rpttrain.data import load_tasks
 from rpttrain.export import ExportConfig, run_export_tasks
 from rpttrain.integrations.trl import rpt_reward
 from rpttrain.integrations.verl import compute_score
 from rpttrain.prompts import load_prompt_format, render_prompt
 from rpttrain.reward import extract_prediction, first_token_reward, prefix_reward
-from rptdata.tasks import MakeTasksConfig, run_make_tasks
-from rpttrain.data import load_tasks
 from tests.test_tasks import build_scored, pick_seed, read_docs
 
 

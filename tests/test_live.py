@@ -19,6 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli.main import cli
+from rptdata.io import list_shards, read_manifest
+from rptdata.spans import ByteSpanTokenizer
+from rptdata.stage import StageDir
+from rptdata.tasks import SKIP_REASONS, run_make_tasks
 from rptdata.tasks.live import (
     accepted_prediction,
     live_probability,
@@ -26,13 +30,9 @@ from rptdata.tasks.live import (
     predicted_zero_variance,
     tempered_accept_mass,
 )
-from rptdata.io import list_shards, read_manifest
-from rptdata.stage import StageDir
-from rptdata.spans import ByteSpanTokenizer
-from rptdata.tasks import SKIP_REASONS, run_make_tasks
-from tests.rpt_fixtures import rewrite_shard
 from rpttrain.data import OPTIONAL_TASK_COLUMNS, TASK_COLUMNS, TaskRows
 from rpttrain.reward import prefix_reward
+from tests.rpt_fixtures import rewrite_shard
 from tests.test_tasks import build_scored, cfg, corpus_texts, pick_seed, read_docs, read_split
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
+from rpttrain.config import TrainConfig, config_from_dict
 from rpttrain.memory import GIB, ModelShape, TrainSizing, check_fits, estimate_train_memory, refusal
 from rpttrain.precision import resolve_precision
-from rpttrain.config import TrainConfig, config_from_dict
 from rpttrain.train import Trainer, run_train
 from tests.rpt_fixtures import tiny_llama, write_tasks_dir
 

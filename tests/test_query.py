@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from rptdata.scorers import PositionScores
 from rptdata.errors import BadInput, MissingUpstream
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.query import compute_stats, connect, export_query, plot_entropy_hist, query_rows
 from rptdata.score import ScoreConfig, run_score_entropy
+from rptdata.scorers import PositionScores
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and then it runs into the forest to find its friends.",
@@ -159,8 +159,9 @@ def test_stats_with_threshold_marks_incomplete_bands(prep, tmp_path):
 
 def test_stats_takes_the_bands_make_tasks_and_eval_take(prep, scored, tmp_path):
     """One reader of bands: thresholds, named bands, and the same refusals everywhere."""
-    from cli.main import cli
     from click.testing import CliRunner
+
+    from cli.main import cli
 
     named = compute_stats(scored, "easy=0.5,hard=1.5")
     e = np.array([r["entropy"] for r in _expected(prep)])

@@ -14,12 +14,12 @@ from rpttrain.reward import (
     REWARDS,
     conditional_dense_rewards,
     dense_reward,
-    score_group,
     extract_prediction,
     first_token_reward,
     get_reward_fn,
     prefix_reward,
     score_completions,
+    score_group,
 )
 
 SURROGATE = chr(0xD800)

@@ -7,7 +7,8 @@ Real-model tests score a 6-document corpus (one document of 187 tokens, longer t
 of 64 tokens, so it is scored in key/value-carrying chunks, or in overlapping windows) with
 smollm2-135m in float32 on CPU. They compare every scored position with an independent,
 straightforward computation (one window alone, or the whole document in one forward with an
-attention mask giving each position its context; full-vocabulary log_softmax, then top-k) at an absolute tolerance of 1e-4 on entropy and target log-probability;
+attention mask giving each position its context; full-vocabulary log_softmax, then top-k) at an
+absolute tolerance of 1e-4 on entropy and target log-probability;
 ranks and top-1 ids must match exactly unless two logits are within 1e-4 of each other (batching
 and padding change float32 sums in about the 5th digit).
 """
@@ -27,10 +28,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rptdata.batching import plan_batches
-from rptdata.scorers import entropy_from_logits, plan_chunks, topk_entropy
 from rptdata.errors import ManifestMismatch, RptError
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.score import POSITIONS_SCHEMA, ScoreConfig, merge_scored, run_score_entropy
+from rptdata.scorers import entropy_from_logits, plan_chunks, topk_entropy
 from rptdata.scorers.positions import Window, plan_windows, score_docs
 
 TOL = 1e-4

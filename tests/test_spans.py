@@ -90,7 +90,7 @@ def test_byte_spans_tile_arbitrary_unicode(all_tokenizers, text):
 
 def test_batches_of_mixed_documents_match_single(all_tokenizers):
     docs = ["", "a", "世界 🎉", "\x16", "\r\n\r\n", "x" * 1000, "e\u0301" * 50]
-    for tokenizer, spans in all_tokenizers.values():
+    for _, spans in all_tokenizers.values():
         together = spans.encode_batch(docs)
         for j, doc in enumerate(docs):
             alone = spans.encode_batch([doc])
@@ -134,7 +134,7 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path):
 def test_byte_spans_on_real_corpus(all_tokenizers):
     docs = [json.loads(line) for line in OMNIMATH.open()][:300]
     texts = [d["problem"] + "\n\n" + d["solution"] for d in docs]
-    for name, (tokenizer, spans) in all_tokenizers.items():
+    for tokenizer, spans in all_tokenizers.values():
         n = sum(check_doc(tokenizer, spans, t) for t in texts[:60])
         assert n > 10_000
         batch = spans.encode_batch([spans.normalize(t) for t in texts])

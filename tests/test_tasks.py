@@ -23,17 +23,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli.main import cli
+from rptdata.bands import band_of, parse_bands
 from rptdata.errors import ManifestMismatch, MissingUpstream
 from rptdata.io import list_shards, read_manifest, shard_index
-from rptdata.stage import StageDir
 from rptdata.prepare import PrepareConfig, run_prepare
 from rptdata.spans import ByteSpanTokenizer
+from rptdata.stage import StageDir
+from rptdata.tasks import SKIP_REASONS, MakeTasksConfig, run_make_tasks
 from rptdata.tasks import build as tasks_mod
-from rptdata.bands import band_of, parse_bands
 from rptdata.tasks.taskdef import TASKS_SCHEMA, continuation_at, cut_context, split_of
 from rpttrain.data import iter_tasks, load_tasks
 from rpttrain.reward import first_token_reward, prefix_reward
-from rptdata.tasks import SKIP_REASONS, MakeTasksConfig, run_make_tasks
 
 # ---------------------------------------------------------------------------------------------
 # synthetic scored directories (also used by tests/test_export.py)

@@ -222,8 +222,8 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
 
 
 def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
-    from rpttrain.rollout import Sampling
     from rpttrain.grpo import Rollout
+    from rpttrain.rollout import Sampling
 
     trainer = Trainer(tiny_config(tiny, tmp_path / "run"))
     trainer.setup(resume=False, overwrite=False)

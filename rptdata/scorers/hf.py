@@ -33,14 +33,14 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from rptdata.batching import plan_batches
-from rptdata.scorers import PositionScores, check_first, plan_chunks, topk_entropy
-from rptdata.models import load_causal_lm, resolve_device
 from rptdata.errors import BadOption
+from rptdata.models import load_causal_lm, resolve_device
+from rptdata.scorers import PositionScores, check_first, plan_chunks, topk_entropy
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ class HFScorer:
         input_lengths = [len(s) - 1 for s in sequences]
         for batch in plan_batches(input_lengths, max_tokens=self.batch_tokens):
             results = self._score_batch([sequences[i] for i in batch], [firsts[i] for i in batch])
-            for i, scores in zip(batch, results):
-                yield i, scores
+            yield from zip(batch, results)
             if progress is not None:
                 progress(sum(len(r) for r in results))
 
@@ -224,7 +223,7 @@ class HFScorer:
                 if progress is not None:
                     progress(int(sum(counts)))
                 nxt = [r for r, i in enumerate(alive) if len(plans[i]) > k + 1]
-                for r, i in enumerate(alive):
+                for i in alive:
                     if len(plans[i]) == k + 1:
                         yield i, _concat_scores(parts.pop(i))
                 if nxt and len(nxt) < len(alive):

@@ -7,14 +7,15 @@ positions table (`score_docs`). The stage around it (shards, markers, manifest) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from rptdata.scorers import Scorer, plan_chunks
 from rptdata.errors import BadOption
+from rptdata.scorers import Scorer, plan_chunks
 
 DEFAULT_THRESHOLD = 0.5
 POSITIONS_SCHEMA = pa.schema(

@@ -20,13 +20,13 @@ prefix caching (off: prompt log-probabilities need every position computed).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from rptdata.engine_choice import import_vllm
-from rptdata.scorers import MAX_CONTEXT_CAP, PositionScores, check_first, topk_entropy
 from rptdata.models import local_model_dir, resolve_dtype
+from rptdata.scorers import MAX_CONTEXT_CAP, PositionScores, check_first, topk_entropy
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ build.py    the stage: one shard of positions -> train and eval task shards, the
 manifest = run_make_tasks(MakeTasksConfig(scored="out/scored", out="out/tasks"))
 """
 
-from rptdata.tasks.config import SKIP_REASONS, STAGE, MakeTasksConfig
 from rptdata.tasks.build import run_make_tasks
+from rptdata.tasks.config import SKIP_REASONS, STAGE, MakeTasksConfig
 
 __all__ = ["MakeTasksConfig", "SKIP_REASONS", "STAGE", "run_make_tasks"]

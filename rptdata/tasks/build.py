@@ -51,13 +51,11 @@ import pyarrow as pa
 from rptdata.bands import OTHER_BAND, band_of
 from rptdata.io import MANIFEST, shard_name
 from rptdata.stage import StageDir, run_stage
+from rptdata.tasks.config import SKIP_REASONS, STAGE, MakeTasksConfig, task_key
+from rptdata.tasks.inputs import Inputs, Shard, load_shard, open_inputs
 from rptdata.tasks.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_rule
 
 log = logging.getLogger(__name__)
-
-
-from rptdata.tasks.inputs import Inputs, load_shard, open_inputs, Shard
-from rptdata.tasks.config import STAGE, SKIP_REASONS, MakeTasksConfig, task_key
 
 
 def _select_capped(inputs: Inputs, config: MakeTasksConfig) -> dict[str, dict[int, set[int]] | None]:

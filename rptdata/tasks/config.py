@@ -8,10 +8,9 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
-
 from rptdata.bands import DEFAULT_BANDS, as_bands
-from rptdata.io import STAGE_TASKS
 from rptdata.errors import BadOption
+from rptdata.io import STAGE_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ SKIP_REASONS = (
 
 def task_key(task_id: str, seed: int) -> int:
     """The seeded hash that orders tasks for --max-tasks (smallest kept)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:task:{task_id}".encode("utf-8")).digest()[:16], "big")
+    return int.from_bytes(hashlib.sha256(f"{seed}:task:{task_id}".encode()).digest()[:16], "big")
 
 
 # ---------------------------------------------------------------------------------------------

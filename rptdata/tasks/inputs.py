@@ -17,25 +17,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadInput, ManifestMismatch, MissingUpstream
-from rptdata.tasks.live import accepted_prediction, live_probability, position_accept_mass
 from rptdata.io import (
-    check_shard,
-    parquet_errors,
-    read_parquet,
     MANIFEST,
     STAGE_PREPARE,
     STAGE_SCORE,
+    check_shard,
     list_shards,
+    parquet_errors,
     read_manifest,
+    read_parquet,
     shard_index,
     shard_name,
 )
+from rptdata.tasks.config import DOCS_DIR, POSITIONS_DIR, SKIP_REASONS, MakeTasksConfig
+from rptdata.tasks.live import accepted_prediction, live_probability, position_accept_mass
 from rptdata.tasks.taskdef import continuation_at, split_of, task_id_of
 
 log = logging.getLogger(__name__)
-
-
-from rptdata.tasks.config import DOCS_DIR, POSITIONS_DIR, SKIP_REASONS, MakeTasksConfig
 
 
 class Shard:
@@ -53,7 +51,7 @@ class Shard:
         positions: pa.Table,
         config: MakeTasksConfig,
         where: str,
-        vocab: "_Vocab | None" = None,
+        vocab: _Vocab | None = None,
     ):
         self.index = index
         self.doc_ids: list[str] = docs.column("doc_id").to_pylist()
@@ -152,7 +150,7 @@ class Shard:
             self.start = self.start + move
         self._mark(self.start >= self.pos, "empty_context")
 
-    def _estimate_live(self, config: MakeTasksConfig, vocab: "_Vocab | None") -> None:
+    def _estimate_live(self, config: MakeTasksConfig, vocab: _Vocab | None) -> None:
         """accept_mass (q) and live for every position still eligible (`rptdata.tasks.live`)."""
         cache_row, text_bytes, ends = -1, b"", np.zeros(0, np.int64)
         for i in np.nonzero(self.reason == 0)[0]:

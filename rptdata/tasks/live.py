@@ -48,7 +48,7 @@ multi-token completions.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "accepted_prediction",

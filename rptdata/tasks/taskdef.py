@@ -17,7 +17,7 @@ and the rule the manifest records (`split_rule`, read back by `recorded_split_ru
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 

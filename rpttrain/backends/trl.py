@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -337,12 +336,12 @@ def train_dataset(tasks_dir: str, cache: Path):
 
 def train_trl(config: Any, resume: bool = False) -> dict:
     """Train in this process (or in each process accelerate started); returns the summary."""
-    from rptdata.models import load_tokenizer, local_model_dir, resolve_device
-    from rpttrain.prompts import load_prompt_format
-    from rpttrain.reward import get_reward_fn
     from trl import GRPOConfig
 
+    from rptdata.models import load_tokenizer, local_model_dir, resolve_device
     from rpttrain.backends.trl_grpo import RptGRPOTrainer, RptReward, RunLog
+    from rpttrain.prompts import load_prompt_format
+    from rpttrain.reward import get_reward_fn
 
     c = config
     run = Path(c.out)

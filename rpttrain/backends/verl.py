@@ -46,10 +46,8 @@ tensorboard / wandb).
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
-import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -163,8 +161,13 @@ def verl_overrides(
     >>> o = verl_overrides(TrainConfig("t", "o", batch_size=4, group_size=2, max_new_tokens=1, max_prompt_tokens=63,
     ...                                micro_batch_tokens=256), data_dir=Path("d"), run_dir=Path("r"), model_path="m",
     ...                    reward_path="/x/verl.py")
-    >>> [x for x in o if x.startswith(("reward.custom", "actor_rollout_ref.rollout.n=", "actor_rollout_ref.actor.ppo_micro"))]
-    ['actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4', 'actor_rollout_ref.rollout.n=2', 'reward.custom_reward_function.path=/x/verl.py', 'reward.custom_reward_function.name=compute_score']
+    >>> for x in o:
+    ...     if x.startswith(("reward.custom", "actor_rollout_ref.rollout.n=", "actor_rollout_ref.actor.ppo_micro")):
+    ...         print(x)
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4
+    actor_rollout_ref.rollout.n=2
+    reward.custom_reward_function.path=/x/verl.py
+    reward.custom_reward_function.name=compute_score
     """
     c = config
     seq = c.max_prompt_tokens + c.max_new_tokens

@@ -15,7 +15,8 @@ The class is imported by verl's rollout workers, so rpt must be installed in ver
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 AGENT_NAME = "rpt_raw_prompt"
 TARGET = "rpttrain.backends.verl_agent_loop.RawPromptAgentLoop"

@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass
 
 from rptdata.bands import DEFAULT_BANDS
+from rptdata.errors import BadOption
 from rptdata.io import STAGE_EVAL
 from rptdata.tasks.taskdef import SPLITS
 from rpttrain.eval.harness import HarnessSettings
 from rpttrain.eval.stats import band_items
 from rpttrain.prompts import load_prompt_format
 from rpttrain.reward import REWARD_NAMES
-from rptdata.errors import BadOption
 
 STAGE = STAGE_EVAL
 MODES = ("ntp", "reasoning")
@@ -96,7 +96,7 @@ class EvalConfig:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "bands", band_items(self.bands))
         object.__setattr__(self, "lm_eval_tasks", tuple(self.lm_eval_tasks))
-        self.harness  # checks the --lm-eval-* options
+        _ = self.harness  # checks the --lm-eval-* options
         if not self.models and not self.checkpoints:
             raise BadOption("nothing to evaluate: give at least one --model or --checkpoints RUN_DIR")
         if self.mode not in MODE_CHOICES:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rpttrain.eval.harness_report import format_harness
 from rpttrain.eval.collapse import COLLAPSE_LEGEND, format_collapse
+from rpttrain.eval.harness_report import format_harness
 
 
 def _pct(x: float | None, digits: int = 2) -> str:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,14 +29,14 @@ from rptdata.errors import BadOption, MissingUpstream
 from rptdata.io import read_manifest, write_parquet_atomic
 from rptdata.models import load_causal_lm, load_tokenizer, local_model_dir, resolve_device, vocab_hash
 from rptdata.scorers import entropy_from_logits
+from rpttrain.batching import last_positions_logits, plan_batches
+from rpttrain.dense import GroupScorer
 from rpttrain.eval.config import MODES, EvalConfig
 from rpttrain.eval.store import BAND_ENTROPY_FILE, Store, empty_rows
 from rpttrain.eval.subjects import Subject
-from rpttrain.dense import GroupScorer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import score_group
 from rpttrain.rollout import Sampling, make_engine, stop_ids
-from rpttrain.batching import last_positions_logits, plan_batches
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ How they are shown as Markdown: `rpttrain.eval.markdown`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa

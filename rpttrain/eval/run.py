@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from rptdata import faults
 from rptdata.bands import band_of
 from rptdata.errors import RptError
-from rptdata import faults
 from rptdata.io import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rptdata.models import resolve_device
+from rpttrain.data import load_tasks
 from rpttrain.eval.config import EvalConfig
 from rpttrain.eval.harness import check_tasks, harness_scores
 from rpttrain.eval.harness_report import harness_report, plot_harness
@@ -28,7 +29,6 @@ from rpttrain.eval.report import build_report
 from rpttrain.eval.store import HARNESS_PLOT_FILE, PLOT_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, Store, claim_report_dir
 from rpttrain.eval.subjects import check_runs, predictions_key, read_run, resolve_subjects, within_budget
 from rpttrain.reward import DENSE_REWARDS, get_reward_fn
-from rpttrain.data import load_tasks
 from rpttrain.scaling import plot_scaling
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ disjoint_counts(entropies)         -> tasks per disjoint band
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

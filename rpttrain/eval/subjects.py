@@ -11,9 +11,9 @@ The held-out check reads what the run recorded it trained on (RUN/trained_on.jso
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 

@@ -20,7 +20,8 @@ Left out on purpose: the paper's ``dense`` reward (needs log-probs, see
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from rpttrain.prompts import PromptFormat, build_messages, get_extract, render_prompt
 from rpttrain.reward import get_reward_fn

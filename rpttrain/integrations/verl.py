@@ -34,7 +34,8 @@ prediction's first token, see ``rpttrain/dense.py``) and any verl config; ``rptt
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from rpttrain.prompts import PromptFormat, build_messages, get_extract, render_prompt
 from rpttrain.reward import get_reward_fn

@@ -13,8 +13,9 @@ that keep their own copy (vLLM); the transformers engine shares the training mod
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from rptdata.engine_choice import BACKENDS
 from rptdata.errors import BadOption

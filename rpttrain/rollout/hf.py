@@ -8,7 +8,7 @@ distribution (temperature applied), as vLLM reports them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList

@@ -62,7 +62,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from rptdata.engine_choice import import_vllm
 from rpttrain.rollout import Completion, Sampling, fed_back_tokens, prompt_seed

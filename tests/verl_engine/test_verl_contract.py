@@ -24,9 +24,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from rptdata.models import load_tokenizer  # noqa: E402
 from rpttrain.backends import run_backend  # noqa: E402
+from rpttrain.config import TrainConfig  # noqa: E402
 from rpttrain.prompts import build_prompt_ids, load_prompt_format  # noqa: E402
 from rpttrain.reward import prefix_reward  # noqa: E402
-from rpttrain.config import TrainConfig  # noqa: E402
 
 # verl's wheel ships a top-level `tests` package that shadows ours: load the fixture file by path
 _spec = importlib.util.spec_from_file_location("rpt_fixtures", Path(__file__).parents[1] / "rpt_fixtures.py")
@@ -124,7 +124,7 @@ def test_dataset_keeps_every_row(tmp_path):
             assert row["extra_info"]["raw_prompt"] is (template == "continuation")
 
 
-def _reward_batch(rows: list[dict], responses: list[str], tok) -> "verl.DataProto":
+def _reward_batch(rows: list[dict], responses: list[str], tok) -> verl.DataProto:
     from verl import DataProto
 
     ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
