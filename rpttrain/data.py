@@ -238,7 +238,7 @@ def live_estimate_mismatch(tasks_manifest: dict, group_size: int, temperature: f
     >>> m = {"live_estimate": {"group_size": 8, "temperature": 0.8, "min_live": 0.2}}
     >>> live_estimate_mismatch(m, 8, 0.8) is None
     True
-    >>> print(live_estimate_mismatch(m, 4, 0.8)[:92])
+    >>> print(live_estimate_mismatch(m, 4, 0.8)[:88])
     make-tasks estimated live groups for G=8 (this run: 4): --min-live 0.2 dropped positions
     """
     est = tasks_manifest.get("live_estimate") or {}

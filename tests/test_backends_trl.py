@@ -171,3 +171,22 @@ def test_two_processes_through_accelerate_on_cpu(tmp_path):
     assert "accelerate.commands.launch" in Path(config.out, "launch-trl.sh").read_text()
     (line,) = [json.loads(x) for x in Path(config.out, "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 1 and 0.0 <= line["reward_mean"] <= 1.0
+
+
+def test_resume_takes_the_last_complete_checkpoint_and_drops_a_half_written_one(tmp_path):
+    """A run killed while TRL wrote checkpoint-2 resumes from checkpoint-1 (the last with the
+    state.json written after everything else); the half-written folder is removed."""
+    from rpttrain.backends.trl import _last_trl_checkpoint
+
+    for n, files in (
+        (1, ("model.safetensors", "trainer_state.json", "state.json")),
+        (2, ("model.safetensors",)),
+        (10, ("trainer_state.json",)),
+    ):
+        folder = tmp_path / "trl" / f"checkpoint-{n}"
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("{}")
+    assert _last_trl_checkpoint(tmp_path) == tmp_path / "trl" / "checkpoint-1"
+    assert sorted(p.name for p in (tmp_path / "trl").iterdir()) == ["checkpoint-1"]
+    assert _last_trl_checkpoint(tmp_path / "nothing") is None

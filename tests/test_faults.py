@@ -437,8 +437,9 @@ def test_damaged_file_is_named_or_redone(pipeline, tmp_path, kind, producer, rel
 
 
 def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_path, tiny_bpe_dir):
-    """A run that dies while writing its first checkpoint leaves checkpoints/step-1.tmp-PID: the rerun
-    starts from step 0 and must not log step 1 twice (it did, before the fault suite found it)."""
+    """A run that fails (disk full) while writing its first checkpoint leaves no half-written
+    checkpoint (the write removes its temporary folder): the rerun starts from step 0 and must not
+    log step 1 twice (it did, before the fault suite found it)."""
     from rptdata import faults
     from rpttrain.config import TrainConfig
     from rpttrain.train import run_train
@@ -468,7 +469,7 @@ def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_pat
             run_train(config)
     finally:
         faults.arm(None)
-    assert list((tmp_path / "run" / "checkpoints").glob("step-000001.tmp-*"))
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-000001*"))
     run_train(config, resume=True)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]

@@ -313,11 +313,25 @@ def prepare_run(config: Any, resume: bool, overwrite: bool) -> Path:
 
 
 def _last_trl_checkpoint(run: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint-N: one holding the state.json that `link_checkpoint` writes
+    after TRL has saved everything else. A later folder that a killed run left half-written is
+    removed, so the resumed run writes it afresh."""
+    import shutil
+
+    from rpttrain.checkpoint import STATE_FILE
 
     folder = run / TRL_DIR
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    return Path(last) if last else None
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()),
+        key=lambda p: int(p.name.removeprefix("checkpoint-")),
+    )
+    complete = [p for p in found if (p / STATE_FILE).exists() and (p / "trainer_state.json").exists()]
+    last = complete[-1] if complete else None
+    for partial in found:
+        if partial not in complete and (last is None or int(partial.name[11:]) > int(last.name[11:])):
+            log.warning("removing %s: a checkpoint a stopped run left half-written", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+    return last
 
 
 def train_dataset(tasks_dir: str, cache: Path):
