@@ -39,6 +39,49 @@ class BackendOptionError(RptError):
 
 # next-token-baseline knobs: an RPT run ignores them (TrainConfig.identity drops them), so may every backend
 IRRELEVANT_TO_RPT = frozenset({"ntp_positions", "beta", "topk", "lambda_top", "lambda_tail"})
+# the options both the TRL and the verl backend honour (each module says how); each adds its own
+HONOURED_BY_BOTH = frozenset(
+    {
+        "tasks_dir",
+        "out",
+        "model",
+        "steps",
+        "batch_size",
+        "group_size",
+        "temperature",
+        "top_p",
+        "max_new_tokens",
+        "max_prompt_tokens",
+        "prompt_template",
+        "reward",
+        "scale_rewards",
+        "loss_agg",
+        "clip_eps",
+        "clip_eps_high",
+        "kl_coef",
+        "lr",
+        "adam_beta1",
+        "adam_beta2",
+        "weight_decay",
+        "grad_clip",
+        "warmup_steps",
+        "dynamic_sampling_from",
+        "micro_batch_tokens",
+        "engine",
+        "compute_dtype",
+        "master_dtype",
+        "device",
+        "gradient_checkpointing",
+        "seed",
+        "save_every",
+        "keep_checkpoints",
+        "allow_tokenizer_mismatch",
+        "trust_remote_code",
+        "vllm_gpu_memory_utilization",
+        "progress",
+        "report_to",
+    }
+)
 
 
 def check_tokenizer(config: Any, tasks_manifest: dict, tokenizer: Any) -> None:

@@ -61,60 +61,14 @@ from rptdata.io import (
     write_text_atomic,
 )
 from rptdata.stage import claim_run_dir
-from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 from rpttrain.report_to import trl_report_to
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HONOURED", "SHARDINGS", "accelerate_config", "grpo_args", "run_trl", "train_trl"]
 
-HONOURED = (
-    frozenset(
-        {
-            "tasks_dir",
-            "out",
-            "model",
-            "steps",
-            "batch_size",
-            "group_size",
-            "temperature",
-            "top_p",
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "prompt_template",
-            "reward",
-            "scale_rewards",
-            "loss_agg",
-            "clip_eps",
-            "clip_eps_high",
-            "kl_coef",
-            "lr",
-            "adam_beta1",
-            "adam_beta2",
-            "weight_decay",
-            "grad_clip",
-            "warmup_steps",
-            "dynamic_sampling_from",
-            "micro_batch_tokens",
-            "engine",
-            "compute_dtype",
-            "master_dtype",
-            "device",
-            "gradient_checkpointing",
-            "seed",
-            "save_every",
-            "keep_checkpoints",
-            "sample_every",
-            "compute_budget",
-            "allow_tokenizer_mismatch",
-            "trust_remote_code",
-            "vllm_gpu_memory_utilization",
-            "progress",
-            "report_to",
-        }
-    )
-    | IRRELEVANT_TO_RPT
-)
+HONOURED = HONOURED_BY_BOTH | {"compute_budget", "sample_every"} | IRRELEVANT_TO_RPT
 
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean": "grpo", "dr-grpo": "dr_grpo"}
 SHARDINGS = ("ddp", "fsdp", "zero3")

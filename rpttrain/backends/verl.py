@@ -55,7 +55,7 @@ from typing import Any
 
 from rptdata.io import STAGE_TRAIN, read_manifest, write_json_atomic, write_text_atomic
 from rptdata.stage import claim_run_dir
-from rpttrain.backends import IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
 from rpttrain.report_to import verl_loggers
 
 log = logging.getLogger(__name__)
@@ -63,51 +63,7 @@ log = logging.getLogger(__name__)
 __all__ = ["HONOURED", "VERL_VERSION", "launch_script", "phases", "run_verl", "verl_overrides"]
 
 VERL_VERSION = "0.9.1"  # the release these overrides are tested against (make test-verl)
-HONOURED = (
-    frozenset(
-        {
-            "tasks_dir",
-            "out",
-            "model",
-            "steps",
-            "batch_size",
-            "group_size",
-            "temperature",
-            "top_p",
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "prompt_template",
-            "reward",
-            "scale_rewards",
-            "loss_agg",
-            "clip_eps",
-            "clip_eps_high",
-            "kl_coef",
-            "lr",
-            "adam_beta1",
-            "adam_beta2",
-            "weight_decay",
-            "grad_clip",
-            "warmup_steps",
-            "dynamic_sampling_from",
-            "micro_batch_tokens",
-            "engine",
-            "compute_dtype",
-            "master_dtype",
-            "device",
-            "gradient_checkpointing",
-            "seed",
-            "save_every",
-            "keep_checkpoints",
-            "allow_tokenizer_mismatch",
-            "trust_remote_code",
-            "vllm_gpu_memory_utilization",
-            "progress",
-            "report_to",
-        }
-    )
-    | IRRELEVANT_TO_RPT
-)
+HONOURED = HONOURED_BY_BOTH | IRRELEVANT_TO_RPT
 
 LOSS_AGG_MODES = {"token-mean": "token-mean", "seq-mean": "seq-mean-token-mean", "dr-grpo": "seq-mean-token-sum-norm"}
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
