@@ -41,7 +41,6 @@ dedupe across workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ import resource
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -66,10 +65,10 @@ from rptdata.io import (
     write_json_atomic,
 )
 from rptdata.models import DEFAULT_MODEL, load_plain_tokenizer, model_name, vocab_hash
-from rptdata.sources import RawRecord, TextBuilder, expand_inputs
+from rptdata.sources import TextBuilder, expand_inputs
 from rptdata.spans import ByteSpanTokenizer
 from rptdata.stage import StageDir, finish_or_progress, run_stage, worker_from_env
-from rptdata.stream import RecordStream, plan_units
+from rptdata.stream import RecordCounts, RecordStream, accept_record, content_key, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +143,6 @@ class PrepareConfig:
         ):
             d.pop(k)
         return d
-
-
-@dataclass
-class _Counts:
-    read: int = 0
-    written: int = 0
-    tokens: int = 0
-    normalized: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    dropped: Counter = field(default_factory=Counter)
 
 
 def run_prepare(config: PrepareConfig) -> dict:
@@ -312,7 +301,7 @@ class _UnitWorker:
         if config.dedupe:  # one process: the finished shards are the first ones, and hold every kept text
             for path in list_shards(Path(config.out) / DOCS_DIR):
                 for text in read_parquet(path, columns=["text"]).column("text").to_pylist():
-                    self.seen.add(_content_key(text))
+                    self.seen.add(content_key(text))
 
     def run(self, u: int, advance) -> dict:
         a, b = self.units[u]
@@ -326,14 +315,14 @@ class _UnitWorker:
 def _prepare_unit(stage: StageDir, index: int, records, spans, config: PrepareConfig, seen: set) -> dict:
     """Filter, tokenize and write one shard with its marker (the marker alone when nothing is kept)."""
     t0 = time.time()
-    counts, rejects, docs, batches = _Counts(), [], [], []
+    counts, rejects, docs, batches = RecordCounts(), [], [], []
     # each full batch is encoded on a second thread (the tokenizer releases the GIL) while this one
     # reads and decodes the next records; inline in a process meant to take one core
     with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
         submit = pool.submit if _tokenizer_threads() else _run_now
         for rec in records:
             counts.read += 1
-            text = _accept(rec, config, spans, counts, seen, rejects)
+            text = accept_record(rec, config, spans, counts, seen, rejects)
             if text is not None:
                 docs.append((rec.doc_id, rec.source, text))
                 if len(docs) % config.batch_docs == 0:
@@ -420,42 +409,3 @@ def _finish(
             "seconds": round(sum(float(m.get("seconds", 0)) for m in markers), 2),
         }
     )
-
-
-def _accept(rec: RawRecord, config, spans, counts: _Counts, seen: set, rejects) -> str | None:
-    """The record's (normalized) text if it is kept; else count it, and log a reject."""
-    reason, detail, text = rec.reject, rec.detail, rec.text
-    if reason is None:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            reason, detail = "invalid_unicode", f"lone surrogate at character {e.start}"
-    if reason is not None:
-        if not config.skip_bad:
-            raise BadInput(
-                f"{rec.where()}: {reason.replace('_', ' ')}: {detail} (pass --skip-bad to skip such records)"
-            )
-        counts.rejected[reason] += 1
-        rejects.append({"doc_id": rec.doc_id, "reason": reason, "detail": detail})
-        return None
-    normalized = spans.normalize(text)
-    if normalized != text:
-        counts.normalized += 1
-    text = normalized
-    if not text.strip():
-        counts.dropped["empty"] += 1
-        return None
-    if len(text) < config.min_chars:
-        counts.dropped["too_short"] += 1
-        return None
-    if config.dedupe:
-        key = _content_key(text)
-        if key in seen:
-            counts.dropped["duplicate"] += 1
-            return None
-        seen.add(key)
-    return text
-
-
-def _content_key(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()

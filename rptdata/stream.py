@@ -5,6 +5,9 @@ cut into units (shards) of `shard_docs` records.
     for a, b in plan_units(stream.total, 10_000):
         records = stream.read(a, b)      # RawRecords a..b-1, read forward when the last range ended at a
 
+`accept_record` decides what becomes of each record (kept, normalized, rejected or dropped, with the
+reason counted in `RecordCounts`).
+
 `RecordStream` indexes the inputs once (`sources.index_source`: a line scan of each `.jsonl`,
 marking every unit's first record), so any unit can be read alone: by a worker taking every n-th
 shard, or by a Ray task that got the pickled stream (the index, never an open reader).
@@ -12,9 +15,13 @@ shard, or by a Ray task that got the pickled stream (the index, never an open re
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+from rptdata.errors import BadInput
 from rptdata.sources import RawRecord, TextBuilder, index_source, read_source
 
 
@@ -67,3 +74,55 @@ class RecordStream:
 
     def __getstate__(self):  # a Ray task gets the index, not an open reader
         return {**self.__dict__, "_open": None}
+
+
+@dataclass
+class RecordCounts:
+    """What happened to a unit's records: read, written (kept), tokens, normalized, rejected and dropped by reason."""
+
+    read: int = 0
+    written: int = 0
+    tokens: int = 0
+    normalized: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+
+
+def accept_record(rec: RawRecord, config, spans, counts: RecordCounts, seen: set, rejects) -> str | None:
+    """The record's (normalized) text if it is kept; else count it, and log a reject (BadInput naming
+    the file and line instead, unless --skip-bad). `config`: PrepareConfig (skip_bad, min_chars, dedupe)."""
+    reason, detail, text = rec.reject, rec.detail, rec.text
+    if reason is None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            reason, detail = "invalid_unicode", f"lone surrogate at character {e.start}"
+    if reason is not None:
+        if not config.skip_bad:
+            raise BadInput(
+                f"{rec.where()}: {reason.replace('_', ' ')}: {detail} (pass --skip-bad to skip such records)"
+            )
+        counts.rejected[reason] += 1
+        rejects.append({"doc_id": rec.doc_id, "reason": reason, "detail": detail})
+        return None
+    normalized = spans.normalize(text)
+    if normalized != text:
+        counts.normalized += 1
+    text = normalized
+    if not text.strip():
+        counts.dropped["empty"] += 1
+        return None
+    if len(text) < config.min_chars:
+        counts.dropped["too_short"] += 1
+        return None
+    if config.dedupe:
+        key = content_key(text)
+        if key in seen:
+            counts.dropped["duplicate"] += 1
+            return None
+        seen.add(key)
+    return text
+
+
+def content_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()

@@ -23,25 +23,23 @@ be spent for nothing).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rptdata.models import local_model_dir
 from rptdata.tasks.live import predicted_zero_variance
 from rpttrain import algos
 from rpttrain.batching import last_positions_logits, plan_batches
-from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
 from rpttrain.fused_step import fused_rollout_and_update
 from rpttrain.precision import Precision, dtype_name
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine, stop_ids
+from rpttrain.step_record import record_step
 
 
 @dataclass
@@ -291,7 +289,7 @@ class GRPOObjective:
         else:
             all_groups, upd, counts = self.two_pass(step, timings)
         counts["forward_tokens"] += self.scorer.forward_tokens - scored_before  # the dense rewards' P(y[0] | x<t)
-        return self.finish(step, all_groups, upd, counts, timings, t0)
+        return record_step(self, step, all_groups, upd, counts, timings, t0)
 
     def two_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
         """Rollouts (with dynamic sampling's extra rounds), rewards, advantages, then the update."""
@@ -343,72 +341,3 @@ class GRPOObjective:
             "predicted_zero_var": predicted_zero_variance(all_tasks, c.group_size),
         }
         return all_groups, upd, counts
-
-    def finish(
-        self, step: int, all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float
-    ) -> dict:
-        """Totals, metrics and samples of a step."""
-        c = self.config
-        rolls = [r for g in all_groups for r in g]
-        gen_tokens = sum(len(r.completion_ids) for r in rolls)
-        prompt_tokens = sum(len(r.prompt_ids) for r in rolls)
-        forward_tokens = counts["forward_tokens"]
-        # compute actually spent: rollouts count the tokens the engine ran (a prompt its samples
-        # share counts once where the engine computes it once; none when fused), not prompt x samples
-        flops = 6.0 * self.n_params * upd["update_tokens"] + 2.0 * self.n_params * forward_tokens
-        self.totals["flops"] += flops
-        self.totals["update_tokens"] += upd["update_tokens"]
-        self.totals["rollout_tokens"] += gen_tokens + prompt_tokens
-        self.totals["rollout_forward_tokens"] = self.totals.get("rollout_forward_tokens", 0) + forward_tokens
-        self.totals["samples"] += len(rolls)
-        lengths = [len(r.completion_ids) for r in rolls]
-        metrics = {
-            "reward_mean": float(np.mean([r.reward for r in rolls])),
-            "accuracy": float(np.mean([r.correct for r in rolls])),
-            "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
-            # make-tasks' estimate for the same tasks (rptdata.tasks.live), when the tasks carry it
-            **(
-                {"predicted_zero_variance_share": counts["predicted_zero_var"]}
-                if counts["predicted_zero_var"] is not None
-                else {}
-            ),
-            "groups_trained": counts["kept"],
-            "contexts_drawn": counts["drawn"],
-            "sampling_rounds": counts["rounds"],
-            "completion_len_mean": float(np.mean(lengths)),
-            "completion_len_max": int(max(lengths)),
-            "truncated_share": float(np.mean([r.truncated for r in rolls])),
-            "no_prediction_share": float(np.mean([r.prediction is None for r in rolls])),
-            **collapse_metrics([([r.prediction for r in g], [r.correct for r in g]) for g in all_groups]),
-            "clip_frac": upd["clip_frac"],
-            "kl": upd["kl"],
-            "loss": upd["loss"],
-            "grad_norm": upd["grad_norm"],
-            "skipped_update": upd["skipped"],
-            "logprob_mismatch": upd["logprob_mismatch"],
-            "rollout_tokens_per_s": gen_tokens / max(timings["rollout_s"], 1e-9),
-            "rollout_forward_tokens": forward_tokens,
-            "update_tokens": upd["update_tokens"],
-            **{k: round(v, 4) for k, v in timings.items()},
-            "step_s": round(time.time() - t0, 4),
-            "flops": flops,
-            "flops_total": self.totals["flops"],
-        }
-        if c.sample_every and (step + 1) % c.sample_every == 0:
-            with self.samples_path.open("a") as f:
-                for g in all_groups[:2]:
-                    for r in g:
-                        f.write(
-                            json.dumps(
-                                {
-                                    "step": step + 1,
-                                    "context": r.context,
-                                    "completion": r.text,
-                                    "prediction": r.prediction,
-                                    "target": r.target,
-                                    "reward": r.reward,
-                                }
-                            )
-                            + "\n"
-                        )
-        return metrics
