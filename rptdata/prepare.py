@@ -67,7 +67,7 @@ from rptdata.io import (
 from rptdata.models import DEFAULT_MODEL, load_plain_tokenizer, model_name, vocab_hash
 from rptdata.sources import TextBuilder, expand_inputs
 from rptdata.spans import ByteSpanTokenizer
-from rptdata.stage import StageDir, finish_or_progress, run_stage, worker_from_env
+from rptdata.stage import StageDir, run_stage, worker_from_env
 from rptdata.stream import RecordCounts, RecordStream, accept_record, content_key, plan_units
 
 log = logging.getLogger(__name__)
@@ -173,42 +173,34 @@ def run_prepare(config: PrepareConfig) -> dict:
         return read_manifest(config.out, STAGE_PREPARE)
     if config.processes > 1:  # each local process runs this function on its share; the last one done finishes
         total = _run_pool(config, worker, workers)
-        return _finish_or_progress(stage, config, sources, tokenizer_info, total, worker, workers)
-    records = RecordStream(
-        sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs, config.max_docs
-    )
-    units = plan_units(records.total, config.shard_docs)
+        units = plan_units(total, config.shard_docs)
+
+        def run(todo: list[int]) -> None:  # the pool has run this worker's shards already
+            pass
+    else:
+        records = RecordStream(
+            sources, TextBuilder(config.text_field, config.template), config.split, config.shard_docs, config.max_docs
+        )
+        total, units = records.total, plan_units(records.total, config.shard_docs)
+
+        def run(todo: list[int]) -> None:
+            _run_units(config, tokenizer, records, units, todo, stage, executor)
+
     return run_stage(
         stage,
         range(len(units)),
         worker=worker,
         workers=workers,
         done=lambda: stage.done_shards(DOCS_DIR),
-        run=lambda todo: _run_units(config, tokenizer, records, units, todo, stage, executor),
-        finish=lambda done: _finish(stage, config, sources, tokenizer_info, records.total, done),
+        run=run,
+        finish=lambda done: _finish(stage, config, sources, tokenizer_info, total, done),
         counts=PROGRESS_COUNTS,
-        extra={"records_total": records.total},
+        extra={"records_total": total},
     )
 
 
 # this worker's progress summary: its name -> the marker's key
 PROGRESS_COUNTS = {"documents_read": "read", "documents_written": "documents", "tokens": "tokens"}
-
-
-def _finish_or_progress(
-    stage: StageDir, config: PrepareConfig, sources, tokenizer_info: dict, total: int, worker: int, workers: int
-) -> dict:
-    units = range(len(plan_units(total, config.shard_docs)))
-    return finish_or_progress(
-        stage,
-        units,
-        worker=worker,
-        workers=workers,
-        done=lambda: stage.done_shards(DOCS_DIR),
-        finish=lambda done: _finish(stage, config, sources, tokenizer_info, total, done),
-        counts=PROGRESS_COUNTS,
-        extra={"records_total": total},
-    )
 
 
 def _refuse_dedupe_across(workers: int, processes: int) -> None:

@@ -91,40 +91,26 @@ def run_stage(
     extra: dict | None = None,
 ) -> dict:
     """The loop of a sharded stage, one for all: skip the completed units, `run` this worker's
-    others (they write their shards and markers through `stage`), then `finish_or_progress`.
+    others (they write their shards and markers through `stage`); then the manifest when every
+    unit is done (whichever worker gets here last writes it), else this worker's progress:
+    {"stage", "complete": False, "worker", **extra, "shards_done", "shards_total", "counts"
+    (summed over this worker's done units: summary name -> marker key), "seconds"}.
 
     units: every unit's index (a shard of the output); `done()`: index -> marker of the complete
     ones; `run(todo)`: do these; `finish(done)`: write the manifest from the markers (returns it).
     """
+    units = list(units)
+    mine = worker_split(units, worker, workers)
     complete = done()
-    todo = [u for u in worker_split(list(units), worker, workers) if u not in complete]
+    todo = [u for u in mine if u not in complete]
     if complete:
         log.info("resuming: %d shard(s) already complete", len(complete))
     if todo:
         run(todo)
-    return finish_or_progress(
-        stage, units, done=done, finish=finish, worker=worker, workers=workers, counts=counts, extra=extra
-    )
-
-
-def finish_or_progress(
-    stage: StageDir,
-    units: Sequence[int],
-    *,
-    done: Callable[[], dict[int, dict]],
-    finish: Callable[[dict[int, dict]], dict],
-    worker: int = 0,
-    workers: int = 1,
-    counts: dict[str, str] | None = None,
-    extra: dict | None = None,
-) -> dict:
-    """The manifest when every unit is done (whichever worker gets here last writes it), else
-    this worker's progress: {"stage", "complete": False, "worker", "shards_done", "shards_total",
-    "counts" (summed over this worker's done units: summary name -> marker key), "seconds"}."""
-    complete = done()
+        complete = done()
     if all(u in complete for u in units):
         return finish(complete)
-    mine = [u for u in worker_split(list(units), worker, workers) if u in complete]
+    mine = [u for u in mine if u in complete]
     return {
         "stage": stage.stage,
         "complete": False,

@@ -109,7 +109,8 @@ def test_dry_run_refuses_with_the_deciding_part_and_one_option(tasks, tmp_path):
     assert "What decides it: adamw" in done.stderr and "--backend verl" in done.stderr, done.stderr
     # 512 completions of a few tokens fill the default 16k-token micro-batch: activations decide it,
     # and a smaller micro-batch fits
-    done = rpt(
+    # one CLI line, refused, then run again with the option the refusal names
+    args = [
         "train",
         str(tasks),
         "--out",
@@ -126,33 +127,13 @@ def test_dry_run_refuses_with_the_deciding_part_and_one_option(tasks, tmp_path):
         "8",
         "--memory-budget-gib",
         "6",
-        "--dry-run",
-    )
+    ]
+    done = rpt(*args, "--dry-run")
     assert done.returncode == 1
     assert "What decides it: activations" in done.stderr, done.stderr
     way = re.search(r"It fits with --micro-batch-tokens (\d+)", done.stderr)
     assert way, done.stderr
-    fits = rpt(
-        "train",
-        str(tasks),
-        "--out",
-        str(tmp_path / "run"),
-        "--model",
-        "smollm2-135m",
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "12",
-        "--batch-size",
-        "64",
-        "--group-size",
-        "8",
-        "--memory-budget-gib",
-        "6",
-        "--micro-batch-tokens",
-        way.group(1),
-        "--dry-run",
-    )
+    fits = rpt(*args, "--micro-batch-tokens", way.group(1), "--dry-run")
     assert fits.returncode == 0 and "verdict: fits" in fits.stdout, fits.stdout
 
 

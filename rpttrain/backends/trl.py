@@ -221,13 +221,12 @@ def _last_trl_checkpoint(run: Path) -> Path | None:
         (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()),
         key=lambda p: int(p.name.removeprefix("checkpoint-")),
     )
-    complete = [p for p in found if (p / STATE_FILE).exists() and (p / "trainer_state.json").exists()]
-    last = complete[-1] if complete else None
-    for partial in found:
-        if partial not in complete and (last is None or int(partial.name[11:]) > int(last.name[11:])):
-            log.warning("removing %s: a checkpoint a stopped run left half-written", partial)
-            shutil.rmtree(partial, ignore_errors=True)
-    return last
+    complete = [i for i, p in enumerate(found) if (p / STATE_FILE).exists() and (p / "trainer_state.json").exists()]
+    last = complete[-1] if complete else -1
+    for partial in found[last + 1 :]:  # sorted by step: every folder after the last complete one is partial
+        log.warning("removing %s: a checkpoint a stopped run left half-written", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    return found[last] if complete else None
 
 
 def train_dataset(tasks_dir: str, cache: Path):

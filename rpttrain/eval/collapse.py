@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rptdata.bands import as_bands
 from rpttrain.collapse import COLLAPSE_KEYS, collapse_metrics
-from rpttrain.eval.stats import band_items
 
 
 def collapse_by_band(table: pa.Table, label: str, task_index: dict[str, int], entropy, bands) -> dict | None:
@@ -41,7 +41,7 @@ def collapse_by_band(table: pa.Table, label: str, task_index: dict[str, int], en
     h = np.asarray(entropy, dtype=np.float64)
     k = max(len(v) for v in preds.values())
     out = {}
-    for name, threshold in [*band_items(bands), ("all", None)]:
+    for name, threshold in [*as_bands(bands), ("all", None)]:
         idx = [i for i in sorted(preds) if threshold is None or h[i] > threshold]
         row = {
             "tasks": len(idx),

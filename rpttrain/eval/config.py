@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rptdata.bands import DEFAULT_BANDS
+from rptdata.bands import DEFAULT_BANDS, as_bands
 from rptdata.errors import BadOption
 from rptdata.io import STAGE_EVAL
 from rptdata.tasks.taskdef import SPLITS
 from rpttrain.eval.harness import HarnessSettings
-from rpttrain.eval.stats import band_items
 from rpttrain.prompts import load_prompt_format
 from rpttrain.reward import REWARD_NAMES
 
@@ -94,7 +93,7 @@ class EvalConfig:
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
-        object.__setattr__(self, "bands", band_items(self.bands))
+        object.__setattr__(self, "bands", as_bands(self.bands))
         object.__setattr__(self, "lm_eval_tasks", tuple(self.lm_eval_tasks))
         _ = self.harness  # checks the --lm-eval-* options
         if not self.models and not self.checkpoints:

@@ -16,7 +16,7 @@ import numpy as np
 
 from rptdata.bands import DEFAULT_BANDS, as_bands, band_of
 
-__all__ = ["band_items", "band_table", "disjoint_counts", "paired_difference", "pass_at_k", "wilson_interval"]
+__all__ = ["band_table", "disjoint_counts", "paired_difference", "pass_at_k", "wilson_interval"]
 
 
 def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -105,17 +105,6 @@ def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -
     return out
 
 
-def band_items(bands) -> tuple[tuple[str, float], ...]:
-    """Bands as (name, threshold) pairs: `rptdata.bands.as_bands`, the one reader of bands.
-
-    >>> band_items("0.5,1.0,1.5")
-    (('easy', 0.5), ('medium', 1.0), ('hard', 1.5))
-    >>> band_items({"hi": 2})
-    (('hi', 2.0),)
-    """
-    return as_bands(bands)
-
-
 def band_table(
     entropies: Sequence[float], scores: Sequence[float], bands=DEFAULT_BANDS, z: float = 1.96
 ) -> dict[str, dict]:
@@ -138,7 +127,7 @@ def band_table(
     if h.shape != s.shape:
         raise ValueError(f"one entropy per score: got {h.shape} and {s.shape}")
     out: dict[str, dict] = {}
-    for name, threshold in [*band_items(bands), ("all", None)]:
+    for name, threshold in [*as_bands(bands), ("all", None)]:
         mask = np.ones(len(h), bool) if threshold is None else h > threshold
         n = int(mask.sum())
         correct = float(s[mask].sum())
@@ -160,7 +149,7 @@ def disjoint_counts(entropies: Sequence[float], bands=DEFAULT_BANDS) -> dict[str
     >>> disjoint_counts([0.2, 0.7, 0.9, 1.2, 1.8])
     {'other': 1, 'easy': 2, 'medium': 1, 'hard': 1}
     """
-    items = band_items(bands)
+    items = as_bands(bands)
     counts = {"other": 0, **{name: 0 for name, _ in items}}
     for e in entropies:
         counts[band_of(float(e), items)] += 1
