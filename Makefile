@@ -26,7 +26,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install lint test test-fast test-faults test-vllm test-verl demo pipeline compare ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install lint test test-fast test-faults test-vllm test-verl demo pipeline compare table2 ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -107,6 +107,27 @@ compare: install
 		{ printf '\n## Proxy fidelity: %s (A) against %s (B)\n\n```\n' "$(PROXY)" "$(FIDELITY_MODEL)"; \
 		  $(RPT) stats $(OUT)/scored --compare $(OUT)/scored-fidelity-model --plot $(OUT)/compare/fidelity.png || exit 1; \
 		  printf '```\n\n![proxy fidelity](fidelity.png)\n'; } >> $(OUT)/compare/report.md; fi
+
+# The paper's Table 2 (docs/table2.md): the same RLVR (GRPO, --reward math) from the base model, NTP@C and
+# RPT@C of `make compare` (run first when its runs are missing), each evaluated before and after on the
+# same held-out problems, in one report. The answer tasks' eval problems that overlap the prepared
+# corpus the runs trained on are dropped (--exclude-overlap).
+TABLE2_CORPUS ?= ../shared/corpora/gsm8k-train.jsonl
+TABLE2_ANSWERS ?= --question-field question --answer-from gsm8k --max-problems 400 --eval-fraction 0.2
+TABLE2_STEPS ?= 6
+TABLE2_TRAIN ?= --prompt-template answer --reward math --max-new-tokens 96 --max-prompt-tokens 256 --batch-size 4 \
+	--group-size 4 --lr 1e-5 --grad-clip 1.0 --dynamic-sampling-from -1 --seed 0 --keep-checkpoints 1 --no-progress
+TABLE2_EVAL ?= --samples 4 --temperature 0.8 --max-new-tokens 96 --limit 40
+table2: install
+	@test -f $(OUT)/cmp-rpt/summary.json -a -f $(OUT)/cmp-ntp/summary.json || $(MAKE) compare OUT=$(OUT)
+	$(RPT) answer-tasks $(TABLE2_CORPUS) $(TABLE2_ANSWERS) --exclude-overlap $(OUT)/prep --out $(OUT)/answers --no-progress
+	@# one RLVR recipe, three starts: the base model and the last checkpoint of each pretraining-stage run
+	for start in base ntp rpt; do \
+		if [ $$start = base ]; then M=$(MODEL); else M=$$(ls -d $(OUT)/cmp-$$start/checkpoints/step-* | tail -1); fi; \
+		$(RPT) train $(OUT)/answers --model $$M --out $(OUT)/rlvr-$$start --steps $(TABLE2_STEPS) --save-every $(TABLE2_STEPS) \
+			$(TABLE2_TRAIN) || exit 1; done
+	$(RPT) eval $(OUT)/answers --checkpoints $(OUT)/rlvr-base --checkpoints $(OUT)/rlvr-ntp --checkpoints $(OUT)/rlvr-rpt \
+		--mode answer $(TABLE2_EVAL) --out $(OUT)/table2 --no-progress
 
 # The paper's open questions as studies (docs/ablations.md), on $(OUT)/tasks (made by `make demo` if missing):
 # the rewards at equal compute (same steps: the one-token step costs the same FLOPs under each reward), one

@@ -39,8 +39,9 @@ from rpttrain.reward import REWARD_NAMES
     "--mode",
     default="ntp",
     show_default=True,
-    type=click.Choice(["ntp", "reasoning", "both"]),
-    help="ntp: greedy next token of the raw context; reasoning: the training prompt, generation, extraction.",
+    type=click.Choice(["ntp", "reasoning", "both", "answer"]),
+    help="ntp: greedy next token of the raw context; reasoning: the training prompt, generation, extraction; "
+    "answer: answer tasks (rpt answer-tasks), the final answer checked with math-verify (pass@1, pass@K, maj@K).",
 )
 @click.option(
     "--samples",
@@ -187,15 +188,18 @@ def eval_cmd(
       rpt eval out/tasks --model smollm2-135m --out out/eval
       rpt eval out/tasks --checkpoints out/run --mode both --samples 8 --temperature 0.8 --out out/eval-run
       rpt eval out/tasks --checkpoints out/run --lm-eval-tasks rpt_heldout_bpb --lm-eval-limit 20 --out out/eval-bpb
+      rpt eval out/gsm8k --checkpoints out/rlvr --mode answer --samples 4 --out out/eval-answers
       duckdb -c "SELECT mode, avg(reward) FROM 'out/eval/predictions.parquet' GROUP BY mode"
     """
     from rpttrain.eval import (
         PAIRED_LEGEND,
         EvalConfig,
+        format_answer_table,
         format_band_counts,
         format_paired,
         format_scaling,
         format_table,
+        format_table2,
         run_eval,
     )
     from rpttrain.eval.harness_report import format_harness
@@ -239,9 +243,14 @@ def eval_cmd(
     report = run_eval(config)
     for warning in report["warnings"]:
         click.secho(warning, fg="red", err=True)
-    click.echo(format_table(report))
-    click.echo()
-    click.echo(format_band_counts(report))
+    if config.mode == "answer":
+        click.echo(format_answer_table(report))
+        if report.get("table2"):
+            click.echo("\nBefore and after RLVR (pass@1; the paper's Table 2):\n" + format_table2(report))
+    else:
+        click.echo(format_table(report))
+        click.echo()
+        click.echo(format_band_counts(report))
     paired = format_paired(report)
     if paired:
         click.echo(f"\nPaired differences. {PAIRED_LEGEND}")

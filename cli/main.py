@@ -16,6 +16,7 @@ COMMANDS = {
     "query": "cli.query:query",
     "stats": "cli.stats:stats",
     "make-tasks": "cli.make_tasks:make_tasks",
+    "answer-tasks": "cli.answer_tasks:answer_tasks",
     "export-tasks": "cli.export_tasks:export_tasks",
     "probe": "cli.probe:probe",
     "train": "cli.train:train",

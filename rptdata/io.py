@@ -37,6 +37,10 @@ DONE_DIR = "done"
 STAGE_PREPARE = "prepare"
 STAGE_SCORE = "score-entropy"
 STAGE_TASKS = "make-tasks"
+STAGE_ANSWER_TASKS = "answer-tasks"
+# the stages whose output is a tasks directory (train/ and eval/ task shards) that train, probe,
+# eval and export-tasks read; the manifest's "task_kind" says which (rpttrain.data.task_kind)
+TASK_STAGES = (STAGE_TASKS, STAGE_ANSWER_TASKS)
 STAGE_EXPORT = "export-tasks"
 STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
@@ -193,6 +197,8 @@ def rebuild_hint(root: str | Path) -> str:
         stage = json.loads((root / RUN_FILE).read_text()).get("stage")
     except (OSError, ValueError, AttributeError):
         stage = None
+    if stage == STAGE_ANSWER_TASKS:
+        return f"rebuild it: rerun `rpt {stage} ... --out {root} --overwrite` with the options it was made with"
     if stage in (STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS):
         return (
             f"rebuild it: rerun `rpt {stage} ... --out {root}` with the options it was made with "
@@ -268,8 +274,9 @@ class parquet_errors:
         return False
 
 
-def read_manifest(root: Path, stage: str | None = None) -> dict:
-    """The manifest of a finished stage directory, or MissingUpstream with a reason."""
+def read_manifest(root: Path, stage: str | tuple[str, ...] | None = None) -> dict:
+    """The manifest of a finished stage directory, or MissingUpstream with a reason. `stage`: the
+    stage (or stages, e.g. TASK_STAGES) whose output it must be."""
     path = Path(root) / MANIFEST
     if not path.exists():
         hint = (
@@ -279,6 +286,8 @@ def read_manifest(root: Path, stage: str | None = None) -> dict:
         )
         raise MissingUpstream(f"{root}: no {MANIFEST}; not a finished rpt stage directory{hint}")
     manifest = read_json(path, rebuild_hint(root))
-    if stage is not None and manifest.get("stage") != stage:
-        raise MissingUpstream(f"{root}: expected the output of `rpt {stage}`, found `{manifest.get('stage')}`")
+    stages = (stage,) if isinstance(stage, str) else stage
+    if stages is not None and manifest.get("stage") not in stages:
+        wanted = " or ".join(f"`rpt {s}`" for s in stages)
+        raise MissingUpstream(f"{root}: expected the output of {wanted}, found `{manifest.get('stage')}`")
     return manifest

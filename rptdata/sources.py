@@ -46,6 +46,7 @@ class RawRecord:
     text: str | None = None
     reject: str | None = None  # reason key, e.g. "malformed_json"
     detail: str = ""
+    answer: str | None = None  # the answer field's text (`rpt answer-tasks`, TextBuilder's answer_field)
 
     @property
     def doc_id(self) -> str:
@@ -119,11 +120,14 @@ def expand_inputs(inputs: list[str]) -> list[InputSource]:
 
 
 class TextBuilder:
-    """Builds a document's text from a record: `--text-field F` or `--template "{a}\\n\\n{b}"`."""
+    """Builds a document's text from a record: `--text-field F` or `--template "{a}\\n\\n{b}"`;
+    with `answer_field` (`rpt answer-tasks`) it also reads that field's text into RawRecord.answer,
+    and a record without it is rejected like one without its text."""
 
-    def __init__(self, text_field: str | None = None, template: str | None = None):
+    def __init__(self, text_field: str | None = None, template: str | None = None, answer_field: str | None = None):
         if text_field and template:
             raise BadOption("give either --text-field or --template, not both")
+        self.answer_field = answer_field
         self.template = unescape(template) if template else None
         self.text_field = text_field or ("text" if not template else None)
         self.fields = []
@@ -139,12 +143,13 @@ class TextBuilder:
 
     @property
     def names(self) -> list[str]:
-        """The record fields the text is built from."""
-        return self.fields if self.template is not None else [self.text_field]
+        """The record fields the text (and the answer) are built from."""
+        names = self.fields if self.template is not None else [self.text_field]
+        return names + [self.answer_field] if self.answer_field else names
 
     def for_source(self, source: InputSource) -> TextBuilder:
         if source.kind == "builtin" and self.template is None and self.text_field == "text":
-            return TextBuilder(template=BUILTINS[source.path])
+            return TextBuilder(template=BUILTINS[source.path], answer_field=self.answer_field)
         return self
 
     def build(self, record) -> tuple[str | None, str | None, str]:
@@ -156,13 +161,15 @@ class TextBuilder:
             value = record.get(name)
             if value is None:
                 fields = ", ".join(sorted(map(str, record))[:12])
+                if name == self.answer_field:
+                    return None, "missing_answer", f"no answer field {name!r} (fields: {fields}); use --answer-field"
                 return None, "missing_field", f"no field {name!r} (fields: {fields}); use --text-field or --template"
             if not isinstance(value, (str, int, float)):
                 return None, "bad_field_type", f"field {name!r} is a {type(value).__name__}, not text"
             values[name] = str(value)
         if self.template is None:
             return values[self.text_field], None, ""
-        return self.template.format_map(values), None, ""
+        return self.template.format_map({k: values[k] for k in self.fields}), None, ""
 
 
 def unescape(template: str) -> str:
@@ -263,7 +270,8 @@ def _index_jsonl(path: str, mark_every: int, offset: int) -> SourceIndex:
 
 def _record(source: str, row, obj, builder: TextBuilder) -> RawRecord:
     text, reason, detail = builder.build(obj)
-    return RawRecord(source, row, text=text, reject=reason, detail=detail)
+    answer = str(obj[builder.answer_field]) if builder.answer_field and reason is None else None
+    return RawRecord(source, row, text=text, reject=reason, detail=detail, answer=answer)
 
 
 def _read_jsonl(path: str, builder: TextBuilder, byte_offset: int = 0, first_line: int = 1) -> Iterator[RawRecord]:

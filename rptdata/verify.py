@@ -24,6 +24,7 @@ from rptdata.io import (
     DONE_DIR,
     MANIFEST,
     RUN_FILE,
+    STAGE_ANSWER_TASKS,
     STAGE_EXPORT,
     STAGE_PREPARE,
     STAGE_SCORE,
@@ -34,7 +35,7 @@ from rptdata.io import (
     rebuild_hint,
 )
 
-DATA_STAGES = (STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS)
+DATA_STAGES = (STAGE_PREPARE, STAGE_SCORE, STAGE_TASKS, STAGE_ANSWER_TASKS)
 # rpttrain.checkpoint's names, repeated so that verifying needs no torch
 CHECKPOINTS, STATE_FILE = "checkpoints", "state.json"
 

@@ -49,6 +49,34 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in done if (p / "state.json").exists()), key=lambda p: p.name)
 
 
+def checkpoint_origin(model: str) -> dict | None:
+    """What a `--model` that is a checkpoint of an earlier `rpt train` run (RUN/checkpoints/step-N)
+    holds: that run, its step, objective, tasks and training FLOPs; None for any other model. A run
+    records it (trained_on.json, `started_from`) and `rpt eval` shows it: "the same RLVR after each
+    pretraining-stage run" names which run each one started from."""
+    import yaml
+
+    folder = Path(str(model)).expanduser()
+    state_path = folder / STATE_FILE
+    if not (folder.is_dir() and state_path.is_file() and folder.parent.name == CHECKPOINTS):
+        return None
+    state = read_json(state_path, f"{folder} is a damaged checkpoint; start from another one")
+    run = folder.parent.parent
+    config = {}
+    if (run / "config.yaml").is_file():
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    return {
+        "checkpoint": str(folder.resolve()),
+        "run_dir": str(run.resolve()),
+        "step": state.get("step"),
+        "flops": (state.get("totals") or {}).get("flops"),
+        "objective": config.get("objective"),
+        "reward": config.get("reward"),
+        "model": config.get("model"),
+        "tasks_dir": config.get("tasks_dir"),
+    }
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rptdata.errors import BadOption, RptError
-from rptdata.io import STAGE_PREPARE, STAGE_TASKS, atomic_file, checked_shards, parquet_errors, read_manifest
+from rptdata.io import STAGE_PREPARE, TASK_STAGES, atomic_file, checked_shards, parquet_errors, read_manifest
 from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
     (for readers that want pyarrow directly, e.g. a column subset of a whole split)."""
     if split not in SPLITS:
         raise BadOption(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    manifest = read_manifest(Path(tasks_dir), STAGE_TASKS)  # refuses unfinished or foreign directories
+    manifest = read_manifest(Path(tasks_dir), TASK_STAGES)  # refuses unfinished or foreign directories
     return checked_shards(tasks_dir, split, manifest)  # DamagedFile for a truncated or altered shard
 
 
@@ -107,7 +107,7 @@ class TaskRows:
         shards = task_shards(tasks_dir, "train")
         if not shards:
             raise RptError(f"nothing to train on: {tasks_dir} has no train shards")
-        key = read_manifest(Path(tasks_dir), STAGE_TASKS).get("fingerprint") or "unversioned"
+        key = read_manifest(Path(tasks_dir), TASK_STAGES).get("fingerprint") or "unversioned"
         with parquet_errors(shards[0]):
             present = set(pq.read_schema(shards[0]).names)
         extra = [c for c in OPTIONAL_TASK_COLUMNS if c in present]
@@ -208,9 +208,12 @@ class EpochSampler:
 TRAINED_ON = "trained_on.json"
 
 
-def trained_on_record(objective: str, ntp_positions: str, tasks_dir: str | Path, tasks_manifest: dict) -> dict:
+def trained_on_record(
+    objective: str, ntp_positions: str, tasks_dir: str | Path, tasks_manifest: dict, started_from: dict | None = None
+) -> dict:
     """What a run trains on, as JSON: the source `rpt train` reads (TaskRows: the train split's task
-    rows; DocWindows: every document the tasks' split rule puts in train) and the tasks it comes from.
+    rows; DocWindows: every document the tasks' split rule puts in train), the tasks it comes from,
+    and the checkpoint of another run it started from (`started_from`, None for a base model).
 
     >>> m = {"fingerprint": "ab12", "split": {"hash": "sha256", "seed": 1, "eval_fraction": 0.25}}
     >>> r = trained_on_record("ntp", "all", "/data/tasks", m)
@@ -223,6 +226,9 @@ def trained_on_record(objective: str, ntp_positions: str, tasks_dir: str | Path,
     whole_documents = objective != "rpt" and ntp_positions == "all"  # as Trainer.setup picks DocWindows
     return {
         "objective": objective,
+        "task_kind": task_kind(tasks_manifest),
+        # the checkpoint of another run this run started from (rpttrain.checkpoint.checkpoint_origin), or None
+        "started_from": started_from,
         "source": "doc-windows" if whole_documents else "task-rows",
         "tasks_dir": str(Path(tasks_dir).resolve()),
         "tasks_fingerprint": tasks_manifest.get("fingerprint"),
@@ -258,3 +264,57 @@ def live_estimate_mismatch(tasks_manifest: dict, group_size: int, temperature: f
         f"make-tasks estimated live groups for {', '.join(diffs)}: {what} for groups of another size or "
         f"temperature; rebuild the tasks with --group-size {group_size} --temperature {temperature:g} to match"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# what kind of tasks a directory holds, and the rewards and prompt formats that fit them
+
+NEXT_TOKEN, ANSWER = "next-token", "answer"
+
+
+def task_kind(tasks_manifest: dict) -> str:
+    """ "answer" for `rpt answer-tasks` output (a problem and its final answer), else "next-token"
+    (`rpt make-tasks`: a context and its continuation's tokens).
+
+    >>> task_kind({"stage": "answer-tasks", "task_kind": "answer"}), task_kind({"stage": "make-tasks"})
+    ('answer', 'next-token')
+    """
+    return tasks_manifest.get("task_kind") or NEXT_TOKEN
+
+
+def check_task_fit(
+    tasks_manifest: dict, reward: str, prompt_template: str | None = None, objective: str = "rpt"
+) -> None:
+    """Refuse a reward, prompt format or objective that cannot score these tasks, by name: answer
+    tasks are scored by the math reward in an answer format; next-token tasks by the others.
+
+    >>> check_task_fit({"task_kind": "answer"}, "math", "answer")
+    >>> check_task_fit({"task_kind": "answer"}, "prefix")
+    Traceback (most recent call last):
+    rptdata.errors.BadOption: --reward prefix cannot score answer tasks (rpt answer-tasks): they hold a final answer, checked with --reward math
+    """
+    from rpttrain.prompts import ANSWER_FORMATS, PROMPT_FORMATS
+    from rpttrain.reward import ANSWER_REWARDS
+
+    answer = task_kind(tasks_manifest) == ANSWER
+    if answer and objective != "rpt":
+        raise BadOption(
+            f"--objective {objective} trains next-token prediction on next-token tasks; answer tasks "
+            "(rpt answer-tasks) are trained with --objective rpt --reward math"
+        )
+    if answer and reward not in ANSWER_REWARDS:
+        raise BadOption(
+            f"--reward {reward} cannot score answer tasks (rpt answer-tasks): they hold a final answer, "
+            f"checked with --reward {' | '.join(ANSWER_REWARDS)}"
+        )
+    if not answer and reward in ANSWER_REWARDS:
+        raise BadOption(
+            f"--reward {reward} checks final answers of answer tasks (rpt answer-tasks); these are next-token "
+            "tasks (rpt make-tasks): use --reward prefix, first-token, dense or conditional-dense"
+        )
+    if prompt_template in PROMPT_FORMATS and (prompt_template in ANSWER_FORMATS) != answer:
+        fits = ", ".join(ANSWER_FORMATS) if answer else ", ".join(f for f in PROMPT_FORMATS if f not in ANSWER_FORMATS)
+        raise BadOption(
+            f"--prompt-template {prompt_template} does not fit {'answer' if answer else 'next-token'} tasks; "
+            f"use {fits} (or a template file)"
+        )

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from rptdata.errors import BadOption
+from rptdata.math_answers import DEFAULT_TIMEOUT_S, check_answer
 from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.prompts import PromptFormat, build_prompt_ids, load_prompt_format
 from rpttrain.reward import DENSE_REWARDS, score_group
@@ -51,6 +52,7 @@ class ScoredGroup:
     correct: list[bool]
     first_ids: list[int | None] | None = None
     first_probs: list[float | None] | None = None
+    statuses: list[str] | None = None  # the math reward: each check's status (ok | no_answer | timeout | error)
 
 
 class GroupScorer:
@@ -108,6 +110,19 @@ class GroupScorer:
         """Score each task's completions. `last_logits` [N, V]: the rollout prompts' last-position
         logits, used for the probabilities when the prompt is the raw context (no forward then)."""
         preds = [[self.fmt.extract(c.text) for c in g] for g in groups]
+        if self.reward == "math":  # the prediction read back is math-verify's extraction of the final answer
+            out = []
+            for task, g in zip(tasks, groups):  # the check reads the whole completion (reward_text)
+                verdicts = [check_answer(c.text, task["continuation"], DEFAULT_TIMEOUT_S) for c in g]
+                out.append(
+                    ScoredGroup(
+                        [v.extracted for v in verdicts],
+                        [v.reward for v in verdicts],
+                        [v.reward == 1.0 for v in verdicts],
+                        statuses=[v.status for v in verdicts],
+                    )
+                )
+            return out
         if not self.dense:
             out = []
             for task, p in zip(tasks, preds):

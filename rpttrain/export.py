@@ -36,7 +36,7 @@ from rptdata.errors import BadOption
 from rptdata.io import (
     MANIFEST,
     STAGE_EXPORT,
-    STAGE_TASKS,
+    TASK_STAGES,
     atomic_file,
     checked_shards,
     file_digest,
@@ -46,6 +46,7 @@ from rptdata.io import (
 )
 from rptdata.stage import claim_run_dir
 from rptdata.tasks.taskdef import SPLITS
+from rpttrain.data import check_task_fit
 from rpttrain.prompts import PromptFormat, load_prompt_format
 from rpttrain.reward import get_reward_fn
 
@@ -189,7 +190,8 @@ def run_export_tasks(config: ExportConfig) -> dict:
     """Export the tasks; returns the manifest written to OUT/manifest.json."""
     started = time.time()
     tasks_dir = Path(config.tasks_dir)
-    tm = read_manifest(tasks_dir, STAGE_TASKS)
+    tm = read_manifest(tasks_dir, TASK_STAGES)
+    check_task_fit(tm, config.reward, config.prompt_template)
     fmt = load_prompt_format(config.prompt_template)
     tokenizer = None
     if config.tokenizer is not None:

@@ -57,6 +57,7 @@ class Rollout:
     correct: bool = False
     context: str = ""  # the task's, for samples.jsonl
     target: str = ""  # the task's continuation, for samples.jsonl
+    status: str | None = None  # the math reward's check: ok | no_answer | timeout | error
 
 
 def build_engine(config, engine: str, model, tokenizer, precision: Precision, start_from: Path | None):
@@ -150,8 +151,9 @@ class GRPOObjective:
                         ok,
                         task["context"],
                         task["continuation"],
+                        None if sg.statuses is None else sg.statuses[j],
                     )
-                    for comp, pred, r, ok in zip(group, sg.predictions, sg.rewards, sg.correct)
+                    for j, (comp, pred, r, ok) in enumerate(zip(group, sg.predictions, sg.rewards, sg.correct))
                 ]
             )
         return out

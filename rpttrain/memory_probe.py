@@ -55,6 +55,19 @@ def column_max(files: list[Path], column: str) -> int:
     return best
 
 
+def longest_tokenized(files: list[Path], column: str, tokenizer, batch_rows: int = 4096) -> int:
+    """The most tokens any text of a string column has under `tokenizer`, read batch by batch."""
+    import pyarrow.parquet as pq
+
+    best = 0
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[column]):
+            texts = [t or "" for t in batch.column(0).to_pylist()]
+            if texts:
+                best = max(best, max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    return best
+
+
 def data_shape(config, tasks_manifest: dict, tokenizer) -> DataShape:
     """The longest context the run will train on, and what its prompt format adds: from the task
     shards' `context_tokens` (or, for `--ntp-positions all`, the documents' `n_tokens`)."""
@@ -68,6 +81,11 @@ def data_shape(config, tasks_manifest: dict, tokenizer) -> DataShape:
         files = list_shards(prepared / "docs")
         return DataShape(column_max(files, "n_tokens"), 0, exact, f"{prepared}/docs n_tokens")
     files = list_shards(Path(c.tasks_dir) / "train")
+    if tasks_manifest.get("task_kind") == "answer":  # answer tasks are tokenizer-free: count with the policy's
+        longest = longest_tokenized(files, "context", tokenizer)
+        fmt = load_prompt_format(c.prompt_template)
+        overhead = len(build_prompt_ids(fmt, "", tokenizer, 10**9))
+        return DataShape(longest, overhead, True, f"{c.tasks_dir}/train questions, tokenized")
     longest = column_max(files, "context_tokens")
     fmt = load_prompt_format(c.prompt_template if c.objective == "rpt" else "continuation")
     overhead = len(build_prompt_ids(fmt, "", tokenizer, 10**9))

@@ -28,10 +28,10 @@ import numpy as np
 
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import BadOption
-from rptdata.io import STAGE_TASKS, read_manifest, write_text_atomic
+from rptdata.io import TASK_STAGES, read_manifest, write_text_atomic
 from rptdata.models import load_causal_lm, load_tokenizer
 from rptdata.tasks.live import live_probability
-from rpttrain.data import load_tasks
+from rpttrain.data import check_task_fit, load_tasks
 from rpttrain.dense import GroupScorer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.reward import REWARD_NAMES
@@ -86,9 +86,12 @@ def run_probe(config: ProbeConfig) -> list[dict]:
     from rptdata.models import resolve_device
 
     device = resolve_device(config.device)
+    manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
+    for t in config.templates:
+        check_task_fit(manifest, config.reward, t)
     tasks = load_tasks(config.tasks_dir, config.split, limit=config.tasks)
     predicted = predicted_signal(tasks, config.samples)
-    estimate = read_manifest(Path(config.tasks_dir), STAGE_TASKS).get("live_estimate") or {}
+    estimate = manifest.get("live_estimate") or {}
     if predicted is not None and estimate.get("temperature") not in (None, config.temperature):
         log.warning(
             "the tasks' live estimate is for temperature %s, this probe samples at %s",

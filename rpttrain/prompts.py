@@ -9,6 +9,10 @@ completion, so a format cannot be scored with the wrong extractor. Built-ins:
 - ``v2``: the same task with the context in a fenced code block.
 - ``v6``: asks for several candidate tokens, each with a short reason, before the
   boxed choice.
+- ``answer``: for answer tasks (``rpt answer-tasks``, ``--reward math``): the problem,
+  then the instruction R1-distilled models are evaluated with on math ("Please reason step
+  by step, and put your final answer within \\boxed{}."). The guess is the completion text
+  verbatim: math-verify reads the final answer itself (``rpttrain.reward.math_reward``).
 - ``continuation``: for base or small models with no habit of reasoning in
   ``\\boxed{}`` (SmolLM2-135M boxes 0 of 80 answers under ``v0``): the prompt is the
   raw context, no chat template and no instructions, and the guess is the
@@ -38,6 +42,7 @@ from rptdata.errors import BadOption
 from rpttrain.reward import extract_prediction
 
 __all__ = [
+    "ANSWER_FORMATS",
     "PLACEHOLDER",
     "PROMPT_FORMATS",
     "PromptFormat",
@@ -116,12 +121,19 @@ Predict the next token that comes right after the context above. First list a fe
 
 The token may start with a space. For example, if the next token is " para" (with its leading space), answer \\boxed{ para}; if it is " =", answer \\boxed{ =}. Write the token exactly as it appears in the text, and do not wrap it in \\text{}."""
 
+_ANSWER = """{context}
+
+Please reason step by step, and put your final answer within \\boxed{}."""
+
 PROMPT_FORMATS: dict[str, PromptFormat] = {
     "v0": PromptFormat("v0", None, _V0, True, extract_prediction),
     "v2": PromptFormat("v2", None, _V2, True, extract_prediction),
     "v6": PromptFormat("v6", None, _V6, True, extract_prediction),
     "continuation": PromptFormat("continuation", None, None, False, extract_verbatim),
+    "answer": PromptFormat("answer", None, _ANSWER, True, extract_verbatim),
 }
+# the formats of answer tasks (a problem in, a final answer in \boxed{} out); the others are for next-token tasks
+ANSWER_FORMATS = ("answer",)
 
 
 def _choices() -> str:

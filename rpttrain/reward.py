@@ -1,4 +1,4 @@
-"""Answer extraction and the RPT rewards: pure string functions, standard library only.
+"""Answer extraction and the RPT rewards: pure string functions (math-verify for the math reward).
 
 The policy reasons, then writes its guess of the next token inside ``\\boxed{}``
 (RPT paper, Sec. 3.2). This module turns a completion into that guess and scores
@@ -14,6 +14,9 @@ the guess against the corpus continuation:
 - ``dense_reward`` / ``conditional_dense_rewards``: App. A's dense and conditional
   dense rewards. They need the policy's probability of the prediction's first
   token, which the caller supplies (``rpttrain.dense`` computes it in the loop).
+- ``math_reward``: the answer tasks' reward (``rpt answer-tasks``): math-verify's verdict on
+  the completion's final answer against the reference, under a deadline
+  (``rptdata.math_answers``).
 - ``score_group``: one group of G predictions under any of the four rewards, with
   the correct flags the accuracy and the collapse monitor count.
 - ``score_completions``: the batch form used by training, probe, eval and the
@@ -39,12 +42,13 @@ Run the examples with ``python -m doctest rpttrain/reward.py``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 from rptdata.errors import BadOption
+from rptdata.math_answers import DEFAULT_TIMEOUT_S, check_answer, last_boxed
 
 __all__ = [
+    "ANSWER_REWARDS",
     "DENSE_REWARDS",
     "REWARDS",
     "REWARD_NAMES",
@@ -53,17 +57,14 @@ __all__ = [
     "extract_prediction",
     "first_token_reward",
     "get_reward_fn",
+    "math_reward",
     "prefix_reward",
+    "reward_text",
     "score_completions",
     "score_group",
 ]
 
-_BOX = "\\boxed{"
 _END_THINK = "</think>"
-# One step of the brace scan: a box opening (group 1), a run of "{" (group 2), a run
-# of "}" (group 3), or a run of brace-free "{...}" groups (no group; they cannot hold
-# a box, since "\\boxed{" contains a brace). Runs keep hostile inputs fast.
-_BRACE_SCAN = re.compile(r"(\\boxed\{)|(?:\{[^{}]*\})+|(\{+)|(\}+)")
 
 
 def extract_prediction(completion: str) -> str | None:
@@ -82,8 +83,8 @@ def extract_prediction(completion: str) -> str | None:
       back to the last complete box, before it or nested inside it;
     - unmatched ``}`` outside any box are ignored.
 
-    One forward scan with a stack: linear time even for megabytes of unclosed
-    ``\\boxed{`` or stray braces. Never raises for a ``str``.
+    The scan is `rptdata.math_answers.last_boxed` (one forward pass with a stack: linear time
+    even for megabytes of unclosed ``\\boxed{`` or stray braces). Never raises for a ``str``.
 
     >>> extract_prediction("<think>maybe \\\\boxed{ x}</think> so \\\\boxed{ para}")
     ' para'
@@ -99,44 +100,7 @@ def extract_prediction(completion: str) -> str | None:
     True
     """
     end_think = completion.rfind(_END_THINK)
-    start = 0 if end_think < 0 else end_think + len(_END_THINK)
-    best: tuple[int, int] | None = None  # (content start, closing brace) of the answer
-    # Braces outside every box cannot change which boxes close, so whenever no box
-    # is open, jump straight to the next box opening with str.find.
-    i = completion.find(_BOX, start)
-    while i != -1:
-        content = i + len(_BOX)
-        close = completion.find("}", content)
-        if close != -1 and completion.find("{", content, close) == -1:
-            best = (content, close)  # fast path: a box with no braces inside
-            i = completion.find(_BOX, close)
-            continue
-        boxes = [content]  # content start of each open box, innermost last
-        plain = [0]  # open plain "{" directly above each open box
-        i = -1  # stays -1 if the text ends inside an unclosed box
-        for m in _BRACE_SCAN.finditer(completion, content):
-            s, e = m.span()
-            kind = m.lastindex
-            if kind == 1:  # \boxed{
-                boxes.append(e)
-                plain.append(0)
-            elif kind == 2:  # a run of "{"
-                plain[-1] += e - s
-            elif kind == 3:  # a run of "}": closes plain braces first, then boxes, one by one
-                while s < e:
-                    if plain[-1] >= e - s:
-                        plain[-1] -= e - s
-                        break
-                    s += plain.pop()
-                    best = (boxes.pop(), s)
-                    s += 1
-                    if not boxes:
-                        break
-                if not boxes:
-                    i = completion.find(_BOX, e)
-                    break
-            # kind None: brace-free "{...}" groups, which leave the stack as it was
-    return None if best is None else completion[best[0] : best[1]]
+    return last_boxed(completion, 0 if end_think < 0 else end_think + len(_END_THINK))
 
 
 def _utf8(text: str) -> bytes | None:
@@ -191,17 +155,46 @@ def first_token_reward(prediction: str | None, continuation: str, boundaries: Se
     return 1.0 if y == x[: boundaries[0]] else 0.0
 
 
+def math_reward(prediction: str | None, answer: str, boundaries: Sequence[int] = ()) -> float:
+    """The answer tasks' reward (`rpt answer-tasks`): 1.0 when math-verify finds the completion's
+    final answer equal to the reference `answer`, else 0.0 (no answer, a wrong one, a check that
+    timed out or failed). `prediction` is the completion's whole text (`reward_text`): the check
+    reads the last ``\\boxed{}`` after ``</think>``, else an anchored answer
+    (`rptdata.math_answers.check_answer`, which gives the status too); `boundaries` is unused
+    (answer tasks have none). Each check runs under a deadline of `DEFAULT_TIMEOUT_S`.
+
+    >>> math_reward("so \\\\boxed{\\\\frac{144}{2}}", "72"), math_reward("\\\\boxed{73}", "72"), math_reward(None, "72")
+    (1.0, 0.0, 0.0)
+    """
+    if prediction is None:
+        return 0.0
+    return check_answer(prediction, answer, DEFAULT_TIMEOUT_S).reward
+
+
 RewardFn = Callable[[str | None, str, Sequence[int]], float]
 
 REWARDS: dict[str, RewardFn] = {
     "prefix": prefix_reward,
     "first-token": first_token_reward,
+    "math": math_reward,
 }
+# the rewards of answer tasks (`rpt answer-tasks`); every other reward is for next-token tasks
+ANSWER_REWARDS = ("math",)
 
 
 # App. A's rewards that need a model's probability (``dense_reward``), so no string function
 DENSE_REWARDS = ("dense", "conditional-dense")
 REWARD_NAMES = tuple(REWARDS) + DENSE_REWARDS
+
+
+def reward_text(reward: str, extract: Callable[[str], str | None], completion: str) -> str | None:
+    """What a reward reads of a completion: the prompt format's extraction (the boxed guess, or the
+    raw text), except for the answer rewards, which read the whole completion themselves.
+
+    >>> reward_text("prefix", extract_prediction, "\\\\boxed{ x}"), reward_text("math", extract_prediction, "\\\\boxed{7}")
+    (' x', '\\\\boxed{7}')
+    """
+    return completion if reward in ANSWER_REWARDS else extract(completion)
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -330,8 +323,12 @@ def score_completions(
             "completions, continuations and boundaries_list must have one entry per item; got "
             f"{len(completions)}, {len(continuations)} and {len(boundaries_list)}"
         )
-    reward_fn = get_reward_fn(reward) if isinstance(reward, str) else reward
+    if isinstance(reward, str):
+        reward_fn = get_reward_fn(reward)
+        read = lambda completion: reward_text(reward, extract, completion)  # noqa: E731
+    else:
+        reward_fn, read = reward, extract
     return [
-        reward_fn(extract(completion), continuation, boundaries)
+        reward_fn(read(completion), continuation, boundaries)
         for completion, continuation, boundaries in zip(completions, continuations, boundaries_list)
     ]

@@ -49,6 +49,8 @@ def record_step(
         "reward_mean": float(np.mean([r.reward for r in rolls])),
         "accuracy": float(np.mean([r.correct for r in rolls])),
         "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
+        # groups where some rollout earned a reward: with a small policy on hard tasks, often none
+        "groups_with_reward_share": sum(max(r.reward for r in g) > 0 for g in all_groups) / max(len(all_groups), 1),
         # make-tasks' estimate for the same tasks (rptdata.tasks.live), when the tasks carry it
         **(
             {"predicted_zero_variance_share": counts["predicted_zero_var"]}
@@ -77,6 +79,12 @@ def record_step(
         "flops": flops,
         "flops_total": objective.totals["flops"],
     }
+    statuses = [r.status for r in rolls if r.status is not None]
+    if statuses:  # the math reward: checks that ran out of time or failed scored 0 (rptdata.math_answers)
+        metrics["verify_timeouts"] = statuses.count("timeout")
+        metrics["verify_errors"] = statuses.count("error")
+        objective.totals["verify_timeouts"] = objective.totals.get("verify_timeouts", 0) + metrics["verify_timeouts"]
+        objective.totals["verify_errors"] = objective.totals.get("verify_errors", 0) + metrics["verify_errors"]
     if c.sample_every and (step + 1) % c.sample_every == 0:
         with objective.samples_path.open("a") as f:
             for g in all_groups[:2]:
@@ -90,6 +98,7 @@ def record_step(
                                 "prediction": r.prediction,
                                 "target": r.target,
                                 "reward": r.reward,
+                                **({"status": r.status} if r.status is not None else {}),
                             }
                         )
                         + "\n"

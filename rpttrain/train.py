@@ -42,8 +42,8 @@ from rptdata import faults
 from rptdata.engine_choice import choose_engine
 from rptdata.errors import ManifestMismatch, RptError
 from rptdata.io import (
-    STAGE_TASKS,
     STAGE_TRAIN,
+    TASK_STAGES,
     read_manifest,
     truncate_jsonl,
     write_json_atomic,
@@ -52,6 +52,7 @@ from rptdata.io import (
 from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
 from rptdata.stage import claim_run_dir
 from rpttrain.checkpoint import (
+    checkpoint_origin,
     list_checkpoints,
     load_master_weights,
     load_trainer_state,
@@ -59,7 +60,15 @@ from rpttrain.checkpoint import (
     verify_checkpoint,
 )
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
-from rpttrain.data import TRAINED_ON, DocWindows, EpochSampler, TaskRows, live_estimate_mismatch, trained_on_record
+from rpttrain.data import (
+    TRAINED_ON,
+    DocWindows,
+    EpochSampler,
+    TaskRows,
+    check_task_fit,
+    live_estimate_mismatch,
+    trained_on_record,
+)
 from rpttrain.grpo import GRPOObjective, build_engine
 from rpttrain.ntp import NextTokenObjective
 from rpttrain.precision import dtype_name, resolve_precision
@@ -94,7 +103,9 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.compute_dtype, config.master_dtype, self.device)
-        self.tasks_manifest = read_manifest(Path(config.tasks_dir), STAGE_TASKS)
+        self.tasks_manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
+        check_task_fit(self.tasks_manifest, config.reward, config.prompt_template, config.objective)
+        self.started_from = checkpoint_origin(config.model)  # another run's checkpoint, when it is one
         self.stop_flag = False
         mismatch = live_estimate_mismatch(self.tasks_manifest, config.group_size, config.temperature)
         if mismatch and config.objective == "rpt":
@@ -199,7 +210,8 @@ class Trainer:
         _write_yaml(self.run_dir / "config.yaml", asdict(c))
         # what this run trains on, for `rpt eval`'s held-out check
         write_json_atomic(
-            self.run_dir / TRAINED_ON, trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest)
+            self.run_dir / TRAINED_ON,
+            trained_on_record(c.objective, c.ntp_positions, c.tasks_dir, self.tasks_manifest, self.started_from),
         )
         return list_checkpoints(self.run_dir) if status == "resume" else []
 
@@ -212,6 +224,8 @@ class Trainer:
         self.model = load_causal_lm(source, dtype=master, device=self.device, trust_remote_code=c.trust_remote_code)
         if start_from and load_master_weights(start_from, self.model):
             log.info("resumed the exact %s master weights of %s", master, start_from.name)
+        elif not start_from and self.started_from and load_master_weights(Path(c.model), self.model):
+            log.info("started from the exact %s master weights of %s", master, c.model)
         if c.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()

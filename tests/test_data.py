@@ -114,6 +114,8 @@ def test_trained_on_record_names_the_source_train_reads(tmp_path, monkeypatch):
         record = trained_on_record(objective, positions, tmp_path / "tasks", manifest)
         assert record == {
             "objective": objective,
+            "task_kind": "next-token",
+            "started_from": None,
             "source": source,
             "tasks_dir": str((tmp_path / "tasks").resolve()),
             "tasks_fingerprint": "f00d",

@@ -49,12 +49,19 @@ NOT_RUN = {
     "rpt prepare '/shared/corpus/*.jsonl' --out /shared/prep --tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray": "a Ray cluster's shared file system and the hub tokenizer",
     "rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray": "a Ray cluster with GPUs and the hub model",
     'rpt score-entropy /shared/prep --out /shared/scored --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --executor ray --ray-address "$head:6379"': "a Ray cluster's head node, GPUs and the hub model",
+    "rpt train out/answers --config configs/rlvr-gpu.yaml --model out/rpt/checkpoints/step-001000 --out out/rpt-rlvr": "the GPU RLVR recipe: a 14B checkpoint, vLLM rollouts of 8,192 tokens",
 }
 
 # applied in order to every command that runs; sizes for 2 CPU cores, local stand-ins for paths
 TINY_TRAIN = "--steps 1 --batch-size 2 --group-size 2 --max-prompt-tokens 64 --save-every 1"
 SUBSTITUTIONS = [
     (r"\.\./shared/corpora/omnimath-rule\.jsonl", "data/omni/omni.jsonl"),
+    (r"\.\./shared/corpora/gsm8k-train\.jsonl", "data/gsm8k.jsonl"),
+    # RLVR (docs/table2.md): short answers, from the README's one-step run
+    (r"--max-new-tokens 96", "--max-new-tokens 8"),
+    (r"--batch-size 4 --group-size 4", "--batch-size 2 --group-size 2"),
+    (r"--samples 4 --temperature 0\.8", "--samples 2 --temperature 0.8"),
+    (r"out/run/checkpoints/step-000006", "out/run/checkpoints/step-000001"),
     (r"--eval-fraction 0\.1\b", "--eval-fraction 0.3"),
     (r"configs/paper\.yaml", str(ROOT / "configs" / "paper.yaml")),
     (r"\$SLURM_ARRAY_TASK_ID", "0"),
@@ -194,7 +201,16 @@ def _world(sandbox: Path) -> None:
     with gzip.open(data / "shard" / "b.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"content": t * 2}) + "\n" for t in texts)
     (data / "omni" / "omni.jsonl").write_text(
-        "".join(json.dumps({"problem": t, "solution": t[::-1]}) + "\n" for t in texts)
+        "".join(json.dumps({"problem": t, "solution": t[::-1], "answer": str(len(t))}) + "\n" for t in texts)
+    )
+    (data / "gsm8k.jsonl").write_text(  # GSM8K's shape: the final answer after "#### "
+        "".join(
+            json.dumps(
+                {"question": f"What is {i} plus {i + 2}?", "answer": f"{i}+{i + 2}={2 * i + 2}\n#### {2 * i + 2}"}
+            )
+            + "\n"
+            for i in range(12)
+        )
     )
 
 

@@ -304,6 +304,8 @@ def test_reasoning_mode_end_to_end_with_pass_at_k(tiny, tmp_path):
         "entropy",
         "model_entropy",
         "new_tokens",
+        "completion",
+        "status",
     ]
     assert table.schema.equals(PREDICTIONS_SCHEMA)
     rows = table.to_pylist()
@@ -311,8 +313,10 @@ def test_reasoning_mode_end_to_end_with_pass_at_k(tiny, tmp_path):
     r_rows = [r for r in rows if r["mode"] == "reasoning"]
     assert sorted({r["sample"] for r in r_rows}) == [0, 1, 2]
     assert all(1 <= r["new_tokens"] <= 4 for r in r_rows)
-    # a random model writes no \boxed{}: nothing to extract, nothing rewarded
+    # a random model writes no \boxed{}: nothing to extract, nothing rewarded; its text is kept
     assert all(r["prediction"] is None and r["reward"] == 0.0 for r in r_rows)
+    assert all(r["completion"] is not None and r["status"] is None for r in r_rows)
+    assert all(r["completion"] is None for r in rows if r["mode"] == "ntp")
     assert {r["band"] for r in rows} <= {"other", "easy", "medium", "hard"}
     assert "Pass@3 (all)" in markdown.format_table(report)
 

@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rpttrain.prompts import (
+    ANSWER_FORMATS,
     PLACEHOLDER,
     PROMPT_FORMATS,
     PromptFormat,
@@ -47,7 +48,14 @@ def test_every_format_renders_hostile_context_verbatim(name):
         assert user["content"].count(PLACEHOLDER) == 1
         assert user["content"] == fmt.user_template.replace(PLACEHOLDER, HOSTILE_CONTEXT)
         assert text.startswith("User: ") and text.endswith("\n\nAssistant:")
-        assert fmt.extract is extract_prediction
+        # answer formats hand the whole completion to the math reward, which reads the answer itself
+        assert fmt.extract is (extract_verbatim if name in ANSWER_FORMATS else extract_prediction)
+
+
+def test_answer_format_asks_for_a_boxed_final_answer():
+    template = PROMPT_FORMATS["answer"].user_template
+    assert template.startswith(PLACEHOLDER) and template.count(PLACEHOLDER) == 1
+    assert "final answer within \\boxed{}" in template
 
 
 @pytest.mark.parametrize("name", ["v0", "v2", "v6"])

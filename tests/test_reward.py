@@ -136,7 +136,7 @@ def test_rewards_never_raise(prediction, continuation, boundaries):
 def test_reward_registry():
     assert get_reward_fn("prefix") is prefix_reward
     assert get_reward_fn("first-token") is first_token_reward
-    with pytest.raises(ValueError, match="prefix, first-token, dense, conditional-dense"):
+    with pytest.raises(ValueError, match="prefix, first-token, math, dense, conditional-dense"):
         get_reward_fn("exact")
     with pytest.raises(ValueError, match="P\\(y\\[0\\] \\| x<t; theta\\)"):
         get_reward_fn("dense")

@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from rptdata.io import (
-    STAGE_TASKS,
     STAGE_TRAIN,
+    TASK_STAGES,
     fingerprint,
     list_shards,
     read_manifest,
@@ -250,7 +250,6 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     from rptdata.models import load_tokenizer, local_model_dir, resolve_device
     from rpttrain.backends.trl_grpo import RptGRPOTrainer, RptReward, RunLog
     from rpttrain.prompts import load_prompt_format
-    from rpttrain.reward import get_reward_fn
 
     c = config
     run = Path(c.out)
@@ -258,7 +257,7 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fmt = load_prompt_format(c.prompt_template)
     tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
-    check_tokenizer(c, read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer)
+    check_tokenizer(c, read_manifest(Path(c.tasks_dir), TASK_STAGES), tokenizer)
     if 0 <= c.dynamic_sampling_from:
         log.info(
             "dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
@@ -268,7 +267,7 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     if main_process:
         record, meter = _memory_preflight(c, device, tokenizer)
     args = GRPOConfig(output_dir=str(run / TRL_DIR), **grpo_args(c, world, device))
-    reward = RptReward(fmt, get_reward_fn(c.reward), run / "samples.jsonl", c.sample_every)
+    reward = RptReward(fmt, c.reward, run / "samples.jsonl", c.sample_every)
     trainer = RptGRPOTrainer(
         model=local_model_dir(c.model),
         reward_funcs=reward,
@@ -324,7 +323,7 @@ def _memory_preflight(c: Any, device: str, tokenizer) -> tuple[dict, Any]:
 
     precision = resolve_precision(c.compute_dtype, c.master_dtype, device)
     record = preflight(
-        c, device, precision, "hf", read_manifest(Path(c.tasks_dir), "make-tasks"), tokenizer, enforce=False
+        c, device, precision, "hf", read_manifest(Path(c.tasks_dir), TASK_STAGES), tokenizer, enforce=False
     )
     record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
     write_json_atomic(Path(c.out) / PREFLIGHT, record)
@@ -342,11 +341,11 @@ def run_trl(
     overwrite: bool = False,
 ) -> dict:
     """`rpt train --backend trl`: in-process for one process, else through accelerate."""
-    from rpttrain.data import live_estimate_mismatch
+    from rpttrain.data import check_task_fit, live_estimate_mismatch
 
-    mismatch = live_estimate_mismatch(
-        read_manifest(Path(config.tasks_dir), STAGE_TASKS), config.group_size, config.temperature
-    )
+    tasks_manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
+    check_task_fit(tasks_manifest, config.reward, config.prompt_template, config.objective)
+    mismatch = live_estimate_mismatch(tasks_manifest, config.group_size, config.temperature)
     if mismatch:
         log.warning(mismatch)
     run = prepare_run(config, resume, overwrite)

@@ -26,7 +26,9 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from rptdata.math_answers import DEFAULT_TIMEOUT_S, check_answer
 from rpttrain.prompts import PromptFormat, build_prompt_ids
+from rpttrain.reward import ANSWER_REWARDS, get_reward_fn
 
 # TRL's log key -> the rpt backend's metrics.jsonl key
 METRIC_KEYS = {
@@ -50,20 +52,30 @@ METRIC_KEYS = {
 
 class RptReward:
     """rpt's reward for TRL: one float per completion, from the `continuation` and `boundaries`
-    columns; the prediction is the prompt format's extraction of the completion text."""
+    columns; the prediction is the prompt format's extraction of the completion text (the math
+    reward: math-verify's reading of the final answer, with its checks' timeouts and errors logged)."""
 
     __name__ = "rpt"  # TRL logs rewards/rpt/mean
 
-    def __init__(self, fmt: PromptFormat, reward_fn, samples_path: Path | None, sample_every: int):
-        self.fmt, self.reward_fn = fmt, reward_fn
+    def __init__(self, fmt: PromptFormat, reward: str, samples_path: Path | None, sample_every: int):
+        self.fmt, self.reward, self.reward_fn = fmt, reward, get_reward_fn(reward)
         self.samples_path, self.sample_every = samples_path, sample_every
 
     def __call__(self, prompts, completions, continuation, boundaries, trainer_state=None, log_metric=None, **_):
-        preds = [self.fmt.extract(c) for c in completions]
-        rewards = [self.reward_fn(p, cont, list(b)) for p, cont, b in zip(preds, continuation, boundaries)]
+        statuses = None
+        if self.reward in ANSWER_REWARDS:  # the same check as rpt's trainer (rpttrain.dense.GroupScorer)
+            verdicts = [check_answer(c, answer, DEFAULT_TIMEOUT_S) for c, answer in zip(completions, continuation)]
+            preds, rewards = [v.extracted for v in verdicts], [v.reward for v in verdicts]
+            statuses = [v.status for v in verdicts]
+        else:
+            preds = [self.fmt.extract(c) for c in completions]
+            rewards = [self.reward_fn(p, cont, list(b)) for p, cont, b in zip(preds, continuation, boundaries)]
         if log_metric is not None:
             log_metric("accuracy", sum(r == 1.0 for r in rewards) / len(rewards))
             log_metric("no_prediction_share", sum(p is None for p in preds) / len(preds))
+            if statuses is not None:
+                log_metric("verify_timeouts", statuses.count("timeout"))
+                log_metric("verify_errors", statuses.count("error"))
         step = (trainer_state.global_step + 1) if trainer_state is not None else 0
         if self.samples_path and self.sample_every and step % self.sample_every == 0 and _is_main():
             with self.samples_path.open("a") as f:

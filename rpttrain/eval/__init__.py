@@ -74,11 +74,13 @@ Left out on purpose: vLLM for the ntp pass (a forward pass is all it needs).
 from rpttrain.eval.config import MODES, EvalConfig
 from rpttrain.eval.markdown import (
     PAIRED_LEGEND,
+    format_answer_table,
     format_band_counts,
     format_paired,
     format_report_md,
     format_scaling,
     format_table,
+    format_table2,
 )
 from rpttrain.eval.passes import NextTokens, context_ids, next_token_pass, pad_id
 from rpttrain.eval.report import FLOPS_FORMULA
@@ -103,7 +105,9 @@ __all__ = [
     "format_paired",
     "format_report_md",
     "format_scaling",
+    "format_answer_table",
     "format_table",
+    "format_table2",
     "next_token_pass",
     "pad_id",
     "paired_difference",

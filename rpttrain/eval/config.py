@@ -11,11 +11,11 @@ from rptdata.io import STAGE_EVAL
 from rptdata.tasks.taskdef import SPLITS
 from rpttrain.eval.harness import HarnessSettings
 from rpttrain.prompts import load_prompt_format
-from rpttrain.reward import REWARD_NAMES
+from rpttrain.reward import ANSWER_REWARDS, REWARD_NAMES
 
 STAGE = STAGE_EVAL
-MODES = ("ntp", "reasoning")
-MODE_CHOICES = ("ntp", "reasoning", "both")
+MODES = ("ntp", "reasoning", "answer")
+MODE_CHOICES = ("ntp", "reasoning", "both", "answer")
 DEFAULT_REASONING_TOKENS = 256  # CPU-friendly; the paper allows 8,192
 
 
@@ -30,7 +30,8 @@ class EvalConfig:
             complete checkpoint.
         max_compute: leave out checkpoints that spent more training FLOPs than this, so runs
             of different objectives are compared at (at most) equal compute.
-        mode: ntp | reasoning | both.
+        mode: ntp | reasoning | both (next-token tasks) | answer (answer tasks, `rpt answer-tasks`:
+            the final answer checked with math-verify; pass@1, pass@K, maj@K per subject).
         samples: K samples per task in reasoning mode (1 = greedy).
         temperature: reasoning sampling temperature; None: 0 (greedy) when samples == 1, else
             the run's training temperature for checkpoints and 0.8 (the paper's) for models.
@@ -100,6 +101,13 @@ class EvalConfig:
             raise BadOption("nothing to evaluate: give at least one --model or --checkpoints RUN_DIR")
         if self.mode not in MODE_CHOICES:
             raise BadOption(f"--mode must be one of {', '.join(MODE_CHOICES)}, not {self.mode!r}")
+        if self.mode == "answer" and self.reward == "prefix":  # the default reward: answers are checked by math
+            object.__setattr__(self, "reward", "math")
+        if (self.mode == "answer") != (self.reward in ANSWER_REWARDS):
+            raise BadOption(
+                f"--mode {self.mode} with --reward {self.reward}: answer tasks are evaluated with --mode answer "
+                f"(reward {', '.join(ANSWER_REWARDS)}), next-token tasks with --mode ntp|reasoning|both"
+            )
         if self.split not in SPLITS:
             raise BadOption(f"--split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if self.samples < 1:
@@ -146,7 +154,7 @@ class EvalConfig:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return MODES if self.mode == "both" else (self.mode,)
+        return ("ntp", "reasoning") if self.mode == "both" else (self.mode,)
 
     def identity(self, tasks_fingerprint: str | None) -> dict:
         """The settings the stored predictions depend on; a resumed evaluation must match them.

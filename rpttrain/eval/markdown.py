@@ -54,6 +54,60 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _start(started_from: dict | None) -> str:
+    if not started_from:
+        return "base model"
+    return f"{Path(started_from['run_dir']).name}@{started_from['step']} ({started_from.get('objective') or '?'})"
+
+
+def _ci(c: dict) -> str:
+    return f"{_pct(c['value'])} ({_pct(c['ci_low'], 1)}–{_pct(c['ci_high'], 1)})"
+
+
+def format_answer_table(report: dict) -> str:
+    """Answer mode: one row per subject, pass@1, pass@K and maj@K with 95% Wilson intervals, the share
+    of completions with no box, the mean length; empty string when no row is in answer mode."""
+    rows = [r for r in report["rows"] if r["mode"] == "answer"]
+    if not rows:
+        return ""
+    k = max(r["answer"]["samples"] for r in rows)
+    head = ["model", "step", "compute (FLOPs)", "started from", "pass@1", f"pass@{k}", f"maj@{k}", "no box", "length"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        a = r["answer"]
+        cells = [
+            r["model"],
+            "—" if r["step"] is None else str(r["step"]),
+            _compute_str(r["compute"]),
+            _start(r.get("started_from")) if r["run"] else "—",
+            _ci(a["pass_at_1"]),
+            _ci(a["pass_at_k"]),
+            _ci(a["maj_at_k"]),
+            f"{100 * a['no_box']:.0f}%",
+            f"{a['length']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_table2(report: dict) -> str:
+    """The paper's Table 2: per RLVR run, pass@1 before (its start) and after (its last checkpoint),
+    and the paired difference; empty string when there is none."""
+    rows = report.get("table2") or []
+    if not rows:
+        return ""
+    lines = [
+        "| run | started from | steps | before (pass@1) | after (pass@1) | after − before |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {_start(r['started_from'])} | {r['steps']} | {_pct(r['pass_at_1_before'])} | "
+            f"{_pct(r['pass_at_1_after'])} | {_diff_cell(r['delta'])} |"
+        )
+    return "\n".join(lines)
+
+
 def format_band_counts(report: dict) -> str:
     """Two lines: where the band entropy comes from, and the tasks per nested and disjoint band."""
     nested = report["band_counts"]["nested"]
@@ -132,7 +186,29 @@ def format_report_md(report: dict) -> str:
         "",
     ]
     parts += [w for w in report["warnings"]] + ([""] if report["warnings"] else [])
-    parts += [format_table(report), "", format_band_counts(report), ""]
+    if "answer" in report["settings"]["modes"]:
+        parts += [
+            "## Answer accuracy",
+            "",
+            "Final answers checked with math-verify (the math reward). pass@1: mean over tasks of the mean reward "
+            "of the K samples; pass@K: unbiased estimator; maj@K: the majority answer right; cells: % (95% Wilson "
+            "interval over tasks). No box: completions without a complete \\boxed{}.",
+            "",
+            format_answer_table(report),
+            "",
+        ]
+        if report.get("table2"):
+            parts += [
+                "## Before and after RLVR (the paper's Table 2)",
+                "",
+                "pass@1 of each run's start (step 0) and last checkpoint on the same held-out problems; the "
+                "difference: points (95% interval; problems only after / only before got right; p).",
+                "",
+                format_table2(report),
+                "",
+            ]
+    else:
+        parts += [format_table(report), "", format_band_counts(report), ""]
     if format_collapse(report):
         parts += ["## Collapse monitor and response length", "", COLLAPSE_LEGEND, "", format_collapse(report), ""]
     if report.get("paired"):

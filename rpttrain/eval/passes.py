@@ -130,6 +130,8 @@ def add_prediction(
     model_entropy: float | None,
     new_tokens: int,
     reward: float,
+    completion: str | None = None,
+    status: str | None = None,
 ) -> None:
     """Append one PREDICTIONS_SCHEMA row for task i: the prediction, its reward and the task's band."""
     task = ctx.tasks[i]
@@ -143,6 +145,8 @@ def add_prediction(
     rows["entropy"].append(ctx.entropy[i])
     rows["model_entropy"].append(model_entropy)
     rows["new_tokens"].append(new_tokens)
+    rows["completion"].append(completion)
+    rows["status"].append(status)
 
 
 def ntp_chunk(ctx: Context, subject: Subject, model, tok, idx: list[int]) -> dict[str, list]:
@@ -166,7 +170,11 @@ def ntp_chunk(ctx: Context, subject: Subject, model, tok, idx: list[int]) -> dic
     return rows
 
 
-def reasoning_chunk(ctx: Context, subject: Subject, engine, tok, fmt, idx: list[int], model=None) -> dict[str, list]:
+def reasoning_chunk(
+    ctx: Context, subject: Subject, engine, tok, fmt, idx: list[int], model=None, mode: str = "reasoning"
+) -> dict[str, list]:
+    """Generate with the prompt format and score with the reward; `mode` "answer": answer tasks,
+    the math reward (each row keeps math-verify's reading of the final answer and the check's status)."""
     c = ctx.config
     prompts = [build_prompt_ids(fmt, ctx.tasks[i]["context"], tok, c.max_prompt_tokens) for i in idx]
     sampling = Sampling(
@@ -181,8 +189,20 @@ def reasoning_chunk(ctx: Context, subject: Subject, engine, tok, fmt, idx: list[
     rows = empty_rows()
     for i, group, sg in zip(idx, groups, scored):
         for s, comp in enumerate(group):
+            status = None if sg.statuses is None else sg.statuses[s]
             add_prediction(
-                rows, ctx, i, subject.label, "reasoning", s, sg.predictions[s], None, len(comp.token_ids), sg.rewards[s]
+                rows,
+                ctx,
+                i,
+                subject.label,
+                mode,
+                s,
+                sg.predictions[s],
+                None,
+                len(comp.token_ids),
+                sg.rewards[s],
+                comp.text,
+                status,
             )
     return rows
 
@@ -207,7 +227,7 @@ def evaluate_subject(ctx: Context, subject: Subject, todo: dict[str, list[int]],
             if not idx:
                 continue
             fmt = None
-            if mode == "reasoning":
+            if mode != "ntp":
                 fmt = load_prompt_format(subject.prompt_template)
                 name = choose_engine(c.engine, device)
                 kwargs = (
@@ -229,7 +249,7 @@ def evaluate_subject(ctx: Context, subject: Subject, todo: dict[str, list[int]],
                 if mode == "ntp":
                     rows = ntp_chunk(ctx, subject, model, tok, chunk)
                 else:
-                    rows = reasoning_chunk(ctx, subject, engine, tok, fmt, chunk, model)
+                    rows = reasoning_chunk(ctx, subject, engine, tok, fmt, chunk, model, mode)
                 ctx.store.write(rows)
                 bar.update(len(chunk))
             bar.close()

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rptdata.math_answers import after_think, last_boxed
 from rpttrain.eval.collapse import collapse_by_band
 from rpttrain.eval.config import STAGE, EvalConfig
 from rpttrain.eval.passes import Context
-from rpttrain.eval.stats import band_table, disjoint_counts, paired_difference, pass_at_k
+from rpttrain.eval.stats import answer_scores, band_table, disjoint_counts, paired_difference, pass_at_k
 from rpttrain.eval.store import PREDICTIONS_DIR, PREDICTIONS_FILE
 from rpttrain.eval.subjects import RunInfo, Subject, predictions_key
 from rpttrain.scaling import MIN_POINTS, fit_scaling
@@ -105,7 +106,15 @@ def build_report(
                 "model_entropy": None,
                 "same_tokenizer_as_tasks": infos[subject.label]["vocab_hash"] == tasks_hash if tasks_hash else None,
             }
-            if mode == "reasoning":
+            if mode == "answer":
+                row.update(
+                    prompt_template=subject.prompt_template,
+                    temperature=subject.temperature,
+                    max_new_tokens=subject.max_new_tokens,
+                    started_from=subject.started_from,
+                    answer=_answer_row(table, subject.label, task_index),
+                )
+            elif mode == "reasoning":
                 row.update(
                     prompt_template=subject.prompt_template,
                     temperature=subject.temperature,
@@ -162,6 +171,7 @@ def build_report(
         "compute_formula": FLOPS_FORMULA if runs else None,
         "scaling": scaling_fits(config, rows),
         "paired": paired,
+        "table2": _table2(subjects, means) if "answer" in config.modes else [],
         "files": {
             "report_md": str(out / "report.md") if config.out else None,
             "report_json": str(out / "report.json") if config.out else None,
@@ -170,6 +180,56 @@ def build_report(
         },
     }
     return report
+
+
+def _answer_row(table: pa.Table, label: str, task_index: dict[str, int]) -> dict:
+    """answer_scores of one subject from its stored predictions (every figure recounted from them)."""
+    t = table.filter(pc.and_(pc.equal(table["model"], label), pc.equal(table["mode"], "answer")))
+    per_task = [{"rewards": [], "answers": [], "no_box": [], "lengths": [], "statuses": []} for _ in task_index]
+    for r in t.select(["task_id", "sample", "prediction", "reward", "new_tokens", "completion", "status"]).to_pylist():
+        i = task_index.get(r["task_id"])
+        if i is None:
+            continue
+        p = per_task[i]
+        p["rewards"].append(r["reward"])
+        p["answers"].append(r["prediction"])
+        p["no_box"].append(last_boxed(after_think(r["completion"] or "")) is None)
+        p["lengths"].append(r["new_tokens"])
+        p["statuses"].append(r["status"])
+    scores = answer_scores(per_task)
+    scores.pop("per_task_pass_at_1")
+    return scores
+
+
+def _table2(subjects: list[Subject], means: dict) -> list[dict]:
+    """The paper's Table 2 from the runs evaluated: per run, its start (step 0: the model or the
+    checkpoint of another run it started from) before, its last checkpoint after, and the paired
+    difference after - before of pass@1 on the same tasks."""
+    rows = []
+    runs = list(dict.fromkeys(s.run for s in subjects if s.run is not None))
+    for run in runs:
+        mine = [s for s in subjects if s.run == run]
+        before = next((s for s in mine if s.step == 0), None)
+        after = max((s for s in mine if s.step), key=lambda s: s.step, default=None)
+        if before is None or after is None:
+            continue
+        a, b = means.get((after.label, "answer")), means.get((before.label, "answer"))
+        if a is None or b is None:
+            continue
+        rows.append(
+            {
+                "run": run,
+                "started_from": before.started_from,
+                "before": before.label,
+                "after": after.label,
+                "steps": after.step,
+                "compute": after.compute,
+                "pass_at_1_before": float(np.mean(b)),
+                "pass_at_1_after": float(np.mean(a)),
+                "delta": paired_difference(a, b),
+            }
+        )
+    return rows
 
 
 def _endpoints(subjects: list[Subject], modes: Sequence[str]) -> list[Subject]:

@@ -17,9 +17,9 @@ from pathlib import Path
 from rptdata import faults
 from rptdata.bands import band_of
 from rptdata.errors import RptError
-from rptdata.io import STAGE_TASKS, read_manifest, write_json_atomic, write_parquet_atomic, write_text_atomic
+from rptdata.io import TASK_STAGES, read_manifest, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rptdata.models import resolve_device
-from rpttrain.data import load_tasks
+from rpttrain.data import check_task_fit, load_tasks
 from rpttrain.eval.config import EvalConfig
 from rpttrain.eval.harness import check_tasks, harness_scores
 from rpttrain.eval.harness_report import harness_report, plot_harness
@@ -38,7 +38,8 @@ def run_eval(config: EvalConfig) -> dict:
     """Evaluate every subject in every mode on the tasks; write REPORT_DIR; return the report."""
     started = time.time()
     tasks_dir = Path(config.tasks_dir)
-    manifest = read_manifest(tasks_dir, STAGE_TASKS)
+    manifest = read_manifest(tasks_dir, TASK_STAGES)
+    check_task_fit(manifest, config.reward, config.prompt_template)
     tasks = load_tasks(tasks_dir, config.split, limit=config.limit)
     if not tasks:
         raise RptError(f"{tasks_dir}: the {config.split} split holds no tasks")

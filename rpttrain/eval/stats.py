@@ -4,6 +4,8 @@ wilson_interval(81, 263)           -> 95% interval of an accuracy over tasks
 pass_at_k(n=8, c=1, k=8)           -> unbiased Pass@k of one task from n samples
 paired_difference(a, b)            -> A minus B on the same tasks, interval and p-value
 band_table(entropies, scores)      -> accuracy per nested entropy band (the paper's Table 1 cells)
+majority_correct(answers, rewards) -> maj@K of one task: is its most frequent final answer right
+answer_scores(per_task)            -> pass@1, pass@K, maj@K with intervals, no-box share, mean length
 disjoint_counts(entropies)         -> tasks per disjoint band
 """
 
@@ -16,7 +18,15 @@ import numpy as np
 
 from rptdata.bands import DEFAULT_BANDS, as_bands, band_of
 
-__all__ = ["band_table", "disjoint_counts", "paired_difference", "pass_at_k", "wilson_interval"]
+__all__ = [
+    "answer_scores",
+    "band_table",
+    "disjoint_counts",
+    "majority_correct",
+    "paired_difference",
+    "pass_at_k",
+    "wilson_interval",
+]
 
 
 def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -154,3 +164,73 @@ def disjoint_counts(entropies: Sequence[float], bands=DEFAULT_BANDS) -> dict[str
     for e in entropies:
         counts[band_of(float(e), items)] += 1
     return counts
+
+
+def majority_correct(answers: Sequence[str | None], rewards: Sequence[float]) -> bool:
+    """maj@K of one task: the most frequent final answer among its K samples (samples with no
+    answer do not vote; a tie goes to the answer seen first) is right when a sample giving it was
+    rewarded. Answers vote by their text, stripped: "72" and "72.0" are two answers.
+
+    >>> majority_correct(["72", "70", "72", None], [1.0, 0.0, 1.0, 0.0])
+    True
+    >>> majority_correct(["70", "72", "70"], [0.0, 1.0, 0.0]), majority_correct([None, None], [0.0, 0.0])
+    (False, False)
+    >>> majority_correct(["70", "72"], [0.0, 1.0])   # a tie: the first seen wins
+    False
+    """
+    votes: dict[str, list] = {}
+    for a, r in zip(answers, rewards):
+        if a is not None and a.strip():
+            votes.setdefault(a.strip(), []).append(r)
+    if not votes:
+        return False
+    best = max(votes.values(), key=len)  # max keeps the first of equal counts: dicts keep insertion order
+    return any(r >= 1.0 for r in best)
+
+
+def answer_scores(per_task: Sequence[dict], z: float = 1.96) -> dict:
+    """The answer-mode figures of one subject from its tasks, each {"rewards", "answers", "no_box",
+    "lengths", "statuses"} (one entry per sample, K samples a task):
+
+    - pass@1: the mean over tasks of the mean reward of the K samples, Wilson interval over tasks;
+    - pass@K: the unbiased estimator with k = K (`pass_at_k`), averaged, Wilson interval;
+    - maj@K: the share of tasks whose majority answer is right (`majority_correct`), Wilson interval;
+    - no_box: the share of completions with no complete \\boxed{} (after </think>);
+    - length: the mean completion length in tokens; timeouts / errors: the math checks that scored 0
+      for running out of time or failing.
+
+    >>> t = [{"rewards": [1.0, 0.0], "answers": ["1", "2"], "no_box": [False, True], "lengths": [10, 20],
+    ...       "statuses": ["ok", "ok"]},
+    ...      {"rewards": [0.0, 0.0], "answers": [None, "3"], "no_box": [True, False], "lengths": [30, 40],
+    ...       "statuses": ["no_answer", "ok"]}]
+    >>> s = answer_scores(t)
+    >>> s["samples"], s["pass_at_1"]["value"], s["pass_at_k"]["value"], s["maj_at_k"]["value"], s["no_box"], s["length"]
+    (2, 0.25, 0.5, 0.5, 0.5, 25.0)
+    """
+    n = len(per_task)
+    k = min((len(t["rewards"]) for t in per_task), default=0)
+    if n == 0 or k == 0:
+        raise ValueError("answer_scores needs at least one task with at least one sample")
+    p1 = [float(np.mean(t["rewards"])) for t in per_task]
+    pk = [pass_at_k(len(t["rewards"]), int(sum(r >= 1.0 for r in t["rewards"])), k) for t in per_task]
+    mj = [float(majority_correct(t["answers"], t["rewards"])) for t in per_task]
+
+    def cell(scores: list[float]) -> dict:
+        total = float(sum(scores))
+        low, high = wilson_interval(min(total, n), n, z)
+        return {"value": total / n, "ci_low": low, "ci_high": high, "n": n}
+
+    flat = [x for t in per_task for x in t["no_box"]]
+    statuses = [x for t in per_task for x in t.get("statuses") or [] if x is not None]
+    return {
+        "tasks": n,
+        "samples": k,
+        "pass_at_1": cell(p1),
+        "pass_at_k": cell(pk),
+        "maj_at_k": cell(mj),
+        "no_box": float(np.mean(flat)),
+        "length": float(np.mean([x for t in per_task for x in t["lengths"]])),
+        "timeouts": statuses.count("timeout"),
+        "errors": statuses.count("error"),
+        "per_task_pass_at_1": p1,
+    }

@@ -43,12 +43,14 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("model", pa.string()),  # the row label: a model name, or RUN@STEP for checkpoints
         ("mode", pa.string()),  # ntp | reasoning
         ("sample", pa.int32()),  # 0..K-1
-        ("prediction", pa.string()),  # null when the format extracted nothing
+        ("prediction", pa.string()),  # null when the format extracted nothing (answer mode: math-verify's reading)
         ("reward", pa.float64()),
         ("band", pa.string()),  # the highest band the task's entropy exceeds, or "other"
         ("entropy", pa.float32()),  # the entropy the band comes from
         ("model_entropy", pa.float32()),  # ntp: the model's full-softmax next-token entropy
         ("new_tokens", pa.int32()),  # tokens the model produced for this sample
+        ("completion", pa.string()),  # reasoning and answer modes: the generated text (ntp: null)
+        ("status", pa.string()),  # answer mode: the math check's status, ok | no_answer | timeout | error
     ]
 )
 

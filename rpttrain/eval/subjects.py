@@ -23,7 +23,7 @@ from rptdata.models import model_name
 from rptdata.tasks.taskdef import recorded_split_rule, split_of
 from rpttrain.data import TRAINED_ON, iter_tasks
 from rpttrain.eval.config import DEFAULT_REASONING_TOKENS, EvalConfig
-from rpttrain.prompts import load_prompt_format
+from rpttrain.prompts import ANSWER_FORMATS, load_prompt_format
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Subject:
     prompt_template: str = "v0"
     max_new_tokens: int = DEFAULT_REASONING_TOKENS
     temperature: float = 0.0
+    started_from: dict | None = None  # the run's own start: another run's checkpoint (checkpoint_origin)
 
 
 def _local_path(value: str, run_dir: Path) -> Path | None:
@@ -150,8 +151,17 @@ def resolve_subjects(config: EvalConfig, runs: list[RunInfo]) -> list[Subject]:
         used.add(out)
         return out
 
+    answer = "answer" in config.modes  # answer tasks: an answer format, whatever the run trained with
+
+    def own_template(run_value) -> str:
+        if config.prompt_template:
+            return config.prompt_template
+        if answer:
+            return run_value if run_value in ANSWER_FORMATS else ANSWER_FORMATS[0]
+        return run_value or "v0"
+
     for spec in config.models:
-        template = config.prompt_template or "v0"
+        template = own_template(None)
         subjects.append(
             Subject(
                 unique(model_name(spec)),
@@ -165,12 +175,14 @@ def resolve_subjects(config: EvalConfig, runs: list[RunInfo]) -> list[Subject]:
     for run in runs:
         rc = run.config
         name = run.name if names.count(run.name) == 1 else f"{run.dir.parent.name}/{run.name}"
-        template = config.prompt_template or rc.get("prompt_template") or "v0"
+        template = own_template(rc.get("prompt_template"))
+        same_format = template == rc.get("prompt_template")  # the run's own length and temperature fit only its format
         common = dict(
             run=name,
             prompt_template=template,
-            max_new_tokens=new_tokens(template, rc.get("max_new_tokens")),
+            max_new_tokens=new_tokens(template, rc.get("max_new_tokens") if same_format or not answer else None),
             temperature=temperature(rc.get("temperature")),
+            started_from=(run.trained_on or {}).get("started_from"),
         )
         subjects.append(Subject(unique(f"{name}@0"), run.model, step=0, compute=0.0, **common))
         for step, folder, flops in run.checkpoints:
@@ -184,7 +196,7 @@ def predictions_key(subject: Subject, modes: Sequence[str]) -> tuple:
     """Subjects with equal keys make the same predictions (same weights, same generation settings)."""
     path = Path(subject.spec).expanduser()
     spec = str(path.resolve()) if path.exists() else subject.spec
-    if "reasoning" not in modes:
+    if "reasoning" not in modes and "answer" not in modes:
         return (spec,)
     return (spec, subject.prompt_template, subject.max_new_tokens, subject.temperature)
 

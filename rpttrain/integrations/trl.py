@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rpttrain.prompts import PromptFormat, build_messages, get_extract, render_prompt
-from rpttrain.reward import get_reward_fn
+from rpttrain.reward import get_reward_fn, reward_text
 
 __all__ = ["completion_text", "rpt_reward", "task_to_trl_row"]
 
@@ -82,7 +82,7 @@ def rpt_reward(
         )
     rewards, formats = _per_item(reward, n), _per_item(format, n)
     return [
-        get_reward_fn(r)(get_extract(f)(completion_text(c)), cont, list(b))
+        get_reward_fn(r)(reward_text(r, get_extract(f), completion_text(c)), cont, list(b))
         for c, cont, b, r, f in zip(completions, continuation, boundaries, rewards, formats)
     ]
 

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rpttrain.prompts import PromptFormat, build_messages, get_extract, render_prompt
-from rpttrain.reward import get_reward_fn
+from rpttrain.reward import ANSWER_REWARDS, get_reward_fn, reward_text
 
 __all__ = ["DATA_SOURCE", "compute_score", "task_to_verl_row"]
 
@@ -56,18 +56,25 @@ def compute_score(
 
     ``ground_truth`` (a dict or its JSON string) holds ``continuation`` and
     ``boundaries``, and optionally ``reward`` (default "prefix") and ``format``
-    (default "v0"; "continuation" scores the completion verbatim).
+    (default "v0"; "continuation" scores the completion verbatim). An answer task's
+    (``reward`` "math") holds ``answer`` instead: the completion's final answer is
+    checked against it with math-verify (``rpttrain.reward.math_reward``).
 
     >>> gt = {"continuation": " paragraph", "boundaries": [5, 10]}
     >>> compute_score("rpt", "<think>...</think> \\\\boxed{ para}", gt)
     1.0
     >>> compute_score("rpt", " para", json.dumps({**gt, "format": "continuation"}))
     1.0
+    >>> compute_score("rpt", "so \\\\boxed{\\\\frac{144}{2}}", {"answer": "72", "reward": "math", "format": "answer"})
+    1.0
     """
     if isinstance(ground_truth, (str, bytes)):
         ground_truth = json.loads(ground_truth)
     extract = get_extract(ground_truth.get("format", "v0"))
-    reward_fn = get_reward_fn(ground_truth.get("reward", "prefix"))
+    reward = ground_truth.get("reward", "prefix")
+    if reward in ANSWER_REWARDS:  # an answer task's ground truth holds its answer (rpt answer-tasks)
+        return get_reward_fn(reward)(reward_text(reward, extract, solution_str), ground_truth["answer"], ())
+    reward_fn = get_reward_fn(reward)
     return reward_fn(extract(solution_str), ground_truth["continuation"], list(ground_truth["boundaries"]))
 
 
@@ -94,12 +101,15 @@ def task_to_verl_row(
     context = task["context"]
     raw = not fmt.uses_chat
     messages = [{"role": "user", "content": context}] if raw else build_messages(fmt, context)
-    ground_truth = {
-        "continuation": task["continuation"],
-        "boundaries": [int(b) for b in task["boundaries"]],
-        "reward": reward,
-        "format": fmt.name,
-    }
+    if reward in ANSWER_REWARDS:  # an answer task (rpt answer-tasks): its reference answer is the ground truth
+        ground_truth = {"answer": task["continuation"], "reward": reward, "format": fmt.name}
+    else:
+        ground_truth = {
+            "continuation": task["continuation"],
+            "boundaries": [int(b) for b in task["boundaries"]],
+            "reward": reward,
+            "format": fmt.name,
+        }
     extra_info: dict[str, Any] = {
         "task_id": task["task_id"],
         "doc_id": task["doc_id"],

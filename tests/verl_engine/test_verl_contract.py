@@ -167,6 +167,41 @@ def test_reward_loop_scores_like_prefix_reward(tmp_path, template):
     assert 0 < sum(want) < len(want)  # mixed rewards
 
 
+def test_reward_loop_scores_answer_tasks_like_math_reward(tmp_path):
+    """RLVR rows (rpt answer-tasks, --reward math): verl's reward loop gives math_reward's verdicts."""
+    import pyarrow.parquet as pq
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    from rptdata.answer_tasks import AnswerTasksConfig, run_answer_tasks
+    from rpttrain.reward import math_reward
+
+    corpus = tmp_path / "problems.jsonl"
+    problems = [{"problem": f"What is {a} times 12?", "answer": str(12 * a)} for a in range(1, 6)]
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    tasks = tmp_path / "answers"
+    run_answer_tasks(AnswerTasksConfig(inputs=(str(corpus),), out=str(tasks), eval_fraction=0.0, progress=False))
+    config = TrainConfig(
+        str(tasks), str(tmp_path / "run"), model="smollm2-135m", steps=2, batch_size=4, group_size=4,
+        max_new_tokens=64, max_prompt_tokens=256, prompt_template="answer", reward="math", progress=False,
+    )  # fmt: skip
+    summary = run_backend(config, "verl", gpus_per_node=8)
+    cfg = compose_verl(summary["overrides"][0])
+    rows = pq.read_table(Path(config.out) / "verl" / "data" / "train.parquet").to_pylist()
+    assert json.loads(rows[0]["reward_model"]["ground_truth"]).keys() == {"answer", "reward", "format"}
+    tok = load_tokenizer("smollm2-135m")
+    batch, responses, want = [], [], []
+    for row in rows:
+        answer = json.loads(row["reward_model"]["ground_truth"])["answer"]
+        for text in (f"so \\boxed{{{answer}}}", f"\\boxed{{{answer}.0}}", "\\boxed{-1}", "no answer", "\\boxed{}"):
+            batch.append(row)
+            responses.append(text)
+            want.append(math_reward(text, answer))
+    worker = RewardLoopWorker(cfg)
+    outs = worker.loop.run_until_complete(worker.compute_score_batch(_reward_batch(batch, responses, tok)))
+    assert [out["reward_score"] for out in outs] == want
+    assert want.count(1.0) == 2 * len(rows)
+
+
 def test_agent_loop_feeds_rpt_prompt_ids(tmp_path):
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
