@@ -251,13 +251,15 @@ class Trainer:
             )
 
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
-        """Clip, then step, unless the loss or gradient is not finite (then skip and say so)."""
+        """Clip, then step, unless the loss or gradient is not finite (then skip and say so); then
+        drop the gradients. A step's gradient is its own: left in place, the clipped gradient of
+        step k would be added to step k+1's by the next backward, in a run that is not interrupted
+        but not in one resumed from step k's checkpoint (which holds no gradients)."""
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
+        if not bad:
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
@@ -331,6 +333,11 @@ class Trainer:
         self.loggers.log(metrics, metrics["step"])
 
     def save(self) -> Path:
+        # a checkpoint must hold the whole training state; a pending gradient is state it does not
+        # hold, which a resumed run would lack (it diverged from the uninterrupted run by that much)
+        pending = [n for n, p in self.model.named_parameters() if p.grad is not None]
+        if pending:
+            raise RuntimeError(f"gradients pending at a checkpoint (e.g. {pending[0]}): --resume would not be exact")
         return save_checkpoint(
             self.run_dir,
             self.step,

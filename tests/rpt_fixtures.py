@@ -14,7 +14,14 @@ from rptdata.stage import StageDir
 from rptdata.tasks.taskdef import TASKS_SCHEMA
 
 
-def tiny_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def tiny_llama(
+    folder: Path, tokenizer_dir: Path, seed: int = 0, tie: bool = False, warm_texts=(), warm_steps: int = 20
+) -> Path:
+    """A tiny random Llama over the tiny tokenizer. `tie`: the LM head is the input embedding (as
+    in SmolLM2). `warm_texts`: a few steps of next-token training on them first, so the model
+    predicts their tokens with middling probability: GRPO groups over tasks from these texts then
+    hold both rewards and the update has a gradient (a random model never earns a reward, and
+    every gradient of its run is exactly zero)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -31,12 +38,30 @@ def tiny_llama(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(cfg)
+    if warm_texts:
+        warm_up(model, tok, warm_texts, warm_steps)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def warm_up(model, tok, texts, steps: int, lr: float = 1e-2) -> None:
+    """`steps` full-batch AdamW steps of next-token cross-entropy on `texts` (right-padded)."""
+    import torch
+
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    labels = ids.masked_fill(attention == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        opt.step()
 
 
 def boundaries_of(tokenizer, text: str) -> list[int]:

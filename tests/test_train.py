@@ -161,22 +161,93 @@ def test_grpo_learns_a_learnable_task(tmp_path, tiny_bpe_dir):
     assert greedy_accuracy(final, LEARNABLE, tiny_bpe_dir) >= 0.875
 
 
-def test_resume_gives_the_same_next_step(tiny, tmp_path):
-    whole = tmp_path / "whole"
-    run_train(tiny_config(tiny, whole, steps=3))
-    part = tmp_path / "part"
-    run_train(tiny_config(tiny, part, steps=2))
-    run_train(tiny_config(tiny, part, steps=3), resume=True)
-    a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in b] == [1, 2, 3]
-    drop = lambda m: {k: v for k, v in m.items() if not k.endswith("_s") and k != "rollout_tokens_per_s"}  # noqa: E731
-    assert drop(a[2]) == drop(b[2])
+# texts a tied tiny model is warmed on (tests/rpt_fixtures.warm_up), and tasks cut from them at
+# every word: contexts of 1 to 9 words (1 to 11 tokens), whose next word the model gets right
+# with middling probability, so groups hold both rewards and every step has a gradient; with
+# --micro-batch-tokens 24 most batches of 4 take 2 micro-batches
+WARM = [
+    "The quick brown fox jumps over the lazy dog.",
+    "1234567890 the lazy dog jumps over the quick brown fox",
+    "héllo wörld, naïve café",
+]
+WARM_PAIRS = [(" ".join(w[:k]), " " + w[k]) for w in (t.split(" ") for t in WARM) for k in range(1, len(w))]
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, tiny_bpe_dir):
+    root = tmp_path_factory.mktemp("warm_rl")
+    model = tiny_llama(root / "model", tiny_bpe_dir, tie=True, warm_texts=WARM)
+    return model, write_tasks_dir(root / "tasks", str(tiny_bpe_dir), WARM_PAIRS)
+
+
+def warm_config(warm, out, **over):
+    """Settings that reach what a resume must restore: tied embeddings (as SmolLM2), the default
+    prompt length, contexts of several lengths in several micro-batches, a gradient at every step
+    and the default gradient clip."""
+    base = dict(
+        steps=4,
+        batch_size=4,
+        group_size=4,
+        max_prompt_tokens=TrainConfig.__dataclass_fields__["max_prompt_tokens"].default,
+        micro_batch_tokens=24,
+        lr=1e-2,
+        grad_clip=0.2,
+        sample_every=0,
+    )
+    return tiny_config(warm, out, **{**base, **over})
+
+
+def _timeless(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.endswith("_s") and k != "rollout_tokens_per_s"}
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])  # the HF folder, or master.safetensors
+def test_resume_is_bit_exact_when_every_step_has_a_gradient(warm, tmp_path, compute_dtype):
+    """Regression: the trainer never dropped a step's gradient, so the next backward added the
+    previous step's clipped gradient to its own; a run resumed from a checkpoint (which holds no
+    gradient) started without it, and from the step after the resume point its grad norm, then
+    every weight, differed. Runs of a random tiny model never saw it: no reward, no gradient."""
     from safetensors.torch import load_file
 
-    wa = load_file(str(list_checkpoints(whole)[-1] / "model.safetensors"))
-    wb = load_file(str(list_checkpoints(part)[-1] / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    from rpttrain.checkpoint import MASTER_WEIGHTS
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_train(warm_config(warm, whole, compute_dtype=compute_dtype))
+    run_train(warm_config(warm, part, steps=2, compute_dtype=compute_dtype))
+    run_train(warm_config(warm, part, compute_dtype=compute_dtype), resume=True)
+    a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    # the path is reached: groups with both rewards, so a gradient at every step
+    assert all(m["grad_norm"] > 0 and m["zero_variance_share"] < 1 for m in a), [m["grad_norm"] for m in a]
+    assert [_timeless(m) for m in a] == [_timeless(m) for m in b]
+    ca, cb = list_checkpoints(whole)[-1], list_checkpoints(part)[-1]
+    names = ["model.safetensors"] + ([MASTER_WEIGHTS] if compute_dtype != "float32" else [])
+    for name in names:  # bit for bit
+        wa, wb = load_file(str(ca / name)), load_file(str(cb / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa, sb = (torch.load(c / "trainer_state.pt", weights_only=True)["optimizer"]["state"] for c in (ca, cb))
+    assert all(torch.equal(v, sb[i][k]) for i, st in sa.items() for k, v in st.items())  # AdamW's moments
+    # the resumed policy's LM head is still its input embedding
+    trainer = Trainer(warm_config(warm, part, compute_dtype=compute_dtype))
+    trainer.setup(resume=True, overwrite=False)
+    assert trainer.model.lm_head.weight is trainer.model.get_input_embeddings().weight
+    trainer.objective.close()
+
+
+def test_no_gradient_outlives_its_step(warm, tmp_path):
+    """A step's gradient is dropped once the optimizer has used it (or skipped it), and a
+    checkpoint refuses to be written while one is pending: it would not be in the checkpoint."""
+    trainer = Trainer(warm_config(warm, tmp_path / "run", micro_batch_tokens=256))
+    trainer.setup(resume=False, overwrite=False)
+    metrics = trainer.train_step()
+    assert metrics["grad_norm"] > 0
+    assert all(p.grad is None for p in trainer.model.parameters())
+    first = next(trainer.model.parameters())
+    first.grad = torch.ones_like(first)
+    with pytest.raises(RuntimeError, match="gradients pending"):
+        trainer.save()
+    trainer.objective.close()
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(tiny, tmp_path, monkeypatch):
