@@ -20,7 +20,9 @@ Local: today's loop, in this process; the first error stops the run (a rerun res
 
 Ray (`Executor("ray")`): connects to `address`, else RAY_ADDRESS, else starts a local cluster with
 this machine's CPUs and GPUs for the run (`ray.init(address="local")`). Every node must see the
-same paths (a shared file system) and have rpt installed.
+same paths (a shared file system) and have rpt installed. An address where no Ray cluster answers
+is an error naming it within seconds (`rptdata.ray_connect`; the stages check it with
+`Executor.check` before they write anything).
   tasks   (`actors=False`, prepare) one CPU task per unit, `max_retries=MAX_RETRIES`: Ray reruns a
           task whose worker process or node died, on any node with a free slot.
   actors  (`actors=True`, score-entropy) one actor per GPU (`num_gpus=1`; on a cluster without GPUs,
@@ -42,13 +44,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from rptdata import faults
-from rptdata.errors import BadOption, MissingDependency, RptError
+from rptdata.errors import BadOption, RptError
+from rptdata.ray_connect import check_address, connect
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
 MAX_RETRIES = 3  # Ray's retries of a unit whose process, actor or node died
-RAY_ADVICE = "pip install -e '.[ray]' (the pinned Ray of the `ray` extra)"
 
 
 class UnitsFailed(RptError):
@@ -68,6 +70,12 @@ class Executor:
             raise BadOption(f"--executor must be one of {', '.join(EXECUTORS)}, not {self.kind!r}")
         if self.address and self.kind != "ray":
             raise BadOption("--ray-address is for --executor ray")
+
+    def check(self) -> None:
+        """With --executor ray: RayUnreachable now, before the stage writes anything, when the cluster
+        address given does not answer (`check_address`)."""
+        if self.kind == "ray":
+            check_address(self.address)
 
     def refuse(self, **options) -> None:
         """ValueError naming the first option (name -> given value; None or False: not given) that
@@ -104,25 +112,6 @@ def run_units(
 
 
 # -- the Ray side ------------------------------------------------------------------------------
-
-
-def import_ray():
-    try:
-        import ray
-    except ImportError as e:
-        raise MissingDependency(f"--executor ray needs the ray package ({e}): {RAY_ADVICE}") from e
-    return ray
-
-
-def connect(address: str | None):
-    """The ray module, connected: to an already initialized Ray (tests, a driver inside a Ray job),
-    to `address`, to RAY_ADDRESS, or to a local cluster started now with this machine's CPUs and GPUs."""
-    ray = import_ray()
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        log.info("ray: %s", "starting a local cluster" if address == "local" else f"connecting to {address}")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    return ray
 
 
 _WORKERS: dict[bytes, object] = {}  # this Ray worker process's worker, by its factory's pickle

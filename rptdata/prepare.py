@@ -153,6 +153,7 @@ def run_prepare(config: PrepareConfig) -> dict:
     executor = Executor(config.executor, config.ray_address)
     worker, workers = worker_from_env(config.num_workers, config.worker_index)
     executor.refuse(**{"torchrun's WORLD_SIZE": workers if workers > 1 else None})
+    executor.check()  # a cluster address that does not answer fails now, before anything is written
     if config.dedupe:
         _refuse_dedupe_across(workers, config.processes)  # again: torchrun's WORLD_SIZE counts too
     tokenizer = load_plain_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)

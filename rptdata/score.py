@@ -69,7 +69,7 @@ from rptdata.models import (
     resolve_dtype,
     vocab_hash,
 )
-from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, Scorer, load_scorer
+from rptdata.scorers import ENTROPY_MODES, MAX_CONTEXT_CAP, RUNTIME_KEYS, Scorer, load_scorer, scorer_runtime
 from rptdata.scorers.positions import (
     DEFAULT_THRESHOLD,
     POSITIONS_SCHEMA,
@@ -161,6 +161,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
             raise BadOption("a scorer passed in runs in this process; --executor ray loads one per actor")
         world = worker_from_env(None, None)[1]
         executor.refuse(**{"torchrun's WORLD_SIZE": world if world > 1 else None})
+        executor.check()  # a cluster address that does not answer fails now, before anything is written
         config = _on_cluster(config, executor)
     prep_dir = Path(config.prepared).resolve()
     prep = read_manifest(prep_dir, STAGE_PREPARE)
@@ -218,7 +219,7 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
         )
         _score_shards(prep_dir, inputs, todo, factory, identity["options"], config, executor)
 
-    def runtime() -> dict:
+    def runtime() -> dict:  # batch_tokens and device: as the shards' markers record them, if they do
         return {
             "batch_tokens": getattr(scorer, "batch_tokens", config.batch_tokens),
             "device": getattr(scorer, "device", config.device),
@@ -330,8 +331,21 @@ def _score_shard(stage: StageDir, path: Path, index: int, scorer, options: dict,
     )
     stats["input_shard"] = f"{path.parent.name}/{path.name}"
     stats["seconds"] = round(time.time() - t0, 3)
+    stats["runtime"] = scorer_runtime(scorer)
     stage.write_shard(POSITIONS_DIR, index, positions, stats)
     return stats
+
+
+def _recorded_runtime(markers: list[dict]) -> dict:
+    """`scorer_runtime` as the shards' markers record it: per field its one value, or its values in
+    shard order when shards differ (a run resumed on other hardware); absent in an older rpt's markers."""
+    out = {}
+    for key in RUNTIME_KEYS:
+        values = [m["runtime"][key] for m in markers if (m.get("runtime") or {}).get(key) is not None]
+        values = [v for i, v in enumerate(values) if v not in values[:i]]
+        if values:
+            out[key] = values[0] if len(values) == 1 else values
+    return out
 
 
 def merge_scored(out: str | Path) -> dict:
@@ -412,9 +426,11 @@ def _long_documents(engine_name: str, scorer, model_config) -> str:
 
 
 def _finish(stage: StageDir, identity: dict, runtime: dict, done: dict[int, dict]) -> dict:
-    """The manifest, from every shard's marker."""
+    """The manifest, from every shard's marker; `runtime`'s batch_tokens and device as the scorers
+    that wrote the shards resolved them (the same fields and values on every executor)."""
     inputs = {shard_index(s): s for s in identity["prepared"]["input_shards"]}
     counts = {key: sum(int(done[i].get(key, 0)) for i in inputs) for key in COUNT_KEYS}
+    runtime = {**runtime, **_recorded_runtime([done[i] for i in sorted(inputs)])}
     schema = POSITIONS_SCHEMA
     if identity["options"]["save_topk"]:
         schema = pa.schema(list(POSITIONS_SCHEMA) + [pa.field(n, t) for n, t in TOPK_FIELDS])

@@ -1,6 +1,7 @@
 """`--executor ray` for prepare and score-entropy (rptdata/executors.py), on Ray clusters on this CPU:
-the same output as the local executor (bad records included), a deleted shard redone alone, a
-failing shard named with its input, and on a two-node cluster a node removed mid-run.
+the same output and manifest fields as the local executor (bad records included), a deleted shard
+redone alone, a failing shard named with its input, on a two-node cluster a node removed mid-run,
+and a cluster address where no Ray answers failing within seconds, naming it (rptdata/ray_connect.py).
 
 Skipped when ray is not installed (`pip install -e '.[ray]'`; `make install` installs it)."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -51,11 +53,16 @@ def corpus(tmp_path_factory):
 
 
 def _same_output(a: Path, b: Path, stage: str) -> None:
-    """Equal outputs apart from timings: every shard byte for byte (the manifests' sha256), counts, rejects."""
+    """Equal outputs apart from timings: every shard byte for byte (the manifests' sha256), counts, rejects;
+    the manifests have the same fields, and the same `runtime` but for its timing."""
     ma, mb = read_manifest(a, stage), read_manifest(b, stage)
     assert ma["files"] == mb["files"] and ma["files"]
     for key in ("shards", "counts", "fingerprint", "config"):
         assert ma[key] == mb[key], key
+    assert ma.keys() == mb.keys()
+    assert {k: v for k, v in ma.get("runtime", {}).items() if k != "seconds"} == {
+        k: v for k, v in mb.get("runtime", {}).items() if k != "seconds"
+    }
     data = "docs" if stage == "prepare" else "positions"
     assert [p.read_bytes() for p in list_shards(a / data)] == [p.read_bytes() for p in list_shards(b / data)]
     ra, rb = a / "rejects.jsonl", b / "rejects.jsonl"
@@ -151,11 +158,67 @@ def test_ray_refuses_the_options_it_cannot_honour(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_score_on_ray_equals_local(local_ray, prepared, tmp_path):
+def test_score_on_ray_equals_local_and_records_the_same_runtime(local_ray, prepared, tmp_path):
     local = run_score_entropy(ScoreConfig(prepared=str(prepared), out=str(tmp_path / "local"), **SCORE))
     on_ray = run_score_entropy(ScoreConfig(prepared=str(prepared), out=str(tmp_path / "ray"), executor="ray", **SCORE))
     assert local["counts"] == on_ray["counts"] and local["counts"]["positions_scored"] > 100
     _same_output(tmp_path / "local", tmp_path / "ray", "score-entropy")
+    # the scorers' resolved settings, as the actors ran them (the driver loads no scorer)
+    assert local["runtime"].keys() == on_ray["runtime"].keys() == {"batch_tokens", "device", "worker", "seconds"}
+    assert on_ray["runtime"]["batch_tokens"] == local["runtime"]["batch_tokens"] == 8192  # the CPU default
+    assert on_ray["runtime"]["device"] == local["runtime"]["device"] == "cpu"
+    assert on_ray["runtime"]["worker"] == local["runtime"]["worker"] == [0, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fails_fast(args: list[str], address: str, env: dict, given: str, limit: float = 10) -> str:
+    """Run `rpt ARGS` with that cluster address; it must exit 1 within `limit` seconds, without a traceback,
+    naming the address and where it was given; returns stderr."""
+    started = time.monotonic()
+    r = subprocess.run([*RPT, *args], capture_output=True, text=True, timeout=120, env=env)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert elapsed < limit, f"took {elapsed:.1f} s: {r.stderr[-2000:]}"
+    assert "Traceback" not in r.stderr
+    assert f"Error: no Ray cluster at {address} ({given}" in r.stderr, r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize("command", ["prepare", "score-entropy", "prepare ray://", "score-entropy RAY_ADDRESS"])
+def test_a_cluster_address_where_nothing_listens_fails_within_10_s_naming_it(command, corpus, prepared, tmp_path):
+    """Where ray.init retried for minutes (to an address of its own: it rewrites 127.0.0.1 to this
+    node's IP), the command stops within 10 s, names the address as given, and writes nothing."""
+    stage, _, how = command.partition(" ")
+    address = f"{'ray://' if how == 'ray://' else ''}127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RPT_RAY_CONNECT_TIMEOUT")}
+    args = [stage, str(corpus if stage == "prepare" else prepared), "--out", str(tmp_path / "out")]
+    args += ["--executor", "ray", "--no-progress"]
+    if how == "RAY_ADDRESS":
+        env["RAY_ADDRESS"] = address
+    else:
+        args += ["--ray-address", address]
+    err = _fails_fast(args, address, env, "RAY_ADDRESS" if how == "RAY_ADDRESS" else "--ray-address")
+    assert "nothing listens there (connection refused)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_listener_that_is_not_ray_fails_within_the_connect_timeout(corpus, tmp_path):
+    """Something accepts TCP connections there but never answers as a Ray GCS: the probe gives up after
+    RPT_RAY_CONNECT_TIMEOUT seconds (3 here) instead of Ray's 20 attempts of 40 s."""
+    with socket.socket() as listener:
+        listener.bind(("", 0))  # every interface: Ray dials 127.0.0.1 as this node's own IP
+        listener.listen(16)  # the kernel completes the handshakes; nothing ever reads or answers
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RPT_RAY_CONNECT_TIMEOUT"] = "3"
+        args = ["prepare", str(corpus), "--out", str(tmp_path / "out"), "--executor", "ray", "--ray-address", address]
+        err = _fails_fast(args, address, env, "--ray-address")
+    assert "no Ray GCS answered within 3 s" in err and not (tmp_path / "out").exists()
 
 
 def _run_in_thread(fn, *args):

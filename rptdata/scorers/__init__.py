@@ -218,3 +218,14 @@ def load_scorer(
         max_context=max_context,
         trust_remote_code=trust_remote_code,
     )
+
+
+RUNTIME_KEYS = ("batch_tokens", "device")  # what `scorer_runtime` reports
+
+
+def scorer_runtime(scorer) -> dict:
+    """The settings a shard was scored with that are not part of the run's identity, as the scorer
+    resolved them where it ran (here or in a Ray actor): `batch_tokens` (None: default), and
+    `device` as its type ("cuda", "cpu": the GPU index is the process's, not the run's)."""
+    device = getattr(scorer, "device", None)
+    return {"batch_tokens": getattr(scorer, "batch_tokens", None), "device": device and str(device).split(":")[0]}

@@ -55,6 +55,7 @@ class VLLMScorer:
         window = max_context or min(self.max_positions or MAX_CONTEXT_CAP, MAX_CONTEXT_CAP)
         max_model_len = window + 1 if self.max_positions is None else min(window + 1, self.max_positions)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
         self.dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
         self.top_k = top_k
         self.entropy = entropy
