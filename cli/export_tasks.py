@@ -32,14 +32,15 @@ from cli.common import library_errors, model_help, no_progress_option, overwrite
     "--prompt-template",
     default="v0",
     show_default=True,
-    help="v0, v2, v6, continuation (raw text, for base models), or a template file holding {context} once.",
+    help="v0, v2, v6, continuation (raw text, for base models), answer (answer tasks), or a template file holding {context} once.",
 )
 @click.option(
     "--reward",
     default="prefix",
     show_default=True,
-    type=click.Choice(["prefix", "first-token"]),
-    help="The reward each row asks for (paper Eq. 3 prefix matching, or App. A first-token).",
+    type=click.Choice(["prefix", "first-token", "math"]),
+    help="The reward each row asks for (paper Eq. 3 prefix matching, App. A first-token; math: answer tasks, "
+    "math-verify on the final answer).",
 )
 @click.option(
     "--tokenizer",

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from cli.main import cli
 from rpttrain.eval.report import _answer_row
@@ -126,21 +127,34 @@ def test_rlvr_from_a_checkpoint_then_eval_before_and_after(answers, tmp_path):
     assert "## Before and after RLVR" in md and "first@1 (rpt)" in md
 
 
-def test_answer_resume_is_exact(answers, tiny_bpe_dir, tmp_path):
-    """Stopped after step 2 and resumed, an answer-task run ends with the uninterrupted run's weights."""
-    from safetensors.torch import load_file
-
-    model = tiny_llama(tmp_path / "policy", tiny_bpe_dir)
-    args = [*RLVR, "--model", model, "--allow-tokenizer-mismatch", "--save-every", "1", "--micro-batch-tokens", "96"]
-    rpt("train", answers, "--out", tmp_path / "straight", "--steps", "3", *args)
-    rpt("train", answers, "--out", tmp_path / "resumed", "--steps", "2", *args)
-    rpt("train", answers, "--out", tmp_path / "resumed", "--steps", "3", "--resume", *args)
+@pytest.mark.slow
+def test_answer_resume_is_exact(tmp_path):
+    """Stopped after step 2 and resumed, an answer-task run ends with the uninterrupted run's weights,
+    bit for bit. The problems are ones the embedded model gets right about half the time ("repeat
+    after me: the final answer is 7"), so steps have a gradient and the resume has state to lose."""
+    corpus = tmp_path / "repeat.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"problem": f"Repeat after me: The final answer is {n}.", "answer": str(n)}) + "\n"
+            for n in range(3, 15)
+        )
+    )
+    tasks = tmp_path / "tasks"
+    result = CliRunner().invoke(cli, ["answer-tasks", str(corpus), "--eval-fraction", "0", "--out", str(tasks)])
+    assert result.exit_code == 0, result.output
+    args = [*RLVR, "--model", "smollm2-135m", "--batch-size", "4", "--max-new-tokens", "16", "--save-every", "1"]
+    args += ["--grad-clip", "0.2", "--seed", "0"]  # seed 0: steps 1 and 2 have mixed-reward groups
+    rpt("train", tasks, "--out", tmp_path / "straight", "--steps", "3", *args)
+    rpt("train", tasks, "--out", tmp_path / "resumed", "--steps", "2", *args)
+    rpt("train", tasks, "--out", tmp_path / "resumed", "--steps", "3", "--resume", *args)
+    lines = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("straight", "resumed")]
+    metrics = [json.loads(x) for x in lines[0]]
+    assert metrics[1]["grad_norm"] > 0 and metrics[1]["zero_variance_share"] < 1  # step 2 had a gradient
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "per_s"))}  # noqa: E731
+    assert [strip(x) for x in lines[0]] == [strip(x) for x in lines[1]]
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-000003" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000003" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    lines = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("straight", "resumed")]
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "per_s"))}  # noqa: E731
-    assert [strip(x) for x in lines[0]] == [strip(x) for x in lines[1]]
 
 
 def test_answer_figures_against_a_hand_count():
@@ -184,3 +198,40 @@ def test_trl_backend_trains_answer_tasks(answers, tiny_bpe_dir, tmp_path):
     (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 <= metrics["reward_mean"] <= 1.0
     assert (out / "checkpoints" / "step-000001").is_dir()
+
+
+def test_export_answer_tasks_for_verl_and_trl(answers, tmp_path):
+    """`rpt export-tasks --reward math`: verl rows hold the answer as ground truth, and its reward
+    function and TRL's score them with the math reward."""
+    from rpttrain.integrations.trl import rpt_reward
+    from rpttrain.integrations.verl import compute_score
+
+    for fmt in ("verl", "trl"):
+        out = tmp_path / fmt
+        run = CliRunner().invoke(
+            cli,
+            ["export-tasks", str(answers), "--format", fmt, "--out", str(out), "--split", "train",
+             "--prompt-template", "answer", "--reward", "math", "--no-progress"],
+        )  # fmt: skip
+        assert run.exit_code == 0, run.output
+        rows = pq.read_table(out / "train.parquet").to_pylist()
+        assert len(rows) == 8  # the 12 problems less the 4 held out
+        if fmt == "verl":
+            for row in rows:
+                truth = json.loads(row["reward_model"]["ground_truth"])
+                assert truth["reward"] == "math" and truth["format"] == "answer"
+                assert compute_score(row["data_source"], f"so \\boxed{{{truth['answer']}}}", truth) == 1.0
+                assert compute_score(row["data_source"], "\\boxed{-1}", truth) == 0.0
+                assert row["prompt"][0]["content"].endswith("final answer within \\boxed{}.")
+        else:
+            got = rpt_reward(
+                [r["prompt"] for r in rows],
+                [f"\\boxed{{{r['continuation']}}}" for r in rows],
+                continuation=[r["continuation"] for r in rows],
+                boundaries=[r["boundaries"] for r in rows],
+                reward=[r["reward"] for r in rows],
+                format=[r["format"] for r in rows],
+            )
+            assert got == [1.0] * len(rows)
+    refused = CliRunner().invoke(cli, ["export-tasks", str(answers), "--format", "verl", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "--reward prefix cannot score answer tasks" in refused.output

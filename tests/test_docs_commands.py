@@ -56,7 +56,7 @@ NOT_RUN = {
 TINY_TRAIN = "--steps 1 --batch-size 2 --group-size 2 --max-prompt-tokens 64 --save-every 1"
 SUBSTITUTIONS = [
     (r"\.\./shared/corpora/omnimath-rule\.jsonl", "data/omni/omni.jsonl"),
-    (r"\.\./shared/corpora/gsm8k-train\.jsonl", "data/gsm8k.jsonl"),
+    (r"\.\./shared/corpora/gsm8k-train\.jsonl", "data/gsm8k/gsm8k.jsonl"),
     # RLVR (docs/table2.md): short answers, from the README's one-step run
     (r"--max-new-tokens 96", "--max-new-tokens 8"),
     (r"--batch-size 4 --group-size 4", "--batch-size 2 --group-size 2"),
@@ -203,7 +203,8 @@ def _world(sandbox: Path) -> None:
     (data / "omni" / "omni.jsonl").write_text(
         "".join(json.dumps({"problem": t, "solution": t[::-1], "answer": str(len(t))}) + "\n" for t in texts)
     )
-    (data / "gsm8k.jsonl").write_text(  # GSM8K's shape: the final answer after "#### "
+    (data / "gsm8k").mkdir()  # not in data/*.jsonl, which the README prepares as text
+    (data / "gsm8k" / "gsm8k.jsonl").write_text(  # GSM8K's shape: the final answer after "#### "
         "".join(
             json.dumps(
                 {"question": f"What is {i} plus {i + 2}?", "answer": f"{i}+{i + 2}={2 * i + 2}\n#### {2 * i + 2}"}
