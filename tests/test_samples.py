@@ -1,5 +1,6 @@
 """What the model wrote: `rpt samples` on a finished tiny run (every filter on the run's own
-values), the same samples as a W&B table read back from an offline run, the TRL backend's lines.
+values), the same samples as a W&B table read back from an offline run, the TRL backend's lines,
+and the examples of `rpt eval`'s report.
 
 The tiny policy is sharpened (`sharp_llama`) so that sampling gives its greedy token: tasks whose
 continuation is that token are right, the others wrong, in two bands.
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
 from rptdata.errors import BadOption, DamagedFile, MissingUpstream, RptError
-from rpttrain.samples import FIELDS, filter_samples, read_samples, select_steps
+from rpttrain.data import load_tasks
+from rpttrain.eval import EvalConfig, markdown, run_eval
+from rpttrain.eval.examples import pick_examples
+from rpttrain.samples import FIELDS, context_tail, filter_samples, read_samples, select_steps
 from tests.rpt_fixtures import greedy_pairs, sharp_llama, write_tasks_dir
 
 CONTEXTS = ["The quick brown", "over the lazy", "naïve", "The lazy dog", "café 世界", "fox jumps", "wörld", "12345"]
@@ -227,3 +232,55 @@ def test_wandb_table_of_samples_reads_back_from_the_offline_run(run):
         table = samples_table(folder, step)
         assert table["columns"] == list(SAMPLE_COLUMNS)
         assert table["data"] == [[x[c] for c in SAMPLE_COLUMNS] for x in lines if x["step"] == step]
+
+
+# ---------------------------------------------------------------------------------------------
+# rpt eval's examples
+
+
+def test_eval_report_examples_are_seeded_and_match_the_predictions(tiny, tmp_path):
+    model, tasks = tiny
+    config = dict(tasks_dir=str(tasks), models=(str(model),), device="cpu", batch_size=4, progress=False)
+    report = run_eval(EvalConfig(out=str(tmp_path / "a"), mode="both", prompt_template="continuation", **config))
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["examples"] == report["examples"]
+    table = pq.read_table(tmp_path / "a" / "predictions.parquet")
+    rows = {(r["task_id"], r["model"], r["mode"], r["sample"]): r for r in table.to_pylist()}
+    by_id = {t["task_id"]: t for t in load_tasks(tasks, "eval")}
+    label = report["rows"][0]["model"]
+    assert [(g["model"], g["mode"]) for g in report["examples"]] == [(label, "ntp"), (label, "reasoning")]
+    kinds = set()
+    for group in report["examples"]:
+        assert list(group["bands"]) == ["medium", "hard"]  # "other" first when present, then the bands' order
+        for band, by_kind in group["bands"].items():
+            for kind, examples in by_kind.items():
+                assert len(examples) <= 2
+                for ex in examples:  # each field as predictions.parquet and the tasks hold it
+                    row = rows[(ex["task_id"], group["model"], group["mode"], ex["sample"])]
+                    assert row["band"] == band and (row["reward"] >= 1.0) == (kind == "right")
+                    for key in ("prediction", "reward", "completion", "status"):
+                        assert ex[key] == row[key], key
+                    assert ex["target"] == by_id[ex["task_id"]]["continuation"]
+                    assert ex["context"] == context_tail(by_id[ex["task_id"]]["context"], 200)
+                    kinds.add(kind)
+    assert kinds == {"right", "wrong"}  # the sharp model gets the tasks with its own token right
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "## Examples" in md and markdown.format_examples(report) in md
+
+    # the draw: five samples of every row, two picked per group, by the seed alone
+    import pyarrow as pa
+
+    copies = pa.concat_tables(
+        [
+            table.set_column(table.schema.get_field_index("sample"), "sample", pa.array([k] * len(table), pa.int32()))
+            for k in range(5)
+        ]
+    )
+    subjects = [(label, "ntp")]
+    shuffled = copies.take(pa.array(list(reversed(range(len(copies))))))  # another stored order (a resumed run)
+    picks = {seed: pick_examples(copies, list(by_id.values()), subjects, ["medium", "hard"], seed) for seed in range(6)}
+    assert picks[0] == pick_examples(shuffled, list(by_id.values()), subjects, ["medium", "hard"], 0)
+    assert len({json.dumps(p) for p in picks.values()}) > 1  # other seeds, other draws
+    for p in picks.values():
+        for by_kind in p[0]["bands"].values():
+            for examples in by_kind.values():
+                assert len(examples) == 2 and len({e["sample"] for e in examples}) == 2
