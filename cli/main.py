@@ -21,6 +21,7 @@ COMMANDS = {
     "probe": "cli.probe:probe",
     "train": "cli.train:train",
     "plot": "cli.plot:plot",
+    "samples": "cli.samples:samples",
     "eval": "cli.eval:eval_cmd",
     "verify": "cli.verify:verify",
 }

@@ -32,8 +32,9 @@ from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
 log = logging.getLogger(__name__)
 
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
-# carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live); older tasks load without
-OPTIONAL_TASK_COLUMNS = ["accept_mass", "live"]
+# carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live; the band, for
+# samples.jsonl); older tasks load without
+OPTIONAL_TASK_COLUMNS = ["accept_mass", "live", "band"]
 
 
 def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
@@ -101,7 +102,8 @@ class TaskRows:
     """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts.
 
     Rows hold TASK_COLUMNS, plus `accept_mass` and `live` when the tasks carry them
-    (`rptdata.tasks.live.predicted_zero_variance(rows, G)` then predicts a batch's dead groups)."""
+    (`rptdata.tasks.live.predicted_zero_variance(rows, G)` then predicts a batch's dead groups),
+    and `band` (what samples.jsonl records with each sample)."""
 
     def __init__(self, tasks_dir: str | Path, cache: str | Path):
         shards = task_shards(tasks_dir, "train")

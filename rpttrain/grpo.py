@@ -58,6 +58,7 @@ class Rollout:
     context: str = ""  # the task's, for samples.jsonl
     target: str = ""  # the task's continuation, for samples.jsonl
     status: str | None = None  # the math reward's check: ok | no_answer | timeout | error
+    band: str | None = None  # the task's entropy band, for samples.jsonl (answer tasks: None)
 
 
 def build_engine(config, engine: str, model, tokenizer, precision: Precision, start_from: Path | None):
@@ -152,6 +153,7 @@ class GRPOObjective:
                         task["context"],
                         task["continuation"],
                         None if sg.statuses is None else sg.statuses[j],
+                        task.get("band"),
                     )
                     for j, (comp, pred, r, ok) in enumerate(zip(group, sg.predictions, sg.rewards, sg.correct))
                 ]

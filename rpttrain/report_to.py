@@ -2,14 +2,17 @@
 
     names = parse_report_to("tensorboard,wandb")     # ("tensorboard", "wandb"); bad names raise ValueError
     loggers = open_loggers(names, run_dir, config)    # RunLoggers; wandb missing -> a clear RptError
-    loggers.log(metrics, step); loggers.close()
+    loggers.log(metrics, step)                        # + samples.jsonl's new lines as the `samples` table
+    loggers.log_table("samples", columns, rows, step)  # any table: a wandb.Table (TensorBoard has none)
+    loggers.close()
 
 - tensorboard (the default): RUN/tb/, when tensorboard is installed (skipped quietly otherwise, as
   before this option existed).
 - wandb (`pip install 'rpt[wandb]'`): one W&B run per run directory, files under RUN/wandb/. It
   logs the keys of metrics.jsonl at their step, the resolved config (config.yaml's contents),
-  and a table `samples` (step, context, completion, prediction, target, reward) of the lines
-  samples.jsonl gains. The run id is kept in RUN/wandb/rpt-run-id, so `--resume` continues the
+  and a table `samples` (step, context, completion, prediction, target, reward, band) of the
+  lines samples.jsonl gains, at the steps it gains them (every --sample-every steps), as TRL logs
+  its completions table. The run id is kept in RUN/wandb/rpt-run-id, so `--resume` continues the
   same W&B run. W&B's own variables apply: WANDB_MODE=offline writes a run that `wandb sync`
   uploads later, WANDB_PROJECT (default `rpt`), WANDB_ENTITY, WANDB_DIR.
 - none: metrics.jsonl only.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,8 @@ from rptdata.errors import BadOption, RptError
 REPORTERS = ("tensorboard", "wandb", "none")
 WANDB_DIR = "wandb"  # under the run directory
 WANDB_EXTRA = "pip install 'rpt[wandb]'  (pins wandb==0.31.0)"
+# the wandb table of samples.jsonl's lines (band: None for answer tasks and older tasks)
+SAMPLE_COLUMNS = ("step", "context", "completion", "prediction", "target", "reward", "band")
 
 
 def parse_report_to(value: str) -> tuple[str, ...]:
@@ -107,8 +113,18 @@ class RunLoggers:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=step)
             self._log_samples(step)
 
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence], step: int) -> None:
+        """A table of `rows` (one value per column) at `step`, on the reporters that take tables:
+        wandb (a wandb.Table under `key`); TensorBoard has none."""
+        if self.wandb_run is None or not rows:
+            return
+        import wandb
+
+        self.wandb_run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
+
     def _log_samples(self, step: int) -> None:
-        """samples.jsonl's new lines as a wandb table (written by the objective every --sample-every steps)."""
+        """samples.jsonl's new complete lines as the `samples` table: the objective appends them
+        every --sample-every steps, just before this step's metrics are logged."""
         path = self.run_dir / "samples.jsonl"
         if not path.exists() or path.stat().st_size <= self.samples_read:
             return
@@ -118,13 +134,7 @@ class RunLoggers:
         complete = data[: data.rfind(b"\n") + 1]
         self.samples_read += len(complete)
         rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-        if rows:
-            import wandb
-
-            columns = ["step", "context", "completion", "prediction", "target", "reward"]
-            self.wandb_run.log(
-                {"samples": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step
-            )
+        self.log_table("samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in rows], step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -30,7 +30,9 @@ def record_step(
     t0: float,
 ) -> dict:
     """A step's compute added to the run's totals; its metrics (the line of metrics.jsonl); every
-    --sample-every steps, two groups' samples appended to samples.jsonl."""
+    --sample-every steps, two groups' samples appended to samples.jsonl (step, the task's band when
+    it has one, context, completion, prediction, target, reward, correct, the math check's status;
+    `rpt samples` shows them, `rpttrain.samples` reads them)."""
     c = objective.config
     rolls = [r for g in all_groups for r in g]
     gen_tokens = sum(len(r.completion_ids) for r in rolls)
@@ -89,18 +91,16 @@ def record_step(
         with objective.samples_path.open("a") as f:
             for g in all_groups[:2]:
                 for r in g:
-                    f.write(
-                        json.dumps(
-                            {
-                                "step": step + 1,
-                                "context": r.context,
-                                "completion": r.text,
-                                "prediction": r.prediction,
-                                "target": r.target,
-                                "reward": r.reward,
-                                **({"status": r.status} if r.status is not None else {}),
-                            }
-                        )
-                        + "\n"
-                    )
+                    line = {
+                        "step": step + 1,
+                        **({"band": r.band} if r.band is not None else {}),
+                        "context": r.context,
+                        "completion": r.text,
+                        "prediction": r.prediction,
+                        "target": r.target,
+                        "reward": r.reward,
+                        "correct": bool(r.correct),
+                        **({"status": r.status} if r.status is not None else {}),
+                    }
+                    f.write(json.dumps(line) + "\n")
     return metrics

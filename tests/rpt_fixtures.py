@@ -135,3 +135,37 @@ def rewrite_shard(root: Path, path: Path, table) -> None:
     if rel in (manifest.get("files") or {}):
         manifest["files"][rel].update(file_digest(path), rows=table.num_rows)
         manifest_path.write_text(json.dumps(manifest, indent=2))
+
+
+def sharp_llama(folder: Path, tokenizer_dir: Path, scale: float = 1000.0, seed: int = 0) -> Path:
+    """`tiny_llama` with its output layer multiplied by `scale`: its logits are far apart, so
+    sampling at temperature 1 all but always gives the greedy token, and a task whose
+    continuation is that token is right (see `greedy_pairs`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(folder, tokenizer_dir, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(folder)
+    return folder
+
+
+def greedy_pairs(model_dir: Path, tokenizer_dir: Path, contexts: list[str]) -> list[tuple[str, str]]:
+    """(context, the model's greedy next token as text) for each context whose greedy token is
+    whole text (not part of a UTF-8 character, not the end of text): tasks the model gets right."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = []
+    with torch.no_grad():
+        for context in contexts:
+            ids = tok(context, add_special_tokens=False)["input_ids"]
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            text = tok.decode([token])
+            if token != tok.eos_token_id and "\ufffd" not in text and boundaries_of(tok, text) == [len(text.encode())]:
+                out.append((context, text))
+    return out

@@ -82,6 +82,8 @@ SUBSTITUTIONS = [
     (r"--tasks 16", "--tasks 2 --samples 2 --max-new-tokens 8"),
     # train: one step of two groups of two, short prompts
     (r"--steps \d+", "--steps 1"),
+    (r"--sample-every \d+", "--sample-every 1"),
+    (r"^(rpt samples .*)--step 10\b", r"\1--step 1"),
     (r"--batch-size 16", "--batch-size 2"),
     (r"--group-size 8", "--group-size 2"),
     (r"--max-prompt-tokens 128", "--max-prompt-tokens 64"),
@@ -97,7 +99,7 @@ SUBSTITUTIONS = [
     (
         r"^rpt train out/tasks --out out/run --resume.*$",
         "rpt train out/tasks --out out/run --prompt-template continuation --max-new-tokens 1 --max-prompt-tokens 64 "
-        "--batch-size 2 --group-size 2 --lr 1e-5 --grad-clip 1.0 --steps 1 --dynamic-sampling-from -1 --resume",
+        "--batch-size 2 --group-size 2 --lr 1e-5 --grad-clip 1.0 --steps 1 --dynamic-sampling-from -1 --sample-every 1 --resume",
     ),
     # eval: a handful of held-out tasks, short generations
     (r"^(rpt eval .*?)( --resume)?$", r"\1 --limit 6\2"),

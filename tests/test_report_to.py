@@ -12,7 +12,7 @@ import pytest
 
 from rptdata.errors import RptError
 from rpttrain.config import TrainConfig
-from rpttrain.report_to import parse_report_to, require_wandb, verl_loggers
+from rpttrain.report_to import SAMPLE_COLUMNS, parse_report_to, require_wandb, verl_loggers
 
 RPT = [sys.executable, "-c", "from cli.main import cli; cli()"]
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +38,31 @@ def wandb_records(path: Path) -> list[bytes]:
             records.append(b"".join(chunks))
             chunks = []
     return records
+
+
+def read_offline_run(run: Path) -> tuple[list[dict], dict, Path]:
+    """An offline wandb run under RUN/wandb, read back from its transaction log with wandb's own
+    protobuf records: its history rows, its config, and its folder (files/media/ holds the tables)."""
+    from wandb.proto import wandb_internal_pb2
+
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1, list((run / "wandb").rglob("*"))
+    history, config = [], {}
+    for data in wandb_records(offline[0]):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            )
+        elif rec.WhichOneof("record_type") == "run":
+            config.update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
+    return history, config, offline[0].parent
+
+
+def samples_table(folder: Path, step: int) -> dict:
+    """The `samples` table logged at `step`, as wandb wrote it ({"columns", "data"})."""
+    return json.loads(next(folder.glob(f"files/media/table/samples_{step}_*.table.json")).read_text())
 
 
 def test_report_to_names():
@@ -144,32 +169,18 @@ def test_train_report_to_wandb_offline_writes_a_readable_run(tmp_path, smollm2_t
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(offline) == 1, list((run / "wandb").rglob("*"))
-    # read the offline run's history back from its transaction log, with wandb's own protobuf records
-    from wandb.proto import wandb_internal_pb2
-
-    history, config, tables = [], {}, 0
-    for data in wandb_records(offline[0]):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
-            history.append(row)
-            tables += row.get("samples/_type") == "table-file"
-        elif rec.WhichOneof("record_type") == "run":
-            config.update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
+    history, config, folder = read_offline_run(run)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["_step"] for h in history] == [1, 2]
     for h, m in zip(history, metrics):  # the same keys and values as metrics.jsonl
         for key, value in m.items():
             if key != "step" and value is not None:
                 assert h[key] == pytest.approx(value), key
-    assert tables == 2  # one samples table per step (--sample-every 1)
-    table = json.loads(next(offline[0].parent.glob("files/media/table/samples_2_*.table.json")).read_text())
-    assert table["columns"] == ["step", "context", "completion", "prediction", "target", "reward"]
+    assert sum(h.get("samples/_type") == "table-file" for h in history) == 2  # one table a step (--sample-every 1)
+    table = samples_table(folder, 2)
+    assert table["columns"] == list(SAMPLE_COLUMNS)
     step2 = [s for s in map(json.loads, (run / "samples.jsonl").read_text().splitlines()) if s["step"] == 2]
-    assert table["data"] == [[s[c] for c in table["columns"]] for s in step2]
+    assert table["data"] == [[s.get(c) for c in table["columns"]] for s in step2]
     assert config["report_to"] == "wandb" and config["batch_size"] == 2 and config["model"] == "smollm2-135m"
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["target"] for s in samples} <= {c for _, c in pairs} and all(s["context"] for s in samples)

@@ -231,12 +231,14 @@ def _last_trl_checkpoint(run: Path) -> Path | None:
 
 def train_dataset(tasks_dir: str, cache: Path):
     """The training tasks as a datasets.Dataset: prompt (the raw context), continuation,
-    boundaries, task_id; memory-mapped from the task shards."""
+    boundaries, task_id, and band when the tasks have it (for samples.jsonl); memory-mapped from
+    the task shards."""
     import datasets
 
     files = [str(p) for p in list_shards(Path(tasks_dir) / "train")]
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache))
-    return ds.select_columns(["context", "continuation", "boundaries", "task_id"]).rename_column("context", "prompt")
+    columns = ["context", "continuation", "boundaries", "task_id"] + (["band"] if "band" in ds.column_names else [])
+    return ds.select_columns(columns).rename_column("context", "prompt")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
   Unlike `rpt train`, the batch is NOT refilled with new groups (TRL draws one generation batch
   per step); `groups_trained` in metrics.jsonl says how many groups each step kept.
 - `RptReward`: the TRL reward function (named "rpt"): the prompt format's extraction and the
-  rpt reward; it also logs accuracy and no_prediction_share, and writes samples.jsonl.
+  rpt reward; it also logs accuracy and no_prediction_share, and writes samples.jsonl (the rpt
+  backend's fields but `correct`; older runs' lines lack context, target and band).
 - `RunLog`: a callback that writes metrics.jsonl with the rpt backend's keys, and links each TRL
   checkpoint as RUN/checkpoints/step-N with a state.json, so `rpt plot` and `rpt eval
   --checkpoints RUN` read a TRL run like an rpt one.
@@ -61,7 +62,9 @@ class RptReward:
         self.fmt, self.reward, self.reward_fn = fmt, reward, get_reward_fn(reward)
         self.samples_path, self.sample_every = samples_path, sample_every
 
-    def __call__(self, prompts, completions, continuation, boundaries, trainer_state=None, log_metric=None, **_):
+    def __call__(
+        self, prompts, completions, continuation, boundaries, band=None, trainer_state=None, log_metric=None, **_
+    ):
         statuses = None
         if self.reward in ANSWER_REWARDS:  # the same check as rpt's trainer (rpttrain.dense.GroupScorer)
             verdicts = [check_answer(c, answer, DEFAULT_TIMEOUT_S) for c, answer in zip(completions, continuation)]
@@ -78,9 +81,20 @@ class RptReward:
                 log_metric("verify_errors", statuses.count("error"))
         step = (trainer_state.global_step + 1) if trainer_state is not None else 0
         if self.samples_path and self.sample_every and step % self.sample_every == 0 and _is_main():
+            bands = band or [None] * len(completions)
             with self.samples_path.open("a") as f:
-                for c, p, r in list(zip(completions, preds, rewards))[:16]:
-                    f.write(json.dumps({"step": step, "completion": c, "prediction": p, "reward": r}) + "\n")
+                for j in range(min(16, len(completions))):
+                    line = {
+                        "step": step,
+                        **({"band": bands[j]} if bands[j] is not None else {}),
+                        "context": prompts[j],  # the raw task context (the dataset's prompt column)
+                        "completion": completions[j],
+                        "prediction": preds[j],
+                        "target": continuation[j],
+                        "reward": rewards[j],
+                        **({"status": statuses[j]} if statuses is not None else {}),
+                    }
+                    f.write(json.dumps(line) + "\n")
         return rewards
 
 

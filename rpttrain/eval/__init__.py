@@ -52,7 +52,7 @@ Output (REPORT_DIR = `out`):
     predictions.parquet            all parts merged, at the end (PREDICTIONS_SCHEMA)
     band_entropy.parquet           with `band_model`: task_id, entropy (computed once)
     scaling.png                    with checkpoints: accuracy against compute, fitted curves
-    report.md                      the table(s), the band counts, the scaling fits
+    report.md                      the table(s), the band counts, the scaling fits, a few examples
     report.json                    every number; written last
 Scaling fits (`rpttrain.scaling`): per run, mode and band, P(C) = A / C^alpha + P* on the
 checkpoints with C > 0; with no more points than parameters, or a fit on a parameter bound, the
@@ -65,6 +65,7 @@ Modules (each a step of the stage; read in this order):
     store.py     REPORT_DIR's files: claiming it, the predictions store
     passes.py    the ntp and reasoning passes, the band entropy
     report.py    report.json's numbers: rows, paired differences, scaling fits
+    examples.py  a few right and wrong predictions per band, drawn with the seed
     markdown.py  report.md and the printed tables
     run.py       run_eval: the order of the steps
 

@@ -1,12 +1,14 @@
-"""`rpt eval`'s report as Markdown: the paper's Table 1, the band counts, the paired differences
-and the scaling fits (report.md; `rpt eval` prints the same tables)."""
+"""`rpt eval`'s report as Markdown: the paper's Table 1, the band counts, the paired differences,
+the scaling fits (`rpt eval` prints the same tables) and a few examples (report.md only)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rpttrain.eval.collapse import COLLAPSE_LEGEND, format_collapse
 from rpttrain.eval.harness_report import format_harness
+from rpttrain.samples import context_tail
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -170,6 +172,38 @@ def format_paired(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _code(text: str | None) -> str:
+    """Inline code of a quoted value (a leading space shows), on one line."""
+    if text is None:
+        return "(none)"
+    quoted = json.dumps(text, ensure_ascii=False)
+    return f"`` {quoted} ``" if "`" in quoted else f"`{quoted}`"
+
+
+def format_examples(report: dict, context_chars: int = 80) -> str:
+    """report.json's examples as Markdown: per model and mode, per band, right then wrong ones
+    (context tail, prediction, target, reward); empty string when there are none."""
+    lines = []
+    for group in report.get("examples") or []:
+        lines += [f"**{group['model']}**, {group['mode']}:", ""]
+        for band, kinds in group["bands"].items():
+            for kind in ("right", "wrong"):
+                for ex in kinds[kind]:
+                    lines.append(
+                        f"- {band}, {kind}: `{ex['task_id']}` {_code(context_tail(ex['context'], context_chars))} → "
+                        f"{_code(ex['prediction'])} "
+                        f"(target {_code(ex['target'])}, reward {ex['reward']:g})"
+                    )
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+EXAMPLES_LEGEND = (
+    "A few predictions per band, up to 2 right and 2 wrong, drawn with the evaluation's --seed; their "
+    "completions and longer context tails are in report.json (`examples`), every prediction in predictions.parquet."
+)
+
+
 PAIRED_LEGEND = (
     "Accuracy points of A minus B on the same tasks: difference (95% interval; tasks only A got right / "
     "only B got right; p, exact McNemar). Compared: each --model, the base model, each run's last "
@@ -237,4 +271,6 @@ def format_report_md(report: dict) -> str:
         ]
         if report["files"].get("lm_eval_plot"):
             parts += [f"![lm-eval metrics against compute]({Path(report['files']['lm_eval_plot']).name})", ""]
+    if report.get("examples"):
+        parts += ["## Examples", "", EXAMPLES_LEGEND, "", format_examples(report), ""]
     return "\n".join(parts)

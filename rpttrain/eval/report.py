@@ -4,6 +4,7 @@
         rows      per subject and mode: accuracy per band (Wilson intervals), Pass@K, model entropy, timing
         paired    paired differences between the endpoints (each --model, the base model, each run's last checkpoint)
         scaling   per run, mode and band: P(C) = A / C^alpha + P* over the checkpoints
+        examples  per endpoint and mode, per band: a few right and wrong predictions (rpttrain.eval.examples)
 
 How they are shown as Markdown: `rpttrain.eval.markdown`.
 """
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 from rptdata.math_answers import after_think, last_boxed
 from rpttrain.eval.collapse import collapse_by_band
 from rpttrain.eval.config import STAGE, EvalConfig
+from rpttrain.eval.examples import pick_examples
 from rpttrain.eval.passes import Context
 from rpttrain.eval.stats import answer_scores, band_table, disjoint_counts, paired_difference, pass_at_k
 from rpttrain.eval.store import PREDICTIONS_DIR, PREDICTIONS_FILE
@@ -172,6 +174,13 @@ def build_report(
         "scaling": scaling_fits(config, rows),
         "paired": paired,
         "table2": _table2(subjects, means) if "answer" in config.modes else [],
+        "examples": pick_examples(
+            table,
+            ctx.tasks,
+            [(s.label, mode) for s in _endpoints(subjects, config.modes) for mode in config.modes],
+            [name for name, _ in config.bands],
+            config.seed,
+        ),
         "files": {
             "report_md": str(out / "report.md") if config.out else None,
             "report_json": str(out / "report.json") if config.out else None,
