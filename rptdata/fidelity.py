@@ -33,6 +33,7 @@ from pathlib import Path
 from rptdata.bands import OTHER_BAND, as_bands
 from rptdata.errors import BadInput
 from rptdata.io import STAGE_SCORE, read_manifest
+from rptdata.models import check_tokenizer
 from rptdata.query import _parquet_list, save_png
 
 __all__ = ["compare_scorings", "plot_fidelity", "same_corpus"]
@@ -52,9 +53,14 @@ def same_corpus(a_dir: Path, a: dict, b_dir: Path, b: dict) -> None:
             f"{b_dir / 'manifest.json'} scored {pb.get('dir')} (fingerprint {fb}); compare two scorings of the same "
             "`rpt prepare` output"
         )
-    ha, hb = (a.get("tokenizer") or {}).get("vocab_hash"), (b.get("tokenizer") or {}).get("vocab_hash")
-    if ha and hb and ha != hb:
-        raise BadInput(f"{a_dir / 'manifest.json'} and {b_dir / 'manifest.json'} tokenized with different vocabularies")
+    check_tokenizer(
+        a.get("tokenizer"),
+        b.get("tokenizer") or {},
+        built=f"{a_dir} was scored",
+        user=str(b_dir),
+        harm="the same position would not be the same token",
+        fix="Compare two scorings of the same `rpt prepare` output",
+    )
 
 
 def _band_sql(col: str, bands: Sequence[tuple[str, float]]) -> str:

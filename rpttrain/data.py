@@ -318,3 +318,23 @@ def check_task_fit(
             f"--prompt-template {prompt_template} does not fit {'answer' if answer else 'next-token'} tasks; "
             f"use {fits} (or a template file)"
         )
+
+
+def policy_tokenizer(config, tasks_manifest: dict):
+    """The policy's tokenizer (`config.model`), refused (`rptdata.models.check_tokenizer`) when the
+    tasks were built with another vocabulary, unless --allow-tokenizer-mismatch: their continuation
+    boundaries would not be the policy's tokens. Every training backend loads it here."""
+    from rptdata.models import check_tokenizer, load_tokenizer, model_name, vocab_hash
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    check_tokenizer(
+        tasks_manifest.get("tokenizer"),
+        {"name": model_name(config.model), "vocab_hash": vocab_hash(tokenizer)},
+        built=f"the tasks in {config.tasks_dir} were built",
+        user="the policy",
+        harm="the continuation boundaries would not be the policy's tokens",
+        fix="Rebuild the tasks with the policy's tokenizer (rpt prepare --tokenizer, then score-entropy and make-tasks)",
+        allow="--allow-tokenizer-mismatch to score predictions on the corpus tokenizer's boundaries anyway",
+        allowed=config.allow_tokenizer_mismatch,
+    )
+    return tokenizer

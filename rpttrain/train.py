@@ -40,7 +40,7 @@ import torch
 
 from rptdata import faults
 from rptdata.engine_choice import choose_engine
-from rptdata.errors import ManifestMismatch, RptError
+from rptdata.errors import RptError
 from rptdata.io import (
     STAGE_TRAIN,
     TASK_STAGES,
@@ -49,7 +49,7 @@ from rptdata.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
+from rptdata.models import load_causal_lm, resolve_device
 from rptdata.stage import claim_run_dir
 from rpttrain.checkpoint import (
     checkpoint_origin,
@@ -67,6 +67,7 @@ from rpttrain.data import (
     TaskRows,
     check_task_fit,
     live_estimate_mismatch,
+    policy_tokenizer,
     trained_on_record,
 )
 from rpttrain.grpo import GRPOObjective, build_engine
@@ -119,8 +120,7 @@ class Trainer:
 
         c = self.config
         engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
-        self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
-        self._check_tokenizer()
+        self.tokenizer = policy_tokenizer(c, self.tasks_manifest)
         return preflight(
             c, self.device, self.precision, engine or "hf", self.tasks_manifest, self.tokenizer, enforce=enforce
         )
@@ -237,18 +237,6 @@ class Trainer:
             return None
         ref = load_causal_lm(self.config.model, dtype=dtype_name(self.precision.compute), device=self.device).eval()
         return ref.requires_grad_(False)
-
-    def _check_tokenizer(self) -> None:
-        want = self.tasks_manifest.get("tokenizer", {}).get("vocab_hash")
-        have = vocab_hash(self.tokenizer)
-        if want and want != have and not self.config.allow_tokenizer_mismatch:
-            raise ManifestMismatch(
-                f"the tasks were built with tokenizer {self.tasks_manifest['tokenizer'].get('name')} "
-                f"(vocab {want}) but the policy {model_name(self.config.model)} has vocab {have}; the "
-                "continuation boundaries would not be the policy's tokens. Rebuild the tasks with the "
-                "policy's tokenizer, or pass --allow-tokenizer-mismatch to score predictions on the "
-                "corpus tokenizer's boundaries anyway."
-            )
 
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip, then step, unless the loss or gradient is not finite (then skip and say so)."""

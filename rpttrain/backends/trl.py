@@ -61,7 +61,7 @@ from rptdata.io import (
     write_text_atomic,
 )
 from rptdata.stage import claim_run_dir
-from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError
 from rpttrain.backends.trl_launch import SHARDINGS, accelerate_config, launch_command
 from rpttrain.report_to import trl_report_to
 
@@ -247,8 +247,9 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     """Train in this process (or in each process accelerate started); returns the summary."""
     from trl import GRPOConfig
 
-    from rptdata.models import load_tokenizer, local_model_dir, resolve_device
+    from rptdata.models import local_model_dir, resolve_device
     from rpttrain.backends.trl_grpo import RptGRPOTrainer, RptReward, RunLog
+    from rpttrain.data import policy_tokenizer
     from rpttrain.prompts import load_prompt_format
 
     c = config
@@ -256,8 +257,7 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     device = "cpu" if c.device == "cpu" else resolve_device(c.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fmt = load_prompt_format(c.prompt_template)
-    tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
-    check_tokenizer(c, read_manifest(Path(c.tasks_dir), TASK_STAGES), tokenizer)
+    tokenizer = policy_tokenizer(c, read_manifest(Path(c.tasks_dir), TASK_STAGES))
     if 0 <= c.dynamic_sampling_from:
         log.info(
             "dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
