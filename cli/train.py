@@ -113,10 +113,9 @@ def train(
 
         hide_library_progress()
     if dry_run:
-        from rpttrain.memory import format_plan
-        from rpttrain.train import memory_dry_run
+        from rpttrain.preflight import dry_run, format_plan
 
-        record = memory_dry_run(config_from_dict(data), backend, gpus_per_node * nodes)
+        record = dry_run(config_from_dict(data), backend, gpus_per_node * nodes)
         click.echo(format_plan(record))
         if record["verdict"] == "does-not-fit":
             click.echo(record["refusal"], err=True)

@@ -31,6 +31,7 @@ from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
 
+DATA_CACHE = "data-cache"  # a run's memory-mapped copies of the tasks / documents (TaskRows, DocWindows)
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
 # carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live); older tasks load without
 OPTIONAL_TASK_COLUMNS = ["accept_mass", "live"]
@@ -318,6 +319,19 @@ def check_task_fit(
             f"--prompt-template {prompt_template} does not fit {'answer' if answer else 'next-token'} tasks; "
             f"use {fits} (or a template file)"
         )
+
+
+def open_tasks(config) -> dict:
+    """The tasks manifest of a training run, read once (a finished make-tasks or answer-tasks
+    directory): refused when the run's reward, prompt format or objective cannot score these tasks
+    (`check_task_fit`), with a warning when an RPT run's G or T differs from what make-tasks
+    estimated live groups for. Every training backend opens its tasks here."""
+    manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
+    check_task_fit(manifest, config.reward, config.prompt_template, config.objective)
+    mismatch = live_estimate_mismatch(manifest, config.group_size, config.temperature)
+    if mismatch and config.objective == "rpt":
+        log.warning(mismatch)
+    return manifest
 
 
 def policy_tokenizer(config, tasks_manifest: dict):

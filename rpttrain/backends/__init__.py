@@ -24,17 +24,13 @@ import logging
 from dataclasses import MISSING, fields
 from typing import Any
 
-from rptdata.errors import BadOption, RptError
+from rptdata.errors import BackendOptionError, BadOption  # BackendOptionError: re-exported here
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "BackendOptionError", "check_backend", "run_backend", "unsupported_options"]
 
 BACKENDS = ("rpt", "verl", "trl")
-
-
-class BackendOptionError(RptError):
-    """A TrainConfig option (or launch option) the chosen backend cannot honour."""
 
 
 # next-token-baseline knobs: an RPT run ignores them (TrainConfig.identity drops them), so may every backend
