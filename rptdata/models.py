@@ -331,6 +331,14 @@ def model_name(spec: str) -> str:
     return resolve_model(spec).name
 
 
+def model_help(what: str) -> str:
+    """The `--help` text of an option that takes a model spec (what `resolve_model` accepts)."""
+    return (
+        f"{what}: a hub id, a local HF folder, a local .gguf file, or the alias smollm2-135m "
+        "(the embedded SmolLM2-135M-Instruct; works offline)."
+    )
+
+
 def check_tokenizer(
     recorded: dict | None,
     have: dict,

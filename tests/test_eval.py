@@ -101,6 +101,42 @@ def test_plan_batches_by_rows_cover_every_index_once():
     assert sorted(i for b in plan for i in b) == list(range(5))
 
 
+def test_cli_options_are_evalconfigs_fields(tmp_path, monkeypatch):
+    """`rpt eval`'s options are generated from EvalConfig's fields: each sets its field, the
+    defaults are the fields' (smollm2-135m when no model or run is given), and --help has them all."""
+    from dataclasses import fields
+
+    import rpttrain.eval
+
+    seen = {}
+
+    def fake_run_eval(config):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(rpttrain.eval, "run_eval", fake_run_eval)  # what cli/eval.py calls
+    (tmp_path / "tasks").mkdir()
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "tasks"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    want = EvalConfig(tasks_dir=str(tmp_path / "tasks"), models=("smollm2-135m",), progress=False)
+    assert seen["config"] == want
+    args = ["--model", "a", "--model", "b", "--checkpoints", str(tmp_path), "--lm-eval-tasks", "x,y", "--mode", "both"]
+    args += ["--bands", "lo=0.2,hi=2", "-o", str(tmp_path / "o"), "--allow-overlap", "--trust-remote-code"]
+    assert CliRunner().invoke(cli, ["eval", str(tmp_path / "tasks"), *args]).exit_code == 0
+    c = seen["config"]
+    assert (c.models, c.checkpoints, c.lm_eval_tasks, c.mode) == (("a", "b"), (str(tmp_path),), ("x", "y"), "both")
+    assert (c.bands, c.out, c.allow_overlap, c.trust_remote_code) == (
+        (("lo", 0.2), ("hi", 2.0)),
+        str(tmp_path / "o"),
+        True,
+        True,
+    )
+    text = CliRunner().invoke(cli, ["eval", "--help"], terminal_width=200).output
+    for f in fields(EvalConfig):
+        flag = f.metadata.get("flag") or ("--no-progress" if f.name == "progress" else "--" + f.name.replace("_", "-"))
+        assert f.name == "tasks_dir" or flag in text, flag
+
+
 def test_config_rejects_bad_combinations(tmp_path):
     with pytest.raises(ValueError, match="nothing to evaluate"):
         EvalConfig(tasks_dir="t")
