@@ -35,7 +35,7 @@ from rpttrain.eval import (
     wilson_interval,
 )
 from rpttrain.eval import report as eval_report
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
 # pure helpers
@@ -275,35 +275,11 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 @pytest.fixture(scope="module")
 def tiny_run(tiny, tmp_path_factory):
     """A real 3-step `rpt train` run of the tiny model, a checkpoint after every step."""
-    from rpttrain.config import TrainConfig
     from rpttrain.train import run_train
 
     model, tasks = tiny
     out = tmp_path_factory.mktemp("tiny_train") / "run"
-    run_train(
-        TrainConfig(
-            tasks_dir=str(tasks),
-            out=str(out),
-            model=str(model),
-            steps=3,
-            batch_size=8,
-            group_size=8,
-            temperature=1.0,
-            max_new_tokens=1,
-            max_prompt_tokens=32,
-            prompt_template="continuation",
-            lr=3e-2,
-            grad_clip=1.0,
-            micro_batch_tokens=256,
-            save_every=1,
-            keep_checkpoints=5,
-            sample_every=0,
-            progress=False,
-            device="cpu",
-            dynamic_sampling_from=-1,
-            seed=3,
-        )
-    )
+    run_train(tiny_train_config(tasks, model, out, keep_checkpoints=5))
     return out
 
 

@@ -12,9 +12,8 @@ import torch
 
 from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
-from rpttrain.config import TrainConfig
 from rpttrain.train import Trainer, run_train
-from tests.rpt_fixtures import rewrite_shard, tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import rewrite_shard, tiny_llama, tiny_train_config, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
 # where the rules live
@@ -115,29 +114,7 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 
 def tiny_config(tiny, out, **over):
     model, tasks = tiny
-    base = dict(
-        tasks_dir=str(tasks),
-        out=str(out),
-        model=str(model),
-        steps=3,
-        batch_size=8,
-        group_size=8,
-        temperature=1.0,
-        max_new_tokens=1,
-        max_prompt_tokens=32,
-        prompt_template="continuation",
-        lr=3e-2,
-        grad_clip=1.0,
-        micro_batch_tokens=256,
-        save_every=1,
-        sample_every=1,
-        progress=False,
-        device="cpu",
-        dynamic_sampling_from=-1,
-        seed=3,
-    )
-    base.update(over)
-    return TrainConfig(**base)
+    return tiny_train_config(tasks, model, out, **{"sample_every": 1, **over})
 
 
 def greedy_accuracy(model_dir, tasks_pairs, tokenizer_dir):
