@@ -6,7 +6,7 @@ Each cell is one `rpt train ... --steps 2` run of the embedded model on CPU, as 
 (the CLI in a fresh process, default --max-prompt-tokens and --micro-batch-tokens unless the cell
 says otherwise). The run writes RUN/preflight.json: the estimate by part, what it was sized from,
 and the measured peak rise of its resident memory over its size when the preflight ran
-(`rpttrain.memory_probe.PeakMeter`). The grid:
+(`rpttrain.memory_measure.PeakMeter`). The grid:
 
   objectives  rpt1 (one-token, continuation format), rptN (8 new tokens through transformers'
               generate, then the update), ntp-tasks, ntp-all (every position of the documents)

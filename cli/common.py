@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import functools
+from dataclasses import fields
 
 import click
 
 from rptdata.errors import BadOption, RptError
+from rptdata.models import model_help  # noqa: F401  (the commands' --model help; the library owns the specs)
 
 
 def library_errors(fn):
@@ -43,13 +45,6 @@ def os_error_message(e: OSError) -> str:
         return str(e)
     hint = " (nothing half-written was kept; free space and rerun to resume)" if e.errno == errno.ENOSPC else ""
     return f"{e.filename}: {e.strerror or e}{hint}"
-
-
-def model_help(what: str) -> str:
-    return (
-        f"{what}: a hub id, a local HF folder, a local .gguf file, or the alias smollm2-135m "
-        "(the embedded SmolLM2-135M-Instruct; works offline)."
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +108,16 @@ executor_options = options(
 )
 
 
+dtype_option = click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(DTYPE_CHOICES),
+    help="Model dtype (auto: bfloat16 on a GPU, float32 on CPU).",
+)
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+
+
 def model_runtime_options(engine_help: str):
     """--engine (auto/hf/vllm), --dtype and --device; `engine_help` says what the engine runs."""
     from rptdata.engine_choice import ENGINE_CHOICES
@@ -121,12 +126,74 @@ def model_runtime_options(engine_help: str):
         click.option(
             "--engine", default="auto", show_default=True, type=click.Choice(ENGINE_CHOICES), help=engine_help
         ),
-        click.option(
-            "--dtype",
-            default="auto",
-            show_default=True,
-            type=click.Choice(DTYPE_CHOICES),
-            help="Model dtype (auto: bfloat16 on a GPU, float32 on CPU).",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        dtype_option,
+        device_option,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# options generated from a config dataclass (its fields' `rpttrain.config.opt` metadata)
+
+# the options every command shares, by the config field they set (same name, text and default everywhere)
+SHARED_OPTIONS = {
+    "overwrite": overwrite_option,
+    "dtype": dtype_option,
+    "device": device_option,
+    "trust_remote_code": trust_remote_code_option,
+    "progress": no_progress_option,
+}
+
+
+def field_type(f) -> type:
+    """The Python type of a config field's option values, from its annotation."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    return float if "float" in kind else int if "int" in kind else str
+
+
+def config_options(config_cls, skip: tuple[str, ...] = ()):
+    """One click option per field of `config_cls` (but `skip`), listed in `--help` in field order:
+    the help text, the option's name, choices, path checks and one-text form come from the field's
+    metadata (`rpttrain.config.opt`); tuple fields repeat; bool fields are flags; the default is
+    shown unless it is None or empty; a field named in SHARED_OPTIONS takes that option."""
+
+    def apply(fn):
+        for f in reversed([f for f in fields(config_cls) if f.name not in skip]):
+            fn = (SHARED_OPTIONS.get(f.name) or _field_option(f))(fn)
+        return fn
+
+    return apply
+
+
+def _field_option(f):
+    meta = f.metadata
+    decls = [meta.get("flag") or "--" + f.name.replace("_", "-"), *([meta["short"]] if "short" in meta else []), f.name]
+    if "bool" in str(f.type):
+        return click.option(*decls, is_flag=True, help=meta["help"])
+    text = "text" in meta  # one text that the config parses ("0.5,1.0,1.5", "T1,T2")
+    default = meta["text"] if text else f.default
+    if "choices" in meta:
+        kind = click.Choice(meta["choices"])
+    elif "path" in meta:
+        kind = click.Path(**meta["path"])
+    else:
+        kind = str if text else field_type(f)
+    return click.option(
+        *decls,
+        type=kind,
+        default=default,
+        multiple=not text and "tuple" in str(f.type),
+        show_default=True if default not in (None, "", ()) else None,
+        help=meta["help"],
+    )
+
+
+def config_values(config_cls, params: dict) -> dict:
+    """`config_cls`'s keyword arguments from a command's parsed options (by field name; a
+    --no-X flag, such as --no-progress, sets X to False)."""
+    values = {}
+    for f in fields(config_cls):
+        if f.name in params:
+            values[f.name] = params[f.name]
+        elif f"no_{f.name}" in params:
+            values[f.name] = not params[f"no_{f.name}"]
+    return values

@@ -4,7 +4,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from cli.common import library_errors
+from cli.common import field_type, library_errors
 
 # options are generated from TrainConfig's fields (help text included), so that every one is
 # settable both here and in --config YAML
@@ -15,16 +15,14 @@ def _options(fn):
 
     for f in reversed([f for f in fields(TrainConfig) if f.name not in ("tasks_dir", "out")]):
         name = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
         default = None if f.default is MISSING else f.default
         show = f" [default: {default}]"
-        if "bool" in kind:
+        if "bool" in str(f.type):
             fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=f.metadata["help"] + show)(
                 fn
             )
         else:
-            typ = float if "float" in kind else int if "int" in kind else str
-            fn = click.option(name, type=typ, default=None, help=f.metadata["help"] + show)(fn)
+            fn = click.option(name, type=field_type(f), default=None, help=f.metadata["help"] + show)(fn)
     return fn
 
 
@@ -113,10 +111,9 @@ def train(
 
         hide_library_progress()
     if dry_run:
-        from rpttrain.memory import format_plan
-        from rpttrain.train import memory_dry_run
+        from rpttrain.preflight import dry_run, format_plan
 
-        record = memory_dry_run(config_from_dict(data), backend, gpus_per_node * nodes)
+        record = dry_run(config_from_dict(data), backend, gpus_per_node * nodes)
         click.echo(format_plan(record))
         if record["verdict"] == "does-not-fit":
             click.echo(record["refusal"], err=True)

@@ -38,3 +38,8 @@ class BadOption(RptError, ValueError):
     """An option (or config field) that cannot work: the command line's fault, not the data's.
     The CLI answers it as a usage error (exit 2, with the usage line). It is a ValueError too, so
     code that validates configs keeps catching what it caught."""
+
+
+class BackendOptionError(RptError):
+    """A training option (or launch option) the chosen `rpt train --backend` cannot honour; raised
+    by the dispatcher (`rpttrain.backends`, which re-exports it), the backends and the preflight."""

@@ -30,10 +30,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from rptdata.bands import OTHER_BAND, as_bands
+from rptdata.bands import OTHER_BAND, as_bands, band_sql
 from rptdata.errors import BadInput
 from rptdata.io import STAGE_SCORE, read_manifest
-from rptdata.query import _parquet_list, save_png
+from rptdata.models import check_tokenizer
+from rptdata.query import parquet_list, save_png
 
 __all__ = ["compare_scorings", "plot_fidelity", "same_corpus"]
 
@@ -52,14 +53,14 @@ def same_corpus(a_dir: Path, a: dict, b_dir: Path, b: dict) -> None:
             f"{b_dir / 'manifest.json'} scored {pb.get('dir')} (fingerprint {fb}); compare two scorings of the same "
             "`rpt prepare` output"
         )
-    ha, hb = (a.get("tokenizer") or {}).get("vocab_hash"), (b.get("tokenizer") or {}).get("vocab_hash")
-    if ha and hb and ha != hb:
-        raise BadInput(f"{a_dir / 'manifest.json'} and {b_dir / 'manifest.json'} tokenized with different vocabularies")
-
-
-def _band_sql(col: str, bands: Sequence[tuple[str, float]]) -> str:
-    cases = " ".join(f"WHEN {col} > {t!r} THEN '{name}'" for name, t in sorted(bands, key=lambda x: -x[1]))
-    return f"CASE {cases} ELSE '{OTHER_BAND}' END"
+    check_tokenizer(
+        a.get("tokenizer"),
+        b.get("tokenizer") or {},
+        built=f"{a_dir} was scored",
+        user=str(b_dir),
+        harm="the same position would not be the same token",
+        fix="Compare two scorings of the same `rpt prepare` output",
+    )
 
 
 def _ranked_sql(col: str) -> str:
@@ -94,8 +95,11 @@ def compare_scorings(
             raise BadInput(f"{d}: shard(s) listed in the manifest are missing: {', '.join(missing[:3])}")
         if not files:
             raise BadInput(f"{d}: the scoring holds no positions")
-        con.execute(f"CREATE VIEW {name} AS SELECT doc_id, pos, entropy FROM read_parquet({_parquet_list(files)})")
-    con.execute("CREATE TEMP TABLE j AS SELECT a.entropy AS ea, b.entropy AS eb FROM a JOIN b USING (doc_id, pos)")
+        con.execute(f"CREATE VIEW {name} AS SELECT doc_id, pos, entropy FROM read_parquet({parquet_list(files)})")
+    con.execute(  # each side's band by the band rule (`rptdata.bands.band_sql`)
+        f"CREATE TEMP TABLE j AS SELECT a.entropy AS ea, b.entropy AS eb, {band_sql('a.entropy', bands)} AS band_a, "
+        f"{band_sql('b.entropy', bands)} AS band_b FROM a JOIN b USING (doc_id, pos)"
+    )
     n_a, n_b, n = (con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("a", "b", "j"))
     if n < 3:
         raise BadInput(
@@ -114,20 +118,15 @@ def compare_scorings(
         ea, eb = (np.array(c) for c in zip(*rows))
     kendall = float(kendalltau(ea, eb).statistic)
     names = [OTHER_BAND] + [name for name, _ in sorted(bands, key=lambda x: x[1])]
-    cells = {
-        (r, c): k
-        for r, c, k in con.execute(
-            f"SELECT {_band_sql('ea', bands)}, {_band_sql('eb', bands)}, count(*) FROM j GROUP BY ALL"
-        ).fetchall()
-    }
+    cells = {(r, c): k for r, c, k in con.execute("SELECT band_a, band_b, count(*) FROM j GROUP BY ALL").fetchall()}
     matrix = {r: {c: int(cells.get((r, c), 0)) for c in names} for r in names}
     agree = sum(matrix[x][x] for x in names) / n
-    b_hard = con.execute(f"SELECT count(*) FROM j WHERE eb > {hard_edge!r}").fetchall()[0][0]
+    b_hard = sum(matrix[r][hard_name] for r in names)
     keep = []
     for t in keep_thresholds:
         kept_hard, kept = con.execute(
-            f"SELECT count(*) FILTER (WHERE eb > {hard_edge!r} AND ea >= {float(t)!r}), "
-            f"count(*) FILTER (WHERE ea >= {float(t)!r}) FROM j"
+            "SELECT count(*) FILTER (WHERE band_b = ? AND ea >= ?), count(*) FILTER (WHERE ea >= ?) FROM j",
+            [hard_name, float(t), float(t)],
         ).fetchall()[0]
         keep.append(
             {

@@ -27,7 +27,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from rptdata.errors import BadOption, ModelResolutionError
+from rptdata.errors import BadOption, ManifestMismatch, ModelResolutionError
 from rptdata.io import atomic_folder, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -329,3 +329,49 @@ def vocab_hash(tokenizer) -> str:
 
 def model_name(spec: str) -> str:
     return resolve_model(spec).name
+
+
+def model_help(what: str) -> str:
+    """The `--help` text of an option that takes a model spec (what `resolve_model` accepts)."""
+    return (
+        f"{what}: a hub id, a local HF folder, a local .gguf file, or the alias smollm2-135m "
+        "(the embedded SmolLM2-135M-Instruct; works offline)."
+    )
+
+
+def check_tokenizer(
+    recorded: dict | None,
+    have: dict,
+    *,
+    built: str,
+    user: str,
+    harm: str,
+    fix: str,
+    allow: str | None = None,
+    allowed: bool = False,
+) -> None:
+    """The one check of a tokenizer against what a manifest records (every stage that compares
+    them calls it): ManifestMismatch unless `have` ({"name" or "spec", "vocab_hash"}) has the
+    vocabulary of `recorded`, a manifest's "tokenizer" entry. One message: what was `built` with
+    which tokenizer, the `user` and its tokenizer, the `harm`, and the way out: the `fix`, or the
+    stage's `allow` option where it has one. Passes when the manifest records no tokenizer (answer
+    tasks have none) and when `allowed` (that option was given).
+
+    >>> tasks = {"name": "qwen", "vocab_hash": "aa"}
+    >>> check_tokenizer(tasks, {"name": "qwen", "vocab_hash": "aa"}, built="", user="", harm="", fix="")
+    >>> check_tokenizer(None, {"name": "smol", "vocab_hash": "bb"}, built="", user="", harm="", fix="")
+    >>> check_tokenizer(tasks, {"name": "smol", "vocab_hash": "bb"}, built="the tasks were built", user="the policy",
+    ...                 harm="their boundaries are not its tokens", fix="Rebuild them", allow="--allow-mismatch")
+    Traceback (most recent call last):
+    rptdata.errors.ManifestMismatch: tokenizer mismatch: the tasks were built with tokenizer qwen (vocab hash aa), \
+but the policy has tokenizer smol (vocab hash bb); their boundaries are not its tokens. Rebuild them, or pass --allow-mismatch.
+    """
+    want = (recorded or {}).get("vocab_hash")
+    if not want or allowed or want == have.get("vocab_hash"):
+        return
+    name = (recorded or {}).get("spec") or (recorded or {}).get("name")
+    raise ManifestMismatch(
+        f"tokenizer mismatch: {built} with tokenizer {name} (vocab hash {want}), but {user} has tokenizer "
+        f"{have.get('spec') or have.get('name')} (vocab hash {have.get('vocab_hash')}); {harm}. "
+        f"{fix}{f', or pass {allow}' if allow else ''}."
+    )

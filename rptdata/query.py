@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from rptdata.bands import DEFAULT_BANDS, as_bands
+from rptdata.bands import DEFAULT_BANDS, OTHER_BAND, as_bands, band_sql
 from rptdata.errors import BadInput, BadOption, MissingUpstream
 from rptdata.io import STAGE_PREPARE, STAGE_SCORE, atomic_file, read_manifest
 
@@ -50,7 +50,7 @@ def _one(con, sql: str) -> tuple:
     return con.execute(sql).fetchall()[0]
 
 
-def _parquet_list(paths: Sequence[Path]) -> str:
+def parquet_list(paths: Sequence[Path]) -> str:
     return "[" + ", ".join(_sql_str(p) for p in paths) + "]"
 
 
@@ -65,7 +65,7 @@ def connect(scored_dir: str | Path, prepared: str | Path | None = None):
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise MissingUpstream(f"{scored_dir}: shard(s) listed in the manifest are missing: {', '.join(missing[:3])}")
-    source = f"read_parquet({_parquet_list(files)})" if files else f"({_EMPTY_POSITIONS})"
+    source = f"read_parquet({parquet_list(files)})" if files else f"({_EMPTY_POSITIONS})"
     con.execute(f"CREATE VIEW positions AS SELECT * FROM {source}")
 
     prep_dir = Path(prepared) if prepared else Path(manifest["prepared"]["dir"])
@@ -78,7 +78,7 @@ def connect(scored_dir: str | Path, prepared: str | Path | None = None):
         return con
     doc_files = [prep_dir / s for s in prep["shards"]]
     if doc_files:
-        con.execute(f"CREATE VIEW docs AS SELECT * FROM read_parquet({_parquet_list(doc_files)})")
+        con.execute(f"CREATE VIEW docs AS SELECT * FROM read_parquet({parquet_list(doc_files)})")
     return con
 
 
@@ -138,15 +138,24 @@ def compute_stats(scored_dir, bands=DEFAULT_BANDS, bins: int = 50) -> dict:
     threshold = 0.0 if opts.get("keep_all") else float(opts.get("threshold") or 0.0)
     scored = int(counts["positions_scored"])
 
-    def band(where: str, complete: bool) -> dict:
-        n, acc, mean = _one(
-            con, f"SELECT count(*), avg((top1_id = token_id)::DOUBLE), avg(entropy) FROM positions WHERE {where}"
-        )
+    # per disjoint band, by the band rule (`rptdata.bands.band_sql`): positions, positions the proxy
+    # got right, positions with a top-1 to judge, and their entropies' sum; nested bands add them up
+    cells = {
+        row[0]: row[1:]
+        for row in con.execute(
+            f"SELECT {band_sql('entropy', named)} AS band, count(*), sum((top1_id = token_id)::DOUBLE), "
+            "count(top1_id = token_id), sum(entropy) FROM positions GROUP BY band"
+        ).fetchall()
+    }
+    order = [OTHER_BAND, *(name for name, _ in named)]  # as_bands: thresholds increasing
+
+    def band(members: list[str], complete: bool) -> dict:
+        n, right, judged, total = (sum(cells[m][k] or 0 for m in members if m in cells) for k in range(4))
         return {
             "positions": int(n),
             "share": (n / scored if scored else None) if complete else None,
-            "accuracy": acc,
-            "mean_entropy": mean,
+            "accuracy": right / judged if judged else None,
+            "mean_entropy": total / n if n else None,
             "complete": complete,
         }
 
@@ -156,20 +165,17 @@ def compute_stats(scored_dir, bands=DEFAULT_BANDS, bins: int = 50) -> dict:
         values = _one(con, f"SELECT quantile_cont(entropy, {list(QUANTILES)}) FROM positions")[0]
         quantiles = {f"{q:g}": float(v) for q, v in zip(QUANTILES, values)}
     nested = [
-        {"band": f"{name} > {b:g}", "name": name, "low": b, **band(f"entropy > {b!r}", b >= threshold)}
-        for name, b in named
+        {"band": f"{name} > {b:g}", "name": name, "low": b, **band(order[i + 1 :], b >= threshold)}
+        for i, (name, b) in enumerate(named)
     ]
     edges = [0.0, *bands]
     disjoint = []
-    for lo, hi in zip(edges, [*bands, math.inf]):
-        where = f"entropy > {lo!r}" if lo > 0 else "entropy >= 0"
-        if hi != math.inf:
-            where += f" AND entropy <= {hi!r}"
+    for i, (lo, hi) in enumerate(zip(edges, [*bands, math.inf])):
         label = f"({lo}, {hi}]" if lo > 0 else f"[0, {hi}]"
         if hi == math.inf:
             label = f"> {lo}"
         disjoint.append(
-            {"band": label, "low": lo, "high": None if hi == math.inf else hi, **band(where, lo >= threshold)}
+            {"band": label, "low": lo, "high": None if hi == math.inf else hi, **band([order[i]], lo >= threshold)}
         )
 
     top = math.log(max(int(opts.get("top_k", 16)), 2))

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from rptdata.engine_choice import ENGINE_CHOICES, choose_engine
-from rptdata.errors import BadOption, ManifestMismatch, ModelResolutionError, RptError
+from rptdata.errors import BadOption, ModelResolutionError, RptError
 from rptdata.executors import Executor, connect, run_units
 from rptdata.io import (
     MANIFEST,
@@ -62,6 +62,7 @@ from rptdata.io import (
 )
 from rptdata.models import (
     DEFAULT_MODEL,
+    check_tokenizer,
     load_tokenizer,
     local_model_dir,
     model_name,
@@ -167,7 +168,15 @@ def run_score_entropy(config: ScoreConfig, scorer: Scorer | None = None) -> dict
     prep = read_manifest(prep_dir, STAGE_PREPARE)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     proxy = {"name": model_name(config.model), "spec": config.model, "vocab_hash": vocab_hash(tokenizer)}
-    check_tokenizer(prep, proxy, prep_dir)
+    check_tokenizer(
+        prep.get("tokenizer"),
+        proxy,
+        built=f"{prep_dir} was prepared",
+        user="the proxy model",
+        harm="its token ids would mean other tokens",
+        fix=f"Prepare the corpus again with `rpt prepare ... --tokenizer {config.model}`, or score with a proxy "
+        "that shares the corpus tokenizer",
+    )
 
     engine_name = scorer.name if scorer is not None else choose_engine(config.engine, config.device)
     model_config = _model_config(config) if scorer is None else None
@@ -368,18 +377,6 @@ def merge_scored(out: str | Path) -> dict:
             f"(e.g. {', '.join(f'part-{i:05d}' for i in missing[:5])}); run the missing workers first"
         )
     return _finish(stage, run["config"], {"merged": True}, done)
-
-
-def check_tokenizer(prep: dict, proxy: dict, prep_dir: Path | str = "") -> None:
-    """ManifestMismatch unless the proxy's vocabulary is the one the corpus was tokenized with."""
-    tok = prep.get("tokenizer") or {}
-    if tok.get("vocab_hash") != proxy["vocab_hash"]:
-        raise ManifestMismatch(
-            f"tokenizer mismatch: {prep_dir} was prepared with the tokenizer '{tok.get('spec', tok.get('name'))}' "
-            f"(vocab hash {tok.get('vocab_hash')}), but the proxy model '{proxy['spec']}' uses vocab hash "
-            f"{proxy['vocab_hash']}; its token ids would mean other tokens. Prepare the corpus again with "
-            f"`rpt prepare ... --tokenizer {proxy['spec']}`, or score with a proxy that shares the corpus tokenizer."
-        )
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from rptdata.errors import BadOption
-from rpttrain import algos
-from rpttrain.precision import check_dtypes
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
 
@@ -36,9 +34,12 @@ NOT_IDENTITY = (
 )
 
 
-def opt(default, help: str):
-    """A config field with a default and its `--help` text."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, **cli):
+    """A config field with a default and its `--help` text; the command's option is generated from
+    it (`cli.common.config_options`). `cli` says what the field's type does not: `flag` (the option's
+    name, when not --field-name), `short` ("-o"), `choices`, `path` (click.Path's checks, e.g.
+    {"exists": True}), `text` (the option takes one text that the config parses, with this default)."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        from rpttrain.precision import check_dtypes  # torch: loaded when a config is built, not on import (--help)
+
         check_dtypes(self.compute_dtype, self.master_dtype)
         parse_report_to(self.report_to)
         if self.objective not in OBJECTIVES:
@@ -167,6 +170,8 @@ class TrainConfig:
             self._check_next_token()
 
     def _check_grpo(self) -> None:
+        from rpttrain import algos
+
         if self.group_size < 2:
             raise BadOption("group_size must be >= 2 (GRPO compares samples within a group)")
         if self.temperature <= 0:

@@ -31,6 +31,7 @@ from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
 
 log = logging.getLogger(__name__)
 
+DATA_CACHE = "data-cache"  # a run's memory-mapped copies of the tasks / documents (TaskRows, DocWindows)
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
 # carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live; the band, for
 # samples.jsonl); older tasks load without
@@ -320,3 +321,36 @@ def check_task_fit(
             f"--prompt-template {prompt_template} does not fit {'answer' if answer else 'next-token'} tasks; "
             f"use {fits} (or a template file)"
         )
+
+
+def open_tasks(config) -> dict:
+    """The tasks manifest of a training run, read once (a finished make-tasks or answer-tasks
+    directory): refused when the run's reward, prompt format or objective cannot score these tasks
+    (`check_task_fit`), with a warning when an RPT run's G or T differs from what make-tasks
+    estimated live groups for. Every training backend opens its tasks here."""
+    manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
+    check_task_fit(manifest, config.reward, config.prompt_template, config.objective)
+    mismatch = live_estimate_mismatch(manifest, config.group_size, config.temperature)
+    if mismatch and config.objective == "rpt":
+        log.warning(mismatch)
+    return manifest
+
+
+def policy_tokenizer(config, tasks_manifest: dict):
+    """The policy's tokenizer (`config.model`), refused (`rptdata.models.check_tokenizer`) when the
+    tasks were built with another vocabulary, unless --allow-tokenizer-mismatch: their continuation
+    boundaries would not be the policy's tokens. Every training backend loads it here."""
+    from rptdata.models import check_tokenizer, load_tokenizer, model_name, vocab_hash
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    check_tokenizer(
+        tasks_manifest.get("tokenizer"),
+        {"name": model_name(config.model), "vocab_hash": vocab_hash(tokenizer)},
+        built=f"the tasks in {config.tasks_dir} were built",
+        user="the policy",
+        harm="the continuation boundaries would not be the policy's tokens",
+        fix="Rebuild the tasks with the policy's tokenizer (rpt prepare --tokenizer, then score-entropy and make-tasks)",
+        allow="--allow-tokenizer-mismatch to score predictions on the corpus tokenizer's boundaries anyway",
+        allowed=config.allow_tokenizer_mismatch,
+    )
+    return tokenizer

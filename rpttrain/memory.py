@@ -1,6 +1,8 @@
-"""Memory preflight for `rpt train`: estimate what a run will hold before any weight is loaded,
-sized from the run's own data, and refuse only a run that cannot fit even if the estimate is as
-pessimistic as its measured error allows; warn where it may not fit or cannot know.
+"""The memory model of `rpt train`'s preflight: estimate what a run will hold before any weight is
+loaded, sized from the run's own data, and decide whether it fits: refuse only a run that cannot
+fit even if the estimate is as pessimistic as its measured error allows; warn where it may not fit
+or cannot know. The preflight itself (the record, RUN/preflight.json, the measured peak) is
+`rpttrain.preflight`; what it measures on the run is `rpttrain.memory_measure`.
 
     shape = model_shape("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B")     # config.json only, meta tensors
     sizing = TrainSizing.of(config, precision, "cuda", data=data_shape(...), attention="flash")
@@ -23,7 +25,7 @@ What is counted (bytes; N parameters, layers L, hidden h, MLP width i, vocabular
                  about 8 layers' full set (CHECKPOINTED_BACKWARD_LAYERS)
     attention    the score matrices (2 x rows x heads x T^2 per layer) only when the kernel torch
                  dispatches keeps them ("math", or transformers' eager attention); flash, efficient
-                 and cudnn SDPA keep O(T) (`rpttrain.memory_probe.attention_kernel` asks torch);
+                 and cudnn SDPA keep O(T) (`rpttrain.memory_measure.attention_kernel` asks torch);
                  plus the boolean padding mask, rows x T^2 bytes, once
     logits       positions that reach the LM head x V x (compute + 12) (the logits, the float32
                  copies for log-softmax and the selected rows, and their gradient)
@@ -44,12 +46,9 @@ run goes on with a warning.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from rptdata.errors import RptError
-
-log = logging.getLogger(__name__)
 
 GIB = 2**30
 ROLLOUT_SEQUENCES = 64  # rpttrain.rollout.hf.HFEngine's max_batch_sequences
@@ -129,7 +128,7 @@ class TrainSizing:
 
     @classmethod
     def of(cls, config, precision, device: str, engine: str = "hf", data=None, attention: str = "flash") -> TrainSizing:
-        """From the config and, when given, the data's longest context (`memory_probe.DataShape`);
+        """From the config and, when given, the data's longest context (`memory_measure.DataShape`);
         without it, from the limits (--max-prompt-tokens), as a bound."""
         c = config
         rpt = c.objective == "rpt"
@@ -286,140 +285,3 @@ def refusal(parts: dict[str, int], free: int, device: str, way: str | None) -> s
         f"{part} ({parts[part] / GIB:.1f} GiB). It fits with {way}. "
         "(--memory-budget-gib plans for another amount; --no-memory-check skips this check.)"
     )
-
-
-def plan(
-    config, device: str, precision, engine: str = "hf", tasks_manifest: dict | None = None, tokenizer=None
-) -> dict:
-    """The preflight record of a run (what RUN/preflight.json holds): the estimate by part, what
-    the device has free, what the estimate was sized from, the verdict ("fits", "may-not-fit",
-    "does-not-fit"), its warnings, and for a run that does not fit the `refusal` message."""
-    from rpttrain.memory_probe import attention_kernel, available_bytes, data_shape
-
-    cfg = load_model_config_for(config)
-    shape = shape_from_config(cfg)
-    free, total = available_bytes(device)
-    if config.memory_budget_gib is not None:
-        free = total = int(config.memory_budget_gib * GIB)
-    warnings = []
-    data = None
-    if tasks_manifest is not None and tokenizer is not None:
-        try:
-            data = data_shape(config, tasks_manifest, tokenizer)
-        except (OSError, ValueError) as e:
-            warnings.append(f"sized from the limits, not the data ({e})")
-        if data is not None and not data.exact:
-            warnings.append("--allow-tokenizer-mismatch: context lengths are in the corpus tokenizer's tokens")
-    implementation = getattr(cfg, "_attn_implementation", None) or "sdpa"
-    kernel = attention_kernel(device, precision.compute, shape.heads, shape.hidden // shape.heads, implementation)
-    if kernel == "unknown":
-        warnings.append(f"attention kernel unknown ({implementation}): score matrices counted as kept")
-    if config.trust_remote_code:
-        warnings.append("remote modeling code: its activations may differ from a standard decoder's")
-    if device.startswith("cuda") and engine == "vllm":
-        warnings.append("vLLM's share is its --vllm-gpu-memory-utilization of the device, not measured")
-
-    def sizing_of(c):
-        return TrainSizing.of(c, precision, device, engine, data=data, attention=kernel)
-
-    sizing = sizing_of(config)
-    parts = estimate_train_memory(shape, sizing, total)
-    record = {
-        "device": device,
-        "model": config.model,
-        "n_params": shape.n_params,
-        "precision": precision.describe(),
-        "estimate_bytes": parts,
-        "available_bytes": free,
-        "sized_from": {
-            **{k: v for k, v in asdict(sizing).items() if k not in ("device",)},
-            "micro_batch_tokens": sizing.micro_batch_tokens,
-            "data": data.as_dict() if data else None,
-        },
-        "warnings": warnings,
-    }
-    log.info(
-        "memory estimate for %s (%.2fB parameters, %s, attention %s, sequences of %d tokens, %d a micro-batch): "
-        "%s; free: %.1f GiB",
-        config.model,
-        shape.n_params / 1e9,
-        precision.describe(),
-        kernel,
-        sizing.sequence_tokens,
-        sizing.micro_batch_rows,
-        describe(parts),
-        free / GIB,
-    )
-    way = way_out(shape, config, sizing_of, free) if parts["peak"] > free else None
-    record["verdict"] = check_fits(parts, free)
-    if record["verdict"] == "does-not-fit":
-        record["refusal"] = refusal(parts, free, device, way)
-    if record["verdict"] == "may-not-fit":
-        record["warnings"].append(
-            f"the estimate ({describe(parts)}) is more than the {free / GIB:.1f} GiB free, though within its "
-            f"error; if it runs out of memory, use {way or 'a multi-GPU backend'}"
-        )
-    return record
-
-
-def preflight(
-    config,
-    device: str,
-    precision,
-    engine: str = "hf",
-    tasks_manifest: dict | None = None,
-    tokenizer=None,
-    enforce: bool = True,
-) -> dict:
-    """`plan`, with its warnings logged; raises InsufficientMemory for a run that does not fit
-    when `enforce` (--memory-check, the default). Without it, a failure to estimate is recorded,
-    not raised: the user asked to run unchecked."""
-    try:
-        record = plan(config, device, precision, engine, tasks_manifest, tokenizer)
-    except Exception as e:
-        if enforce:
-            raise
-        log.warning("memory preflight: no estimate (%s)", e)
-        return {"device": device, "model": config.model, "error": str(e), "verdict": "unchecked"}
-    for w in record["warnings"]:
-        log.warning("memory preflight: %s", w)
-    if record["verdict"] == "does-not-fit":
-        if enforce:
-            raise InsufficientMemory(record["refusal"] + " Stopped before loading the model.")
-        if not config.memory_check:  # a dry run prints it itself
-            log.warning("memory preflight (not enforced, --no-memory-check): %s", record["refusal"])
-    return record
-
-
-def load_model_config_for(config):
-    from rptdata.models import load_model_config
-
-    return load_model_config(config.model, trust_remote_code=config.trust_remote_code)
-
-
-def format_plan(record: dict) -> str:
-    """The preflight record as `rpt train --dry-run` prints it."""
-    parts = record["estimate_bytes"]
-    lines = [f"memory preflight: {record['model']} on {record['device']} ({record['precision']})"]
-    for k, v in parts.items():
-        if k != "peak":
-            lines.append(f"  {k:<13} {v / GIB:8.2f} GiB")
-    lines.append(
-        f"  {'peak':<13} {parts['peak'] / GIB:8.2f} GiB   (available: {record['available_bytes'] / GIB:.1f} GiB)"
-    )
-    s = record["sized_from"]
-    lines.append(
-        f"sized from: sequences of {s['sequence_tokens']} tokens, {s['micro_batch_rows']} a micro-batch "
-        f"({s['micro_batch_tokens']} tokens), {s['logit_positions']} positions through the LM head, "
-        f"attention kernel {s['attention']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-    )
-    if s.get("data"):
-        d = s["data"]
-        lines.append(
-            f"  longest context {d['longest_context_tokens']} tokens + prompt format {d['prompt_overhead_tokens']} "
-            f"(from {d['source']})"
-        )
-    for w in record["warnings"]:
-        lines.append(f"warning: {w}")
-    lines.append(f"verdict: {record['verdict']}")
-    return "\n".join(lines)

@@ -40,16 +40,9 @@ import torch
 
 from rptdata import faults
 from rptdata.engine_choice import choose_engine
-from rptdata.errors import ManifestMismatch, RptError
-from rptdata.io import (
-    STAGE_TRAIN,
-    TASK_STAGES,
-    read_manifest,
-    truncate_jsonl,
-    write_json_atomic,
-    write_text_atomic,
-)
-from rptdata.models import load_causal_lm, load_tokenizer, model_name, resolve_device, vocab_hash
+from rptdata.errors import RptError
+from rptdata.io import STAGE_TRAIN, truncate_jsonl, write_json_atomic, write_text_atomic
+from rptdata.models import load_causal_lm, resolve_device
 from rptdata.stage import claim_run_dir
 from rpttrain.checkpoint import (
     checkpoint_origin,
@@ -61,23 +54,23 @@ from rpttrain.checkpoint import (
 )
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
 from rpttrain.data import (
+    DATA_CACHE,
     TRAINED_ON,
     DocWindows,
     EpochSampler,
     TaskRows,
-    check_task_fit,
-    live_estimate_mismatch,
+    open_tasks,
+    policy_tokenizer,
     trained_on_record,
 )
 from rpttrain.grpo import GRPOObjective, build_engine
 from rpttrain.ntp import NextTokenObjective
 from rpttrain.precision import dtype_name, resolve_precision
+from rpttrain.preflight import PREFLIGHT, RunPreflight
 from rpttrain.report_to import WANDB_DIR, check_reporters, open_loggers
 
 log = logging.getLogger(__name__)
 
-DATA_CACHE = "data-cache"  # memory-mapped copies of the tasks / documents (rpttrain.data)
-PREFLIGHT = "preflight.json"  # the memory estimate, what it was sized from, and the measured peak
 # what `rpt train` writes under its run directory (removed by --overwrite; nothing else is)
 RUN_OUTPUTS = (
     "checkpoints",
@@ -103,39 +96,20 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.compute_dtype, config.master_dtype, self.device)
-        self.tasks_manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
-        check_task_fit(self.tasks_manifest, config.reward, config.prompt_template, config.objective)
+        self.tasks_manifest = open_tasks(config)
         self.started_from = checkpoint_origin(config.model)  # another run's checkpoint, when it is one
         self.stop_flag = False
-        mismatch = live_estimate_mismatch(self.tasks_manifest, config.group_size, config.temperature)
-        if mismatch and config.objective == "rpt":
-            log.warning(mismatch)
 
     # -- setup --------------------------------------------------------------------------------
-    def memory_plan(self, enforce: bool) -> dict:
-        """The memory preflight (`rpttrain.memory`), sized from these tasks with the policy's
-        tokenizer; no weight is loaded and nothing is written."""
-        from rpttrain.memory import preflight
-
-        c = self.config
-        engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
-        self.tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
-        self._check_tokenizer()
-        return preflight(
-            c, self.device, self.precision, engine or "hf", self.tasks_manifest, self.tokenizer, enforce=enforce
-        )
-
     def setup(self, resume: bool, overwrite: bool) -> None:
-        from rpttrain.memory_probe import PeakMeter
-
         c = self.config
         engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
         check_reporters(c.report_to)  # a missing wandb stops here, before anything loads
-        # before anything is loaded or written: a run that cannot fit stops here
-        self.preflight = self.memory_plan(enforce=c.memory_check)
+        self.tokenizer = policy_tokenizer(c, self.tasks_manifest)
+        # before anything is loaded or written: a run that cannot fit stops here (`rpttrain.preflight`)
+        self.memory = RunPreflight.plan(c, self.device, self.precision, self.tasks_manifest, self.tokenizer)
         checkpoints = self._claim_run_dir(resume, overwrite)
-        write_json_atomic(self.run_dir / PREFLIGHT, self.preflight)
-        self.meter = PeakMeter(self.device)  # what the run adds from here on, beside the estimate
+        self.memory.start(self.run_dir)  # RUN/preflight.json; what the run adds from here on is measured
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
         start_from = checkpoints[-1] if (resume and checkpoints) else None
@@ -238,18 +212,6 @@ class Trainer:
         ref = load_causal_lm(self.config.model, dtype=dtype_name(self.precision.compute), device=self.device).eval()
         return ref.requires_grad_(False)
 
-    def _check_tokenizer(self) -> None:
-        want = self.tasks_manifest.get("tokenizer", {}).get("vocab_hash")
-        have = vocab_hash(self.tokenizer)
-        if want and want != have and not self.config.allow_tokenizer_mismatch:
-            raise ManifestMismatch(
-                f"the tasks were built with tokenizer {self.tasks_manifest['tokenizer'].get('name')} "
-                f"(vocab {want}) but the policy {model_name(self.config.model)} has vocab {have}; the "
-                "continuation boundaries would not be the policy's tokens. Rebuild the tasks with the "
-                "policy's tokenizer, or pass --allow-tokenizer-mismatch to score predictions on the "
-                "corpus tokenizer's boundaries anyway."
-            )
-
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip, then step, unless the loss or gradient is not finite (then skip and say so); then
         drop the gradients. A step's gradient is its own: left in place, the clipped gradient of
@@ -315,7 +277,7 @@ class Trainer:
             self.loggers.close()
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
         write_json_atomic(self.run_dir / "summary.json", summary)
-        record_measured_peak(self.run_dir / PREFLIGHT, self.preflight, self.meter)
+        self.memory.finish()
         return summary
 
     def _on_signal(self, signum, frame) -> None:
@@ -356,21 +318,6 @@ class Trainer:
         )
 
 
-def memory_dry_run(config: TrainConfig, backend: str = "rpt", processes: int = 1) -> dict:
-    """`rpt train --dry-run`: the preflight record, without loading a weight or writing a file."""
-    from rpttrain.backends import BackendOptionError
-
-    if backend == "verl" or processes > 1:
-        raise BackendOptionError(
-            "--dry-run sizes one process on one device (--backend rpt, or trl with one "
-            "process); verl and multi-process trl shard the run across their workers"
-        )
-    record = Trainer(config).memory_plan(enforce=False)
-    if backend == "trl":
-        record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
-    return record
-
-
 def run_train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     trainer = Trainer(config)
     trainer.setup(resume=resume, overwrite=overwrite)
@@ -378,22 +325,6 @@ def run_train(config: TrainConfig, resume: bool = False, overwrite: bool = False
         return trainer.run()
     finally:
         trainer.objective.close()
-
-
-def record_measured_peak(path: Path, record: dict, meter) -> None:
-    """Add the measured peak rise (and estimate / measured) to the run's preflight.json."""
-    measured = meter.read()
-    peak = (record.get("estimate_bytes") or {}).get("peak")
-    if peak and measured["rise_bytes"]:
-        measured["estimate_over_measured"] = round(peak / measured["rise_bytes"], 3)
-    record["measured"] = measured
-    write_json_atomic(path, record)
-    log.info(
-        "memory: measured peak rise %.2f GiB (%s)%s",
-        measured["rise_bytes"] / 2**30,
-        measured["what"],
-        f", estimate / measured {measured['estimate_over_measured']}" if "estimate_over_measured" in measured else "",
-    )
 
 
 def _write_yaml(path: Path, data: dict) -> None:

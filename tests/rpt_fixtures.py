@@ -1,6 +1,6 @@
 """Builders for small, real artefacts used by the training and evaluation tests: a tiny random
-Llama policy over the tiny byte-level BPE tokenizer, and a tasks directory written through the
-same StageDir machinery as `rpt make-tasks`."""
+Llama policy over the tiny byte-level BPE tokenizer, the tiny training run's config, and a tasks
+directory written through the same StageDir machinery as `rpt make-tasks`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,36 @@ def warm_up(model, tok, texts, steps: int, lr: float = 1e-2) -> None:
         opt.zero_grad(set_to_none=True)
         model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
         opt.step()
+
+
+def tiny_train_config(tasks, model, out, /, **overrides):
+    """The tests' tiny `rpt train` run: a few one-token GRPO steps of the tiny model on CPU, a
+    checkpoint after every step, no samples logged, no dynamic sampling; `overrides` change any
+    TrainConfig field."""
+    from rpttrain.config import TrainConfig
+
+    base = dict(
+        tasks_dir=str(tasks),
+        out=str(out),
+        model=str(model),
+        steps=3,
+        batch_size=8,
+        group_size=8,
+        temperature=1.0,
+        max_new_tokens=1,
+        max_prompt_tokens=32,
+        prompt_template="continuation",
+        lr=3e-2,
+        grad_clip=1.0,
+        micro_batch_tokens=256,
+        save_every=1,
+        sample_every=0,
+        progress=False,
+        device="cpu",
+        dynamic_sampling_from=-1,
+        seed=3,
+    )
+    return TrainConfig(**{**base, **overrides})
 
 
 def boundaries_of(tokenizer, text: str) -> list[int]:

@@ -20,7 +20,7 @@ import pytest
 from rpttrain import backends
 from rpttrain.backends import BackendOptionError, check_backend, run_backend, unsupported_options
 from rpttrain.config import TrainConfig
-from tests.rpt_fixtures import write_tasks_dir
+from tests.rpt_fixtures import tiny_train_config, write_tasks_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # short prompts whose one-token continuation SmolLM2 gets sometimes right at T = 1: mixed groups
@@ -77,26 +77,18 @@ def test_accelerate_config_and_launch_script(tmp_path):
 def _config(tmp_path: Path, **over) -> TrainConfig:
     tasks = write_tasks_dir(tmp_path / "tasks", "smollm2-135m", PAIRS)
     options = dict(
-        model="smollm2-135m",
         steps=2,
         batch_size=2,
         group_size=4,
-        temperature=1.0,
-        max_new_tokens=1,
-        max_prompt_tokens=32,
-        prompt_template="continuation",
         micro_batch_tokens=4096,
-        save_every=1,
         keep_checkpoints=3,
         dynamic_sampling_from=0,
         lr=1e-4,
-        grad_clip=1.0,
         weight_decay=0.0,
         sample_every=1,
-        device="cpu",
-        progress=False,
+        seed=0,
     )
-    return TrainConfig(str(tasks), str(tmp_path / "run"), **{**options, **over})
+    return tiny_train_config(tasks, "smollm2-135m", tmp_path / "run", **{**options, **over})
 
 
 def _max_weight_change(a_spec: str, b_spec: str) -> float:

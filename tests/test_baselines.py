@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpttrain import algos
-from rpttrain.config import TrainConfig
 from rpttrain.train import run_train
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 
 
 @settings(max_examples=50, deadline=None)
@@ -74,26 +73,9 @@ PAIRS = [
 
 
 def baseline_config(model, tasks, out, **over):
-    base = dict(
-        tasks_dir=str(tasks),
-        out=str(out),
-        model=str(model),
-        objective="ntp",
-        ntp_positions="tasks",
-        steps=2,
-        batch_size=8,
-        lr=1e-2,
-        grad_clip=1.0,
-        max_prompt_tokens=32,
-        micro_batch_tokens=256,
-        save_every=100,
-        sample_every=0,
-        progress=False,
-        device="cpu",
-        seed=0,
-    )
-    base.update(over)
-    return TrainConfig(**base)
+    """The tests' tiny run (`tiny_train_config`) as a next-token baseline on the tasks' positions."""
+    base = dict(objective="ntp", ntp_positions="tasks", steps=2, lr=1e-2, save_every=100, seed=0)
+    return tiny_train_config(tasks, model, out, **{**base, **over})
 
 
 def mean_entropy(model_dir, tokenizer_dir):
@@ -138,20 +120,7 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
     assert steps[1]["flops_total"] == steps[0]["flops"] + steps[1]["flops"] == summary["totals"]["flops"]
     # GRPO: 6N per update token + 2N per rollout token, logged the same way (the two-pass step;
     # the fused one-token step runs no rollout forward: tests/test_train.py)
-    run_train(
-        TrainConfig(
-            **{
-                **baseline_config(model, tasks, tmp_path / "rpt").__dict__,
-                "objective": "rpt",
-                "prompt_template": "continuation",
-                "max_new_tokens": 1,
-                "group_size": 4,
-                "temperature": 1.0,
-                "dynamic_sampling_from": -1,
-                "fused_one_token": False,
-            }
-        )
-    )
+    run_train(baseline_config(model, tasks, tmp_path / "rpt", objective="rpt", group_size=4, fused_one_token=False))
     rpt_steps = [json.loads(x) for x in (tmp_path / "rpt" / "metrics.jsonl").read_text().splitlines()]
     assert rpt_steps[0]["flops"] > 0 and rpt_steps[0]["flops_total"] == rpt_steps[0]["flops"]
     for m in rpt_steps:

@@ -23,7 +23,7 @@ from rpttrain.data import load_tasks
 from rpttrain.dense import GroupScorer
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 
 PAIRS = [
     ("The quick brown", " fox"),
@@ -115,25 +115,17 @@ def test_train_logs_dense_rewards_and_the_collapse_monitor(tiny, tmp_path, fused
     model, tasks = tiny
     out = tmp_path / "run"
     run_train(
-        TrainConfig(
-            tasks_dir=str(tasks),
-            out=str(out),
-            model=str(model),
+        tiny_train_config(
+            tasks,
+            model,
+            out,
             steps=2,
             batch_size=4,
             group_size=4,
             temperature=1.5,
-            max_new_tokens=1,
-            max_prompt_tokens=32,
-            prompt_template="continuation",
             reward="dense",
             lr=1e-2,
-            micro_batch_tokens=256,
             save_every=2,
-            sample_every=0,
-            progress=False,
-            device="cpu",
-            dynamic_sampling_from=-1,
             fused_one_token=fused,
             seed=1,
         )

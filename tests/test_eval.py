@@ -35,7 +35,7 @@ from rpttrain.eval import (
     wilson_interval,
 )
 from rpttrain.eval import report as eval_report
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 
 # ---------------------------------------------------------------------------------------------
 # pure helpers
@@ -99,6 +99,42 @@ def test_plan_batches_by_rows_cover_every_index_once():
     plan = plan_batches([5, 1, 9, 3, 7], max_rows=2)
     assert plan == [[2, 4], [0, 3], [1]]
     assert sorted(i for b in plan for i in b) == list(range(5))
+
+
+def test_cli_options_are_evalconfigs_fields(tmp_path, monkeypatch):
+    """`rpt eval`'s options are generated from EvalConfig's fields: each sets its field, the
+    defaults are the fields' (smollm2-135m when no model or run is given), and --help has them all."""
+    from dataclasses import fields
+
+    import rpttrain.eval
+
+    seen = {}
+
+    def fake_run_eval(config):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(rpttrain.eval, "run_eval", fake_run_eval)  # what cli/eval.py calls
+    (tmp_path / "tasks").mkdir()
+    r = CliRunner().invoke(cli, ["eval", str(tmp_path / "tasks"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    want = EvalConfig(tasks_dir=str(tmp_path / "tasks"), models=("smollm2-135m",), progress=False)
+    assert seen["config"] == want
+    args = ["--model", "a", "--model", "b", "--checkpoints", str(tmp_path), "--lm-eval-tasks", "x,y", "--mode", "both"]
+    args += ["--bands", "lo=0.2,hi=2", "-o", str(tmp_path / "o"), "--allow-overlap", "--trust-remote-code"]
+    assert CliRunner().invoke(cli, ["eval", str(tmp_path / "tasks"), *args]).exit_code == 0
+    c = seen["config"]
+    assert (c.models, c.checkpoints, c.lm_eval_tasks, c.mode) == (("a", "b"), (str(tmp_path),), ("x", "y"), "both")
+    assert (c.bands, c.out, c.allow_overlap, c.trust_remote_code) == (
+        (("lo", 0.2), ("hi", 2.0)),
+        str(tmp_path / "o"),
+        True,
+        True,
+    )
+    text = CliRunner().invoke(cli, ["eval", "--help"], terminal_width=200).output
+    for f in fields(EvalConfig):
+        flag = f.metadata.get("flag") or ("--no-progress" if f.name == "progress" else "--" + f.name.replace("_", "-"))
+        assert f.name == "tasks_dir" or flag in text, flag
 
 
 def test_config_rejects_bad_combinations(tmp_path):
@@ -239,35 +275,11 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 @pytest.fixture(scope="module")
 def tiny_run(tiny, tmp_path_factory):
     """A real 3-step `rpt train` run of the tiny model, a checkpoint after every step."""
-    from rpttrain.config import TrainConfig
     from rpttrain.train import run_train
 
     model, tasks = tiny
     out = tmp_path_factory.mktemp("tiny_train") / "run"
-    run_train(
-        TrainConfig(
-            tasks_dir=str(tasks),
-            out=str(out),
-            model=str(model),
-            steps=3,
-            batch_size=8,
-            group_size=8,
-            temperature=1.0,
-            max_new_tokens=1,
-            max_prompt_tokens=32,
-            prompt_template="continuation",
-            lr=3e-2,
-            grad_clip=1.0,
-            micro_batch_tokens=256,
-            save_every=1,
-            keep_checkpoints=5,
-            sample_every=0,
-            progress=False,
-            device="cpu",
-            dynamic_sampling_from=-1,
-            seed=3,
-        )
-    )
+    run_train(tiny_train_config(tasks, model, out, keep_checkpoints=5))
     return out
 
 

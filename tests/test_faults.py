@@ -444,28 +444,12 @@ def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_pat
     checkpoint (the write removes its temporary folder): the rerun starts from step 0 and must not
     log step 1 twice (it did, before the fault suite found it)."""
     from rptdata import faults
-    from rpttrain.config import TrainConfig
     from rpttrain.train import run_train
-    from tests.rpt_fixtures import write_tasks_dir
+    from tests.rpt_fixtures import tiny_train_config, write_tasks_dir
 
     tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
-    config = TrainConfig(
-        tasks_dir=str(tasks),
-        out=str(tmp_path / "run"),
-        model=str(tiny_llama(tmp_path / "m", tiny_bpe_dir)),
-        steps=2,
-        batch_size=2,
-        group_size=2,
-        max_new_tokens=1,
-        max_prompt_tokens=32,
-        prompt_template="continuation",
-        micro_batch_tokens=256,
-        save_every=1,
-        sample_every=0,
-        progress=False,
-        device="cpu",
-        dynamic_sampling_from=-1,
-    )
+    model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
+    config = tiny_train_config(tasks, model, tmp_path / "run", steps=2, batch_size=2, group_size=2)
     faults.arm("checkpoint-rename:1:enospc")
     try:
         with pytest.raises(OSError):

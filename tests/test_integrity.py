@@ -19,7 +19,7 @@ from cli.main import cli
 from rptdata.errors import DamagedFile
 from rptdata.io import file_digest, list_shards, read_manifest
 from rptdata.prepare import PrepareConfig, run_prepare
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 
 TEXTS = [f"The quick brown fox {i} jumps over the lazy dog {i * 7}." for i in range(12)]
 
@@ -157,28 +157,14 @@ def test_library_errors_are_not_usage_errors():
 
 
 def test_resume_checks_the_checkpoint_files(tmp_path, tiny_bpe_dir):
+    from dataclasses import replace
+
     from rpttrain.checkpoint import list_checkpoints
-    from rpttrain.train import TrainConfig, run_train
+    from rpttrain.train import run_train
 
     tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
     model = tiny_llama(tmp_path / "model", tiny_bpe_dir)
-    config = TrainConfig(
-        tasks_dir=str(tasks),
-        out=str(tmp_path / "run"),
-        model=str(model),
-        steps=2,
-        batch_size=2,
-        group_size=2,
-        max_new_tokens=1,
-        max_prompt_tokens=32,
-        prompt_template="continuation",
-        micro_batch_tokens=256,
-        save_every=1,
-        sample_every=0,
-        progress=False,
-        device="cpu",
-        dynamic_sampling_from=-1,
-    )
+    config = tiny_train_config(tasks, model, tmp_path / "run", steps=2, batch_size=2, group_size=2)
     run_train(config)
     first, last = list_checkpoints(tmp_path / "run")
     state = json.loads((last / "state.json").read_text())
@@ -188,7 +174,7 @@ def test_resume_checks_the_checkpoint_files(tmp_path, tiny_bpe_dir):
     _flip_byte(last / "trainer_state.pt")
     r = CliRunner().invoke(cli, ["verify", str(tmp_path / "run")])
     assert r.exit_code == 1 and "step-000002/trainer_state.pt: its sha256 differs" in r.output
-    longer = TrainConfig(**{**config.__dict__, "steps": 3})
+    longer = replace(config, steps=3)
     with pytest.raises(
         DamagedFile, match=r"step-000002/trainer_state\.pt: damaged checkpoint file.*resume from step-000001"
     ):

@@ -18,7 +18,7 @@ from rpttrain.config import TrainConfig, config_from_dict
 from rpttrain.memory import GIB, ModelShape, TrainSizing, check_fits, estimate_train_memory, refusal
 from rpttrain.precision import resolve_precision
 from rpttrain.train import Trainer, run_train
-from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 
 CONTEXTS = [
     ("The quick brown fox jumps over the", " lazy"),
@@ -100,30 +100,9 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 
 def _tiny_config(tiny, out, **over):
     model, tasks = tiny
-    base = dict(
-        tasks_dir=str(tasks),
-        out=str(out),
-        model=str(model),
-        steps=3,
-        batch_size=4,
-        group_size=4,
-        temperature=1.0,
-        max_new_tokens=1,
-        max_prompt_tokens=32,
-        prompt_template="continuation",
-        lr=3e-2,
-        grad_clip=1.0,
-        micro_batch_tokens=256,
-        save_every=1,
-        sample_every=0,
-        progress=False,
-        device="cpu",
-        dynamic_sampling_from=-1,
-        seed=3,
-        compute_dtype="bfloat16",
+    return tiny_train_config(
+        tasks, model, out, **{"batch_size": 4, "group_size": 4, "compute_dtype": "bfloat16", **over}
     )
-    base.update(over)
-    return TrainConfig(**base)
 
 
 def test_mixed_precision_resume_is_exact_and_checkpoints_hold_both_dtypes(tiny, tmp_path):

@@ -235,3 +235,35 @@ def test_documents_without_positions(tmp_path):
     assert m["counts"]["positions_skipped_short_context"] == 3
     s = compute_stats(tmp_path / "scored")
     assert s["positions_kept"] == m["counts"]["positions_kept"] > 0
+
+
+def test_band_rule_sql_form_agrees_with_its_python_form():
+    """`band_sql` (DuckDB) names the band `band_of` (Python) names, on random entropies and band
+    sets: unsorted bands, bands sharing a threshold, entropies exactly at a threshold (in float32
+    and float64 columns), NaN, None, +-inf."""
+    import duckdb
+    import pyarrow as pa
+
+    from rptdata.bands import band_of, band_sql
+
+    rng = np.random.default_rng(0)
+    con = duckdb.connect()
+    for trial in range(60):
+        k = int(rng.integers(1, 5))
+        if trial % 2:  # exact in float32 too: ties in either column type, and bands sharing a threshold
+            thresholds = (rng.integers(0, 12, k) * 0.25).tolist()
+        else:  # arbitrary doubles: a float32 column's values never equal them, only come close
+            thresholds = rng.uniform(0, 3, k).tolist()
+        bands = [(f"b{i}", float(t)) for i, t in enumerate(thresholds)]
+        if trial % 3 == 0:
+            bands = dict(bands)
+        values = rng.uniform(-0.5, 3.5, 300).tolist() + thresholds
+        values += [float(np.float32(t)) for t in thresholds] + [float(np.nextafter(t, 9)) for t in thresholds]
+        values += [float("nan"), None, float("inf"), float("-inf"), 0.0]
+        for kind in (pa.float32(), pa.float64()):
+            table = pa.table({"i": np.arange(len(values)), "e": pa.array(values, kind)})
+            con.register("t", table)
+            sql = [r[0] for r in con.execute(f"SELECT {band_sql('e', bands)} FROM t ORDER BY i").fetchall()]
+            python = [band_of(e, bands) for e in table.column("e").to_pylist()]
+            assert sql == python, (bands, kind, [(e, s, p) for e, s, p in zip(values, sql, python) if s != p][:5])
+            con.unregister("t")

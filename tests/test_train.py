@@ -14,7 +14,32 @@ from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
 from rpttrain.config import TrainConfig
 from rpttrain.train import Trainer, run_train
-from tests.rpt_fixtures import rewrite_shard, tiny_llama, write_tasks_dir
+from tests.rpt_fixtures import rewrite_shard, tiny_llama, tiny_train_config, write_tasks_dir
+
+# ---------------------------------------------------------------------------------------------
+# where the rules live
+
+
+def test_trainer_knows_nothing_of_the_backends_and_one_function_writes_the_preflight():
+    """The in-house trainer imports nothing from the dispatcher above it (rpttrain.backends), at
+    module or function level; RUN/preflight.json is written by `RunPreflight._write` alone."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "rpttrain" / "train.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("rpttrain.backends")], imported
+    paths = [  # where a path to preflight.json is built
+        p.relative_to(root).as_posix()
+        for p in sorted((root / "rpttrain").rglob("*.py"))
+        if "/ PREFLIGHT" in p.read_text() or '/ "preflight.json"' in p.read_text()
+    ]
+    assert paths == ["rpttrain/preflight.py"], paths
+    source = (root / "rpttrain" / "preflight.py").read_text()
+    assert source.count("write_json_atomic(") == 1 and "def _write(self)" in source
+
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -90,29 +115,7 @@ def tiny(tmp_path_factory, tiny_bpe_dir):
 
 def tiny_config(tiny, out, **over):
     model, tasks = tiny
-    base = dict(
-        tasks_dir=str(tasks),
-        out=str(out),
-        model=str(model),
-        steps=3,
-        batch_size=8,
-        group_size=8,
-        temperature=1.0,
-        max_new_tokens=1,
-        max_prompt_tokens=32,
-        prompt_template="continuation",
-        lr=3e-2,
-        grad_clip=1.0,
-        micro_batch_tokens=256,
-        save_every=1,
-        sample_every=1,
-        progress=False,
-        device="cpu",
-        dynamic_sampling_from=-1,
-        seed=3,
-    )
-    base.update(over)
-    return TrainConfig(**base)
+    return tiny_train_config(tasks, model, out, **{"sample_every": 1, **over})
 
 
 def greedy_accuracy(model_dir, tasks_pairs, tokenizer_dir):

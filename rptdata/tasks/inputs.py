@@ -29,6 +29,7 @@ from rptdata.io import (
     shard_index,
     shard_name,
 )
+from rptdata.models import check_tokenizer, load_tokenizer, vocab_hash
 from rptdata.tasks.config import DOCS_DIR, POSITIONS_DIR, SKIP_REASONS, MakeTasksConfig
 from rptdata.tasks.live import accepted_prediction, live_probability, position_accept_mass
 from rptdata.tasks.taskdef import continuation_at, split_of, task_id_of
@@ -206,17 +207,19 @@ def _load_vocab(sm: dict, scored: Path) -> _Vocab | None:
     """The tokenizer the scored manifest names, when the scorer saved top-k tokens; else None."""
     if not (sm.get("options") or {}).get("save_topk"):
         return None
-    from rptdata.models import load_tokenizer, vocab_hash
-
     info = sm.get("tokenizer") or {}
     spec = info.get("spec") or info.get("name")
     if not spec:
         raise MissingUpstream(f"{scored}/{MANIFEST} names no tokenizer; the saved top-k tokens cannot be read")
     tokenizer = load_tokenizer(spec)
-    if info.get("vocab_hash") and vocab_hash(tokenizer) != info["vocab_hash"]:
-        raise ManifestMismatch(
-            f"the tokenizer {spec!r} named by {scored}/{MANIFEST} now has another vocabulary than it was scored with"
-        )
+    check_tokenizer(
+        info,
+        {"spec": spec, "vocab_hash": vocab_hash(tokenizer)},
+        built=f"{scored} was scored",
+        user="the same name, loaded now,",
+        harm="the saved top-k token ids would mean other tokens",
+        fix="Score the corpus again (rpt score-entropy --overwrite)",
+    )
     return _Vocab(tokenizer)
 
 
@@ -262,13 +265,14 @@ def open_inputs(config: MakeTasksConfig) -> Inputs:
             f"{scored} was scored from a prepare run with fingerprint {recorded['fingerprint']}, but {prepared} "
             f"holds fingerprint {pm.get('fingerprint')} (prepared again with other inputs or options?)"
         )
-    s_hash = (sm.get("tokenizer") or {}).get("vocab_hash")
-    p_hash = (pm.get("tokenizer") or {}).get("vocab_hash")
-    if s_hash != p_hash:
-        raise ManifestMismatch(
-            f"{scored} was scored with tokenizer vocab {s_hash}, but {prepared} was prepared with {p_hash}; "
-            "the token ids would not line up"
-        )
+    check_tokenizer(
+        sm.get("tokenizer"),
+        pm.get("tokenizer") or {},
+        built=f"{scored} was scored",
+        user=str(prepared),
+        harm="the token ids would not line up",
+        fix="Pass --prepared with the prepared directory it was scored from, or score this one",
+    )
     missing = [name for name in sm.get("shards", []) if not (scored / name).exists()]
     if missing:
         raise MissingUpstream(

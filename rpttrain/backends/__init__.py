@@ -24,17 +24,13 @@ import logging
 from dataclasses import MISSING, fields
 from typing import Any
 
-from rptdata.errors import BadOption, RptError
+from rptdata.errors import BackendOptionError, BadOption  # BackendOptionError: re-exported here
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "BackendOptionError", "check_backend", "check_tokenizer", "run_backend", "unsupported_options"]
+__all__ = ["BACKENDS", "BackendOptionError", "check_backend", "run_backend", "unsupported_options"]
 
 BACKENDS = ("rpt", "verl", "trl")
-
-
-class BackendOptionError(RptError):
-    """A TrainConfig option (or launch option) the chosen backend cannot honour."""
 
 
 # next-token-baseline knobs: an RPT run ignores them (TrainConfig.identity drops them), so may every backend
@@ -82,20 +78,6 @@ HONOURED_BY_BOTH = frozenset(
         "report_to",
     }
 )
-
-
-def check_tokenizer(config: Any, tasks_manifest: dict, tokenizer: Any) -> None:
-    """Refuse a policy whose vocabulary differs from the tasks' (their boundaries would not be the
-    policy's tokens), unless allow_tokenizer_mismatch."""
-    from rptdata.errors import ManifestMismatch
-    from rptdata.models import vocab_hash
-
-    want = (tasks_manifest.get("tokenizer") or {}).get("vocab_hash")
-    if want and want != vocab_hash(tokenizer) and not config.allow_tokenizer_mismatch:
-        raise ManifestMismatch(
-            f"the tasks were built with tokenizer {tasks_manifest['tokenizer'].get('name')} (vocab {want}), not the "
-            f"policy {config.model}'s; rebuild the tasks with the policy's tokenizer or pass --allow-tokenizer-mismatch"
-        )
 
 
 def _honoured(backend: str) -> frozenset[str]:

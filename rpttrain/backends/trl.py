@@ -61,8 +61,10 @@ from rptdata.io import (
     write_text_atomic,
 )
 from rptdata.stage import claim_run_dir
-from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError
 from rpttrain.backends.trl_launch import SHARDINGS, accelerate_config, launch_command
+from rpttrain.data import DATA_CACHE
+from rpttrain.preflight import PREFLIGHT, RunPreflight
 from rpttrain.report_to import trl_report_to
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,8 @@ OWN_FILES = (
     "launch-trl.sh",
     "checkpoints",
     TRL_DIR,
-    "data-cache",
-    "preflight.json",
+    DATA_CACHE,
+    PREFLIGHT,
 )
 
 
@@ -245,12 +247,15 @@ def train_dataset(tasks_dir: str, cache: Path):
 # training
 
 
-def train_trl(config: Any, resume: bool = False) -> dict:
-    """Train in this process (or in each process accelerate started); returns the summary."""
+def train_trl(config: Any, resume: bool = False, tasks_manifest: dict | None = None) -> dict:
+    """Train in this process (or in each process accelerate started); returns the summary.
+    `tasks_manifest`: the tasks' manifest as `run_trl` read it (read here when not given)."""
     from trl import GRPOConfig
 
-    from rptdata.models import load_tokenizer, local_model_dir, resolve_device
+    from rptdata.models import local_model_dir, resolve_device
     from rpttrain.backends.trl_grpo import RptGRPOTrainer, RptReward, RunLog
+    from rpttrain.data import policy_tokenizer
+    from rpttrain.precision import resolve_precision
     from rpttrain.prompts import load_prompt_format
 
     c = config
@@ -258,16 +263,19 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     device = "cpu" if c.device == "cpu" else resolve_device(c.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fmt = load_prompt_format(c.prompt_template)
-    tokenizer = load_tokenizer(c.model, trust_remote_code=c.trust_remote_code)
-    check_tokenizer(c, read_manifest(Path(c.tasks_dir), TASK_STAGES), tokenizer)
+    if tasks_manifest is None:  # a process accelerate started: run_trl checked the tasks before launching
+        tasks_manifest = read_manifest(Path(c.tasks_dir), TASK_STAGES)
+    tokenizer = policy_tokenizer(c, tasks_manifest)
     if 0 <= c.dynamic_sampling_from:
         log.info(
             "dynamic sampling from step %d: all-equal groups are dropped, the batch is not refilled",
             c.dynamic_sampling_from,
         )
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        record, meter = _memory_preflight(c, device, tokenizer)
+    if main_process:  # rpt's estimate, as a warning only (`rpttrain.preflight`)
+        precision = resolve_precision(c.compute_dtype, c.master_dtype, device)
+        memory = RunPreflight.plan(c, device, precision, tasks_manifest, tokenizer, backend="trl")
+        memory.start(run)
     args = GRPOConfig(output_dir=str(run / TRL_DIR), **grpo_args(c, world, device))
     reward = RptReward(fmt, c.reward, run / "samples.jsonl", c.sample_every)
     trainer = RptGRPOTrainer(
@@ -275,7 +283,7 @@ def train_trl(config: Any, resume: bool = False) -> dict:
         reward_funcs=reward,
         args=args,
         processing_class=tokenizer,
-        train_dataset=train_dataset(c.tasks_dir, run / "data-cache"),
+        train_dataset=train_dataset(c.tasks_dir, run / DATA_CACHE),
         rpt_format=fmt,
         max_prompt_tokens=c.max_prompt_tokens,
         dynamic_sampling_from=c.dynamic_sampling_from,
@@ -308,28 +316,8 @@ def train_trl(config: Any, resume: bool = False) -> dict:
     if trainer.accelerator.is_main_process:
         write_json_atomic(run / "summary.json", summary)
     if main_process:
-        from rpttrain.train import PREFLIGHT, record_measured_peak
-
-        record_measured_peak(run / PREFLIGHT, record, meter)
+        memory.finish()
     return summary
-
-
-def _memory_preflight(c: Any, device: str, tokenizer) -> tuple[dict, Any]:
-    """rpt's memory estimate for this run, written to RUN/preflight.json, as a warning only: it is
-    calibrated on rpt's own trainer, not on TRL's (which holds, e.g., logits for every completion
-    token); the measured peak is added at the end, beside it."""
-    from rpttrain.memory import preflight
-    from rpttrain.memory_probe import PeakMeter
-    from rpttrain.precision import resolve_precision
-    from rpttrain.train import PREFLIGHT
-
-    precision = resolve_precision(c.compute_dtype, c.master_dtype, device)
-    record = preflight(
-        c, device, precision, "hf", read_manifest(Path(c.tasks_dir), TASK_STAGES), tokenizer, enforce=False
-    )
-    record.setdefault("warnings", []).append("--backend trl: estimated as for rpt's trainer, not checked")
-    write_json_atomic(Path(c.out) / PREFLIGHT, record)
-    return record, PeakMeter(device)
 
 
 def run_trl(
@@ -343,19 +331,15 @@ def run_trl(
     overwrite: bool = False,
 ) -> dict:
     """`rpt train --backend trl`: in-process for one process, else through accelerate."""
-    from rpttrain.data import check_task_fit, live_estimate_mismatch
+    from rpttrain.data import open_tasks
 
-    tasks_manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
-    check_task_fit(tasks_manifest, config.reward, config.prompt_template, config.objective)
-    mismatch = live_estimate_mismatch(tasks_manifest, config.group_size, config.temperature)
-    if mismatch:
-        log.warning(mismatch)
+    tasks_manifest = open_tasks(config)
     run = prepare_run(config, resume, overwrite)
     world = gpus_per_node * nodes
     if world == 1:
         if sharding != "ddp":
             raise BackendOptionError("--sharding fsdp/zero3 needs more than one process (--gpus-per-node)")
-        return train_trl(config, resume=resume)
+        return train_trl(config, resume=resume, tasks_manifest=tasks_manifest)
     grpo_args(config, world)  # refuse a batch that does not split over the processes before launching
     cpu = config.device == "cpu"
     _, compute = dtypes(config, "cpu" if cpu else "cuda")

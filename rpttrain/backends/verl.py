@@ -53,9 +53,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rptdata.io import STAGE_TRAIN, TASK_STAGES, read_manifest, write_json_atomic, write_text_atomic
+from rptdata.io import STAGE_TRAIN, write_json_atomic, write_text_atomic
 from rptdata.stage import claim_run_dir
-from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError, check_tokenizer
+from rpttrain.backends import HONOURED_BY_BOTH, IRRELEVANT_TO_RPT, BackendOptionError
 from rpttrain.report_to import verl_loggers
 
 log = logging.getLogger(__name__)
@@ -260,9 +260,8 @@ def run_verl(
     import yaml
 
     import rpttrain.integrations.verl as reward_module
-    from rptdata.models import load_tokenizer
     from rpttrain.backends.verl_agent_loop import agent_loop_yaml
-    from rpttrain.data import check_task_fit
+    from rpttrain.data import open_tasks, policy_tokenizer
     from rpttrain.export import ExportConfig, run_export_tasks
     from rpttrain.prompts import load_prompt_format
 
@@ -284,9 +283,8 @@ def run_verl(
         progress=(f"{VERL_DIR}/checkpoints", "checkpoints/step-*", "trl/checkpoint-*"),
     )
     fmt = load_prompt_format(c.prompt_template)
-    tasks_manifest = read_manifest(Path(c.tasks_dir), TASK_STAGES)
-    check_task_fit(tasks_manifest, c.reward, c.prompt_template, c.objective)
-    check_tokenizer(c, tasks_manifest, load_tokenizer(c.model, c.trust_remote_code))
+    tasks_manifest = open_tasks(c)
+    policy_tokenizer(c, tasks_manifest)
     vdir.mkdir(parents=True, exist_ok=True)
     data = vdir / "data"
     export = run_export_tasks(

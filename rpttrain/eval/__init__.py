@@ -72,49 +72,48 @@ Modules (each a step of the stage; read in this order):
 Left out on purpose: vLLM for the ntp pass (a forward pass is all it needs).
 """
 
-from rpttrain.eval.config import MODES, EvalConfig
-from rpttrain.eval.markdown import (
-    PAIRED_LEGEND,
-    format_answer_table,
-    format_band_counts,
-    format_paired,
-    format_report_md,
-    format_scaling,
-    format_table,
-    format_table2,
-)
-from rpttrain.eval.passes import NextTokens, context_ids, next_token_pass, pad_id
-from rpttrain.eval.report import FLOPS_FORMULA
-from rpttrain.eval.run import run_eval
-from rpttrain.eval.stats import band_table, disjoint_counts, paired_difference, pass_at_k, wilson_interval
-from rpttrain.eval.store import PREDICTIONS_SCHEMA
-from rpttrain.eval.subjects import EvalOverlap, RunInfo, read_run, training_overlap
+# what `from rpttrain.eval import NAME` gives, and the module it comes from: imported on first use, so
+# that `rpttrain.eval.config` (EvalConfig, which `rpt eval --help` reads) loads without torch
+_EXPORTS = {
+    "FLOPS_FORMULA": "report",
+    "MODES": "config",
+    "PAIRED_LEGEND": "markdown",
+    "PREDICTIONS_SCHEMA": "store",
+    "EvalConfig": "config",
+    "EvalOverlap": "subjects",
+    "NextTokens": "passes",
+    "RunInfo": "subjects",
+    "band_table": "stats",
+    "context_ids": "passes",
+    "disjoint_counts": "stats",
+    "format_band_counts": "markdown",
+    "format_paired": "markdown",
+    "format_report_md": "markdown",
+    "format_scaling": "markdown",
+    "format_answer_table": "markdown",
+    "format_table": "markdown",
+    "format_table2": "markdown",
+    "next_token_pass": "passes",
+    "pad_id": "passes",
+    "paired_difference": "stats",
+    "pass_at_k": "stats",
+    "read_run": "subjects",
+    "run_eval": "run",
+    "training_overlap": "subjects",
+    "wilson_interval": "stats",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "FLOPS_FORMULA",
-    "MODES",
-    "PAIRED_LEGEND",
-    "PREDICTIONS_SCHEMA",
-    "EvalConfig",
-    "EvalOverlap",
-    "NextTokens",
-    "RunInfo",
-    "band_table",
-    "context_ids",
-    "disjoint_counts",
-    "format_band_counts",
-    "format_paired",
-    "format_report_md",
-    "format_scaling",
-    "format_answer_table",
-    "format_table",
-    "format_table2",
-    "next_token_pass",
-    "pad_id",
-    "paired_difference",
-    "pass_at_k",
-    "read_run",
-    "run_eval",
-    "training_overlap",
-    "wilson_interval",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,4 +1,5 @@
-"""`EvalConfig`: the options of `rpt eval`, checked when it is built."""
+"""`EvalConfig`: the options of `rpt eval` with their help texts (`cli/eval.py` generates its options
+from the fields), checked when it is built."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import math
 from dataclasses import dataclass
 
 from rptdata.bands import DEFAULT_BANDS, as_bands
+from rptdata.engine_choice import ENGINE_CHOICES
 from rptdata.errors import BadOption
 from rptdata.io import STAGE_EVAL
+from rptdata.models import model_help
 from rptdata.tasks.taskdef import SPLITS
+from rpttrain.config import opt
 from rpttrain.eval.harness import HarnessSettings
 from rpttrain.prompts import load_prompt_format
 from rpttrain.reward import ANSWER_REWARDS, REWARD_NAMES
@@ -21,81 +25,111 @@ DEFAULT_REASONING_TOKENS = 256  # CPU-friendly; the paper allows 8,192
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Options of `rpt eval`.
+    """Options of `rpt eval`, each with its `--help` text (the command's options are generated from
+    these fields, in this order).
 
-    Fields:
-        tasks_dir: a finished `rpt make-tasks` directory.
-        models: model specs to evaluate (hub id, folder, .gguf, alias).
-        checkpoints: `rpt train` run directories; each gives its base model (step 0) and every
-            complete checkpoint.
-        max_compute: leave out checkpoints that spent more training FLOPs than this, so runs
-            of different objectives are compared at (at most) equal compute.
-        mode: ntp | reasoning | both (next-token tasks) | answer (answer tasks, `rpt answer-tasks`:
-            the final answer checked with math-verify; pass@1, pass@K, maj@K per subject).
-        samples: K samples per task in reasoning mode (1 = greedy).
-        temperature: reasoning sampling temperature; None: 0 (greedy) when samples == 1, else
-            the run's training temperature for checkpoints and 0.8 (the paper's) for models.
-        max_new_tokens: reasoning completion budget; None: a run's own for its checkpoints, else
-            1 for raw formats (continuation) and 256 for chat formats.
-        max_prompt_tokens: the longest prompt (ntp: the last tokens of the context).
-        prompt_template: reasoning format for every subject; None: v0, or a run's own.
-        bands: (name, threshold) pairs, or "0.5,1.0,1.5".
-        band_model: recompute the band entropy with this model (None: the tasks' column).
-        out: REPORT_DIR; None writes into a temporary folder that is removed afterwards.
-        engine: reasoning rollout engine: auto | hf | vllm.
-        limit: evaluate the first N tasks of the split (None: all).
-        split: eval (held out, default) or train.
-        allow_overlap: evaluate even when a run trained on evaluated documents (warns).
-        resume: continue an evaluation in `out`, skipping (task, model, mode) rows already done.
-        overwrite: replace an evaluation in `out`.
-        batch_size: sequences per forward pass (ntp) or per generate call (reasoning).
-        flush_every: tasks per predictions part (the most a crash can lose).
-        reward: reward rule from `rpttrain.reward.REWARD_NAMES` (prefix: the paper's Eq. 3; the dense
-            ones take P(y[0] | x<t) from the model under test, `rpttrain.dense`).
-        seed: sampling seed (reasoning with temperature > 0).
-        device, dtype, trust_remote_code, progress: as in the other stages.
-        lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_batch_size:
-            lm-evaluation-harness tasks run on every subject (`rpttrain.eval.harness`).
+    Beyond the help texts: `tasks_dir` is a finished make-tasks or answer-tasks directory; `models`
+    and `checkpoints` may be empty one at a time (the command defaults to smollm2-135m when both
+    are); `out` None writes into a temporary folder that is removed afterwards; `bands` and
+    `lm_eval_tasks` take text ("0.5,1.0,1.5", "T1,T2") or tuples; `progress` is --no-progress.
     """
 
     tasks_dir: str
-    models: tuple[str, ...] = ()
-    checkpoints: tuple[str, ...] = ()
-    max_compute: float | None = None
-    mode: str = "ntp"
-    samples: int = 1
-    temperature: float | None = None
-    max_new_tokens: int | None = None
-    max_prompt_tokens: int = 4096
-    prompt_template: str | None = None
-    bands: tuple[tuple[str, float], ...] = DEFAULT_BANDS
-    band_model: str | None = None
-    out: str | None = None
-    engine: str = "auto"
-    limit: int | None = None
-    split: str = "eval"
-    allow_overlap: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    batch_size: int = 16
-    flush_every: int = 128
-    reward: str = "prefix"
-    seed: int = 0
-    device: str = "auto"
+    models: tuple[str, ...] = opt(
+        (),
+        model_help("Model to evaluate (repeat for several)")
+        + " Default: smollm2-135m when no --checkpoints are given.",
+        flag="--model",
+    )
+    checkpoints: tuple[str, ...] = opt(
+        (),
+        "An `rpt train` run directory (repeat): its base model (step 0) and every saved checkpoint, with training "
+        "compute, and a scaling-law fit.",
+        path={"exists": True, "file_okay": False},
+    )
+    max_compute: float | None = opt(
+        None,
+        "Leave out checkpoints that spent more training FLOPs than this (e.g. 7.5e13): compares runs of different "
+        "objectives at equal compute.",
+    )
+    mode: str = opt(
+        "ntp",
+        "ntp: greedy next token of the raw context; reasoning: the training prompt, generation, extraction; "
+        "answer: answer tasks (rpt answer-tasks), the final answer checked with math-verify (pass@1, pass@K, maj@K).",
+        choices=MODE_CHOICES,
+    )
+    samples: int = opt(1, "Reasoning samples per task (K); the score is their mean, and Pass@K is reported.")
+    temperature: float | None = opt(
+        None, "Reasoning sampling temperature. Default: greedy for --samples 1, else the run's (checkpoints) or 0.8."
+    )
+    max_new_tokens: int | None = opt(
+        None, "Reasoning completion budget. Default: a run's own; else 256 for chat formats, 1 for continuation."
+    )
+    max_prompt_tokens: int = opt(4096, "Longest prompt; contexts lose their start beyond it.")
+    prompt_template: str | None = opt(
+        None, "Reasoning format: v0 v2 v6 continuation or FILE. Default: v0, or each run's own template."
+    )
+    bands: tuple[tuple[str, float], ...] = opt(
+        DEFAULT_BANDS,
+        "Entropy thresholds of the nested bands (easy/medium/hard), or name=value pairs.",
+        text="0.5,1.0,1.5",
+    )
+    band_model: str | None = opt(
+        None, model_help("Recompute the band entropy (top-16) with this model instead of the tasks' column")
+    )
+    out: str | None = opt(
+        None,
+        "REPORT_DIR: report.md, report.json, predictions.parquet, scaling.png. Default: print only.",
+        short="-o",
+        path={"file_okay": False},
+    )
+    limit: int | None = opt(None, "Evaluate the first N tasks of the split.")
+    split: str = opt("eval", "Which split's tasks (eval: held out).", choices=("eval", "train"))
+    allow_overlap: bool = opt(
+        False, "Evaluate even when a run trained on evaluated documents (warns loudly; not held-out accuracy)."
+    )
+    resume: bool = opt(False, "Continue an evaluation in --out, skipping (task, model, mode) rows already written.")
+    overwrite: bool = False  # --overwrite, as every command's (cli.common)
+    batch_size: int = opt(16, "Sequences per forward pass (ntp) or per generate call (reasoning).")
+    flush_every: int = opt(128, "Tasks per predictions part file (the most a crash can lose).")
+    reward: str = opt(
+        "prefix",
+        "Reward rule (prefix: the paper's Eq. 3; dense ones: App. A, P(y[0] | x<t) from the model under test, and "
+        "the cells are mean reward).",
+        choices=REWARD_NAMES,
+    )
+    seed: int = opt(0, "Sampling seed.")
+    lm_eval_tasks: tuple[str, ...] = opt(
+        (),
+        "lm-evaluation-harness tasks (T1,T2) run on every evaluated model and checkpoint; rpt_heldout_bpb: bits per "
+        "byte of the tasks' held-out documents (no download). Needs pip install 'rpt[lm-eval]'.",
+        text=None,
+    )
+    lm_eval_include: str | None = opt(
+        None, "Folder of local lm-eval task YAMLs (offline).", path={"exists": True, "file_okay": False}
+    )
+    lm_eval_limit: int | None = opt(None, "lm-eval: the first N documents of each task.")
+    lm_eval_fewshot: int | None = opt(None, "lm-eval: few-shot examples (default: each task's own).")
+    lm_eval_batch_size: int = opt(16, "lm-eval: batch size.")
+    engine: str = opt(
+        "auto",
+        "Rollout engine of the reasoning mode: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.",
+        choices=ENGINE_CHOICES,
+    )
+    # --dtype, --device, --trust-remote-code, --no-progress: as every command's (cli.common)
     dtype: str = "auto"
+    device: str = "auto"
     trust_remote_code: bool = False
     progress: bool = True
-    lm_eval_tasks: tuple[str, ...] = ()
-    lm_eval_include: str | None = None
-    lm_eval_limit: int | None = None
-    lm_eval_fewshot: int | None = None
-    lm_eval_batch_size: int = 16
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "bands", as_bands(self.bands))
-        object.__setattr__(self, "lm_eval_tasks", tuple(self.lm_eval_tasks))
+        tasks = self.lm_eval_tasks or ()  # None: none (--lm-eval-tasks left out)
+        if isinstance(tasks, str):  # "T1,T2", as --lm-eval-tasks gives them
+            tasks = tasks.split(",")
+        object.__setattr__(self, "lm_eval_tasks", tuple(tasks))
         _ = self.harness  # checks the --lm-eval-* options
         if not self.models and not self.checkpoints:
             raise BadOption("nothing to evaluate: give at least one --model or --checkpoints RUN_DIR")
@@ -129,7 +163,7 @@ class EvalConfig:
             raise BadOption(f"--max-compute must be a positive number of FLOPs, not {self.max_compute}")
         if self.limit is not None and self.limit < 1:
             raise BadOption("--limit must be at least 1 (leave it out to evaluate every task)")
-        if self.engine not in ("auto", "hf", "vllm"):
+        if self.engine not in ENGINE_CHOICES:
             raise BadOption(f"--engine must be auto, hf or vllm, not {self.engine!r}")
         if self.reward not in REWARD_NAMES:
             raise BadOption(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
