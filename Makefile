@@ -114,10 +114,10 @@ compare: install
 # corpus the runs trained on are dropped (--exclude-overlap).
 TABLE2_CORPUS ?= ../shared/corpora/gsm8k-train.jsonl
 TABLE2_ANSWERS ?= --question-field question --answer-from gsm8k --max-problems 400 --eval-fraction 0.2
-TABLE2_STEPS ?= 6
-TABLE2_TRAIN ?= --prompt-template answer --reward math --max-new-tokens 96 --max-prompt-tokens 256 --batch-size 4 \
+TABLE2_STEPS ?= 4
+TABLE2_TRAIN ?= --prompt-template answer --reward math --max-new-tokens 64 --max-prompt-tokens 256 --batch-size 4 \
 	--group-size 4 --lr 1e-5 --grad-clip 1.0 --dynamic-sampling-from -1 --seed 0 --keep-checkpoints 1 --no-progress
-TABLE2_EVAL ?= --samples 4 --temperature 0.8 --max-new-tokens 96 --limit 40
+TABLE2_EVAL ?= --samples 4 --temperature 0.8 --max-new-tokens 64 --limit 24
 table2: install
 	@test -f $(OUT)/cmp-rpt/summary.json -a -f $(OUT)/cmp-ntp/summary.json || $(MAKE) compare OUT=$(OUT)
 	$(RPT) answer-tasks $(TABLE2_CORPUS) $(TABLE2_ANSWERS) --exclude-overlap $(OUT)/prep --out $(OUT)/answers --no-progress

@@ -125,6 +125,9 @@ def test_rlvr_from_a_checkpoint_then_eval_before_and_after(answers, tmp_path):
     )
     md = (report_dir / "report.md").read_text()
     assert "## Before and after RLVR" in md and "first@1 (rpt)" in md
+    # answer tasks have no entropy band: the paired table has only the "all" column, and the scaling
+    # table no rows for empty bands
+    assert "| A − B | mode | all |" in md and "| answer | easy |" not in md
 
 
 @pytest.mark.slow

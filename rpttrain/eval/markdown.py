@@ -136,6 +136,8 @@ def format_scaling(report: dict) -> str:
         return ""
     lines = ["| run | mode | band | points | A | alpha | P* (%) | R² |", "|---|---|---|---|---|---|---|---|"]
     for f in fits:
+        if f["points"] == 0 and f["band"] != "all":
+            continue  # a band no task of this run falls in (answer tasks have none): nothing to fit or say
         if f["status"] != "ok":
             lines.append(f"| {f['run']} | {f['mode']} | {f['band']} | {f['points']} | {f['status']} | | | |")
             continue
@@ -162,7 +164,8 @@ def format_paired(report: dict) -> str:
     rows = report.get("paired") or []
     if not rows:
         return ""
-    names = [*report["bands"], "all"]
+    # a band no row has a task in (every band, for answer tasks) is left out
+    names = [n for n in report["bands"] if any(r["bands"][n]["n"] for r in rows)] + ["all"]
     head = ["A − B", "mode"] + [f"{n}" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
