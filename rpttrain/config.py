@@ -16,7 +16,9 @@ from rptdata.errors import BadOption
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
 
-OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
+OBJECTIVES = ("rpt", "ntp", "shaped-ntp")  # each one's step: rpttrain/objectives/
+# objectives that never sample (no rollout engine, no GRPO options): the next-token baselines
+NEXT_TOKEN_OBJECTIVES = ("ntp", "shaped-ntp")
 # knobs of the next-token baselines only: they do not change an RPT run's identity
 NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
 # settings that do not change what a run computes (a resumed run may change them)
@@ -164,13 +166,13 @@ class TrainConfig:
             raise BadOption("batch_size, steps and save_every must be at least 1")
         if self.micro_batch_tokens < 1:
             raise BadOption("micro_batch_tokens must be at least 1")
-        if self.objective == "rpt":
-            self._check_grpo()
-        else:
+        if self.objective in NEXT_TOKEN_OBJECTIVES:
             self._check_next_token()
+        else:
+            self._check_grpo()
 
     def _check_grpo(self) -> None:
-        from rpttrain import algos
+        from rpttrain.objectives import algos
 
         if self.group_size < 2:
             raise BadOption("group_size must be >= 2 (GRPO compares samples within a group)")
@@ -196,10 +198,22 @@ class TrainConfig:
         if self.topk < 1:
             raise BadOption("topk must be at least 1")
 
+    @property
+    def samples_rollouts(self) -> bool:
+        """The objective samples rollouts (a rollout engine, the GRPO options); the next-token
+        baselines do not."""
+        return self.objective not in NEXT_TOKEN_OBJECTIVES
+
+    @property
+    def on_documents(self) -> bool:
+        """The run trains on windows of the training documents (`rpttrain.data.DocWindows`), not on
+        task rows: the next-token baselines with --ntp-positions all."""
+        return self.objective in NEXT_TOKEN_OBJECTIVES and self.ntp_positions == "all"
+
     def identity(self) -> dict:
         """The settings that define the run (a resumed run must match them)."""
         d = asdict(self)
-        for k in NOT_IDENTITY + (NTP_ONLY if self.objective == "rpt" else ()):
+        for k in NOT_IDENTITY + (NTP_ONLY if self.samples_rollouts else ()):
             d.pop(k)
         return d
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from rptdata.errors import BadOption, RptError
 from rptdata.io import STAGE_PREPARE, TASK_STAGES, atomic_file, checked_shards, parquet_errors, read_manifest
 from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
+from rpttrain.config import NEXT_TOKEN_OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ def trained_on_record(
     >>> r["source"], r["documents"], r["tasks_dir"]
     ('task-rows', 'train-split-tasks', '/data/tasks')
     """
-    whole_documents = objective != "rpt" and ntp_positions == "all"  # as Trainer.setup picks DocWindows
+    # as TrainConfig.on_documents, which Trainer.setup follows to pick DocWindows
+    whole_documents = objective in NEXT_TOKEN_OBJECTIVES and ntp_positions == "all"
     return {
         "objective": objective,
         "task_kind": task_kind(tasks_manifest),

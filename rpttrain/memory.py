@@ -131,8 +131,8 @@ class TrainSizing:
         """From the config and, when given, the data's longest context (`memory_measure.DataShape`);
         without it, from the limits (--max-prompt-tokens), as a bound."""
         c = config
-        rpt = c.objective == "rpt"
-        all_positions = not rpt and c.ntp_positions == "all"
+        rpt = c.samples_rollouts
+        all_positions = c.on_documents
         if all_positions:  # windows of at most max_prompt_tokens + 1 tokens of a document
             cap = c.max_prompt_tokens + 1
             seq = min(cap, data.longest_context_tokens) if data else cap
@@ -249,7 +249,7 @@ def way_out(shape: ModelShape, config, sizing_of, free: int) -> str | None:
     if not config.gradient_checkpointing and fits(gradient_checkpointing=True):
         return "--gradient-checkpointing"
     new = config.max_new_tokens
-    while config.objective == "rpt" and new // 2 >= 1:
+    while config.samples_rollouts and new // 2 >= 1:
         new //= 2
         if fits(max_new_tokens=new):
             return f"--max-new-tokens {new}"

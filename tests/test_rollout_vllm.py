@@ -71,7 +71,7 @@ def _greedy(stops, n_tokens=16):
 
 def _trainer_logprobs(model, prompts, groups, temperature):
     """The trainer's own recomputation (`GRPOObjective.completion_logprobs`) of each completion's log-probs."""
-    from rpttrain.grpo import GRPOObjective
+    from rpttrain.objectives.grpo import GRPOObjective
 
     objective = GRPOObjective.__new__(GRPOObjective)  # no setup: the method needs only the temperature
     objective.config = SimpleNamespace(temperature=temperature)

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
 from rpttrain.config import TrainConfig
+from rpttrain.objectives import algos
 from rpttrain.train import Trainer, run_train
 from tests.rpt_fixtures import rewrite_shard, tiny_llama, tiny_train_config, write_tasks_dir
 
@@ -39,6 +39,34 @@ def test_trainer_knows_nothing_of_the_backends_and_one_function_writes_the_prefl
     assert paths == ["rpttrain/preflight.py"], paths
     source = (root / "rpttrain" / "preflight.py").read_text()
     assert source.count("write_json_atomic(") == 1 and "def _write(self)" in source
+
+
+def test_one_policy_loss_serves_every_grpo_path_and_no_import_circle():
+    """The micro-batch policy loss (clip, KL term, aggregation) is computed in one module that every
+    GRPO-style step calls; the fused step and the step record import nothing of the GRPO objective,
+    and the step record nothing of any objective (the trainer writes it); every objective name is
+    built through the one registry."""
+    import ast
+    from pathlib import Path
+
+    from rpttrain.config import OBJECTIVES
+    from rpttrain.objectives import OBJECTIVE_CLASSES
+
+    root = Path(__file__).resolve().parents[1]
+    callers = sorted(
+        p.relative_to(root).as_posix()
+        for p in (root / "rpttrain").rglob("*.py")
+        if any(f"algos.{f}(" in p.read_text() for f in ("policy_loss", "aggregate_loss", "kl_k3"))
+    )
+    assert callers == ["rpttrain/objectives/policy_update.py"], callers
+
+    def imports(path: Path) -> list[str]:
+        tree = ast.parse(path.read_text())
+        return [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+
+    assert not [m for m in imports(root / "rpttrain/objectives/fused_step.py") if m.endswith("grpo")]
+    assert not [m for m in imports(root / "rpttrain/step_record.py") if m.startswith("rpttrain.objectives")]
+    assert sorted(OBJECTIVE_CLASSES) == sorted(OBJECTIVES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +324,7 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
 
 
 def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
-    from rpttrain.grpo import Rollout
+    from rpttrain.objectives.grpo import Rollout
     from rpttrain.rollout import Sampling
 
     trainer = Trainer(tiny_config(tiny, tmp_path / "run"))
