@@ -100,6 +100,19 @@ def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.T
     return pa.concat_tables(tables)
 
 
+def target_token(task: dict, tokenizer, exact: bool = True) -> int:
+    """x_t, the token a task's context is followed by: the task's `target_id` when the policy's
+    tokenizer is the tasks' (`exact`), else the first token of its continuation, tokenized.
+
+    >>> target_token({"target_id": 7, "continuation": " x"}, tokenizer=None)
+    7
+    """
+    target = task.get("target_id") if exact else None
+    if target is None:
+        target = tokenizer(task["continuation"], add_special_tokens=False)["input_ids"][0]
+    return int(target)
+
+
 class TaskRows:
     """The train split of a `rpt make-tasks` directory: len() and take(indices) -> list of dicts.
 

@@ -5,8 +5,8 @@
 The loop owns the run: the run directory (claimed like every stage's: refuse, resume, overwrite),
 the model in its master dtype, AdamW and the schedule, the data sampler, the optimizer step
 (clip, skip non-finite updates and count them), signals, logging and checkpoints. One step of the
-objective (`objectives.grpo.GRPOObjective` for `rpt`, `objectives.ntp.NextTokenObjective` for
-`ntp` and `shaped-ntp`) accumulates gradients and returns its metrics and token counts; the loop
+objective (`objectives.grpo.GRPOObjective` for `rpt`, `objectives.rlp.RLPObjective` for `rlp`,
+`objectives.ntp.NextTokenObjective` for `ntp` and `shaped-ntp`) accumulates gradients and returns its metrics and token counts; the loop
 alone adds those to the run's totals and FLOPs and writes the step's record
 (`rpttrain.step_record`); options: `rpttrain.config`.
 
@@ -20,7 +20,8 @@ Compute accounting (FLOPs, logged per step and cumulatively; N = model parameter
     counts once on the one-token fast path), plus 2 * N per token the rollout engine runs through
     the model (`RolloutEngine.forward_tokens`: one-token rollouts and vLLM's shared prefill run a
     prompt once per group, transformers generate() n times; plus the fed-back generated tokens).
-    Counting what runs, not prompt x samples, keeps RPT and next-token runs comparable.
+    RLP adds 2 * N per token of its two scoring forwards (with the thought, and the EMA's
+    without it). Counting what runs, not prompt x samples, keeps the objectives comparable.
 
 Precision (`rpttrain.precision`): bf16 compute over float32 master weights on GPU by default.
 Left out on purpose: multi-GPU (`rpt train --backend verl|trl`), sequence packing, a value model
@@ -234,12 +235,7 @@ class Trainer:
                 self._log(metrics)
                 faults.hit("train-step")
                 bar.update(1)
-                if "reward_mean" in metrics:
-                    bar.set_postfix(
-                        reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}"
-                    )
-                else:
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in self.objective.progress_keys})
                 bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
                 if bad_in_a_row >= c.max_bad_steps:
                     self.save()
@@ -304,6 +300,7 @@ class Trainer:
             },
             keep=self.config.keep_checkpoints,
             hf_dtype=self.precision.compute,
+            objective_state=self.objective.save_state,
         )
 
 

@@ -192,25 +192,6 @@ def test_grpo_learns_a_learnable_task(tmp_path, tiny_bpe_dir):
     assert greedy_accuracy(final, LEARNABLE, tiny_bpe_dir) >= 0.875
 
 
-# texts a tied tiny model is warmed on (tests/rpt_fixtures.warm_up), and tasks cut from them at
-# every word: contexts of 1 to 9 words (1 to 11 tokens), whose next word the model gets right
-# with middling probability, so groups hold both rewards and every step has a gradient; with
-# --micro-batch-tokens 24 most batches of 4 take 2 micro-batches
-WARM = [
-    "The quick brown fox jumps over the lazy dog.",
-    "1234567890 the lazy dog jumps over the quick brown fox",
-    "héllo wörld, naïve café",
-]
-WARM_PAIRS = [(" ".join(w[:k]), " " + w[k]) for w in (t.split(" ") for t in WARM) for k in range(1, len(w))]
-
-
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory, tiny_bpe_dir):
-    root = tmp_path_factory.mktemp("warm_rl")
-    model = tiny_llama(root / "model", tiny_bpe_dir, tie=True, warm_texts=WARM)
-    return model, write_tasks_dir(root / "tasks", str(tiny_bpe_dir), WARM_PAIRS)
-
-
 def warm_config(warm, out, **over):
     """Settings that reach what a resume must restore: tied embeddings (as SmolLM2), the default
     prompt length, contexts of several lengths in several micro-batches, a gradient at every step
@@ -264,6 +245,29 @@ def test_resume_is_bit_exact_when_every_step_has_a_gradient(warm, tmp_path, comp
     trainer.setup(resume=True, overwrite=False)
     assert trainer.model.lm_head.weight is trainer.model.get_input_embeddings().weight
     trainer.objective.close()
+
+
+def test_rlp_resume_is_bit_exact_in_weights_and_ema(warm, tmp_path):
+    """--objective rlp: a run stopped after step 2 and resumed equals the run that went through,
+    in every logged metric, the weights and the EMA copy (ema.safetensors), bit for bit."""
+    from safetensors.torch import load_file
+
+    over = dict(objective="rlp", prompt_template=None, batch_size=3, max_new_tokens=4, micro_batch_tokens=48)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_train(warm_config(warm, whole, **over))
+    run_train(warm_config(warm, part, **{**over, "steps": 2}))
+    run_train(warm_config(warm, part, **over), resume=True)
+    a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert all(m["grad_norm"] > 0 for m in a)  # every step moved the policy, hence the EMA
+    assert [_timeless(m) for m in a] == [_timeless(m) for m in b]
+    ca, cb = list_checkpoints(whole)[-1], list_checkpoints(part)[-1]
+    for name in ("model.safetensors", "ema.safetensors"):  # bit for bit
+        wa, wb = load_file(str(ca / name)), load_file(str(cb / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ema, policy = load_file(str(ca / "ema.safetensors")), load_file(str(ca / "model.safetensors"))
+    assert any(not torch.equal(ema[k], policy[k]) for k in ema.keys() & policy.keys())
 
 
 def test_no_gradient_outlives_its_step(warm, tmp_path):
@@ -323,7 +327,8 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN update reached the weights
 
 
-def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
+def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path, monkeypatch):
+    from rpttrain.objectives import policy_update
     from rpttrain.objectives.grpo import Rollout
     from rpttrain.rollout import Sampling
 
@@ -335,9 +340,9 @@ def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
     batch = [
         Rollout(p, c.token_ids, c.text, 0.0, 0.0, None, False, c.logprobs) for p, g in zip(prompts, groups) for c in g
     ]
-    fast, fast_mask = grpo.completion_logprobs(trainer.model, batch)
-    grpo.single_token = staticmethod(lambda b: False)  # force the general left-padded path
-    slow, slow_mask = grpo.completion_logprobs(trainer.model, batch)
+    fast, fast_mask = policy_update.completion_logprobs(trainer.model, batch, 1.0)
+    monkeypatch.setattr(policy_update, "single_token", lambda b: False)  # force the general left-padded path
+    slow, slow_mask = policy_update.completion_logprobs(trainer.model, batch, 1.0)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast_mask, slow_mask)
     engine = torch.tensor([c.logprobs[0] for g in groups for c in g])
     assert torch.allclose(fast[:, 0].detach(), engine, atol=1e-5)  # engine and trainer agree

@@ -36,12 +36,11 @@ import torch
 
 from rptdata.models import load_causal_lm, local_model_dir
 from rptdata.tasks.live import predicted_zero_variance
-from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
-from rpttrain.objectives import ObjectiveParts, algos
+from rpttrain.objectives import Objective, ObjectiveParts, algos
 from rpttrain.objectives.fused_step import fused_rollout_and_update
-from rpttrain.objectives.policy_update import PolicyUpdate
+from rpttrain.objectives.policy_update import PolicyUpdate, policy_gradient_update, set_advantages
 from rpttrain.precision import Precision, dtype_name
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine, stop_ids
@@ -95,11 +94,13 @@ def reference_model(config, precision: Precision, device: str):
     return ref.requires_grad_(False)
 
 
-class GRPOObjective:
+class GRPOObjective(Objective):
     """One GRPO step: generate, reward, advantage, accumulate the policy-gradient, then the
     trainer's optimizer step. Returns the step's metrics, token counts and samples
     (`rpttrain.step_record.StepResult`); the trainer owns the model, optimizer, data, checkpoints,
     the run's totals and what is written."""
+
+    progress_keys = ("reward_mean", "zero_variance_share")
 
     def __init__(
         self,
@@ -187,89 +188,12 @@ class GRPOObjective:
         return out
 
     def advantages(self, groups: list[list[Rollout]]) -> None:
-        rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
-        adv = algos.group_advantages(rewards, scale=self.config.scale_rewards)
-        for g, a in zip(groups, adv.tolist()):
-            for r, x in zip(g, a):
-                r.advantage = x
+        set_advantages(groups, self.config.scale_rewards)
 
     def update(self, rollouts: list[Rollout]) -> dict:
-        c = self.config
-        rollouts = [r for r in rollouts if r.completion_ids]
-        if not rollouts:
-            return PolicyUpdate.empty()
-        all_mask = torch.zeros(len(rollouts), max(len(r.completion_ids) for r in rollouts))
-        for i, r in enumerate(rollouts):
-            all_mask[i, : len(r.completion_ids)] = 1
-        update = PolicyUpdate(c, algos.loss_denominator(all_mask, c.loss_agg, max_len=c.max_new_tokens))
-        mismatch_sum, mismatch_n = 0.0, 0
-        for mb in self.micro_batches(rollouts):
-            batch = [rollouts[i] for i in mb]
-            with self.precision.autocast():  # log-probs and the loss come out in float32
-                logp, mask = self.completion_logprobs(self.model, batch)
-                adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=logp.device)
-                ref = None
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref, _ = self.completion_logprobs(self.ref_model, batch)
-                loss = update.loss(logp, adv, mask, ref)
-            loss.backward()
-            update.update_tokens += self.forward_tokens(batch)
-            for j, r in enumerate(batch):
-                if r.engine_logprobs:
-                    n = min(len(r.engine_logprobs), int(mask[j].sum()))
-                    eng = torch.tensor(r.engine_logprobs[:n])
-                    mismatch_sum += float((eng - logp[j, :n].detach().cpu()).abs().sum())
-                    mismatch_n += n
-        grad_norm, bad = self.optimizer_step(update.loss_sum)
-        return update.finish(grad_norm, bad, (mismatch_sum / mismatch_n) if mismatch_n else None)
-
-    # -- the update's forward -----------------------------------------------------------------
-    @staticmethod
-    def single_token(batch: list[Rollout]) -> bool:
-        return all(len(r.completion_ids) == 1 for r in batch)
-
-    def forward_tokens(self, batch: list[Rollout]) -> int:
-        """Tokens the update's forward actually runs (a shared prompt counts once on the fast path)."""
-        if self.single_token(batch):
-            return sum(len(p) for p in {tuple(r.prompt_ids) for r in batch})
-        return sum(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
-
-    def micro_batches(self, rollouts: list[Rollout]) -> list[list[int]]:
-        """Micro-batches of at most micro_batch_tokens padded tokens; on the one-token path the
-        samples of a prompt are one row and stay together."""
-        widths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
-        keys = [tuple(r.prompt_ids) for r in rollouts] if self.single_token(rollouts) else None
-        return plan_batches(widths, max_tokens=self.config.micro_batch_tokens, row_keys=keys)
-
-    def completion_logprobs(self, model, batch: list[Rollout]):
-        """Log-probs [N, T] (left-aligned) and mask of each completion token under `model` at the
-        sampling temperature; only the last T+1 positions go through the LM head."""
-        temperature = self.config.temperature
-        if self.single_token(batch):
-            prompts = list(dict.fromkeys(tuple(r.prompt_ids) for r in batch))
-            row_of = {p: i for i, p in enumerate(prompts)}
-            logits = last_positions_logits(model, prompts, k=1)
-            dev = logits.device
-            rows = torch.tensor([row_of[tuple(r.prompt_ids)] for r in batch], device=dev)
-            tokens = torch.tensor([[r.completion_ids[0]] for r in batch], device=dev)
-            logp = algos.token_logprobs(logits[rows], tokens, temperature)  # [N, 1]
-            return logp, torch.ones_like(logp)
-        t_max = max(len(r.completion_ids) for r in batch)
-        logits = last_positions_logits(model, [r.prompt_ids + r.completion_ids for r in batch], k=t_max + 1)[:, :-1]
-        dev = logits.device
-        comp = torch.zeros(len(batch), t_max, dtype=torch.long)  # right-aligned completions
-        for i, r in enumerate(batch):
-            comp[i, t_max - len(r.completion_ids) :] = torch.tensor(r.completion_ids)
-        logp = algos.token_logprobs(logits, comp.to(dev), temperature)
-        # right-align -> left-align so column j is the j-th completion token (matches engine order)
-        logp_left = torch.zeros_like(logp)
-        mask_left = torch.zeros(len(batch), t_max)
-        for i, r in enumerate(batch):
-            n = len(r.completion_ids)
-            logp_left[i, :n] = logp[i, t_max - n :]
-            mask_left[i, :n] = 1
-        return logp_left, mask_left.to(dev)
+        return policy_gradient_update(
+            rollouts, self.model, self.ref_model, self.precision, self.config, self.optimizer_step
+        )
 
     # -- the fused one-token step (rpttrain/objectives/fused_step.py) ---------------------------
     def fused(self, step: int) -> bool:
@@ -405,12 +329,7 @@ def step_result(all_groups: list[list[Rollout]], upd: dict, counts: dict, timing
         "truncated_share": float(np.mean([r.truncated for r in rolls])),
         "no_prediction_share": float(np.mean([r.prediction is None for r in rolls])),
         **collapse_metrics([([r.prediction for r in g], [r.correct for r in g]) for g in all_groups]),
-        "clip_frac": upd["clip_frac"],
-        "kl": upd["kl"],
-        "loss": upd["loss"],
-        "grad_norm": upd["grad_norm"],
-        "skipped_update": upd["skipped"],
-        "logprob_mismatch": upd["logprob_mismatch"],
+        **PolicyUpdate.metrics(upd),
         "rollout_tokens_per_s": gen_tokens / max(timings["rollout_s"], 1e-9),
         "rollout_forward_tokens": forward_tokens,
         "update_tokens": upd["update_tokens"],

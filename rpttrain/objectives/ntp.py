@@ -16,14 +16,17 @@ from collections.abc import Callable
 import torch
 
 from rpttrain.batching import last_positions_logits, left_pad, plan_batches
-from rpttrain.objectives import ObjectiveParts, algos
+from rpttrain.data import target_token
+from rpttrain.objectives import Objective, ObjectiveParts, algos
 from rpttrain.precision import Precision
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.step_record import StepResult
 
 
-class NextTokenObjective:
+class NextTokenObjective(Objective):
     """One step of next-token training (cross-entropy, or the shaped objective), by micro-batch."""
+
+    progress_keys = ("loss", "accuracy")
 
     def __init__(
         self,
@@ -42,9 +45,6 @@ class NextTokenObjective:
     def build(cls, config, parts: ObjectiveParts) -> NextTokenObjective:
         return cls(config, parts.model, parts.tokenizer, parts.sampler, parts.precision, parts.optimizer_step)
 
-    def close(self) -> None:
-        pass
-
     def examples(self) -> list[tuple[list[int], int]]:
         """(token ids, number of trailing positions to train) for one batch."""
         c = self.config
@@ -55,10 +55,7 @@ class NextTokenObjective:
         out = []
         for t in items:
             ids = build_prompt_ids(fmt, t["context"], self.tokenizer, c.max_prompt_tokens - 1)
-            target = t.get("target_id") if not c.allow_tokenizer_mismatch else None
-            if target is None:
-                target = self.tokenizer(t["continuation"], add_special_tokens=False)["input_ids"][0]
-            out.append((ids + [int(target)], 1))
+            out.append((ids + [target_token(t, self.tokenizer, exact=not c.allow_tokenizer_mismatch)], 1))
         return out
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
