@@ -131,11 +131,8 @@ def ema_update(ema, model, decay: float) -> None:
     >>> ema_update(a, b, 0.75); a.weight.item()
     1.5
     """
-    phis = list(ema.parameters())
-    thetas = [t.detach().to(phi.dtype) for phi, t in zip(phis, model.parameters())]
-    # one fused kernel per op over all tensors (as AdamW's foreach path), the same arithmetic
-    torch._foreach_mul_(phis, decay)
-    torch._foreach_add_(phis, thetas, alpha=1.0 - decay)
+    for phi, theta in zip(ema.parameters(), model.parameters()):
+        phi.mul_(decay).add_(theta.detach().to(phi.dtype), alpha=1.0 - decay)
 
 
 def ema_copy(model, start_from: Path | None):
