@@ -16,7 +16,7 @@ def _options(fn):
     for f in reversed([f for f in fields(TrainConfig) if f.name not in ("tasks_dir", "out")]):
         name = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
-        show = f" [default: {default}]"
+        show = f" [default: {default}]" if default is not None else ""  # None: the help says what applies
         if "bool" in str(f.type):
             fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=f.metadata["help"] + show)(
                 fn
@@ -74,7 +74,8 @@ def _options(fn):
 def train(
     tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, dry_run, **options
 ):
-    """Train a policy with GRPO on RPT tasks (the prefix-matching reward).
+    """Train a policy on RPT tasks: GRPO with the prefix-matching reward (--objective rpt, the
+    default), RLP (--objective rlp) or a next-token baseline (--objective ntp | shaped-ntp).
 
     Defaults are the paper's recipe (Table 5). On a CPU, use a small batch, the continuation
     format and a few new tokens.
@@ -85,6 +86,8 @@ def train(
           --batch-size 16 --group-size 8 --lr 1e-5 --steps 20 --max-prompt-tokens 256
     Example (paper recipe):
       rpt train out/tasks --out out/run --config configs/paper.yaml
+    Example (RLP, a thought before each next token; docs/family.md):
+      rpt train out/tasks --out out/rlp --objective rlp --max-new-tokens 32 --batch-size 4 --group-size 4
     Example (past one GPU: 2 nodes x 8 GPUs with verl; TRL on one node):
       rpt train out/tasks --out out/verl-run --config configs/paper.yaml --backend verl --nodes 2 --gpus-per-node 8
       rpt train out/tasks --out out/trl-run --backend trl --gpus-per-node 8 --sharding fsdp --launch

@@ -5,6 +5,8 @@
                              run's compute dtype (bf16 on GPU)
         master.safetensors   the float32 master weights, when they differ from the HF folder's dtype
                              (mixed precision): what --resume continues from, so it stays exact
+        ema.safetensors      an rlp run's EMA copy of the policy (the objective's own state,
+                             `Objective.save_state`), float32
         trainer_state.pt     optimizer + scheduler state dicts (loaded with weights_only=True)
         rng.pt               python / numpy / torch (+cuda) RNG states
         state.json           step, data cursor, cumulative counters (tokens, FLOPs), config fingerprint,
@@ -22,6 +24,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +120,11 @@ def save_checkpoint(
     state: dict,
     keep: int = 2,
     hf_dtype: torch.dtype | None = None,
+    objective_state: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write step-N atomically. `hf_dtype`: the dtype of the HF folder (default: the parameters');
-    when it differs from the parameters', the exact parameters also go to master.safetensors."""
+    when it differs from the parameters', the exact parameters also go to master.safetensors.
+    `objective_state(folder)` writes the objective's own files there (recorded like every file)."""
     final = checkpoint_dir(run_dir, step)
     with atomic_folder(final, fault="checkpoint-rename") as tmp:
         save_hf_model(model, tmp, hf_dtype)
@@ -129,6 +134,8 @@ def save_checkpoint(
 
             save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied (shared) tensors
         tokenizer.save_pretrained(tmp)
+        if objective_state is not None:
+            objective_state(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
         # RNG states hold numpy/python objects; pickle them apart from the tensors
         torch.save(_rng_to_tensors(rng_state()), tmp / "rng.pt")

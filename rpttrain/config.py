@@ -16,9 +16,23 @@ from rptdata.errors import BadOption
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
 
-OBJECTIVES = ("rpt", "ntp", "shaped-ntp")
-# knobs of the next-token baselines only: they do not change an RPT run's identity
+OBJECTIVES = ("rpt", "rlp", "ntp", "shaped-ntp")  # each one's step: rpttrain/objectives/
+# objectives that never sample (no rollout engine, no GRPO options): the next-token baselines
+NEXT_TOKEN_OBJECTIVES = ("ntp", "shaped-ntp")
+# knobs of the next-token baselines only: they do not change an RPT or RLP run's identity
 NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
+# knobs of RPT's reward and step that RLP has no use for (its reward is the information gain, its
+# rewards are continuous, its thoughts many tokens): they do not change an RLP run's identity
+RPT_ONLY = ("reward", "dynamic_sampling_from", "dynamic_sampling_rounds", "fused_one_token")
+# knobs of RLP only: they do not change the identity of a run of another objective
+RLP_ONLY = ("ema_decay",)
+# options whose default depends on the objective (None: the objective's own, resolved on build)
+OBJECTIVE_DEFAULTS = {
+    "rpt": {"prompt_template": "v0", "scale_rewards": "group", "loss_agg": "token-mean"},
+    # the paper's: a thought in <think>...</think>, A = G/(G-1)(r - mean r), the loss of each
+    # thought normalized by its length (arXiv 2510.01265 Eq. 7-8)
+    "rlp": {"prompt_template": "rlp", "scale_rewards": "rloo", "loss_agg": "seq-mean"},
+}
 # settings that do not change what a run computes (a resumed run may change them)
 NOT_IDENTITY = (
     "out",
@@ -51,9 +65,11 @@ class TrainConfig:
     model: str = opt("smollm2-135m", "Policy: hub id, local folder, .gguf, or smollm2-135m.")
     objective: str = opt(
         "rpt",
-        "rpt: GRPO with the prefix reward | ntp: cross-entropy (continual next-token training) | "
-        "shaped-ntp: the reward-shaped next-token loss (arXiv 2512.22955). Compare them at equal "
-        "--compute-budget.",
+        "rpt: GRPO with the prefix reward | rlp: RLP (arXiv 2510.01265): a thought in <think>...</think> "
+        "before the next token, rewarded by log p(x_t | context, thought) - log p_EMA(x_t | context), the "
+        "information gain over an EMA copy of the policy that does not think (--reward and dynamic sampling "
+        "do not apply) | ntp: cross-entropy (continual next-token training) | shaped-ntp: the "
+        "reward-shaped next-token loss (arXiv 2512.22955). Compare them at equal --compute-budget.",
     )
     steps: int = opt(1000, "Optimizer steps to run in total (a resumed run continues up to this).")
     batch_size: int = opt(256, "Contexts per step, B (paper: 256).")
@@ -62,8 +78,10 @@ class TrainConfig:
     top_p: float = opt(1.0, "Nucleus sampling of rollouts (1.0 = off).")
     max_new_tokens: int = opt(8192, "Longest completion (paper: 8192; the continuation format needs 1-8).")
     max_prompt_tokens: int = opt(4096, "Longest prompt; longer contexts lose their start (paper: 4096).")
-    prompt_template: str = opt(
-        "v0", "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | FILE."
+    prompt_template: str | None = opt(
+        None,
+        "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | rlp (raw "
+        "text, then a thought in <think>...</think>, then the next token) | FILE. Default: v0 for rpt, rlp for rlp.",
     )
     reward: str = opt(
         "prefix",
@@ -71,8 +89,16 @@ class TrainConfig:
         "first token is right, else the policy's probability of it, P(y[0] | x<t); conditional: only in "
         "groups with a right one, else 0). The dense two need --backend rpt.",
     )
-    scale_rewards: str = opt("group", "group: (r-mean)/std per group (GRPO) | none: r-mean (Dr. GRPO).")
-    loss_agg: str = opt("token-mean", "token-mean | seq-mean | dr-grpo (sum / (sequences x max_new_tokens)).")
+    scale_rewards: str | None = opt(
+        None,
+        "group: (r-mean)/std per group (GRPO) | none: r-mean (Dr. GRPO) | rloo: G/(G-1)(r-mean), rlp only "
+        "(RLP Eq. 7). Default: group for rpt, rloo for rlp.",
+    )
+    loss_agg: str | None = opt(
+        None,
+        "token-mean | seq-mean (each sequence's mean, then the mean: RLP's normalization by thought length) | "
+        "dr-grpo (sum / (sequences x max_new_tokens)). Default: token-mean for rpt, seq-mean for rlp.",
+    )
     clip_eps: float = opt(0.2, "PPO clip epsilon (low side; also the high side unless --clip-eps-high).")
     clip_eps_high: float | None = opt(None, "Upper clip epsilon (DAPO clip-higher); default = --clip-eps.")
     kl_coef: float = opt(0.0, "KL(pi||ref) coefficient, k3 estimator; 0 loads no reference model (paper: 0).")
@@ -130,6 +156,12 @@ class TrainConfig:
     memory_budget_gib: float | None = opt(
         None, "Plan for this much memory (GiB) instead of the device's free memory (e.g. on a shared GPU)."
     )
+    # RLP (--objective rlp)
+    ema_decay: float = opt(
+        0.999,
+        "rlp: decay tau of the no-think baseline, an EMA copy of the policy updated after every optimizer "
+        "step, phi <- tau phi + (1 - tau) theta (paper: 0.999). It costs one float32 copy of the weights.",
+    )
     # next-token baselines (--objective ntp | shaped-ntp)
     ntp_positions: str = opt(
         "all", "Baselines: train on every token of the training documents (all) or only on the task positions (tasks)."
@@ -160,17 +192,22 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.objective not in OBJECTIVES:
             raise BadOption(f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        for name, value in OBJECTIVE_DEFAULTS.get(self.objective, OBJECTIVE_DEFAULTS["rpt"]).items():
+            if getattr(self, name) is None:  # frozen: the resolved default is set once, here
+                object.__setattr__(self, name, value)
         if self.batch_size < 1 or self.steps < 1 or self.save_every < 1:
             raise BadOption("batch_size, steps and save_every must be at least 1")
         if self.micro_batch_tokens < 1:
             raise BadOption("micro_batch_tokens must be at least 1")
-        if self.objective == "rpt":
-            self._check_grpo()
-        else:
+        if self.objective in NEXT_TOKEN_OBJECTIVES:
             self._check_next_token()
+        else:
+            self._check_grpo()
+        if self.objective == "rlp":
+            self._check_rlp()
 
     def _check_grpo(self) -> None:
-        from rpttrain import algos
+        from rpttrain.objectives import algos
 
         if self.group_size < 2:
             raise BadOption("group_size must be >= 2 (GRPO compares samples within a group)")
@@ -178,8 +215,10 @@ class TrainConfig:
             raise BadOption("temperature must be > 0: GRPO needs different samples within a group")
         if self.loss_agg not in algos.LOSS_AGGS:
             raise BadOption(f"loss_agg must be one of {', '.join(algos.LOSS_AGGS)}")
-        if self.scale_rewards not in ("group", "none"):
-            raise BadOption("scale_rewards must be 'group' or 'none'")
+        if self.scale_rewards not in algos.SCALES:
+            raise BadOption(f"scale_rewards must be one of {', '.join(algos.SCALES)}")
+        if self.scale_rewards == "rloo" and self.objective != "rlp":
+            raise BadOption("scale_rewards rloo is RLP's advantage (--objective rlp); use group or none")
         if self.reward not in REWARD_NAMES:
             raise BadOption(f"reward must be one of {', '.join(REWARD_NAMES)}")
         if self.max_new_tokens < 1:
@@ -190,16 +229,46 @@ class TrainConfig:
                 f"(max_new_tokens + prompt); raise it or lower max_new_tokens"
             )
 
+    def _check_rlp(self) -> None:
+        from rpttrain.prompts import load_prompt_format
+
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise BadOption(f"ema_decay must be in [0, 1) (got {self.ema_decay}); the paper's is 0.999")
+        if self.reward != "prefix":
+            raise BadOption(
+                f"--reward {self.reward} does not apply to --objective rlp: its reward is the information gain "
+                "log p(x_t | context, thought) - log p_EMA(x_t | context); leave --reward out"
+            )
+        if load_prompt_format(self.prompt_template).thought is None:
+            raise BadOption(
+                f"--prompt-template {self.prompt_template} writes no thought; --objective rlp samples one in "
+                "<think>...</think> before the next token: use --prompt-template rlp (the default for rlp)"
+            )
+
     def _check_next_token(self) -> None:
         if self.ntp_positions not in ("all", "tasks"):
             raise BadOption("ntp_positions must be 'all' or 'tasks'")
         if self.topk < 1:
             raise BadOption("topk must be at least 1")
 
+    @property
+    def samples_rollouts(self) -> bool:
+        """The objective samples rollouts (a rollout engine, the GRPO options); the next-token
+        baselines do not."""
+        return self.objective not in NEXT_TOKEN_OBJECTIVES
+
+    @property
+    def on_documents(self) -> bool:
+        """The run trains on windows of the training documents (`rpttrain.data.DocWindows`), not on
+        task rows: the next-token baselines with --ntp-positions all."""
+        return self.objective in NEXT_TOKEN_OBJECTIVES and self.ntp_positions == "all"
+
     def identity(self) -> dict:
         """The settings that define the run (a resumed run must match them)."""
         d = asdict(self)
-        for k in NOT_IDENTITY + (NTP_ONLY if self.objective == "rpt" else ()):
+        dropped = NOT_IDENTITY + (NTP_ONLY if self.samples_rollouts else ())
+        dropped += RPT_ONLY if self.objective == "rlp" else RLP_ONLY
+        for k in dropped:
             d.pop(k)
         return d
 

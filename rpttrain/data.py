@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from rptdata.errors import BadOption, RptError
 from rptdata.io import STAGE_PREPARE, TASK_STAGES, atomic_file, checked_shards, parquet_errors, read_manifest
 from rptdata.tasks.taskdef import SPLITS, recorded_split_rule, split_of
+from rpttrain.config import NEXT_TOKEN_OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,19 @@ def mmap_shards(shards: Sequence[Path], columns: list[str], cache: Path) -> pa.T
     if not tables:
         raise RptError(f"nothing to read: no shards for {cache.name}")
     return pa.concat_tables(tables)
+
+
+def target_token(task: dict, tokenizer, exact: bool = True) -> int:
+    """x_t, the token a task's context is followed by: the task's `target_id` when the policy's
+    tokenizer is the tasks' (`exact`), else the first token of its continuation, tokenized.
+
+    >>> target_token({"target_id": 7, "continuation": " x"}, tokenizer=None)
+    7
+    """
+    target = task.get("target_id") if exact else None
+    if target is None:
+        target = tokenizer(task["continuation"], add_special_tokens=False)["input_ids"][0]
+    return int(target)
 
 
 class TaskRows:
@@ -226,7 +240,8 @@ def trained_on_record(
     >>> r["source"], r["documents"], r["tasks_dir"]
     ('task-rows', 'train-split-tasks', '/data/tasks')
     """
-    whole_documents = objective != "rpt" and ntp_positions == "all"  # as Trainer.setup picks DocWindows
+    # as TrainConfig.on_documents, which Trainer.setup follows to pick DocWindows
+    whole_documents = objective in NEXT_TOKEN_OBJECTIVES and ntp_positions == "all"
     return {
         "objective": objective,
         "task_kind": task_kind(tasks_manifest),

@@ -15,6 +15,8 @@ What is counted (bytes; N parameters, layers L, hidden h, MLP width i, vocabular
     adamw        2 N x master bytes (exp_avg, exp_avg_sq in the parameters' dtype)
     compute copy N x compute bytes when mixed: autocast keeps the cast weights for the backward
     reference    N x compute bytes when --kl-coef > 0
+    ema          N x 4 with --objective rlp: its no-think baseline, an EMA copy of the policy in
+                 float32 (measured on the embedded model: `docs/family.md`)
     vllm         --vllm-gpu-memory-utilization x device total (vLLM reserves it up front), on CUDA
     activations  per micro-batch of T tokens (rows x the longest sequence the tasks give, after
                  the prompt format and the --max-prompt-tokens cap): T x L x (14 h + 4 i) x compute
@@ -121,6 +123,7 @@ class TrainSizing:
     rollout_sequences: int  # sequences the transformers engine generates at once (0: no generate)
     vllm_fraction: float  # share of the device vLLM reserves (0 without vLLM on CUDA)
     attention: str = "flash"  # the kernel: flash | efficient | cudnn | math | eager | unknown
+    ema_model: bool = False  # --objective rlp keeps a float32 EMA copy of the policy
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -131,8 +134,8 @@ class TrainSizing:
         """From the config and, when given, the data's longest context (`memory_measure.DataShape`);
         without it, from the limits (--max-prompt-tokens), as a bound."""
         c = config
-        rpt = c.objective == "rpt"
-        all_positions = not rpt and c.ntp_positions == "all"
+        rpt = c.samples_rollouts
+        all_positions = c.on_documents
         if all_positions:  # windows of at most max_prompt_tokens + 1 tokens of a document
             cap = c.max_prompt_tokens + 1
             seq = min(cap, data.longest_context_tokens) if data else cap
@@ -172,6 +175,7 @@ class TrainSizing:
             if (rpt and engine == "vllm" and device.startswith("cuda"))
             else 0.0,
             attention=attention,
+            ema_model=c.objective == "rlp",
         )
 
 
@@ -200,6 +204,7 @@ def estimate_train_memory(shape: ModelShape, s: TrainSizing, device_total: int |
         "adamw": 2 * n * s.master_bytes,
         "compute_copy": n * s.compute_bytes if mixed else 0,
         "reference": n * s.compute_bytes if s.reference_model else 0,
+        "ema": n * 4 if s.ema_model else 0,
         "vllm": int(s.vllm_fraction * device_total) if (s.vllm_fraction and device_total) else 0,
         "runtime": GIB,
         "activations": activations,
@@ -249,7 +254,7 @@ def way_out(shape: ModelShape, config, sizing_of, free: int) -> str | None:
     if not config.gradient_checkpointing and fits(gradient_checkpointing=True):
         return "--gradient-checkpointing"
     new = config.max_new_tokens
-    while config.objective == "rpt" and new // 2 >= 1:
+    while config.samples_rollouts and new // 2 >= 1:
         new //= 2
         if fits(max_new_tokens=new):
             return f"--max-new-tokens {new}"

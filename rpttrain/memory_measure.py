@@ -76,7 +76,7 @@ def data_shape(config, tasks_manifest: dict, tokenizer) -> DataShape:
 
     c = config
     exact = not c.allow_tokenizer_mismatch
-    if c.objective != "rpt" and c.ntp_positions == "all":
+    if c.on_documents:
         prepared = Path(tasks_manifest.get("prepared_dir") or "")
         files = list_shards(prepared / "docs")
         return DataShape(column_max(files, "n_tokens"), 0, exact, f"{prepared}/docs n_tokens")
@@ -87,7 +87,7 @@ def data_shape(config, tasks_manifest: dict, tokenizer) -> DataShape:
         overhead = len(build_prompt_ids(fmt, "", tokenizer, 10**9))
         return DataShape(longest, overhead, True, f"{c.tasks_dir}/train questions, tokenized")
     longest = column_max(files, "context_tokens")
-    fmt = load_prompt_format(c.prompt_template if c.objective == "rpt" else "continuation")
+    fmt = load_prompt_format(c.prompt_template if c.samples_rollouts else "continuation")
     overhead = len(build_prompt_ids(fmt, "", tokenizer, 10**9))
     return DataShape(longest, overhead, exact, f"{c.tasks_dir}/train context_tokens")
 

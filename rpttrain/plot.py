@@ -2,8 +2,9 @@
 
 RPT runs get reward/accuracy, completion length, zero-variance share and the collapse monitor
 (`rpttrain.collapse`: majority share, wrong-consensus share, distinct predictions per group; a
-panel is left empty for runs logged before it existed); next-token baselines get
-loss, accuracy and the entropy of the trained distribution. Every panel is against the step, with
+panel is left empty for runs logged before it existed); RLP runs get the mean information gain,
+the share of rollouts with a positive gain, the thought length and where the seconds went;
+next-token baselines get loss, accuracy and the entropy of the trained distribution. Every panel is against the step, with
 a secondary x label of cumulative training FLOPs at the last step.
 """
 
@@ -22,6 +23,12 @@ PANELS = {
         ("collapse: agreement in a group", ["majority_share_mean", "wrong_consensus_share"]),
         ("collapse: distinct predictions per group", ["distinct_predictions_mean"]),
         ("seconds per step", ["rollout_s", "update_s"]),
+    ],
+    "rlp": [
+        ("information gain (nats)", ["information_gain_mean"]),
+        ("rollouts with a positive gain", ["positive_gain_share"]),
+        ("thought length", ["thought_len_mean", "thought_len_max"]),
+        ("seconds per step", ["rollout_s", "score_s", "update_s", "ema_s"]),
     ],
     "ntp": [
         ("loss", ["loss"]),
@@ -48,7 +55,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     metrics = read_metrics(run_dir)
     if not metrics:
         raise MissingUpstream(f"{run_dir}: metrics.jsonl is empty (no step finished yet)")
-    kind = "rpt" if "reward_mean" in metrics[0] else "ntp"
+    kind = "rpt" if "reward_mean" in metrics[0] else "rlp" if "information_gain_mean" in metrics[0] else "ntp"
     steps = [m["step"] for m in metrics]
     panels = PANELS[kind]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))

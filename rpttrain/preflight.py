@@ -185,7 +185,7 @@ def rollout_engine(config, device: str, backend: str = "rpt") -> str:
     for --engine vllm (auto and hf: transformers)."""
     from rptdata.engine_choice import choose_engine
 
-    if config.objective != "rpt":
+    if not config.samples_rollouts:
         return "hf"
     if backend == "trl":
         return "vllm" if config.engine == "vllm" else "hf"

@@ -17,6 +17,13 @@ completion, so a format cannot be scored with the wrong extractor. Built-ins:
   ``\\boxed{}`` (SmolLM2-135M boxes 0 of 80 answers under ``v0``): the prompt is the
   raw context, no chat template and no instructions, and the guess is the
   completion text verbatim.
+- ``rlp``: RLP's shape (arXiv 2510.01265, Fig. 1: "... use to make their own food using
+  <think> The sentence describes ... </think> sunlight"): the raw context, then `` <think>``;
+  the policy writes a thought and closes it with ``</think>``; the guess is the text after
+  the closing tag, verbatim (None when the thought never closes). The context and the
+  opening tag are tokenized apart, so the prompt's ids are exactly the context's ids and
+  then the tag's: `rpt train --objective rlp` scores the next token after the context alone
+  with those same ids. Raw text, no chat template: the paper trains base models.
 
 A user's own template is a text file holding the placeholder ``{context}`` exactly
 once; it renders as a chat format with box extraction and is named ``file:<path>``.
@@ -43,6 +50,9 @@ from rpttrain.reward import extract_prediction
 
 __all__ = [
     "ANSWER_FORMATS",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "extract_after_thought",
     "PLACEHOLDER",
     "PROMPT_FORMATS",
     "PromptFormat",
@@ -55,6 +65,22 @@ __all__ = [
 
 PLACEHOLDER = "{context}"
 _FILE_PREFIX = "file:"
+
+
+THINK_OPEN, THINK_CLOSE = " <think>", "</think>"
+
+
+def extract_after_thought(completion: str) -> str | None:
+    """The guess of the ``rlp`` format: what follows the thought's closing tag, verbatim.
+
+    >>> extract_after_thought(" plants use light.</think> sunlight")
+    ' sunlight'
+    >>> extract_after_thought(" still thinking") is None
+    True
+    """
+    if THINK_CLOSE not in completion:
+        return None
+    return completion.split(THINK_CLOSE, 1)[1]
 
 
 def extract_verbatim(completion: str) -> str:
@@ -80,6 +106,8 @@ class PromptFormat:
         uses_chat: True when the prompt is a chat conversation (rendered with the
             tokenizer's chat template); False when it is raw text.
         extract: turns a completion into the guess that the reward scores.
+        thought: for raw formats that ask for a thought first, its (opening, closing) tags: the
+            prompt is the context, then the opening tag (tokenized apart).
     """
 
     name: str
@@ -87,12 +115,15 @@ class PromptFormat:
     user_template: str | None
     uses_chat: bool
     extract: Callable[[str], str | None]
+    thought: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.uses_chat and (self.user_template is None or self.user_template.count(PLACEHOLDER) != 1):
             raise BadOption(
                 f"prompt format {self.name!r}: a chat format needs a user_template holding {PLACEHOLDER} exactly once"
             )
+        if self.uses_chat and self.thought is not None:
+            raise BadOption(f"prompt format {self.name!r}: a thought's tags go after a raw context, not a chat")
 
 
 _V0 = """### Context
@@ -130,6 +161,7 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
     "v2": PromptFormat("v2", None, _V2, True, extract_prediction),
     "v6": PromptFormat("v6", None, _V6, True, extract_prediction),
     "continuation": PromptFormat("continuation", None, None, False, extract_verbatim),
+    "rlp": PromptFormat("rlp", None, None, False, extract_after_thought, (THINK_OPEN, THINK_CLOSE)),
     "answer": PromptFormat("answer", None, _ANSWER, True, extract_verbatim),
 }
 # the formats of answer tasks (a problem in, a final answer in \boxed{} out); the others are for next-token tasks
@@ -197,7 +229,7 @@ def build_messages(fmt: PromptFormat, context: str) -> list[dict[str, str]]:
 def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None) -> str:
     """The prompt string the policy sees.
 
-    - ``continuation`` (raw formats): the context itself.
+    - ``continuation`` (raw formats): the context itself; ``rlp``: the context, then `` <think>``.
     - chat formats with a tokenizer that has a ``chat_template``:
       ``tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``.
     - chat formats otherwise: a plain-text transcript, each message as
@@ -210,7 +242,7 @@ def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None) -> str
     True
     """
     if not fmt.uses_chat:
-        return context
+        return context + (fmt.thought[0] if fmt.thought else "")
     messages = build_messages(fmt, context)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -223,8 +255,14 @@ def build_prompt_ids(fmt: PromptFormat, context: str, tokenizer: Any, max_prompt
 
     A prompt that is too long loses the START of its context (the end, next to the token to
     predict, matters most): the raw format keeps the last tokens; chat formats re-render with the
-    context's leading tokens dropped. Special tokens come only from the chat template.
+    context's leading tokens dropped. Special tokens come only from the chat template. A thought's
+    opening tag is tokenized apart and follows the context's ids.
     """
+    if fmt.thought is not None:
+        tag = tokenizer(fmt.thought[0], add_special_tokens=False)["input_ids"]
+        if len(tag) >= max_prompt_tokens:
+            raise BadOption(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")
+        return build_prompt_ids(PROMPT_FORMATS["continuation"], context, tokenizer, max_prompt_tokens - len(tag)) + tag
     ids = tokenizer(render_prompt(fmt, context, tokenizer), add_special_tokens=False)["input_ids"]
     if len(ids) <= max_prompt_tokens:
         return ids

@@ -1,12 +1,14 @@
-"""`rpt train`: the training loop, shared by the objectives (GRPO and the next-token baselines).
+"""`rpt train`: the training loop, shared by the objectives (`rpttrain.objectives`).
 
     run_train(TrainConfig(tasks_dir="out/tasks", out="out/run", model="smollm2-135m", ...)) -> summary
 
 The loop owns the run: the run directory (claimed like every stage's: refuse, resume, overwrite),
 the model in its master dtype, AdamW and the schedule, the data sampler, the optimizer step
 (clip, skip non-finite updates and count them), signals, logging and checkpoints. One step of the
-objective (`rpttrain.grpo.GRPOObjective` for `rpt`, `rpttrain.ntp.NextTokenObjective` for `ntp`
-and `shaped-ntp`) accumulates gradients and returns its metrics; options: `rpttrain.config`.
+objective (`objectives.grpo.GRPOObjective` for `rpt`, `objectives.rlp.RLPObjective` for `rlp`,
+`objectives.ntp.NextTokenObjective` for `ntp` and `shaped-ntp`) accumulates gradients and returns its metrics and token counts; the loop
+alone adds those to the run's totals and FLOPs and writes the step's record
+(`rpttrain.step_record`); options: `rpttrain.config`.
 
 The run directory holds config.yaml (the resolved config), run.json (the identity a resume must
 match), trained_on.json (what the run trained on, read by `rpt eval`), metrics.jsonl (one line per
@@ -18,7 +20,8 @@ Compute accounting (FLOPs, logged per step and cumulatively; N = model parameter
     counts once on the one-token fast path), plus 2 * N per token the rollout engine runs through
     the model (`RolloutEngine.forward_tokens`: one-token rollouts and vLLM's shared prefill run a
     prompt once per group, transformers generate() n times; plus the fed-back generated tokens).
-    Counting what runs, not prompt x samples, keeps RPT and next-token runs comparable.
+    RLP adds 2 * N per token of its two scoring forwards (with the thought, and the EMA's
+    without it). Counting what runs, not prompt x samples, keeps the objectives comparable.
 
 Precision (`rpttrain.precision`): bf16 compute over float32 master weights on GPU by default.
 Left out on purpose: multi-GPU (`rpt train --backend verl|trl`), sequence packing, a value model
@@ -63,11 +66,11 @@ from rpttrain.data import (
     policy_tokenizer,
     trained_on_record,
 )
-from rpttrain.grpo import GRPOObjective, build_engine
-from rpttrain.ntp import NextTokenObjective
+from rpttrain.objectives import ObjectiveParts, build_objective
 from rpttrain.precision import dtype_name, resolve_precision
 from rpttrain.preflight import PREFLIGHT, RunPreflight
 from rpttrain.report_to import WANDB_DIR, check_reporters, open_loggers
+from rpttrain.step_record import record_step
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def setup(self, resume: bool, overwrite: bool) -> None:
         c = self.config
-        engine = choose_engine(c.engine, self.device) if c.objective == "rpt" else None
+        engine = choose_engine(c.engine, self.device) if c.samples_rollouts else None
         check_reporters(c.report_to)  # a missing wandb stops here, before anything loads
         self.tokenizer = policy_tokenizer(c, self.tasks_manifest)
         # before anything is loaded or written: a run that cannot fit stops here (`rpttrain.preflight`)
@@ -135,31 +138,22 @@ class Trainer:
         truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         cache = self.run_dir / DATA_CACHE
-        if c.objective != "rpt" and c.ntp_positions == "all":
+        if c.on_documents:
             source = DocWindows(self.tasks_manifest, c.max_prompt_tokens, cache)
         else:
             source = TaskRows(c.tasks_dir, cache)
         self.sampler = EpochSampler(source, c.seed, **cursor)
-        common = dict(
-            model=self.model,
-            tokenizer=self.tokenizer,
-            sampler=self.sampler,
-            precision=self.precision,
-            optimizer_step=self._optimizer_step,
-            totals=self.totals,
-            n_params=self.n_params,
+        parts = ObjectiveParts(
+            self.model,
+            self.tokenizer,
+            self.sampler,
+            self.precision,
+            self.device,
+            self._optimizer_step,
+            engine,
+            start_from,
         )
-        if c.objective == "rpt":
-            rollout_engine = build_engine(c, engine, self.model, self.tokenizer, self.precision, start_from)
-            self.objective = GRPOObjective(
-                c,
-                engine=rollout_engine,
-                samples_path=self.run_dir / "samples.jsonl",
-                ref_model=self._reference_model(),
-                **common,
-            )
-        else:
-            self.objective = NextTokenObjective(c, **common)
+        self.objective = build_objective(c, parts)
         self.loggers = open_loggers(c.report_to, self.run_dir, asdict(c))  # tensorboard, wandb (--report-to)
         faults.hit("begin")
 
@@ -205,13 +199,6 @@ class Trainer:
         self.model.train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
-    def _reference_model(self):
-        """The frozen base policy for the KL term; none at all when --kl-coef is 0 (the paper's)."""
-        if self.config.kl_coef <= 0:
-            return None
-        ref = load_causal_lm(self.config.model, dtype=dtype_name(self.precision.compute), device=self.device).eval()
-        return ref.requires_grad_(False)
-
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip, then step, unless the loss or gradient is not finite (then skip and say so); then
         drop the gradients. A step's gradient is its own: left in place, the clipped gradient of
@@ -248,12 +235,7 @@ class Trainer:
                 self._log(metrics)
                 faults.hit("train-step")
                 bar.update(1)
-                if "reward_mean" in metrics:
-                    bar.set_postfix(
-                        reward=f"{metrics['reward_mean']:.3f}", zero_var=f"{metrics['zero_variance_share']:.2f}"
-                    )
-                else:
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in self.objective.progress_keys})
                 bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
                 if bad_in_a_row >= c.max_bad_steps:
                     self.save()
@@ -285,7 +267,10 @@ class Trainer:
         self.stop_flag = True
 
     def train_step(self) -> dict:
-        metrics = self.objective.step(self.step)
+        """One step of the objective; its counts added to the run's totals, its samples written."""
+        c = self.config
+        result = self.objective.step(self.step)
+        metrics = record_step(result, self.step, self.totals, self.n_params, self.run_dir, c.sample_every)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
@@ -315,6 +300,7 @@ class Trainer:
             },
             keep=self.config.keep_checkpoints,
             hf_dtype=self.precision.compute,
+            objective_state=self.objective.save_state,
         )
 
 

@@ -65,3 +65,25 @@ def write_jsonl(tmp_path):
         return path
 
     return write
+
+
+# texts a tied tiny model is warmed on (tests/rpt_fixtures.warm_up), and tasks cut from them at
+# every word: contexts of 1 to 9 words (1 to 11 tokens), whose next word the model gets right
+# with middling probability, so groups hold both rewards and every step has a gradient; with
+# --micro-batch-tokens 24 most batches of 4 take 2 micro-batches
+WARM = [
+    "The quick brown fox jumps over the lazy dog.",
+    "1234567890 the lazy dog jumps over the quick brown fox",
+    "héllo wörld, naïve café",
+]
+WARM_PAIRS = [(" ".join(w[:k]), " " + w[k]) for w in (t.split(" ") for t in WARM) for k in range(1, len(w))]
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, tiny_bpe_dir):
+    """A tied tiny model warmed on WARM, and tasks cut from WARM (tests/test_train.py, test_rlp.py)."""
+    from tests.rpt_fixtures import tiny_llama, write_tasks_dir
+
+    root = tmp_path_factory.mktemp("warm_rl")
+    model = tiny_llama(root / "model", tiny_bpe_dir, tie=True, warm_texts=WARM)
+    return model, write_tasks_dir(root / "tasks", str(tiny_bpe_dir), WARM_PAIRS)

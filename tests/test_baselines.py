@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rpttrain import algos
+from rpttrain.objectives import algos
 from rpttrain.train import run_train
 from tests.rpt_fixtures import tiny_llama, tiny_train_config, write_tasks_dir
 

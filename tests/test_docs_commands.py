@@ -76,6 +76,7 @@ SUBSTITUTIONS = [
     (r"^(rpt score-entropy (?!.*--merge)(?!.*--max-context).*)$", r"\1 --max-context 128"),
     (r"--max-context 512", "--max-context 128"),
     (r"--threshold 1\.0 ", "--threshold 0 "),
+    (r"--threshold 1\.5 ", "--threshold 0 "),  # docs/family.md's hard positions: none in a few documents
     (r"--context-tokens 1024", "--context-tokens 64"),
     (r"--max-tasks 20000 --max-eval-tasks 1000", "--max-tasks 40 --max-eval-tasks 20"),
     (r"--min-live 0\.[57]", "--min-live 0.1"),

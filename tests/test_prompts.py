@@ -109,6 +109,26 @@ def test_continuation_format_is_the_raw_context(chat_tokenizer):
         build_messages(fmt, "x")
 
 
+def test_rlp_format_is_the_context_then_an_opened_thought(smollm2_tokenizer):
+    """The rlp prompt's ids are exactly the context's ids, then " <think>"'s (tokenized apart), the
+    context losing its start to fit; the guess is what follows </think>."""
+    from rpttrain.prompts import build_prompt_ids
+
+    fmt = PROMPT_FORMATS["rlp"]
+    assert not fmt.uses_chat and fmt.thought == (" <think>", "</think>")
+    assert render_prompt(fmt, HOSTILE_CONTEXT) == HOSTILE_CONTEXT + " <think>"
+    tok = smollm2_tokenizer
+    context = "Photosynthesis is the process plants use to make their own food using"
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    tag = tok(" <think>", add_special_tokens=False)["input_ids"]
+    assert build_prompt_ids(fmt, context, tok, 1000) == ctx + tag
+    assert build_prompt_ids(fmt, context, tok, len(tag) + 3) == ctx[-3:] + tag
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens"):
+        build_prompt_ids(fmt, context, tok, len(tag))
+    assert fmt.extract(" it needs light.</think> sunlight") == " sunlight"
+    assert fmt.extract(" it needs light") is None
+
+
 def test_chat_format_needs_the_placeholder_once():
     with pytest.raises(ValueError, match="exactly once"):
         PromptFormat("bad", None, "no placeholder", True, extract_prediction)

@@ -70,16 +70,14 @@ def _greedy(stops, n_tokens=16):
 
 
 def _trainer_logprobs(model, prompts, groups, temperature):
-    """The trainer's own recomputation (`GRPOObjective.completion_logprobs`) of each completion's log-probs."""
-    from rpttrain.grpo import GRPOObjective
+    """The trainer's own recomputation (`policy_update.completion_logprobs`) of each completion's log-probs."""
+    from rpttrain.objectives.policy_update import completion_logprobs
 
-    objective = GRPOObjective.__new__(GRPOObjective)  # no setup: the method needs only the temperature
-    objective.config = SimpleNamespace(temperature=temperature)
     batch = [
         SimpleNamespace(prompt_ids=list(p), completion_ids=c.token_ids) for p, g in zip(prompts, groups) for c in g
     ]
     with torch.no_grad():
-        logp, mask = objective.completion_logprobs(model, batch)[:2]
+        logp, mask = completion_logprobs(model, batch, temperature)
     return [logp[i, : int(mask[i].sum())].tolist() for i in range(len(batch))]
 
 

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from rpttrain import algos
 from rpttrain.checkpoint import list_checkpoints
 from rpttrain.config import TrainConfig
+from rpttrain.objectives import algos
 from rpttrain.train import Trainer, run_train
 from tests.rpt_fixtures import rewrite_shard, tiny_llama, tiny_train_config, write_tasks_dir
 
@@ -39,6 +39,34 @@ def test_trainer_knows_nothing_of_the_backends_and_one_function_writes_the_prefl
     assert paths == ["rpttrain/preflight.py"], paths
     source = (root / "rpttrain" / "preflight.py").read_text()
     assert source.count("write_json_atomic(") == 1 and "def _write(self)" in source
+
+
+def test_one_policy_loss_serves_every_grpo_path_and_no_import_circle():
+    """The micro-batch policy loss (clip, KL term, aggregation) is computed in one module that every
+    GRPO-style step calls; the fused step and the step record import nothing of the GRPO objective,
+    and the step record nothing of any objective (the trainer writes it); every objective name is
+    built through the one registry."""
+    import ast
+    from pathlib import Path
+
+    from rpttrain.config import OBJECTIVES
+    from rpttrain.objectives import OBJECTIVE_CLASSES
+
+    root = Path(__file__).resolve().parents[1]
+    callers = sorted(
+        p.relative_to(root).as_posix()
+        for p in (root / "rpttrain").rglob("*.py")
+        if any(f"algos.{f}(" in p.read_text() for f in ("policy_loss", "aggregate_loss", "kl_k3"))
+    )
+    assert callers == ["rpttrain/objectives/policy_update.py"], callers
+
+    def imports(path: Path) -> list[str]:
+        tree = ast.parse(path.read_text())
+        return [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+
+    assert not [m for m in imports(root / "rpttrain/objectives/fused_step.py") if m.endswith("grpo")]
+    assert not [m for m in imports(root / "rpttrain/step_record.py") if m.startswith("rpttrain.objectives")]
+    assert sorted(OBJECTIVE_CLASSES) == sorted(OBJECTIVES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,25 +192,6 @@ def test_grpo_learns_a_learnable_task(tmp_path, tiny_bpe_dir):
     assert greedy_accuracy(final, LEARNABLE, tiny_bpe_dir) >= 0.875
 
 
-# texts a tied tiny model is warmed on (tests/rpt_fixtures.warm_up), and tasks cut from them at
-# every word: contexts of 1 to 9 words (1 to 11 tokens), whose next word the model gets right
-# with middling probability, so groups hold both rewards and every step has a gradient; with
-# --micro-batch-tokens 24 most batches of 4 take 2 micro-batches
-WARM = [
-    "The quick brown fox jumps over the lazy dog.",
-    "1234567890 the lazy dog jumps over the quick brown fox",
-    "héllo wörld, naïve café",
-]
-WARM_PAIRS = [(" ".join(w[:k]), " " + w[k]) for w in (t.split(" ") for t in WARM) for k in range(1, len(w))]
-
-
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory, tiny_bpe_dir):
-    root = tmp_path_factory.mktemp("warm_rl")
-    model = tiny_llama(root / "model", tiny_bpe_dir, tie=True, warm_texts=WARM)
-    return model, write_tasks_dir(root / "tasks", str(tiny_bpe_dir), WARM_PAIRS)
-
-
 def warm_config(warm, out, **over):
     """Settings that reach what a resume must restore: tied embeddings (as SmolLM2), the default
     prompt length, contexts of several lengths in several micro-batches, a gradient at every step
@@ -236,6 +245,29 @@ def test_resume_is_bit_exact_when_every_step_has_a_gradient(warm, tmp_path, comp
     trainer.setup(resume=True, overwrite=False)
     assert trainer.model.lm_head.weight is trainer.model.get_input_embeddings().weight
     trainer.objective.close()
+
+
+def test_rlp_resume_is_bit_exact_in_weights_and_ema(warm, tmp_path):
+    """--objective rlp: a run stopped after step 2 and resumed equals the run that went through,
+    in every logged metric, the weights and the EMA copy (ema.safetensors), bit for bit."""
+    from safetensors.torch import load_file
+
+    over = dict(objective="rlp", prompt_template=None, batch_size=3, max_new_tokens=4, micro_batch_tokens=48)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_train(warm_config(warm, whole, **over))
+    run_train(warm_config(warm, part, **{**over, "steps": 2}))
+    run_train(warm_config(warm, part, **over), resume=True)
+    a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert all(m["grad_norm"] > 0 for m in a)  # every step moved the policy, hence the EMA
+    assert [_timeless(m) for m in a] == [_timeless(m) for m in b]
+    ca, cb = list_checkpoints(whole)[-1], list_checkpoints(part)[-1]
+    for name in ("model.safetensors", "ema.safetensors"):  # bit for bit
+        wa, wb = load_file(str(ca / name)), load_file(str(cb / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ema, policy = load_file(str(ca / "ema.safetensors")), load_file(str(ca / "model.safetensors"))
+    assert any(not torch.equal(ema[k], policy[k]) for k in ema.keys() & policy.keys())
 
 
 def test_no_gradient_outlives_its_step(warm, tmp_path):
@@ -295,8 +327,9 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN update reached the weights
 
 
-def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
-    from rpttrain.grpo import Rollout
+def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path, monkeypatch):
+    from rpttrain.objectives import policy_update
+    from rpttrain.objectives.grpo import Rollout
     from rpttrain.rollout import Sampling
 
     trainer = Trainer(tiny_config(tiny, tmp_path / "run"))
@@ -307,9 +340,9 @@ def test_shared_prompt_fast_path_equals_the_general_path(tiny, tmp_path):
     batch = [
         Rollout(p, c.token_ids, c.text, 0.0, 0.0, None, False, c.logprobs) for p, g in zip(prompts, groups) for c in g
     ]
-    fast, fast_mask = grpo.completion_logprobs(trainer.model, batch)
-    grpo.single_token = staticmethod(lambda b: False)  # force the general left-padded path
-    slow, slow_mask = grpo.completion_logprobs(trainer.model, batch)
+    fast, fast_mask = policy_update.completion_logprobs(trainer.model, batch, 1.0)
+    monkeypatch.setattr(policy_update, "single_token", lambda b: False)  # force the general left-padded path
+    slow, slow_mask = policy_update.completion_logprobs(trainer.model, batch, 1.0)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast_mask, slow_mask)
     engine = torch.tensor([c.logprobs[0] for g in groups for c in g])
     assert torch.allclose(fast[:, 0].detach(), engine, atol=1e-5)  # engine and trainer agree

@@ -126,6 +126,13 @@ def check_backend(config: Any, backend: str) -> None:
             f"prediction's first token, P(y[0] | x<t), which {backend}'s reward functions (text in, a number out) "
             "never see. Use --backend rpt, or --reward prefix|first-token."
         )
+    if backend != "rpt" and getattr(config, "objective", "rpt") == "rlp":
+        raise BackendOptionError(
+            f"--backend {backend} cannot honour --objective rlp: its reward scores the next token after each "
+            "thought with the policy and an EMA copy of it, which the EMA's state and its update after every "
+            f"optimizer step would have to live inside {backend}'s trainer; {backend} ships no such objective. "
+            "Use --backend rpt."
+        )
     bad = unsupported_options(config, backend)
     if bad:
         names = ", ".join(f"{n} (--{n.replace('_', '-')}={getattr(config, n)!r})" for n in bad)

@@ -3,7 +3,7 @@ accounting as RPT (6·N FLOPs per trained token), so the three are compared at e
 
     ntp         cross-entropy on every token of the training documents (`--ntp-positions all`, the
                 windows of `rpttrain.data.DocWindows`) or on the task positions only (`tasks`)
-    shaped-ntp  the reward-shaped next-token loss of arXiv 2512.22955 (`rpttrain.algos.shaped_ntp_loss`)
+    shaped-ntp  the reward-shaped next-token loss of arXiv 2512.22955 (`objectives.algos.shaped_ntp_loss`)
 
 No rollout engine is built: these objectives never sample.
 """
@@ -15,14 +15,18 @@ from collections.abc import Callable
 
 import torch
 
-from rpttrain import algos
 from rpttrain.batching import last_positions_logits, left_pad, plan_batches
+from rpttrain.data import target_token
+from rpttrain.objectives import Objective, ObjectiveParts, algos
 from rpttrain.precision import Precision
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.step_record import StepResult
 
 
-class NextTokenObjective:
+class NextTokenObjective(Objective):
     """One step of next-token training (cross-entropy, or the shaped objective), by micro-batch."""
+
+    progress_keys = ("loss", "accuracy")
 
     def __init__(
         self,
@@ -32,15 +36,14 @@ class NextTokenObjective:
         sampler,
         precision: Precision,
         optimizer_step: Callable,
-        totals: dict,
-        n_params: int,
     ):
         self.config = config
         self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.precision, self.optimizer_step, self.totals, self.n_params = precision, optimizer_step, totals, n_params
+        self.precision, self.optimizer_step = precision, optimizer_step
 
-    def close(self) -> None:
-        pass
+    @classmethod
+    def build(cls, config, parts: ObjectiveParts) -> NextTokenObjective:
+        return cls(config, parts.model, parts.tokenizer, parts.sampler, parts.precision, parts.optimizer_step)
 
     def examples(self) -> list[tuple[list[int], int]]:
         """(token ids, number of trailing positions to train) for one batch."""
@@ -52,10 +55,7 @@ class NextTokenObjective:
         out = []
         for t in items:
             ids = build_prompt_ids(fmt, t["context"], self.tokenizer, c.max_prompt_tokens - 1)
-            target = t.get("target_id") if not c.allow_tokenizer_mismatch else None
-            if target is None:
-                target = self.tokenizer(t["continuation"], add_special_tokens=False)["input_ids"][0]
-            out.append((ids + [int(target)], 1))
+            out.append((ids + [target_token(t, self.tokenizer, exact=not c.allow_tokenizer_mismatch)], 1))
         return out
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class NextTokenObjective:
             return algos.shaped_ntp_loss(logits, targets)  # beta 0, lambdas 0: cross-entropy
         return algos.shaped_ntp_loss(logits, targets, c.beta, c.topk, c.lambda_top, c.lambda_tail)
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int) -> StepResult:
         c = self.config
         t0 = time.time()
         examples = self.examples()
@@ -96,11 +96,7 @@ class NextTokenObjective:
             tokens += sum(len(s) for s in seqs)
         update_s = time.time() - t0
         grad_norm, bad = self.optimizer_step(loss_sum)
-        flops = 6.0 * self.n_params * tokens
-        self.totals["flops"] += flops
-        self.totals["update_tokens"] += tokens
-        self.totals["samples"] += len(examples)
-        return {
+        metrics = {
             "loss": loss_sum,
             "accuracy": correct / max(total_positions, 1),
             "entropy_mean": ent_sum / max(total_positions, 1),
@@ -110,6 +106,5 @@ class NextTokenObjective:
             "skipped_update": bad,
             "update_s": round(update_s, 4),
             "step_s": round(time.time() - t0, 4),
-            "flops": flops,
-            "flops_total": self.totals["flops"],
         }
+        return StepResult(metrics, {"update_tokens": tokens, "samples": len(examples)})

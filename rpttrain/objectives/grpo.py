@@ -3,10 +3,13 @@
     rollout    B contexts x G samples from the rollout engine (transformers or vLLM)
     reward     the prompt format's extraction + `rpttrain.reward` (prefix / first-token, or App. A's
                dense / conditional-dense with P(y[0] | x<t) from the policy: `rpttrain.dense`)
-    advantage  group-normalized advantages (`rpttrain.algos`); dynamic sampling (DAPO) refills
+    advantage  group-normalized advantages (`objectives.algos`); dynamic sampling (DAPO) refills
                the batch with groups whose rewards differ, from step --dynamic-sampling-from
-    update     clipped policy-gradient loss over completion tokens, micro-batched by a token
-               budget, then the trainer's optimizer step (clip, skip non-finite, AdamW)
+    update     clipped policy-gradient loss over completion tokens (the shared
+               `objectives.policy_update.PolicyUpdate`), micro-batched by a token budget, then the
+               trainer's optimizer step (clip, skip non-finite, AdamW)
+    record     the step's metrics, token counts and samples (`step_result`), which the trainer
+               adds to the run's totals and FLOPs and writes (`rpttrain.step_record`)
 
 Log-probs for the update come from the training model itself; the engine's own log-probs are only
 compared with them (`logprob_mismatch`), never trained on. One on-policy update per batch, so the
@@ -17,8 +20,8 @@ the one-token step is fused (`--fused-one-token`, on by default): the samples ar
 update's own forward pass (the policy has not changed yet), so a step costs one forward + backward
 instead of a rollout forward, then the update's forward + backward. Every prompt's samples come
 from a generator seeded by the prompt alone (`rollout.prompt_seed`), so the fused and the two-pass
-step draw the same samples. Not fused while dynamic sampling may drop groups (their forward would
-be spent for nothing).
+step draw the same samples (`objectives.fused_step`). Not fused while dynamic sampling may drop
+groups (their forward would be spent for nothing).
 """
 
 from __future__ import annotations
@@ -28,18 +31,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from rptdata.models import local_model_dir
+from rptdata.models import load_causal_lm, local_model_dir
 from rptdata.tasks.live import predicted_zero_variance
-from rpttrain import algos
-from rpttrain.batching import last_positions_logits, plan_batches
+from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
-from rpttrain.fused_step import fused_rollout_and_update
+from rpttrain.objectives import Objective, ObjectiveParts, algos
+from rpttrain.objectives.fused_step import fused_rollout_and_update
+from rpttrain.objectives.policy_update import PolicyUpdate, policy_gradient_update, set_advantages
 from rpttrain.precision import Precision, dtype_name
 from rpttrain.prompts import build_prompt_ids, load_prompt_format
 from rpttrain.rollout import Sampling, make_engine, stop_ids
-from rpttrain.step_record import record_step
+from rpttrain.step_record import StepResult
 
 
 @dataclass
@@ -81,9 +86,21 @@ def build_engine(config, engine: str, model, tokenizer, precision: Precision, st
     return make_engine("hf", model, tokenizer, compute_dtype=precision.compute)
 
 
-class GRPOObjective:
-    """One GRPO step: generate, reward, advantage, accumulate the policy-gradient; the trainer owns
-    the model, optimizer, data, checkpoints and the cumulative totals this step adds to."""
+def reference_model(config, precision: Precision, device: str):
+    """The frozen base policy for the KL term; none at all when --kl-coef is 0 (the paper's)."""
+    if config.kl_coef <= 0:
+        return None
+    ref = load_causal_lm(config.model, dtype=dtype_name(precision.compute), device=device).eval()
+    return ref.requires_grad_(False)
+
+
+class GRPOObjective(Objective):
+    """One GRPO step: generate, reward, advantage, accumulate the policy-gradient, then the
+    trainer's optimizer step. Returns the step's metrics, token counts and samples
+    (`rpttrain.step_record.StepResult`); the trainer owns the model, optimizer, data, checkpoints,
+    the run's totals and what is written."""
+
+    progress_keys = ("reward_mean", "zero_variance_share")
 
     def __init__(
         self,
@@ -94,20 +111,30 @@ class GRPOObjective:
         sampler,
         precision: Precision,
         optimizer_step: Callable,
-        totals: dict,
-        n_params: int,
-        samples_path: Path,
         ref_model=None,
     ):
         self.config = config
         self.model, self.tokenizer, self.engine, self.sampler = model, tokenizer, engine, sampler
-        self.precision, self.optimizer_step, self.totals, self.n_params = precision, optimizer_step, totals, n_params
-        self.samples_path, self.ref_model = samples_path, ref_model
+        self.precision, self.optimizer_step, self.ref_model = precision, optimizer_step, ref_model
         self.fmt = load_prompt_format(config.prompt_template)
         self.scorer = GroupScorer(
             config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens, config.micro_batch_tokens
         )
         self.stops = stop_ids(tokenizer)
+
+    @classmethod
+    def build(cls, config, parts: ObjectiveParts) -> GRPOObjective:
+        """The rollout engine (`parts.engine`), the reference model (--kl-coef > 0), then the objective."""
+        return cls(
+            config,
+            parts.model,
+            parts.tokenizer,
+            build_engine(config, parts.engine, parts.model, parts.tokenizer, parts.precision, parts.start_from),
+            parts.sampler,
+            parts.precision,
+            parts.optimizer_step,
+            ref_model=reference_model(config, parts.precision, parts.device),
+        )
 
     def close(self) -> None:
         self.engine.close()
@@ -161,107 +188,14 @@ class GRPOObjective:
         return out
 
     def advantages(self, groups: list[list[Rollout]]) -> None:
-        rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
-        adv = algos.group_advantages(rewards, scale=self.config.scale_rewards)
-        for g, a in zip(groups, adv.tolist()):
-            for r, x in zip(g, a):
-                r.advantage = x
+        set_advantages(groups, self.config.scale_rewards)
 
     def update(self, rollouts: list[Rollout]) -> dict:
-        c = self.config
-        rollouts = [r for r in rollouts if r.completion_ids]
-        stats = {"clip_frac": 0.0, "logprob_mismatch": None, "kl": 0.0, "loss": 0.0, "update_tokens": 0}
-        if not rollouts:
-            return {**stats, "grad_norm": 0.0, "skipped": False}
-        all_mask = torch.zeros(len(rollouts), max(len(r.completion_ids) for r in rollouts))
-        for i, r in enumerate(rollouts):
-            all_mask[i, : len(r.completion_ids)] = 1
-        denom = algos.loss_denominator(all_mask, c.loss_agg, max_len=c.max_new_tokens)
-        clipped = total = 0.0
-        mismatch_sum, mismatch_n = 0.0, 0
-        for mb in self.micro_batches(rollouts):
-            batch = [rollouts[i] for i in mb]
-            with self.precision.autocast():  # log-probs and the loss come out in float32
-                logp, mask = self.completion_logprobs(self.model, batch)
-                old = logp.detach()  # one on-policy update per batch: old policy == current policy
-                adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=logp.device)
-                loss_tok, was_clipped = algos.policy_loss(logp, old, adv, c.clip_eps, c.clip_eps_high)
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref, _ = self.completion_logprobs(self.ref_model, batch)
-                    kl = algos.kl_k3(logp, ref)
-                    loss_tok = loss_tok + c.kl_coef * kl
-                    stats["kl"] += float((kl * mask).sum())
-                loss = algos.aggregate_loss(loss_tok, mask, c.loss_agg, denom)
-            loss.backward()
-            stats["loss"] += float(loss.detach())
-            clipped += float((was_clipped.float() * mask).sum())
-            total += float(mask.sum())
-            stats["update_tokens"] += self.forward_tokens(batch)
-            for j, r in enumerate(batch):
-                if r.engine_logprobs:
-                    n = min(len(r.engine_logprobs), int(mask[j].sum()))
-                    eng = torch.tensor(r.engine_logprobs[:n])
-                    mismatch_sum += float((eng - old[j, :n].cpu()).abs().sum())
-                    mismatch_n += n
-        grad_norm, bad = self.optimizer_step(stats["loss"])
-        stats.update(
-            clip_frac=clipped / max(total, 1),
-            kl=stats["kl"] / max(total, 1),
-            grad_norm=grad_norm,
-            skipped=bad,
-            logprob_mismatch=(mismatch_sum / mismatch_n) if mismatch_n else None,
+        return policy_gradient_update(
+            rollouts, self.model, self.ref_model, self.precision, self.config, self.optimizer_step
         )
-        return stats
 
-    # -- the update's forward -----------------------------------------------------------------
-    @staticmethod
-    def single_token(batch: list[Rollout]) -> bool:
-        return all(len(r.completion_ids) == 1 for r in batch)
-
-    def forward_tokens(self, batch: list[Rollout]) -> int:
-        """Tokens the update's forward actually runs (a shared prompt counts once on the fast path)."""
-        if self.single_token(batch):
-            return sum(len(p) for p in {tuple(r.prompt_ids) for r in batch})
-        return sum(len(r.prompt_ids) + len(r.completion_ids) for r in batch)
-
-    def micro_batches(self, rollouts: list[Rollout]) -> list[list[int]]:
-        """Micro-batches of at most micro_batch_tokens padded tokens; on the one-token path the
-        samples of a prompt are one row and stay together."""
-        widths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
-        keys = [tuple(r.prompt_ids) for r in rollouts] if self.single_token(rollouts) else None
-        return plan_batches(widths, max_tokens=self.config.micro_batch_tokens, row_keys=keys)
-
-    def completion_logprobs(self, model, batch: list[Rollout]):
-        """Log-probs [N, T] (left-aligned) and mask of each completion token under `model` at the
-        sampling temperature; only the last T+1 positions go through the LM head."""
-        temperature = self.config.temperature
-        if self.single_token(batch):
-            prompts = list(dict.fromkeys(tuple(r.prompt_ids) for r in batch))
-            row_of = {p: i for i, p in enumerate(prompts)}
-            logits = last_positions_logits(model, prompts, k=1)
-            dev = logits.device
-            rows = torch.tensor([row_of[tuple(r.prompt_ids)] for r in batch], device=dev)
-            tokens = torch.tensor([[r.completion_ids[0]] for r in batch], device=dev)
-            logp = algos.token_logprobs(logits[rows], tokens, temperature)  # [N, 1]
-            return logp, torch.ones_like(logp)
-        t_max = max(len(r.completion_ids) for r in batch)
-        logits = last_positions_logits(model, [r.prompt_ids + r.completion_ids for r in batch], k=t_max + 1)[:, :-1]
-        dev = logits.device
-        comp = torch.zeros(len(batch), t_max, dtype=torch.long)  # right-aligned completions
-        for i, r in enumerate(batch):
-            comp[i, t_max - len(r.completion_ids) :] = torch.tensor(r.completion_ids)
-        logp = algos.token_logprobs(logits, comp.to(dev), temperature)
-        # right-align -> left-align so column j is the j-th completion token (matches engine order)
-        logp_left = torch.zeros_like(logp)
-        mask_left = torch.zeros(len(batch), t_max)
-        for i, r in enumerate(batch):
-            n = len(r.completion_ids)
-            logp_left[i, :n] = logp[i, t_max - n :]
-            mask_left[i, :n] = 1
-        return logp_left, mask_left.to(dev)
-
-    # -- the fused one-token step (rpttrain/fused_step.py) --------------------------------------
+    # -- the fused one-token step (rpttrain/objectives/fused_step.py) ---------------------------
     def fused(self, step: int) -> bool:
         c = self.config
         return (
@@ -272,28 +206,45 @@ class GRPOObjective:
         )
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self, step: int) -> dict:
-        c = self.config
+    def step(self, step: int) -> StepResult:
         timings = {"rollout_s": 0.0, "reward_s": 0.0, "advantage_s": 0.0, "update_s": 0.0, "weight_sync_s": 0.0}
         t0 = time.time()
         scored_before = self.scorer.forward_tokens
-        if self.fused(step):
-            tasks = self.sampler.take(c.batch_size)
-            all_groups, upd = fused_rollout_and_update(self, tasks, step, timings)
-            timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]
-            zero_var = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in all_groups)
-            counts = {
-                "drawn": len(tasks),
-                "rounds": 1,
-                "zero_var": zero_var,
-                "kept": len(all_groups),
-                "forward_tokens": 0,
-                "predicted_zero_var": predicted_zero_variance(tasks, c.group_size),
-            }
-        else:
-            all_groups, upd, counts = self.two_pass(step, timings)
+        one_pass = self.fused_pass if self.fused(step) else self.two_pass
+        all_groups, upd, counts = one_pass(step, timings)
         counts["forward_tokens"] += self.scorer.forward_tokens - scored_before  # the dense rewards' P(y[0] | x<t)
-        return record_step(self, step, all_groups, upd, counts, timings, t0)
+        return step_result(all_groups, upd, counts, timings, t0)
+
+    def fused_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
+        """Rollouts, rewards, advantages and the update from one forward + backward
+        (`objectives.fused_step`), then the optimizer step."""
+        c = self.config
+        t0 = time.time()
+        tasks = self.sampler.take(c.batch_size)
+        prompts, sampling = self.prompts(tasks), self.sampling(step, 0)
+        n = len(tasks) * c.group_size
+        update = PolicyUpdate(c, algos.loss_denominator(torch.ones(n, 1), c.loss_agg, max_len=c.max_new_tokens))
+
+        def score(mb: list[int], sampled, last_logits) -> list[list[Rollout]]:
+            groups = self.score([tasks[i] for i in mb], list(zip([prompts[i] for i in mb], sampled)), last_logits)
+            self.advantages(groups)
+            return groups
+
+        all_groups = fused_rollout_and_update(
+            self.model, self.ref_model, self.precision, self.tokenizer, c, prompts, sampling, score, update, timings
+        )
+        # the samples come from the very log-probs the update uses: no engine mismatch to measure
+        upd = update.finish(*self.optimizer_step(update.loss_sum), logprob_mismatch=0.0)
+        timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]
+        counts = {
+            "drawn": len(tasks),
+            "rounds": 1,
+            "zero_var": sum(max(r.reward for r in g) == min(r.reward for r in g) for g in all_groups),
+            "kept": len(all_groups),
+            "forward_tokens": 0,
+            "predicted_zero_var": predicted_zero_variance(tasks, c.group_size),
+        }
+        return all_groups, upd, counts
 
     def two_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
         """Rollouts (with dynamic sampling's extra rounds), rewards, advantages, then the update."""
@@ -345,3 +296,68 @@ class GRPOObjective:
             "predicted_zero_var": predicted_zero_variance(all_tasks, c.group_size),
         }
         return all_groups, upd, counts
+
+
+def step_result(all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float) -> StepResult:
+    """A GRPO step's metrics, its token counts for the run's totals (FLOPs follow from them in
+    `rpttrain.step_record`: the update's tokens, and the tokens the rollout engine ran, a prompt its
+    samples share counted once where the engine computes it once, none when fused), and its first
+    two groups' samples (step, the task's band when it has one, context, completion, prediction,
+    target, reward, correct, the math check's status; `rpt samples` shows them)."""
+    rolls = [r for g in all_groups for r in g]
+    gen_tokens = sum(len(r.completion_ids) for r in rolls)
+    prompt_tokens = sum(len(r.prompt_ids) for r in rolls)
+    forward_tokens = counts["forward_tokens"]
+    lengths = [len(r.completion_ids) for r in rolls]
+    metrics = {
+        "reward_mean": float(np.mean([r.reward for r in rolls])),
+        "accuracy": float(np.mean([r.correct for r in rolls])),
+        "zero_variance_share": counts["zero_var"] / max(len(all_groups), 1),
+        # groups where some rollout earned a reward: with a small policy on hard tasks, often none
+        "groups_with_reward_share": sum(max(r.reward for r in g) > 0 for g in all_groups) / max(len(all_groups), 1),
+        # make-tasks' estimate for the same tasks (rptdata.tasks.live), when the tasks carry it
+        **(
+            {"predicted_zero_variance_share": counts["predicted_zero_var"]}
+            if counts["predicted_zero_var"] is not None
+            else {}
+        ),
+        "groups_trained": counts["kept"],
+        "contexts_drawn": counts["drawn"],
+        "sampling_rounds": counts["rounds"],
+        "completion_len_mean": float(np.mean(lengths)),
+        "completion_len_max": int(max(lengths)),
+        "truncated_share": float(np.mean([r.truncated for r in rolls])),
+        "no_prediction_share": float(np.mean([r.prediction is None for r in rolls])),
+        **collapse_metrics([([r.prediction for r in g], [r.correct for r in g]) for g in all_groups]),
+        **PolicyUpdate.metrics(upd),
+        "rollout_tokens_per_s": gen_tokens / max(timings["rollout_s"], 1e-9),
+        "rollout_forward_tokens": forward_tokens,
+        "update_tokens": upd["update_tokens"],
+        **{k: round(v, 4) for k, v in timings.items()},
+        "step_s": round(time.time() - t0, 4),
+    }
+    totals = {
+        "update_tokens": upd["update_tokens"],
+        "rollout_tokens": gen_tokens + prompt_tokens,
+        "rollout_forward_tokens": forward_tokens,
+        "samples": len(rolls),
+    }
+    statuses = [r.status for r in rolls if r.status is not None]
+    if statuses:  # the math reward: checks that ran out of time or failed scored 0 (rptdata.math_answers)
+        metrics["verify_timeouts"] = totals["verify_timeouts"] = statuses.count("timeout")
+        metrics["verify_errors"] = totals["verify_errors"] = statuses.count("error")
+    samples = [
+        {
+            **({"band": r.band} if r.band is not None else {}),
+            "context": r.context,
+            "completion": r.text,
+            "prediction": r.prediction,
+            "target": r.target,
+            "reward": r.reward,
+            "correct": bool(r.correct),
+            **({"status": r.status} if r.status is not None else {}),
+        }
+        for g in all_groups[:2]
+        for r in g
+    ]
+    return StepResult(metrics, totals, samples)

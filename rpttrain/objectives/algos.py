@@ -1,7 +1,8 @@
 """The math of GRPO for RPT, as small pure tensor functions (the training loop only calls them).
 
 - `group_advantages`: GRPO's group-normalized advantage (Shao et al. 2024, DeepSeekMath), or
-  Dr. GRPO's unscaled `r - mean` (Liu et al. 2025, "Understanding R1-Zero-like training").
+  Dr. GRPO's unscaled `r - mean` (Liu et al. 2025, "Understanding R1-Zero-like training"), or
+  RLP's `G/(G-1) (r - mean)` (arXiv 2510.01265 Eq. 7; the leave-one-out baseline of RLOO).
 - `policy_loss`: PPO's clipped surrogate per token (Schulman et al. 2017), with optional
   asymmetric clip (DAPO's clip-higher).
 - `aggregate_loss` / `loss_denominator`: token-mean (DAPO), seq-mean (GRPO paper), dr-grpo
@@ -21,24 +22,31 @@ import torch
 from rptdata.errors import BadOption
 
 LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
+SCALES = ("group", "none", "rloo")
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
-    """Advantages from rewards [B, G]: (r - mean_g) / (std_g + eps), or r - mean_g with scale="none".
+    """Advantages from rewards [B, G]: (r - mean_g) / (std_g + eps), or r - mean_g with
+    scale="none", or G/(G-1) (r - mean_g) with scale="rloo" (= r minus the mean of the others).
 
     std is the unbiased sample std of the group, as in verl and TRL. A group whose rewards are all
     equal gets advantage 0 everywhere (it carries no signal).
 
     >>> group_advantages(torch.tensor([[1., 0., 0., 1.]]), scale="none").tolist()
     [[0.5, -0.5, -0.5, 0.5]]
+    >>> group_advantages(torch.tensor([[3., 0., 0., 1.]]), scale="rloo").tolist()
+    [[2.6666667461395264, -1.3333333730697632, -1.3333333730697632, 0.0]]
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [groups, samples], got shape {tuple(rewards.shape)}")
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "none":
         return centered
+    if scale == "rloo":
+        g = rewards.shape[1]
+        return centered * (g / (g - 1)) if g > 1 else torch.zeros_like(centered)
     if scale != "group":
-        raise BadOption(f"scale must be 'group' or 'none', not {scale!r}")
+        raise BadOption(f"scale must be one of {', '.join(SCALES)}, not {scale!r}")
     std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(centered[:, :1])
     return centered / (std + eps)
 
