@@ -11,12 +11,14 @@ from cli.common import field_type, library_errors
 
 
 def _options(fn):
-    from rpttrain.config import TrainConfig
+    from rpttrain.config import RMT_OFF, RMT_PRESET, TrainConfig
 
     for f in reversed([f for f in fields(TrainConfig) if f.name not in ("tasks_dir", "out")]):
         name = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         show = f" [default: {default}]" if default is not None else ""  # None: the help says what applies
+        if f.name in RMT_OFF:  # set by --objective where not given
+            show = f" [default: {RMT_OFF[f.name]}; with --objective rmt: {RMT_PRESET[f.name]}]"
         if "bool" in str(f.type):
             fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=f.metadata["help"] + show)(
                 fn

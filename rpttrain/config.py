@@ -176,13 +176,13 @@ class TrainConfig:
         None,
         "lambda: add lambda x the next-token cross-entropy over the context tokens of the step's batch "
         "(token mean; the RL target is never a context token) to the GRPO loss; its forward and backward "
-        "count in the FLOPs. Default 0; --objective rmt: 0.1 (paper).",
+        "count in the FLOPs (paper: 0.1).",
     )
     length_weight: float | None = opt(
         None,
         "w: reward = (1-w) x reward + w x r_len(completion tokens; B_t), r_len triangular (1 at the budget "
-        "B_t, 0 at 2 B_t); the budget is stated in the prompt (a chat format). Default 0 (off); --objective "
-        "rmt: 0.2 (our choice, docs/family.md).",
+        "B_t, 0 at 2 B_t); the budget is stated in the prompt (a chat format); 0: off (rmt's 0.2 is our "
+        "choice, docs/family.md).",
     )
     length_budget: int = opt(800, "B_0: the token budget at step 0 (paper: 800).")
     length_budget_min: int = opt(1, "B_min: the budget never falls below this (paper: 1).")
@@ -191,13 +191,14 @@ class TrainConfig:
     )
     curriculum: str | None = opt(
         None,
-        "none | easy-to-hard: draw each step's tasks from the easiest entropy band until 30% of --steps, "
-        "moving band by band to the hardest by 70% (the bands the tasks carry). Default none; "
-        "--objective rmt: easy-to-hard.",
+        "none | easy-to-hard: draw each step's tasks from the easiest entropy band until --curriculum-start "
+        "of --steps, moving band by band to the hardest by --curriculum-end (the bands the tasks carry).",
     )
-    curriculum_start: float = opt(0.3, "easy-to-hard: the share of --steps where the move off the easiest band begins.")
+    curriculum_start: float = opt(
+        0.3, "easy-to-hard: the share of --steps where the move off the easiest band begins (paper: 0.3)."
+    )
     curriculum_end: float = opt(
-        0.7, "easy-to-hard: the share of --steps by which every task comes from the hardest band."
+        0.7, "easy-to-hard: the share of --steps by which every task comes from the hardest band (paper: 0.7)."
     )
     # next-token baselines (--objective ntp | shaped-ntp)
     ntp_positions: str = opt(
