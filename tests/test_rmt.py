@@ -244,6 +244,20 @@ def test_ntp_term_counts_in_update_tokens_and_flops(tmp_path, tiny_bpe_dir):
     assert on["loss"] == pytest.approx(off["loss"] + on["ntp_loss"], abs=1e-6)
 
 
+def test_the_memory_estimate_sizes_the_ntp_term():
+    """Every context position goes through the LM head in the next-token term: with 1-token
+    rollouts that is far more logits than the update's one position per prompt."""
+    from rpttrain.memory import TrainSizing
+    from rpttrain.precision import resolve_precision
+
+    precision = resolve_precision("float32", "float32", "cpu")
+    base = dict(max_new_tokens=1, prompt_template="continuation", max_prompt_tokens=512, batch_size=8)
+    off = TrainSizing.of(TrainConfig("t", "o", **base), precision, "cpu")
+    on = TrainSizing.of(TrainConfig("t", "o", ntp_weight=0.1, **base), precision, "cpu")
+    assert off.logit_positions == 8  # one per distinct prompt
+    assert on.logit_positions == 8 * 511  # min(B, micro-batch tokens / 512) contexts x 511 positions
+
+
 # ---------------------------------------------------------------------------------------------
 # through the CLI, on the embedded model
 
