@@ -72,8 +72,9 @@ class TrainConfig:
     model: str = opt("smollm2-135m", "Policy: hub id, local folder, .gguf, or smollm2-135m.")
     objective: str = opt(
         "rpt",
-        "rpt: GRPO with the prefix reward | rmt: rpt with RMT's options at the paper's values (arXiv "
-        "2509.24375: --ntp-weight 0.1, --length-weight 0.2, --curriculum easy-to-hard; each can be set) | "
+        "rpt: GRPO with the prefix reward | rmt: rpt with RMT's options on (arXiv 2509.24375): --ntp-weight "
+        "0.1, --curriculum easy-to-hard and the length budget at the paper's values, --length-weight 0.2 "
+        "(ours: docs/family.md); each can be set | "
         "rlp: RLP (arXiv 2510.01265): a thought in <think>...</think> "
         "before the next token, rewarded by log p(x_t | context, thought) - log p_EMA(x_t | context), the "
         "information gain over an EMA copy of the policy that does not think (--reward and dynamic sampling "
