@@ -77,7 +77,8 @@ def train(
     tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, dry_run, **options
 ):
     """Train a policy on RPT tasks: GRPO with the prefix-matching reward (--objective rpt, the
-    default), RLP (--objective rlp) or a next-token baseline (--objective ntp | shaped-ntp).
+    default; --objective rmt adds RMT's next-token term, length budget and curriculum), RLP
+    (--objective rlp) or a next-token baseline (--objective ntp | shaped-ntp).
 
     Defaults are the paper's recipe (Table 5). On a CPU, use a small batch, the continuation
     format and a few new tokens.
@@ -88,6 +89,8 @@ def train(
           --batch-size 16 --group-size 8 --lr 1e-5 --steps 20 --max-prompt-tokens 256
     Example (paper recipe):
       rpt train out/tasks --out out/run --config configs/paper.yaml
+    Example (RMT: budget in a chat prompt, next-token term, easy-to-hard bands; docs/family.md):
+      rpt train out/tasks --out out/rmt --objective rmt --prompt-template v0 --max-new-tokens 1024
     Example (RLP, a thought before each next token; docs/family.md):
       rpt train out/tasks --out out/rlp --objective rlp --max-new-tokens 32 --batch-size 4 --group-size 4
     Example (past one GPU: 2 nodes x 8 GPUs with verl; TRL on one node):
