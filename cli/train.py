@@ -11,12 +11,14 @@ from cli.common import field_type, library_errors
 
 
 def _options(fn):
-    from rpttrain.config import TrainConfig
+    from rpttrain.config import RMT_OFF, RMT_PRESET, TrainConfig
 
     for f in reversed([f for f in fields(TrainConfig) if f.name not in ("tasks_dir", "out")]):
         name = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         show = f" [default: {default}]" if default is not None else ""  # None: the help says what applies
+        if f.name in RMT_OFF:  # set by --objective where not given
+            show = f" [default: {RMT_OFF[f.name]}; with --objective rmt: {RMT_PRESET[f.name]}]"
         if "bool" in str(f.type):
             fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=f.metadata["help"] + show)(
                 fn
@@ -75,7 +77,8 @@ def train(
     tasks_dir, out, config_file, resume, overwrite, backend, launch, gpus_per_node, nodes, sharding, dry_run, **options
 ):
     """Train a policy on RPT tasks: GRPO with the prefix-matching reward (--objective rpt, the
-    default), RLP (--objective rlp) or a next-token baseline (--objective ntp | shaped-ntp).
+    default; --objective rmt adds RMT's next-token term, length budget and curriculum), RLP
+    (--objective rlp) or a next-token baseline (--objective ntp | shaped-ntp).
 
     Defaults are the paper's recipe (Table 5). On a CPU, use a small batch, the continuation
     format and a few new tokens.
@@ -86,6 +89,8 @@ def train(
           --batch-size 16 --group-size 8 --lr 1e-5 --steps 20 --max-prompt-tokens 256
     Example (paper recipe):
       rpt train out/tasks --out out/run --config configs/paper.yaml
+    Example (RMT: budget in a chat prompt, next-token term, easy-to-hard bands; docs/family.md):
+      rpt train out/tasks --out out/rmt --objective rmt --prompt-template v0 --max-new-tokens 1024
     Example (RLP, a thought before each next token; docs/family.md):
       rpt train out/tasks --out out/rlp --objective rlp --max-new-tokens 32 --batch-size 4 --group-size 4
     Example (past one GPU: 2 nodes x 8 GPUs with verl; TRL on one node):

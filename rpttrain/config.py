@@ -16,9 +16,11 @@ from rptdata.errors import BadOption
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
 
-OBJECTIVES = ("rpt", "rlp", "ntp", "shaped-ntp")  # each one's step: rpttrain/objectives/
+OBJECTIVES = ("rpt", "rmt", "rlp", "ntp", "shaped-ntp")  # each one's step: rpttrain/objectives/
 # objectives that never sample (no rollout engine, no GRPO options): the next-token baselines
 NEXT_TOKEN_OBJECTIVES = ("ntp", "shaped-ntp")
+# the objectives RMT's options apply to (rmt: rpt with them on at the paper's values, rpttrain.objectives.rmt)
+RMT_OBJECTIVES = ("rpt", "rmt")
 # knobs of the next-token baselines only: they do not change an RPT or RLP run's identity
 NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
 # knobs of RPT's reward and step that RLP has no use for (its reward is the information gain, its
@@ -26,12 +28,17 @@ NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
 RPT_ONLY = ("reward", "dynamic_sampling_from", "dynamic_sampling_rounds", "fused_one_token")
 # knobs of RLP only: they do not change the identity of a run of another objective
 RLP_ONLY = ("ema_decay",)
+# RMT's options off (every objective but rmt), and as --objective rmt sets them where not given
+# (paper: lambda = 0.1; w is our choice, docs/family.md)
+RMT_OFF = {"ntp_weight": 0.0, "length_weight": 0.0, "curriculum": "none"}
+RMT_PRESET = {"ntp_weight": 0.1, "length_weight": 0.2, "curriculum": "easy-to-hard"}
 # options whose default depends on the objective (None: the objective's own, resolved on build)
 OBJECTIVE_DEFAULTS = {
-    "rpt": {"prompt_template": "v0", "scale_rewards": "group", "loss_agg": "token-mean"},
+    "rpt": {"prompt_template": "v0", "scale_rewards": "group", "loss_agg": "token-mean", **RMT_OFF},
+    "rmt": {"prompt_template": "v0", "scale_rewards": "group", "loss_agg": "token-mean", **RMT_PRESET},
     # the paper's: a thought in <think>...</think>, A = G/(G-1)(r - mean r), the loss of each
     # thought normalized by its length (arXiv 2510.01265 Eq. 7-8)
-    "rlp": {"prompt_template": "rlp", "scale_rewards": "rloo", "loss_agg": "seq-mean"},
+    "rlp": {"prompt_template": "rlp", "scale_rewards": "rloo", "loss_agg": "seq-mean", **RMT_OFF},
 }
 # settings that do not change what a run computes (a resumed run may change them)
 NOT_IDENTITY = (
@@ -65,7 +72,10 @@ class TrainConfig:
     model: str = opt("smollm2-135m", "Policy: hub id, local folder, .gguf, or smollm2-135m.")
     objective: str = opt(
         "rpt",
-        "rpt: GRPO with the prefix reward | rlp: RLP (arXiv 2510.01265): a thought in <think>...</think> "
+        "rpt: GRPO with the prefix reward | rmt: rpt with RMT's options on (arXiv 2509.24375): --ntp-weight "
+        "0.1, --curriculum easy-to-hard and the length budget at the paper's values, --length-weight 0.2 "
+        "(ours: docs/family.md); each can be set | "
+        "rlp: RLP (arXiv 2510.01265): a thought in <think>...</think> "
         "before the next token, rewarded by log p(x_t | context, thought) - log p_EMA(x_t | context), the "
         "information gain over an EMA copy of the policy that does not think (--reward and dynamic sampling "
         "do not apply) | ntp: cross-entropy (continual next-token training) | shaped-ntp: the "
@@ -162,6 +172,35 @@ class TrainConfig:
         "rlp: decay tau of the no-think baseline, an EMA copy of the policy updated after every optimizer "
         "step, phi <- tau phi + (1 - tau) theta (paper: 0.999). It costs one float32 copy of the weights.",
     )
+    # RMT (arXiv 2509.24375; rpttrain.objectives.rmt, rpttrain.curriculum): options of the GRPO objectives
+    ntp_weight: float | None = opt(
+        None,
+        "lambda: add lambda x the next-token cross-entropy over the context tokens of the step's batch "
+        "(token mean; the RL target is never a context token) to the GRPO loss; its forward and backward "
+        "count in the FLOPs (paper: 0.1).",
+    )
+    length_weight: float | None = opt(
+        None,
+        "w: reward = (1-w) x reward + w x r_len(completion tokens; B_t), r_len triangular (1 at the budget "
+        "B_t, 0 at 2 B_t); the budget is stated in the prompt (a chat format); 0: off (rmt's 0.2 is our "
+        "choice, docs/family.md).",
+    )
+    length_budget: int = opt(800, "B_0: the token budget at step 0 (paper: 800).")
+    length_budget_min: int = opt(1, "B_min: the budget never falls below this (paper: 1).")
+    length_budget_decay: float = opt(
+        0.2, "gamma: B_t = max(B_min, floor(B_0 x gamma^(t/T))), T = --steps (paper: 0.2)."
+    )
+    curriculum: str | None = opt(
+        None,
+        "none | easy-to-hard: draw each step's tasks from the easiest entropy band until --curriculum-start "
+        "of --steps, moving band by band to the hardest by --curriculum-end (the bands the tasks carry).",
+    )
+    curriculum_start: float = opt(
+        0.3, "easy-to-hard: the share of --steps where the move off the easiest band begins (paper: 0.3)."
+    )
+    curriculum_end: float = opt(
+        0.7, "easy-to-hard: the share of --steps by which every task comes from the hardest band (paper: 0.7)."
+    )
     # next-token baselines (--objective ntp | shaped-ntp)
     ntp_positions: str = opt(
         "all", "Baselines: train on every token of the training documents (all) or only on the task positions (tasks)."
@@ -195,6 +234,7 @@ class TrainConfig:
         for name, value in OBJECTIVE_DEFAULTS.get(self.objective, OBJECTIVE_DEFAULTS["rpt"]).items():
             if getattr(self, name) is None:  # frozen: the resolved default is set once, here
                 object.__setattr__(self, name, value)
+        self._check_rmt_applies()
         if self.batch_size < 1 or self.steps < 1 or self.save_every < 1:
             raise BadOption("batch_size, steps and save_every must be at least 1")
         if self.micro_batch_tokens < 1:
@@ -205,6 +245,19 @@ class TrainConfig:
             self._check_grpo()
         if self.objective == "rlp":
             self._check_rlp()
+        if self.objective in RMT_OBJECTIVES:
+            self._check_rmt()
+
+    def _check_rmt_applies(self) -> None:
+        """RMT's options are for rpt and rmt only: refused by name when set for another objective."""
+        if self.objective not in RMT_OBJECTIVES:
+            set_ = [n for n in RMT_OFF if getattr(self, n) != RMT_OFF[n]]
+            if set_:
+                raise BadOption(
+                    f"--objective {self.objective} does not take "
+                    + ", ".join(f"--{n.replace('_', '-')}" for n in set_)
+                    + ": they are options of --objective rpt or rmt"
+                )
 
     def _check_grpo(self) -> None:
         from rpttrain.objectives import algos
@@ -245,6 +298,33 @@ class TrainConfig:
                 "<think>...</think> before the next token: use --prompt-template rlp (the default for rlp)"
             )
 
+    def _check_rmt(self) -> None:
+        from rpttrain.curriculum import CURRICULA
+        from rpttrain.prompts import load_prompt_format
+
+        if self.ntp_weight < 0:
+            raise BadOption(f"ntp_weight must be 0 or more (got {self.ntp_weight})")
+        if not 0 <= self.length_weight <= 1:
+            raise BadOption(f"length_weight must be within [0, 1] (got {self.length_weight})")
+        if self.length_budget_min < 1 or self.length_budget < self.length_budget_min:
+            raise BadOption(
+                f"need 1 <= length_budget_min <= length_budget (got {self.length_budget_min}, {self.length_budget})"
+            )
+        if not 0 < self.length_budget_decay <= 1:
+            raise BadOption(f"length_budget_decay must be within (0, 1] (got {self.length_budget_decay})")
+        if self.curriculum not in CURRICULA:
+            raise BadOption(f"curriculum must be one of {', '.join(CURRICULA)} (got {self.curriculum!r})")
+        if not 0 <= self.curriculum_start < self.curriculum_end <= 1:
+            raise BadOption(
+                f"need 0 <= curriculum_start < curriculum_end <= 1 (got {self.curriculum_start}, {self.curriculum_end})"
+            )
+        if self.length_weight > 0 and not load_prompt_format(self.prompt_template).uses_chat:
+            raise BadOption(
+                f"--length-weight {self.length_weight} states the length budget in the prompt, and --prompt-template "
+                f"{self.prompt_template} is raw text with no instructions; use a chat format (v0, v2, v6, answer or "
+                "a template file), or --length-weight 0"
+            )
+
     def _check_next_token(self) -> None:
         if self.ntp_positions not in ("all", "tasks"):
             raise BadOption("ntp_positions must be 'all' or 'tasks'")
@@ -269,8 +349,14 @@ class TrainConfig:
         dropped = NOT_IDENTITY + (NTP_ONLY if self.samples_rollouts else ())
         dropped += RPT_ONLY if self.objective == "rlp" else RLP_ONLY
         for k in dropped:
+            if k == "steps" and self.scheduled():
+                continue  # T of the budget's decay and the curriculum: another --steps, another run
             d.pop(k)
         return d
+
+    def scheduled(self) -> bool:
+        """Whether a schedule over --steps shapes the run (the length budget, the curriculum)."""
+        return self.length_weight > 0 or self.curriculum != "none"
 
 
 def config_from_dict(data: dict) -> TrainConfig:

@@ -215,6 +215,9 @@ class EpochSampler:
             return [self.source[i] for i in picked]
         return self.source.take(picked)
 
+    def at_step(self, step: int) -> None:
+        """The trainer's step, before its draws: epochs do not depend on it (the cursor is the state)."""
+
     def cursor(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
 
@@ -315,7 +318,7 @@ def check_task_fit(
     from rpttrain.reward import ANSWER_REWARDS
 
     answer = task_kind(tasks_manifest) == ANSWER
-    if answer and objective != "rpt":
+    if answer and objective in NEXT_TOKEN_OBJECTIVES:
         raise BadOption(
             f"--objective {objective} trains next-token prediction on next-token tasks; answer tasks "
             "(rpt answer-tasks) are trained with --objective rpt --reward math"
@@ -346,7 +349,7 @@ def open_tasks(config) -> dict:
     manifest = read_manifest(Path(config.tasks_dir), TASK_STAGES)
     check_task_fit(manifest, config.reward, config.prompt_template, config.objective)
     mismatch = live_estimate_mismatch(manifest, config.group_size, config.temperature)
-    if mismatch and config.objective == "rpt":
+    if mismatch and config.samples_rollouts:
         log.warning(mismatch)
     return manifest
 

@@ -159,6 +159,9 @@ class TrainSizing:
             logits = rows  # one-token fast path: the last position of each distinct prompt
         else:
             logits = rows * (c.max_new_tokens + 1)
+        if rpt and c.ntp_weight > 0:  # RMT's next-token term: raw contexts, every position through the LM head
+            ctx = max(2, min(c.max_prompt_tokens, data.longest_context_tokens) if data else c.max_prompt_tokens)
+            logits = max(logits, min(c.batch_size, max(1, c.micro_batch_tokens // ctx)) * (ctx - 1))
         generating = rpt and engine == "hf" and c.max_new_tokens > 1
         per_chunk = max(1, ROLLOUT_SEQUENCES // c.group_size)  # HFEngine: prompts per generate() call
         return cls(

@@ -56,11 +56,11 @@ from rpttrain.checkpoint import (
     verify_checkpoint,
 )
 from rpttrain.config import TrainConfig, config_from_dict  # noqa: F401  (the config of this loop)
+from rpttrain.curriculum import make_sampler
 from rpttrain.data import (
     DATA_CACHE,
     TRAINED_ON,
     DocWindows,
-    EpochSampler,
     TaskRows,
     open_tasks,
     policy_tokenizer,
@@ -142,7 +142,7 @@ class Trainer:
             source = DocWindows(self.tasks_manifest, c.max_prompt_tokens, cache)
         else:
             source = TaskRows(c.tasks_dir, cache)
-        self.sampler = EpochSampler(source, c.seed, **cursor)
+        self.sampler = make_sampler(c, source, self.tasks_manifest, cursor)
         parts = ObjectiveParts(
             self.model,
             self.tokenizer,
@@ -269,6 +269,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One step of the objective; its counts added to the run's totals, its samples written."""
         c = self.config
+        self.sampler.at_step(self.step)
         result = self.objective.step(self.step)
         metrics = record_step(result, self.step, self.totals, self.n_params, self.run_dir, c.sample_every)
         metrics["lr"] = self.scheduler.get_last_lr()[0]

@@ -99,6 +99,8 @@ def unsupported_options(config: Any, backend: str) -> list[str]:
     >>> unsupported_options(TrainConfig("t", "o"), "rpt")
     []
     """
+    from rpttrain.config import RMT_OFF
+
     if backend == "rpt":
         return []
     honoured = _honoured(backend)
@@ -106,11 +108,12 @@ def unsupported_options(config: Any, backend: str) -> list[str]:
     for f in fields(config):
         if f.name in honoured:
             continue
-        default = (
-            f.default
-            if f.default is not MISSING
-            else (f.default_factory() if f.default_factory is not MISSING else MISSING)
-        )
+        if f.name in RMT_OFF:  # RMT's options: None in the field, resolved by the objective
+            default = RMT_OFF[f.name]
+        elif f.default is not MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not MISSING else MISSING
         if default is MISSING or getattr(config, f.name) != default:
             out.append(f.name)
     return out

@@ -3,6 +3,7 @@
     rpt          grpo.py        GRPO with the prefix reward (RPT); its fused one-token step: fused_step.py
     rlp          rlp.py         RLP: a thought before the next token, rewarded by its information gain
                                 over an EMA copy of the policy that does not think (arXiv 2510.01265)
+    rmt          grpo.py        rpt with RMT's options on (arXiv 2509.24375): rmt.py, rpttrain/curriculum.py
     ntp          ntp.py         next-token cross-entropy (the baseline at equal compute)
     shaped-ntp   ntp.py         the reward-shaped next-token loss (arXiv 2512.22955)
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 OBJECTIVE_CLASSES = {
     "rpt": "rpttrain.objectives.grpo:GRPOObjective",
     "rlp": "rpttrain.objectives.rlp:RLPObjective",
+    "rmt": "rpttrain.objectives.grpo:GRPOObjective",  # rpt with RMT's options on (rmt.py)
     "ntp": "rpttrain.objectives.ntp:NextTokenObjective",
     "shaped-ntp": "rpttrain.objectives.ntp:NextTokenObjective",
 }

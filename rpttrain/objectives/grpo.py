@@ -38,7 +38,7 @@ from rptdata.models import load_causal_lm, local_model_dir
 from rptdata.tasks.live import predicted_zero_variance
 from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
-from rpttrain.objectives import Objective, ObjectiveParts, algos
+from rpttrain.objectives import Objective, ObjectiveParts, algos, rmt
 from rpttrain.objectives.fused_step import fused_rollout_and_update
 from rpttrain.objectives.policy_update import PolicyUpdate, policy_gradient_update, set_advantages
 from rpttrain.precision import Precision, dtype_name
@@ -121,6 +121,7 @@ class GRPOObjective(Objective):
             config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens, config.micro_batch_tokens
         )
         self.stops = stop_ids(tokenizer)
+        self.base_fmt, self.budget, self.ntp_stats = self.fmt, None, {}
 
     @classmethod
     def build(cls, config, parts: ObjectiveParts) -> GRPOObjective:
@@ -165,6 +166,11 @@ class GRPOObjective(Objective):
         scored = self.scorer.score(tasks, [group for _, group in prompted], last_logits)
         out = []
         for task, (prompt, group), sg in zip(tasks, prompted, scored):
+            if self.budget is not None:  # RMT: (1 - w) * reward + w * r_len(completion tokens; B_t)
+                w = self.config.length_weight
+                sg.rewards = [
+                    rmt.mixed_reward(r, len(comp.token_ids), self.budget, w) for r, comp in zip(sg.rewards, group)
+                ]
             out.append(
                 [
                     Rollout(
@@ -191,9 +197,51 @@ class GRPOObjective(Objective):
         set_advantages(groups, self.config.scale_rewards)
 
     def update(self, rollouts: list[Rollout]) -> dict:
+        contexts = dict.fromkeys(r.context for r in rollouts if r.completion_ids)
         return policy_gradient_update(
-            rollouts, self.model, self.ref_model, self.precision, self.config, self.optimizer_step
+            rollouts,
+            self.model,
+            self.ref_model,
+            self.precision,
+            self.config,
+            self.optimizer_step,
+            before_step=lambda update: self.ntp_term(contexts, update),
         )
+
+    def ntp_term(self, contexts, update: PolicyUpdate) -> None:
+        """RMT's lambda * next-token loss on the batch's contexts (`objectives.rmt`), into the gradient
+        and the update's loss; its tokens are update tokens (6 N FLOPs each)."""
+        c = self.config
+        if c.ntp_weight <= 0:
+            return
+        self.ntp_stats = rmt.context_ntp_backward(
+            self.model,
+            self.tokenizer,
+            list(contexts),
+            c.ntp_weight,
+            c.max_prompt_tokens,
+            c.micro_batch_tokens,
+            self.precision,
+        )
+        update.loss_sum += self.ntp_stats["ntp_loss"]
+        update.update_tokens += self.ntp_stats["ntp_tokens"]
+
+    def rmt_metrics(self, groups: list[list[Rollout]]) -> dict:
+        """The step's RMT values for metrics.jsonl: the budget and the mean length reward, the
+        next-token term, the curriculum's band weights."""
+        c, out = self.config, {}
+        if self.budget is not None:
+            lengths = [len(r.completion_ids) for g in groups for r in g]
+            out.update(
+                length_budget=self.budget,
+                length_weight=c.length_weight,
+                length_reward_mean=sum(rmt.length_reward(n, self.budget) for n in lengths) / max(len(lengths), 1),
+            )
+        if c.ntp_weight > 0:
+            out.update(ntp_weight=c.ntp_weight, **self.ntp_stats)
+        if c.curriculum != "none":
+            out.update(self.sampler.schedule_metrics())
+        return out
 
     # -- the fused one-token step (rpttrain/objectives/fused_step.py) ---------------------------
     def fused(self, step: int) -> bool:
@@ -207,13 +255,20 @@ class GRPOObjective(Objective):
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, step: int) -> StepResult:
+        c = self.config
         timings = {"rollout_s": 0.0, "reward_s": 0.0, "advantage_s": 0.0, "update_s": 0.0, "weight_sync_s": 0.0}
         t0 = time.time()
+        if c.length_weight > 0:  # RMT: this step's budget, stated in the prompt and scored by the reward
+            self.budget = rmt.length_budget(step, c.steps, c.length_budget, c.length_budget_min, c.length_budget_decay)
+            self.fmt = rmt.budget_format(self.base_fmt, self.budget)
+        self.ntp_stats = {}
         scored_before = self.scorer.forward_tokens
         one_pass = self.fused_pass if self.fused(step) else self.two_pass
         all_groups, upd, counts = one_pass(step, timings)
         counts["forward_tokens"] += self.scorer.forward_tokens - scored_before  # the dense rewards' P(y[0] | x<t)
-        return step_result(all_groups, upd, counts, timings, t0)
+        result = step_result(all_groups, upd, counts, timings, t0)
+        result.metrics.update(self.rmt_metrics(all_groups))
+        return result
 
     def fused_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
         """Rollouts, rewards, advantages and the update from one forward + backward
@@ -233,6 +288,7 @@ class GRPOObjective(Objective):
         all_groups = fused_rollout_and_update(
             self.model, self.ref_model, self.precision, self.tokenizer, c, prompts, sampling, score, update, timings
         )
+        self.ntp_term([t["context"] for t in tasks], update)
         # the samples come from the very log-probs the update uses: no engine mismatch to measure
         upd = update.finish(*self.optimizer_step(update.loss_sum), logprob_mismatch=0.0)
         timings["update_s"] = time.time() - t0 - timings["rollout_s"] - timings["reward_s"]

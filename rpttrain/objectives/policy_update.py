@@ -110,11 +110,19 @@ def set_advantages(groups: Sequence[Sequence], scale: str) -> None:
 
 
 def policy_gradient_update(
-    rollouts: Sequence, model, ref_model, precision: Precision, config, optimizer_step: Callable
+    rollouts: Sequence,
+    model,
+    ref_model,
+    precision: Precision,
+    config,
+    optimizer_step: Callable,
+    before_step: Callable[[PolicyUpdate], None] | None = None,
 ) -> dict:
     """The clipped policy-gradient update over every completion token of `rollouts` (those with no
     token are left out), micro-batched by --micro-batch-tokens, then the optimizer step. The
-    engine's log-probs are only compared with the trainer's (`logprob_mismatch`), never trained on."""
+    engine's log-probs are only compared with the trainer's (`logprob_mismatch`), never trained on.
+    `before_step(update)` adds the objective's other loss terms (their backward, `update.loss_sum`,
+    `update.update_tokens`) just before the optimizer step (RMT's next-token term)."""
     c = config
     rollouts = [r for r in rollouts if r.completion_ids]
     if not rollouts:
@@ -142,6 +150,8 @@ def policy_gradient_update(
                 eng = torch.tensor(r.engine_logprobs[:n])
                 mismatch_sum += float((eng - logp[j, :n].detach().cpu()).abs().sum())
                 mismatch_n += n
+    if before_step is not None:
+        before_step(update)
     grad_norm, bad = optimizer_step(update.loss_sum)
     return update.finish(grad_norm, bad, (mismatch_sum / mismatch_n) if mismatch_n else None)
 
