@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 DATA_CACHE = "data-cache"  # a run's memory-mapped copies of the tasks / documents (TaskRows, DocWindows)
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
 # carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live; the band, for
-# samples.jsonl); older tasks load without
-OPTIONAL_TASK_COLUMNS = ["accept_mass", "live", "band"]
+# samples.jsonl; the unit and the text after a masked target, rptdata.tasks.units); older tasks load without
+OPTIONAL_TASK_COLUMNS = ["accept_mass", "live", "band", "unit", "context_after"]
 
 
 def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
