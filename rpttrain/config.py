@@ -63,13 +63,16 @@ class TrainConfig:
     max_new_tokens: int = opt(8192, "Longest completion (paper: 8192; the continuation format needs 1-8).")
     max_prompt_tokens: int = opt(4096, "Longest prompt; longer contexts lose their start (paper: 4096).")
     prompt_template: str = opt(
-        "v0", "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | FILE."
+        "v0",
+        "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | sentence | "
+        "masked-sentence | masked-span (the tasks of make-tasks --unit) | FILE.",
     )
     reward: str = opt(
         "prefix",
         "prefix (paper Eq. 3) | first-token | dense | conditional-dense (App. A; 1 when the prediction's "
         "first token is right, else the policy's probability of it, P(y[0] | x<t); conditional: only in "
-        "groups with a right one, else 0). The dense two need --backend rpt.",
+        "groups with a right one, else 0). The dense two need --backend rpt. Sentence and span tasks: exact | "
+        "exact-nocase (equal after NFC and whitespace folding; case folded too), or prefix for next-sentence tasks.",
     )
     scale_rewards: str = opt("group", "group: (r-mean)/std per group (GRPO) | none: r-mean (Dr. GRPO).")
     loss_agg: str = opt("token-mean", "token-mean | seq-mean | dr-grpo (sum / (sequences x max_new_tokens)).")

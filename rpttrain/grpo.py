@@ -37,7 +37,7 @@ from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.dense import GroupScorer
 from rpttrain.fused_step import fused_rollout_and_update
 from rpttrain.precision import Precision, dtype_name
-from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.prompts import load_prompt_format, task_prompt_ids
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.step_record import record_step
 
@@ -125,7 +125,7 @@ class GRPOObjective:
         )
 
     def prompts(self, tasks: list[dict]) -> list[list[int]]:
-        return [build_prompt_ids(self.fmt, t["context"], self.tokenizer, self.config.max_prompt_tokens) for t in tasks]
+        return [task_prompt_ids(self.fmt, t, self.tokenizer, self.config.max_prompt_tokens) for t in tasks]
 
     def rollout(self, tasks: list[dict], step: int, round_index: int) -> tuple[list, int]:
         prompts, sampling = self.prompts(tasks), self.sampling(step, round_index)

@@ -159,10 +159,15 @@ def scorer(tmp_path_factory, smollm2_tokenizer):
     return tiny_llama(root / "model", root / "tok")
 
 
-@pytest.fixture(scope="module", params=["omni", "champ"])
-def scored(request, tmp_path_factory, scorer):
-    root = tmp_path_factory.mktemp(f"units-{request.param}")
-    if request.param == "omni":
+_SCORED: dict[str, Path] = {}
+
+
+def _scored(name: str, tmp_path_factory, scorer) -> Path:
+    """PREP and SCORED of 6 documents of a real corpus (once per module and corpus)."""
+    if name in _SCORED:
+        return _SCORED[name]
+    root = tmp_path_factory.mktemp(f"units-{name}")
+    if name == "omni":
         corpus = root / "omni.jsonl"
         with open(OMNIMATH, encoding="utf-8") as f:
             corpus.write_text("".join(next(f) for _ in range(6)), encoding="utf-8")
@@ -173,7 +178,13 @@ def scored(request, tmp_path_factory, scorer):
             "--tokenizer", "smollm2-135m", "--no-progress")  # fmt: skip
     run("score-entropy", root / "prep", "--out", root / "scored", "--model", scorer, "--keep-all", "--max-context", 128,
         "--engine", "hf", "--dtype", "float32", "--device", "cpu", "--no-progress")  # fmt: skip
+    _SCORED[name] = root
     return root
+
+
+@pytest.fixture(scope="module", params=["omni", "champ"])
+def scored(request, tmp_path_factory, scorer):
+    return _scored(request.param, tmp_path_factory, scorer)
 
 
 def _docs(prep: Path) -> dict[str, bytes]:
@@ -252,3 +263,179 @@ def test_old_tasks_directory_reads_unchanged(tmp_path):
     rows = TaskRows(old, tmp_path / "cache").take([0, 1])
     assert [r["task_id"] for r in rows] == [t["task_id"] for t in tasks[:2]]
     run("verify", old)
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards, prompts and the fit of both to a unit
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TEXT, st.sampled_from([" ", "\n", "\t", "  \n "]))
+def test_exact_reward_reads_through_whitespace_and_normal_forms(target, space):
+    import unicodedata
+
+    from rpttrain.reward import exact_nocase_reward, exact_reward, normalize_text
+
+    has_text = bool(normalize_text(target))
+    respaced = space + space.join(target.split()) + space
+    assert exact_reward(target, target) == exact_reward(respaced, target) == float(has_text)
+    assert exact_reward(unicodedata.normalize("NFD", target), target) == float(has_text)
+    assert exact_nocase_reward(target.swapcase(), target) == float(has_text)
+    if target.swapcase().casefold() != target.casefold() or not has_text:
+        return
+    # case is kept unless asked: a changed letter fails the plain exact match
+    assert exact_reward(target.swapcase(), target) == float(normalize_text(target.swapcase()) == normalize_text(target))
+    assert exact_reward(target + "x", target) == 0.0 and exact_reward(None, target) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=12), st.data())
+def test_prefix_reward_on_a_sentence_accepts_exactly_its_token_prefixes(lengths, data):
+    from rpttrain.reward import prefix_reward
+
+    text = "".join(chr(ord("a") + i % 26) * n for i, n in enumerate(lengths))
+    ends = np.cumsum(lengths)
+    start = data.draw(st.integers(0, int(ends[-1]) - 1))
+    end = data.draw(st.integers(start + 1, int(ends[-1])))
+    target, b = text[start:end], target_boundaries(ends, start, end)
+    for n in range(len(target) + 1):
+        assert prefix_reward(target[:n], target, b) == float(n in b)
+
+
+def test_masked_formats_show_both_sides_and_box_the_answer(smollm2_tokenizer):
+    from rpttrain.prompts import PROMPT_FORMATS, load_prompt_format, render_prompt, task_prompt_ids
+
+    for name in ("masked-sentence", "masked-span"):
+        fmt = PROMPT_FORMATS[name]
+        text = render_prompt(fmt, "Before {context_after} $\\frac{a}{b}$ ", None, " after.")
+        assert "Before {context_after} $\\frac{a}{b}$ [MASK] after." in text and "\\boxed{}" in text
+        assert fmt.masked and fmt.extract("so \\boxed{the cat}") == "the cat"
+    assert "\\boxed{}" in render_prompt(PROMPT_FORMATS["sentence"], "x") and not PROMPT_FORMATS["sentence"].masked
+    # a long context loses its start; the text after the mask stays whole
+    task = {"context": "word " * 400, "context_after": " the end of it all."}
+    ids = task_prompt_ids(PROMPT_FORMATS["masked-span"], task, smollm2_tokenizer, 250)
+    shown = smollm2_tokenizer.decode(ids)
+    assert len(ids) <= 250 and "[MASK] the end of it all." in shown and shown.count("word") < 400
+    # with no context left, the text after the mask loses its end
+    task = {"context": "zebra " * 50, "context_after": " tail" * 400}
+    shown = smollm2_tokenizer.decode(task_prompt_ids(PROMPT_FORMATS["masked-span"], task, smollm2_tokenizer, 250))
+    assert "[MASK] tail tail" in shown and "zebra" not in shown and shown.count("tail") < 400
+    with pytest.raises(BadOption, match="alone is longer"):
+        task_prompt_ids(PROMPT_FORMATS["masked-span"], task, smollm2_tokenizer, 20)
+    with pytest.raises(BadOption, match="at most once"):
+        load_prompt_format(str(_template("{context}{context_after}{context_after}")))
+
+
+def _template(text: str) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="rpt-template-")) / "template.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("unit", "reward", "template", "error"),
+    [
+        ("span", "exact", "masked-span", None),
+        ("span", "exact-nocase", None, None),
+        ("span", "prefix", "masked-span", "--reward prefix does not fit span tasks"),
+        ("masked-sentence", "first-token", None, "use --reward exact or exact-nocase"),
+        ("sentence", "prefix", "sentence", None),
+        ("sentence", "exact", "v0", "--prompt-template v0 does not fit sentence tasks"),
+        ("sentence", "exact", "masked-sentence", "does not fit sentence tasks"),
+        ("masked-sentence", "exact", "masked-span", "use masked-sentence"),
+        ("token", "exact", "v0", "--reward exact does not fit token tasks"),
+        ("token", "prefix", "masked-span", "does not fit token tasks"),
+        ("span", "math", None, "checks final answers"),
+    ],
+)
+def test_rewards_and_formats_are_refused_where_the_unit_does_not_fit(unit, reward, template, error):
+    from rpttrain.data import check_task_fit
+
+    manifest = {"stage": "make-tasks"} if unit == "token" else {"stage": "make-tasks", "unit": unit}
+    if error is None:
+        check_task_fit(manifest, reward, template)
+    else:
+        with pytest.raises(BadOption, match=error):
+            check_task_fit(manifest, reward, template)
+
+
+def test_a_template_file_must_match_the_unit():
+    from rpttrain.data import check_task_fit
+
+    plain, masked = _template("Go on: {context}"), _template("{context}[MASK]{context_after}")
+    check_task_fit({"unit": "span"}, "exact", str(masked))
+    check_task_fit({"unit": "sentence"}, "exact", str(plain))
+    with pytest.raises(BadOption, match="holds \\{context_after\\}"):
+        check_task_fit({"unit": "span"}, "exact", str(plain))
+    with pytest.raises(BadOption, match="has no \\{context_after\\}"):
+        check_task_fit({"unit": "sentence"}, "exact", str(masked))
+
+
+def test_the_reward_functions_of_trl_and_verl_score_exact():
+    from rpttrain.integrations.trl import rpt_reward
+    from rpttrain.integrations.verl import compute_score, task_to_verl_row
+    from rpttrain.prompts import PROMPT_FORMATS
+
+    task = {"task_id": "d@span:4", "doc_id": "d", "pos": 1, "context": "The ", "continuation": "big cat",
+            "context_after": " sat.", "boundaries": [3, 7], "entropy": 1.2, "band": "medium"}  # fmt: skip
+    row = task_to_verl_row(task, PROMPT_FORMATS["masked-span"], reward="exact")
+    assert "The [MASK] sat." in row["prompt"][0]["content"]
+    gt = row["reward_model"]["ground_truth"]
+    assert compute_score("x", "so \\boxed{big  cat}", gt) == 1.0 and compute_score("x", "\\boxed{big}", gt) == 0.0
+    got = rpt_reward(["p", "p"], ["\\boxed{Big cat}", "\\boxed{big cat}"], ["big cat"] * 2, [[3, 7]] * 2,
+                     reward=["exact"] * 2, format=["masked-span"] * 2)  # fmt: skip
+    assert got == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# through the CLI: tasks of each unit from the Omni-MATH stand-in, one GRPO step of the embedded
+# model with --reward exact, then rpt eval with its per-band intervals
+
+
+@pytest.mark.parametrize(
+    ("unit", "template", "reward"),
+    [
+        (["sentence"], "sentence", "exact"),
+        (["sentence", "--masked"], "masked-sentence", "exact"),
+        (["span"], "masked-span", "exact-nocase"),
+    ],
+)
+def test_train_and_eval_each_unit_with_the_exact_reward(unit, template, reward, tmp_path, tmp_path_factory, scorer):
+    root = _scored("omni", tmp_path_factory, scorer)
+    tasks, runs, report = tmp_path / "tasks", tmp_path / "run", tmp_path / "eval"
+    run("make-tasks", root / "scored", "--out", tasks, "--unit", *unit, "--threshold", 0, "--context-tokens", 32,
+        "--context-after-tokens", 32, "--eval-fraction", 0.5, "--max-tasks", 4, "--max-eval-tasks", 3,
+        "--no-progress")  # fmt: skip
+    out = run("train", tasks, "--out", runs, "--model", "smollm2-135m", "--steps", 1, "--batch-size", 2,
+              "--group-size", 2, "--max-new-tokens", 8, "--max-prompt-tokens", 256, "--prompt-template", template,
+              "--reward", reward, "--device", "cpu", "--dynamic-sampling-from", -1, "--save-every", 1)  # fmt: skip
+    metrics = [json.loads(line) for line in (runs / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and metrics[-1]["step"] == 1 and "reward_mean" in metrics[-1], out
+    run("eval", tasks, "--checkpoints", runs, "--mode", "reasoning", "--reward", reward, "--limit", 2,
+        "--max-new-tokens", 8, "--max-prompt-tokens", 256, "--device", "cpu", "--out", report)  # fmt: skip
+    rep = json.loads((report / "report.json").read_text())
+    name = read_manifest(tasks, "make-tasks")["unit"]
+    assert rep["unit"] == name and {r["unit"] for r in rep["rows"]} == {name}
+    assert {r["step"] for r in rep["rows"]} == {0, 1} and {r["prompt_template"] for r in rep["rows"]} == {template}
+    for r in rep["rows"]:
+        cell = r["bands"]["all"]
+        assert cell["n"] == 2 and 0 <= cell["ci_low"] <= cell["accuracy"] <= cell["ci_high"] <= 1
+    assert f"reasoning, {name}" in (report / "report.md").read_text()
+
+
+def test_units_refuse_what_cannot_serve_them(tmp_path, tmp_path_factory, scorer):
+    root = _scored("omni", tmp_path_factory, scorer)
+    tasks = tmp_path / "spans"
+    run("make-tasks", root / "scored", "--out", tasks, "--unit", "span", "--threshold", 0, "--no-progress")
+    r = CliRunner().invoke(cli, ["eval", str(tasks), "--reward", "exact", "--out", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "evaluate them with --mode reasoning" in r.output
+    r = CliRunner().invoke(cli, ["train", str(tasks), "--out", str(tmp_path / "r"), "--reward", "prefix",
+                                 "--prompt-template", "masked-span"])  # fmt: skip
+    assert r.exit_code != 0 and "--reward prefix does not fit span tasks" in r.output
+    r = CliRunner().invoke(cli, ["train", str(tasks), "--out", str(tmp_path / "t"), "--backend", "trl",
+                                 "--reward", "exact", "--prompt-template", "masked-span"])  # fmt: skip
+    assert r.exit_code != 0 and "context_after" in r.output
