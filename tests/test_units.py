@@ -210,6 +210,10 @@ def test_unit_tasks_are_the_documents_bytes(scored, unit, tmp_path):
     assert c["candidates_in"] == sum(c["tasks"].values()) + sum(c["skipped"].values())
     assert set(c["skipped"]) == set(UNIT_SKIP_REASONS)
     docs = _docs(scored / "prep")
+    scores = {}
+    for path in sorted((scored / "scored" / "positions").glob("part-*.parquet")):
+        for p in pq.read_table(path, columns=["doc_id", "pos", "token_id", "entropy", "target_logprob"]).to_pylist():
+            scores[(p["doc_id"], p["pos"])] = p
     tasks = [t for split in ("train", "eval") for t in iter_tasks(out, split)]
     assert sum(c["tasks"].values()) == len(tasks) > 0
     for t in tasks:
@@ -222,6 +226,11 @@ def test_unit_tasks_are_the_documents_bytes(scored, unit, tmp_path):
         assert doc[start - len(ctx) : start + len(target) + len(after)] == ctx + target + after
         assert t["boundaries"][-1] == len(target)
         assert t["band"] and t["entropy"] is not None and t["scored_tokens"] >= 1
+        # the difficulty and the first token come from the scored position the target starts in
+        first = scores[(t["doc_id"], t["pos"])]
+        assert t["target_id"] == first["token_id"] and t["target_logprob"] == pytest.approx(first["target_logprob"])
+        assert t["entropy_first"] == pytest.approx(first["entropy"])
+        assert t["entropy"] == pytest.approx(t["entropy_mean"])  # --unit-entropy mean
         if name == "masked-sentence":
             assert after  # the next sentence
         elif name == "sentence":

@@ -141,11 +141,18 @@ def _build_unit_tasks(shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Ta
     are consecutive byte ranges of the document."""
     cols: dict[str, list] = {f.name: [] for f in TASKS_SCHEMA}
     scores = shard.shard  # the positions, for the first token's log-probability and rank
-    by_pos = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(scores.row, scores.pos))}
+    # (document row, position) -> positions row, as a sorted key array (no dict of every position)
+    width = int(scores.pos.max()) + 1 if scores.n else 1
+    keys = scores.row * width + scores.pos
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
     for i, r, text_bytes, ends in _with_documents(shard, rows):
         start, end, after, pos = int(shard.start[i]), int(shard.end[i]), int(shard.after[i]), int(shard.pos[i])
         cstart, n_ctx = context_before(text_bytes, ends, start, config.context_tokens)
-        j = by_pos.get((r, pos))
+        k = r * width + pos
+        at = int(np.searchsorted(sorted_keys, k))
+        found = pos < width and at < len(sorted_keys) and sorted_keys[at] == k
+        j = int(order[at]) if found else None
         entropy = float(shard.entropy[i])
         cols["task_id"].append(shard.task_id(i))
         cols["doc_id"].append(shard.doc_ids[r])
