@@ -38,9 +38,10 @@ from cli.common import library_errors, model_help, no_progress_option, overwrite
     "--reward",
     default="prefix",
     show_default=True,
-    type=click.Choice(["prefix", "first-token", "math"]),
-    help="The reward each row asks for (paper Eq. 3 prefix matching, App. A first-token; math: answer tasks, "
-    "math-verify on the final answer).",
+    type=click.Choice(["prefix", "first-token", "exact", "exact-nocase", "math"]),
+    help="The reward each row asks for (paper Eq. 3 prefix matching, App. A first-token; exact, exact-nocase: "
+    "sentence and span tasks, equal after NFC and whitespace folding; math: answer tasks, math-verify on the final "
+    "answer).",
 )
 @click.option(
     "--tokenizer",

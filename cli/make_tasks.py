@@ -83,6 +83,62 @@ from cli.common import library_errors, no_progress_option, overwrite_option
     help="T of the live estimate: the training sampling temperature.",
 )
 @click.option(
+    "--unit",
+    type=click.Choice(["token", "sentence", "span"]),
+    default="token",
+    show_default=True,
+    help="What a task predicts: the next tokens (RPT), the next sentence (RLPT's ASR; with --masked the middle "
+    "sentence, RLPT's MSR) or a masked span of 1..--span-words words (PretrainZero). See docs/tasks.md.",
+)
+@click.option(
+    "--masked",
+    is_flag=True,
+    help="--unit sentence: mask the sentence and show the one after it too (the task carries context_after).",
+)
+@click.option(
+    "--min-sentence-words",
+    default=3,
+    show_default=True,
+    type=int,
+    help="--unit sentence: sentences with fewer words are not targets (counted as short_sentence).",
+)
+@click.option(
+    "--max-target-tokens",
+    default=128,
+    show_default=True,
+    type=int,
+    help="--unit sentence: sentences over more tokens are not targets (counted as long_target).",
+)
+@click.option(
+    "--context-after-tokens",
+    default=256,
+    show_default=True,
+    type=int,
+    help="Masked units: at most this many tokens of the text after the target (context_after).",
+)
+@click.option(
+    "--span-words", default=3, show_default=True, type=int, help="--unit span: a span holds 1..N whole words."
+)
+@click.option(
+    "--span-select",
+    type=click.Choice(["random", "entropy"]),
+    default="random",
+    show_default=True,
+    help="--unit span: start words drawn at random (seeded by --seed), or the words whose first token has the "
+    "highest entropy first.",
+)
+@click.option(
+    "--spans-per-paragraph", default=1, show_default=True, type=int, help="--unit span: span slots per paragraph."
+)
+@click.option(
+    "--unit-entropy",
+    type=click.Choice(["mean", "first"]),
+    default="mean",
+    show_default=True,
+    help="Sentence and span units: a task's entropy (what --threshold and --bands read) is the mean over its "
+    "scored tokens, or its first token's.",
+)
+@click.option(
     "--prepared",
     "prepared_dir",
     default=None,
@@ -106,6 +162,15 @@ def make_tasks(
     min_live,
     group_size,
     temperature,
+    unit,
+    masked,
+    min_sentence_words,
+    max_target_tokens,
+    context_after_tokens,
+    span_words,
+    span_select,
+    spans_per_paragraph,
+    unit_entropy,
     prepared_dir,
     overwrite,
     no_progress,
@@ -126,6 +191,8 @@ def make_tasks(
       rpt make-tasks out/scored --out out/tasks
       rpt make-tasks out/scored --out out/tasks --threshold 1.0 --max-tasks 20000 --max-eval-tasks 1000
       rpt make-tasks out/scored --out out/tasks --min-live 0.2 --group-size 8 --temperature 0.8
+      rpt make-tasks out/scored --out out/sentences --unit sentence --threshold 0
+      rpt make-tasks out/scored --out out/spans --unit span --span-words 3 --span-select entropy
     """
     from rptdata.tasks import MakeTasksConfig, run_make_tasks
 
@@ -143,6 +210,15 @@ def make_tasks(
         min_live=min_live,
         group_size=group_size,
         temperature=temperature,
+        unit=unit,
+        masked=masked,
+        min_sentence_words=min_sentence_words,
+        max_target_tokens=max_target_tokens,
+        context_after_tokens=context_after_tokens,
+        span_words=span_words,
+        span_select=span_select,
+        spans_per_paragraph=spans_per_paragraph,
+        unit_entropy=unit_entropy,
         prepared_dir=prepared_dir,
         overwrite=overwrite,
         progress=not no_progress,
@@ -159,9 +235,13 @@ def make_tasks(
         ", ".join(f"{split} {100 * live[split]:.1f}%" for split in ("train", "eval") if live.get(split) is not None)
         or "no estimate (no target_logprob)"
     )
-    click.echo(
-        f"make-tasks: {c['positions_in']:,} positions -> {c['tasks']['train']:,} train tasks "
+    read = f"{c['positions_in']:,} positions" if unit == "token" else f"{c['candidates_in']:,} {c['candidates']}"
+    lines = [
+        f"make-tasks{'' if unit == 'token' else ' --unit ' + m['unit']}: {read} -> {c['tasks']['train']:,} train tasks "
         f"({c['documents']['train']:,} docs), {c['tasks']['eval']:,} eval tasks ({c['documents']['eval']:,} docs); "
-        f"skipped: {skipped} -> {out} ({m['seconds']:.1f} s)\n  bands (highest exceeded): {bands_line}\n"
-        f"  predicted live groups (G={group_size}, T={temperature:g}): {live_line}"
-    )
+        f"skipped: {skipped} -> {out} ({m['seconds']:.1f} s)",
+        f"  bands (highest exceeded): {bands_line}",
+    ]
+    if unit == "token":
+        lines.append(f"  predicted live groups (G={group_size}, T={temperature:g}): {live_line}")
+    click.echo("\n".join(lines))

@@ -13,7 +13,8 @@ from rpttrain.reward import REWARD_NAMES
     "--prompt-template",
     "templates",
     multiple=True,
-    help="Formats to compare (repeat): v0 v2 v6 continuation FILE. Default: all four built-ins.",
+    help="Formats to compare (repeat): v0 v2 v6 continuation FILE, or for make-tasks --unit tasks sentence, "
+    "masked-sentence, masked-span. Default: v0 v2 v6 continuation.",
 )
 @click.option("--samples", default=8, show_default=True, help="Samples per task (G); Pass@G is reported.")
 @click.option("--tasks", "n_tasks", default=16, show_default=True, help="Tasks to probe (the first N of the split).")

@@ -91,13 +91,15 @@ class TrainConfig:
     prompt_template: str | None = opt(
         None,
         "v0 | v2 | v6 (reasoning, boxed answer) | continuation (raw text, for base/small models) | rlp (raw "
-        "text, then a thought in <think>...</think>, then the next token) | FILE. Default: v0 for rpt, rlp for rlp.",
+        "text, then a thought in <think>...</think>, then the next token) | sentence | masked-sentence | "
+        "masked-span (the tasks of make-tasks --unit) | FILE. Default: v0 for rpt, rlp for rlp.",
     )
     reward: str = opt(
         "prefix",
         "prefix (paper Eq. 3) | first-token | dense | conditional-dense (App. A; 1 when the prediction's "
         "first token is right, else the policy's probability of it, P(y[0] | x<t); conditional: only in "
-        "groups with a right one, else 0). The dense two need --backend rpt.",
+        "groups with a right one, else 0). The dense two need --backend rpt. Sentence and span tasks: exact | "
+        "exact-nocase (equal after NFC and whitespace folding; case folded too), or prefix for next-sentence tasks.",
     )
     scale_rewards: str | None = opt(
         None,

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 DATA_CACHE = "data-cache"  # a run's memory-mapped copies of the tasks / documents (TaskRows, DocWindows)
 TASK_COLUMNS = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id"]
 # carried when the tasks have them (make-tasks' live estimate, rptdata.tasks.live; the band, for
-# samples.jsonl); older tasks load without
-OPTIONAL_TASK_COLUMNS = ["accept_mass", "live", "band"]
+# samples.jsonl; the unit and the text after a masked target, rptdata.tasks.units); older tasks load without
+OPTIONAL_TASK_COLUMNS = ["accept_mass", "live", "band", "unit", "context_after"]
 
 
 def task_shards(tasks_dir: str | Path, split: str = "train") -> list[Path]:
@@ -303,19 +303,36 @@ def task_kind(tasks_manifest: dict) -> str:
     return tasks_manifest.get("task_kind") or NEXT_TOKEN
 
 
+def task_unit(tasks_manifest: dict) -> str | None:
+    """What a `rpt make-tasks` directory's tasks predict: token, sentence, masked-sentence or span
+    (rptdata.tasks.units); "token" for directories made before units; None for answer tasks.
+
+    >>> task_unit({"stage": "make-tasks"}), task_unit({"unit": "span"}), task_unit({"task_kind": "answer"})
+    ('token', 'span', None)
+    """
+    if task_kind(tasks_manifest) == ANSWER:
+        return None
+    return tasks_manifest.get("unit") or "token"
+
+
 def check_task_fit(
     tasks_manifest: dict, reward: str, prompt_template: str | None = None, objective: str = "rpt"
 ) -> None:
     """Refuse a reward, prompt format or objective that cannot score these tasks, by name: answer
-    tasks are scored by the math reward in an answer format; next-token tasks by the others.
+    tasks are scored by the math reward in an answer format; make-tasks' tasks by the rewards and
+    formats of their unit (`rpttrain.reward.UNIT_REWARDS`, `rpttrain.prompts.UNIT_FORMATS`).
 
     >>> check_task_fit({"task_kind": "answer"}, "math", "answer")
     >>> check_task_fit({"task_kind": "answer"}, "prefix")
     Traceback (most recent call last):
     rptdata.errors.BadOption: --reward prefix cannot score answer tasks (rpt answer-tasks): they hold a final answer, checked with --reward math
+    >>> check_task_fit({"unit": "span"}, "exact", "masked-span")
+    >>> check_task_fit({"unit": "span"}, "prefix", "masked-span")
+    Traceback (most recent call last):
+    rptdata.errors.BadOption: --reward prefix does not fit span tasks (rpt make-tasks --unit); use --reward exact or exact-nocase
     """
-    from rpttrain.prompts import ANSWER_FORMATS, PROMPT_FORMATS
-    from rpttrain.reward import ANSWER_REWARDS
+    from rpttrain.prompts import ANSWER_FORMATS, PROMPT_FORMATS, UNIT_FORMATS, load_prompt_format
+    from rpttrain.reward import ANSWER_REWARDS, UNIT_REWARDS
 
     answer = task_kind(tasks_manifest) == ANSWER
     if answer and objective in NEXT_TOKEN_OBJECTIVES:
@@ -331,14 +348,48 @@ def check_task_fit(
     if not answer and reward in ANSWER_REWARDS:
         raise BadOption(
             f"--reward {reward} checks final answers of answer tasks (rpt answer-tasks); these are next-token "
-            "tasks (rpt make-tasks): use --reward prefix, first-token, dense or conditional-dense"
+            f"tasks (rpt make-tasks): use --reward {_either(UNIT_REWARDS[task_unit(tasks_manifest) or 'token'])}"
         )
+    unit = task_unit(tasks_manifest)
+    if unit is not None:
+        _check_unit_fit(unit, reward, prompt_template, UNIT_REWARDS, UNIT_FORMATS, load_prompt_format)
     if prompt_template in PROMPT_FORMATS and (prompt_template in ANSWER_FORMATS) != answer:
         fits = ", ".join(ANSWER_FORMATS) if answer else ", ".join(f for f in PROMPT_FORMATS if f not in ANSWER_FORMATS)
         raise BadOption(
             f"--prompt-template {prompt_template} does not fit {'answer' if answer else 'next-token'} tasks; "
             f"use {fits} (or a template file)"
         )
+
+
+def _either(names) -> str:
+    """
+    >>> _either(["a"]), _either(["a", "b", "c"])
+    ('a', 'a, b or c')
+    """
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _check_unit_fit(unit, reward, prompt_template, unit_rewards, unit_formats, load_format) -> None:
+    rewards = unit_rewards.get(unit)
+    if rewards is None:
+        raise BadOption(f"these tasks predict a unit this version does not know ({unit!r}); update rpt")
+    if reward not in rewards:
+        raise BadOption(
+            f"--reward {reward} does not fit {unit} tasks (rpt make-tasks --unit); use --reward {_either(rewards)}"
+        )
+    if prompt_template is None:
+        return
+    formats = unit_formats[unit]
+    masked = unit in ("masked-sentence", "span")
+    if prompt_template in unit_formats["token"] + tuple(f for fs in unit_formats.values() for f in fs):
+        if prompt_template not in formats:
+            raise BadOption(
+                f"--prompt-template {prompt_template} does not fit {unit} tasks; use {', '.join(formats)} "
+                "(or a template file)"
+            )
+    elif load_format(prompt_template).masked != masked:  # a template file: {context_after} iff masked
+        need = "holds {context_after} (the text after the mask)" if masked else "has no {context_after}"
+        raise BadOption(f"--prompt-template {prompt_template}: a template for {unit} tasks {need}")
 
 
 def open_tasks(config) -> dict:

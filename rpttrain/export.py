@@ -118,7 +118,8 @@ class ExportConfig:
         format: "verl" or "trl".
         split: "train", "eval" or "both".
         prompt_template: v0, v2, v6, continuation, or a template file holding {context} once.
-        reward: the reward named in each row ("prefix" or "first-token").
+        reward: the reward named in each row ("prefix", "first-token", "exact", "exact-nocase", "math"); it must fit
+            the tasks' unit (`rpttrain.data.check_task_fit`).
         tokenizer: a model spec; when given, the exact prompt string (its chat template) is
             stored as `prompt_text`, handy for length filtering.
         overwrite: replace an earlier export in `out`.

@@ -33,7 +33,7 @@ from rptdata.models import load_causal_lm, load_tokenizer
 from rptdata.tasks.live import live_probability
 from rpttrain.data import check_task_fit, load_tasks
 from rpttrain.dense import GroupScorer
-from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.prompts import load_prompt_format, task_prompt_ids
 from rpttrain.reward import REWARD_NAMES
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 
@@ -106,7 +106,7 @@ def run_probe(config: ProbeConfig) -> list[dict]:
         for name in config.templates:
             fmt = load_prompt_format(name)
             new_tokens = config.max_new_tokens if fmt.uses_chat else config.continuation_new_tokens
-            prompts = [build_prompt_ids(fmt, t["context"], tokenizer, config.max_prompt_tokens) for t in tasks]
+            prompts = [task_prompt_ids(fmt, t, tokenizer, config.max_prompt_tokens) for t in tasks]
             t0 = time.time()
             groups = engine.generate(
                 prompts,

@@ -25,12 +25,19 @@ completion, so a format cannot be scored with the wrong extractor. Built-ins:
   then the tag's: `rpt train --objective rlp` scores the next token after the context alone
   with those same ids. Raw text, no chat template: the paper trains base models.
 
-A user's own template is a text file holding the placeholder ``{context}`` exactly
-once; it renders as a chat format with box extraction and is named ``file:<path>``.
+- ``sentence``, ``masked-sentence``, ``masked-span``: for the units of ``rpt make-tasks
+  --unit`` (the next sentence, RLPT's ASR; the masked middle sentence, RLPT's MSR; a masked
+  span of words, PretrainZero). The masked formats show the text before the mask, ``[MASK]``
+  and the text after it (``{context_after}``) in one block; every one asks for the answer in
+  ``\\boxed{}``. ``UNIT_FORMATS`` says which formats fit which unit.
 
-The context is filled in with one literal ``str.replace`` of ``{context}``, never
+A user's own template is a text file holding the placeholder ``{context}`` exactly
+once, and ``{context_after}`` at most once (exactly once for the masked units); it renders as
+a chat format with box extraction and is named ``file:<path>``.
+
+The placeholders are filled in one pass over the template (``_fill``), never with
 ``str.format``: contexts are maths full of braces (``\\frac{a}{b}``), and a context
-that itself contains the text ``{context}`` is left as it is.
+that itself contains the text ``{context}`` or ``{context_after}`` is left as it is.
 
 Left out on purpose: few-shot examples, and a system message in the built-ins
 (R1-distilled models are meant to be prompted without one; the field exists for
@@ -41,6 +48,7 @@ fence, so a context containing a triple backtick closes the fence early.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +62,9 @@ __all__ = [
     "THINK_OPEN",
     "extract_after_thought",
     "PLACEHOLDER",
+    "PLACEHOLDER_AFTER",
     "PROMPT_FORMATS",
+    "UNIT_FORMATS",
     "PromptFormat",
     "build_messages",
     "extract_verbatim",
@@ -64,7 +74,19 @@ __all__ = [
 ]
 
 PLACEHOLDER = "{context}"
+PLACEHOLDER_AFTER = "{context_after}"
 _FILE_PREFIX = "file:"
+_PLACEHOLDERS = re.compile(r"\{context(?:_after)?\}")
+
+
+def _fill(template: str, context: str, context_after: str | None) -> str:
+    """The template with ``{context}`` and ``{context_after}`` filled in one pass, so text inside
+    either is never taken for a placeholder.
+
+    >>> _fill("a {context} b {context_after}", "{context_after}", "x")
+    'a {context_after} b x'
+    """
+    return _PLACEHOLDERS.sub(lambda m: context if m.group(0) == PLACEHOLDER else (context_after or ""), template)
 
 
 THINK_OPEN, THINK_CLOSE = " <think>", "</think>"
@@ -124,6 +146,13 @@ class PromptFormat:
             )
         if self.uses_chat and self.thought is not None:
             raise BadOption(f"prompt format {self.name!r}: a thought's tags go after a raw context, not a chat")
+        if self.user_template is not None and self.user_template.count(PLACEHOLDER_AFTER) > 1:
+            raise BadOption(f"prompt format {self.name!r}: {PLACEHOLDER_AFTER} may stand at most once")
+
+    @property
+    def masked(self) -> bool:
+        """True when the format shows the text after the target (``{context_after}``)."""
+        return self.user_template is not None and PLACEHOLDER_AFTER in self.user_template
 
 
 _V0 = """### Context
@@ -152,6 +181,30 @@ Predict the next token that comes right after the context above. First list a fe
 
 The token may start with a space. For example, if the next token is " para" (with its leading space), answer \\boxed{ para}; if it is " =", answer \\boxed{ =}. Write the token exactly as it appears in the text, and do not wrap it in \\text{}."""
 
+_SENTENCE = """### Context
+{context}
+
+### Task
+Predict the next sentence: the one that comes right after the context above. Think it through step by step and work out what the text most probably says next. Then give only that sentence as your final answer, inside \\boxed{}.
+
+Write the sentence exactly as it would appear in the text, with its punctuation and any LaTeX as the text writes it, and do not wrap it in \\text{}."""
+
+_MASKED_SENTENCE = """### Text
+{context}[MASK]{context_after}
+
+### Task
+One sentence of the text above was replaced by [MASK]. Read the text before and after it, think it through step by step, and work out the missing sentence. Then give only that sentence as your final answer, inside \\boxed{}.
+
+Write the sentence exactly as it would appear in the text, with its punctuation and any LaTeX as the text writes it, and do not wrap it in \\text{}."""
+
+_MASKED_SPAN = """### Text
+{context}[MASK]{context_after}
+
+### Task
+A few words of the text above (one to a handful, from one line) were replaced by [MASK]. Read the text before and after it, think it through step by step, and work out the missing words. Then give only those words as your final answer, inside \\boxed{}.
+
+Write them exactly as they appear in the text, without the words around the mask, and do not wrap them in \\text{}."""
+
 _ANSWER = """{context}
 
 Please reason step by step, and put your final answer within \\boxed{}."""
@@ -163,9 +216,20 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
     "continuation": PromptFormat("continuation", None, None, False, extract_verbatim),
     "rlp": PromptFormat("rlp", None, None, False, extract_after_thought, (THINK_OPEN, THINK_CLOSE)),
     "answer": PromptFormat("answer", None, _ANSWER, True, extract_verbatim),
+    "sentence": PromptFormat("sentence", None, _SENTENCE, True, extract_prediction),
+    "masked-sentence": PromptFormat("masked-sentence", None, _MASKED_SENTENCE, True, extract_prediction),
+    "masked-span": PromptFormat("masked-span", None, _MASKED_SPAN, True, extract_prediction),
 }
 # the formats of answer tasks (a problem in, a final answer in \boxed{} out); the others are for next-token tasks
 ANSWER_FORMATS = ("answer",)
+# the built-in formats that fit each unit of `rpt make-tasks --unit` (rpttrain.data.check_task_fit
+# refuses the others by name; a template file fits a masked unit when it holds {context_after})
+UNIT_FORMATS: dict[str, tuple[str, ...]] = {
+    "token": ("v0", "v2", "v6", "continuation"),
+    "sentence": ("sentence", "continuation"),
+    "masked-sentence": ("masked-sentence",),
+    "span": ("masked-span",),
+}
 
 
 def _choices() -> str:
@@ -194,6 +258,8 @@ def load_prompt_format(name_or_path: str) -> PromptFormat:
         raise BadOption(
             f"prompt template file {path!r} must contain the placeholder {PLACEHOLDER} exactly once; found it {n} times"
         )
+    if template.count(PLACEHOLDER_AFTER) > 1:
+        raise BadOption(f"prompt template file {path!r} may contain {PLACEHOLDER_AFTER} at most once")
     return PromptFormat(_FILE_PREFIX + path, None, template, True, extract_prediction)
 
 
@@ -213,8 +279,9 @@ def get_extract(format_name: str) -> Callable[[str], str | None]:
     raise BadOption(f"unknown prompt format {format_name!r}; choose {_choices()}")
 
 
-def build_messages(fmt: PromptFormat, context: str) -> list[dict[str, str]]:
+def build_messages(fmt: PromptFormat, context: str, context_after: str | None = None) -> list[dict[str, str]]:
     """The chat messages of a chat format: an optional system message, then the user turn.
+    `context_after` fills ``{context_after}`` (the masked formats).
 
     >>> build_messages(PROMPT_FORMATS["v0"], "1 + 1")[0]["content"].splitlines()[:2]
     ['### Context', '1 + 1']
@@ -222,11 +289,11 @@ def build_messages(fmt: PromptFormat, context: str) -> list[dict[str, str]]:
     if not fmt.uses_chat or fmt.user_template is None:
         raise BadOption(f"prompt format {fmt.name!r} is raw text, not a chat; it has no messages")
     messages = [{"role": "system", "content": fmt.system}] if fmt.system is not None else []
-    messages.append({"role": "user", "content": fmt.user_template.replace(PLACEHOLDER, context, 1)})
+    messages.append({"role": "user", "content": _fill(fmt.user_template, context, context_after)})
     return messages
 
 
-def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None) -> str:
+def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None, context_after: str | None = None) -> str:
     """The prompt string the policy sees.
 
     - ``continuation`` (raw formats): the context itself; ``rlp``: the context, then `` <think>``.
@@ -243,38 +310,61 @@ def render_prompt(fmt: PromptFormat, context: str, tokenizer: Any = None) -> str
     """
     if not fmt.uses_chat:
         return context + (fmt.thought[0] if fmt.thought else "")
-    messages = build_messages(fmt, context)
+    messages = build_messages(fmt, context, context_after)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n\n".join(turns) + "\n\nAssistant:"
 
 
-def build_prompt_ids(fmt: PromptFormat, context: str, tokenizer: Any, max_prompt_tokens: int) -> list[int]:
+def task_prompt_ids(fmt: PromptFormat, task: dict, tokenizer: Any, max_prompt_tokens: int) -> list[int]:
+    """`build_prompt_ids` of a task row: its context, and its context_after when it has one."""
+    return build_prompt_ids(fmt, task["context"], tokenizer, max_prompt_tokens, task.get("context_after"))
+
+
+def build_prompt_ids(
+    fmt: PromptFormat, context: str, tokenizer: Any, max_prompt_tokens: int, context_after: str | None = None
+) -> list[int]:
     """Token ids of the rendered prompt, at most `max_prompt_tokens` long.
 
     A prompt that is too long loses the START of its context (the end, next to the token to
     predict, matters most): the raw format keeps the last tokens; chat formats re-render with the
-    context's leading tokens dropped. Special tokens come only from the chat template. A thought's
-    opening tag is tokenized apart and follows the context's ids.
+    context's leading tokens dropped. When the whole context is gone and a masked format's
+    `context_after` still does not fit, that loses its END (the text far after the mask).
+    Special tokens come only from the chat template. A thought's opening tag is tokenized apart and
+    follows the context's ids.
     """
     if fmt.thought is not None:
         tag = tokenizer(fmt.thought[0], add_special_tokens=False)["input_ids"]
         if len(tag) >= max_prompt_tokens:
             raise BadOption(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")
         return build_prompt_ids(PROMPT_FORMATS["continuation"], context, tokenizer, max_prompt_tokens - len(tag)) + tag
-    ids = tokenizer(render_prompt(fmt, context, tokenizer), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(render_prompt(fmt, context, tokenizer, context_after), add_special_tokens=False)["input_ids"]
     if len(ids) <= max_prompt_tokens:
         return ids
     if not fmt.uses_chat:
         return ids[len(ids) - max_prompt_tokens :]
-    ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    overhead = len(ids) - len(ctx_ids)
-    keep = max_prompt_tokens - overhead
+    ids = _shortened(fmt, tokenizer, max_prompt_tokens, context, lambda text: (text, context_after), keep_end=True)
+    if ids is None and context_after:
+        ids = _shortened(fmt, tokenizer, max_prompt_tokens, context_after, lambda text: ("", text), keep_end=False)
+    if ids is None:
+        raise BadOption(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")
+    return ids
+
+
+def _shortened(fmt, tokenizer, max_prompt_tokens: int, text: str, fill, keep_end: bool) -> list[int] | None:
+    """The prompt with `text` (the context, or the text after the mask) cut token by token, from its
+    start (`keep_end`) or its end, until it fits; None when even an empty `text` does not."""
+
+    def prompt_ids(part: str) -> list[int]:
+        context, after = fill(part)
+        return tokenizer(render_prompt(fmt, context, tokenizer, after), add_special_tokens=False)["input_ids"]
+
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max_prompt_tokens - (len(prompt_ids(text)) - len(text_ids))
     while keep > 0:
-        short = tokenizer.decode(ctx_ids[len(ctx_ids) - keep :])
-        ids = tokenizer(render_prompt(fmt, short, tokenizer), add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer.decode(text_ids[len(text_ids) - keep :] if keep_end else text_ids[:keep]))
         if len(ids) <= max_prompt_tokens:
             return ids
         keep -= max(1, len(ids) - max_prompt_tokens)
-    raise BadOption(f"prompt format {fmt.name!r} alone is longer than max_prompt_tokens={max_prompt_tokens}")
+    return None

@@ -14,6 +14,9 @@ the guess against the corpus continuation:
 - ``dense_reward`` / ``conditional_dense_rewards``: App. A's dense and conditional
   dense rewards. They need the policy's probability of the prediction's first
   token, which the caller supplies (``rpttrain.dense`` computes it in the loop).
+- ``exact_reward`` / ``exact_nocase_reward``: the sentence and span tasks' exact match
+  (``rpt make-tasks --unit``, PretrainZero's check): the guess equals the target after
+  ``normalize_text`` (NFC, whitespace folded and stripped; case folded only in the second).
 - ``math_reward``: the answer tasks' reward (``rpt answer-tasks``): math-verify's verdict on
   the completion's final answer against the reference, under a deadline
   (``rptdata.math_answers``).
@@ -42,6 +45,8 @@ Run the examples with ``python -m doctest rpttrain/reward.py``.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
 
 from rptdata.errors import BadOption
@@ -50,14 +55,18 @@ from rptdata.math_answers import DEFAULT_TIMEOUT_S, check_answer, last_boxed
 __all__ = [
     "ANSWER_REWARDS",
     "DENSE_REWARDS",
+    "UNIT_REWARDS",
     "REWARDS",
     "REWARD_NAMES",
     "conditional_dense_rewards",
     "dense_reward",
+    "exact_nocase_reward",
+    "exact_reward",
     "extract_prediction",
     "first_token_reward",
     "get_reward_fn",
     "math_reward",
+    "normalize_text",
     "prefix_reward",
     "reward_text",
     "score_completions",
@@ -155,6 +164,48 @@ def first_token_reward(prediction: str | None, continuation: str, boundaries: Se
     return 1.0 if y == x[: boundaries[0]] else 0.0
 
 
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str, casefold: bool = False) -> str:
+    """The form the exact rewards compare: Unicode NFC, every run of whitespace (spaces, tabs,
+    newlines) one space, none at the ends; with `casefold`, ``str.casefold`` too.
+
+    >>> normalize_text("  cafe\\u0301\\n\\tau  lait ")
+    'café au lait'
+    >>> normalize_text("Straße", casefold=True)
+    'strasse'
+    """
+    text = _SPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    return text.casefold() if casefold else text
+
+
+def exact_reward(prediction: str | None, target: str, boundaries: Sequence[int] = ()) -> float:
+    """Exact match (sentence and span tasks): 1.0 when the guess equals the target after
+    ``normalize_text`` (NFC, whitespace folded, ends stripped; case kept), else 0.0. None and a
+    guess that normalizes to nothing score 0.0; `boundaries` is unused.
+
+    >>> exact_reward(" the cat\\n", "the  cat"), exact_reward("The cat", "the cat"), exact_reward("", " ")
+    (1.0, 0.0, 0.0)
+    """
+    if prediction is None:
+        return 0.0
+    y = normalize_text(prediction)
+    return 1.0 if y and y == normalize_text(target) else 0.0
+
+
+def exact_nocase_reward(prediction: str | None, target: str, boundaries: Sequence[int] = ()) -> float:
+    """``exact_reward`` with case folded on both sides.
+
+    >>> exact_nocase_reward("The Cat", "the cat"), exact_nocase_reward("the dog", "the cat")
+    (1.0, 0.0)
+    """
+    if prediction is None:
+        return 0.0
+    y = normalize_text(prediction, casefold=True)
+    return 1.0 if y and y == normalize_text(target, casefold=True) else 0.0
+
+
 def math_reward(prediction: str | None, answer: str, boundaries: Sequence[int] = ()) -> float:
     """The answer tasks' reward (`rpt answer-tasks`): 1.0 when math-verify finds the completion's
     final answer equal to the reference `answer`, else 0.0 (no answer, a wrong one, a check that
@@ -176,7 +227,18 @@ RewardFn = Callable[[str | None, str, Sequence[int]], float]
 REWARDS: dict[str, RewardFn] = {
     "prefix": prefix_reward,
     "first-token": first_token_reward,
+    "exact": exact_reward,
+    "exact-nocase": exact_nocase_reward,
     "math": math_reward,
+}
+# the rewards that fit each unit of `rpt make-tasks --unit` (rpttrain.data.check_task_fit refuses
+# the others by name): a prefix of a masked target is no answer, and the first-token and dense
+# rewards judge one token
+UNIT_REWARDS: dict[str, tuple[str, ...]] = {
+    "token": ("prefix", "first-token", "dense", "conditional-dense"),
+    "sentence": ("prefix", "exact", "exact-nocase"),
+    "masked-sentence": ("exact", "exact-nocase"),
+    "span": ("exact", "exact-nocase"),
 }
 # the rewards of answer tasks (`rpt answer-tasks`); every other reward is for next-token tasks
 ANSWER_REWARDS = ("math",)
@@ -280,7 +342,7 @@ def score_group(
 ) -> tuple[list[float], list[bool]]:
     """Rewards and correct flags of one group of predictions of the same context.
 
-    String rewards (prefix, first-token): correct means a reward of 1.0. Dense rewards: correct
+    String rewards (prefix, first-token, exact, math): correct means a reward of 1.0. Dense rewards: correct
     means y[0] = x_t, and ``first_ids``, ``target_id`` and ``first_probs`` are required.
 
     >>> score_group("prefix", [" para", " par"], " paragraph", [5, 10])

@@ -64,7 +64,9 @@ def test_task_rows_are_the_train_split_in_shard_order(tmp_path, tiny_bpe_dir):
     assert len(rows) == 40
     got = rows.take([39, 0, 17])
     keys = ["task_id", "doc_id", "context", "continuation", "boundaries", "target_id", "accept_mass", "live", "band"]
-    assert got == [{k: want[i][k] for k in keys} for i in (39, 0, 17)]  # the live estimate and the band ride along
+    keys += ["unit", "context_after"]
+    # the live estimate, the band and the unit's columns ride along
+    assert got == [{k: want[i][k] for k in keys} for i in (39, 0, 17)]
 
 
 def test_an_empty_training_split_is_a_clear_error(tmp_path, tiny_bpe_dir):

@@ -106,6 +106,9 @@ SUBSTITUTIONS = [
     (r"^(rpt eval .*?)( --resume)?$", r"\1 --limit 6\2"),
     (r"--samples 8 --temperature 0\.8 --max-new-tokens 512", "--samples 2 --temperature 0.8 --max-new-tokens 8"),
     (r"--max-compute 7\.5e13", "--max-compute 1e30"),
+    # the span tasks of docs/tasks.md: short answers, short prompts
+    (r"^(rpt train out/spans .*)$", r"\1 --max-new-tokens 8 --max-prompt-tokens 256 --dynamic-sampling-from -1"),
+    (r"^(rpt eval out/spans .*)$", r"\1 --max-new-tokens 8 --max-prompt-tokens 256"),
 ]
 
 

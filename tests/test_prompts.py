@@ -46,7 +46,8 @@ def test_every_format_renders_hostile_context_verbatim(name):
         (user,) = [m for m in build_messages(fmt, HOSTILE_CONTEXT) if m["role"] == "user"]
         # The placeholder was filled exactly once: only the context's own "{context}" remains.
         assert user["content"].count(PLACEHOLDER) == 1
-        assert user["content"] == fmt.user_template.replace(PLACEHOLDER, HOSTILE_CONTEXT)
+        # (a masked format's {context_after} is filled with nothing when the task has none)
+        assert user["content"] == fmt.user_template.replace("{context_after}", "").replace(PLACEHOLDER, HOSTILE_CONTEXT)
         assert text.startswith("User: ") and text.endswith("\n\nAssistant:")
         # answer formats hand the whole completion to the math reward, which reads the answer itself
         assert fmt.extract is (extract_verbatim if name in ANSWER_FORMATS else extract_prediction)

@@ -14,6 +14,7 @@ from rpttrain.reward import (
     REWARDS,
     conditional_dense_rewards,
     dense_reward,
+    exact_reward,
     extract_prediction,
     first_token_reward,
     get_reward_fn,
@@ -136,8 +137,9 @@ def test_rewards_never_raise(prediction, continuation, boundaries):
 def test_reward_registry():
     assert get_reward_fn("prefix") is prefix_reward
     assert get_reward_fn("first-token") is first_token_reward
-    with pytest.raises(ValueError, match="prefix, first-token, math, dense, conditional-dense"):
-        get_reward_fn("exact")
+    assert get_reward_fn("exact") is exact_reward
+    with pytest.raises(ValueError, match="prefix, first-token, exact, exact-nocase, math, dense, conditional-dense"):
+        get_reward_fn("judge")
     with pytest.raises(ValueError, match="P\\(y\\[0\\] \\| x<t; theta\\)"):
         get_reward_fn("dense")
 

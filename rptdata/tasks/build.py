@@ -53,7 +53,8 @@ from rptdata.io import MANIFEST, shard_name
 from rptdata.stage import StageDir, run_stage
 from rptdata.tasks.config import SKIP_REASONS, STAGE, MakeTasksConfig, task_key
 from rptdata.tasks.inputs import Inputs, Shard, load_shard, open_inputs
-from rptdata.tasks.taskdef import SPLITS, TASKS_SCHEMA, continuation_at, cut_context, split_rule
+from rptdata.tasks.taskdef import SPLITS, TASKS_SCHEMA, _end, continuation_at, cut_context, split_rule
+from rptdata.tasks.units import UNIT_SKIP_REASONS, context_before, target_boundaries, unit_name
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,23 @@ def _select_capped(inputs: Inputs, config: MakeTasksConfig) -> dict[str, dict[in
     return out
 
 
-def _build_tasks(shard: Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Table:
-    cols: dict[str, list] = {f.name: [] for f in TASKS_SCHEMA}
+def _with_documents(shard, rows: np.ndarray):
+    """(row index, document row, its UTF-8 bytes, its token ends) per row; each document read once
+    per run of its rows."""
     cache_row, text_bytes, ends = -1, b"", np.zeros(0, np.int64)
     for i in rows:
         r = int(shard.row[i])
         if r != cache_row:
             cache_row = r
             text_bytes, ends = shard.doc_bytes(r)
+        yield i, r, text_bytes, ends
+
+
+def _build_tasks(shard: Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Table:
+    if config.unit != "token":
+        return _build_unit_tasks(shard, rows, config)
+    cols: dict[str, list] = {f.name: [] for f in TASKS_SCHEMA}
+    for i, r, text_bytes, ends in _with_documents(shard, rows):
         pos = int(shard.pos[i])
         context, n_ctx = cut_context(text_bytes, ends, pos, config.context_tokens)
         if n_ctx != pos - int(shard.start[i]):  # the vectorized filter and the helper must agree
@@ -119,12 +129,58 @@ def _build_tasks(shard: Shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.
         q, live = float(shard.accept_mass[i]), float(shard.live[i])
         cols["accept_mass"].append(None if math.isnan(q) else q)
         cols["live"].append(None if math.isnan(live) else live)
+        cols["unit"].append("token")
+        cols["start_byte"].append(int(_end(ends, pos - 1)))
+        for c in ("context_after", "entropy_first", "entropy_mean", "scored_tokens"):
+            cols[c].append(None)
+    return pa.Table.from_pydict(cols, schema=TASKS_SCHEMA)
+
+
+def _build_unit_tasks(shard, rows: np.ndarray, config: MakeTasksConfig) -> pa.Table:
+    """Sentence and span tasks (`rptdata.tasks.units.UnitShard`): context, target and context_after
+    are consecutive byte ranges of the document."""
+    cols: dict[str, list] = {f.name: [] for f in TASKS_SCHEMA}
+    scores = shard.shard  # the positions, for the first token's log-probability and rank
+    # (document row, position) -> positions row, as a sorted key array (no dict of every position)
+    width = int(scores.pos.max()) + 1 if scores.n else 1
+    keys = scores.row * width + scores.pos
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    for i, r, text_bytes, ends in _with_documents(shard, rows):
+        start, end, after, pos = int(shard.start[i]), int(shard.end[i]), int(shard.after[i]), int(shard.pos[i])
+        cstart, n_ctx = context_before(text_bytes, ends, start, config.context_tokens)
+        k = r * width + pos
+        at = int(np.searchsorted(sorted_keys, k))
+        found = pos < width and at < len(sorted_keys) and sorted_keys[at] == k
+        j = int(order[at]) if found else None
+        entropy = float(shard.entropy[i])
+        cols["task_id"].append(shard.task_id(i))
+        cols["doc_id"].append(shard.doc_ids[r])
+        cols["pos"].append(pos)
+        cols["context"].append(text_bytes[cstart:start].decode("utf-8"))
+        cols["continuation"].append(text_bytes[start:end].decode("utf-8"))
+        cols["boundaries"].append(target_boundaries(ends, start, end))
+        cols["entropy"].append(entropy)
+        cols["band"].append(band_of(entropy, config.bands))
+        cols["target_id"].append(scores.token_at(r, pos))
+        cols["context_tokens"].append(n_ctx)
+        cols["target_logprob"].append(None if j is None or scores.logprob is None else float(scores.logprob[j]))
+        cols["target_rank"].append(None if j is None or scores.rank is None else int(scores.rank[j]))
+        cols["accept_mass"].append(None)
+        cols["live"].append(None)
+        cols["unit"].append(shard.unit)
+        cols["start_byte"].append(start)
+        cols["context_after"].append(text_bytes[end:after].decode("utf-8") if after >= 0 else None)
+        first, mean = float(shard.entropy_first[i]), float(shard.entropy_mean[i])
+        cols["entropy_first"].append(None if math.isnan(first) else first)
+        cols["entropy_mean"].append(None if math.isnan(mean) else mean)
+        cols["scored_tokens"].append(int(shard.n_scored[i]))
     return pa.Table.from_pydict(cols, schema=TASKS_SCHEMA)
 
 
 def _write_task_shard(stage: StageDir, shard: Shard, chosen: dict, config: MakeTasksConfig) -> dict:
     """Build and write one shard's train and eval tasks; return its stats (also in the markers)."""
-    skipped = Counter(SKIP_REASONS[int(c) - 1] for c in shard.reason[shard.reason > 0])
+    skipped = Counter(shard.reasons[int(c) - 1] for c in shard.reason[shard.reason > 0])
     eligible = shard.eligible()
     stats: dict = {"positions": shard.n, "tasks": {}, "bands": {}, "documents": {}, "documents_with_tasks": {}}
     tables: dict[str, pa.Table] = {}
@@ -145,7 +201,7 @@ def _write_task_shard(stage: StageDir, shard: Shard, chosen: dict, config: MakeT
         live = shard.live[in_split]
         stats.setdefault("live_sum", {})[split] = float(np.nansum(live))
         stats.setdefault("live_n", {})[split] = int(np.count_nonzero(~np.isnan(live)))
-    stats["skipped"] = {r: int(skipped.get(r, 0)) for r in SKIP_REASONS}
+    stats["skipped"] = {r: int(skipped.get(r, 0)) for r in shard.reasons}
     # train first; the eval marker, written last, carries the whole shard's stats
     stage.write_shard("train", shard.index, tables["train"], {"tasks": tables["train"].num_rows})
     stage.write_shard("eval", shard.index, tables["eval"], stats)
@@ -200,9 +256,11 @@ def _finish(stage: StageDir, inputs: Inputs, config: MakeTasksConfig, per_shard:
     """The manifest, from every shard's stats (its eval marker)."""
     sm = inputs.scored_manifest
     counts = _sum_counts(per_shard, config)
+    unit = unit_name(config.unit, config.masked)
     accounted = sum(counts["tasks"].values()) + sum(counts["skipped"].values())
-    if accounted != counts["positions_in"]:  # an internal invariant, not user input
-        raise AssertionError(f"position accounting broke: read {counts['positions_in']} != accounted {accounted}")
+    read = counts.get("positions_in", counts.get("candidates_in"))
+    if accounted != read:  # an internal invariant, not user input
+        raise AssertionError(f"accounting broke: read {read} != accounted {accounted}")
     return stage.finish(
         {
             "scored_dir": str(inputs.scored),
@@ -210,12 +268,16 @@ def _finish(stage: StageDir, inputs: Inputs, config: MakeTasksConfig, per_shard:
             "tokenizer": sm.get("tokenizer"),
             "proxy": sm.get("proxy"),
             "options": config.identity(),
+            # what a task predicts (rptdata.tasks.units); rpttrain.data.task_unit reads it, "token" when absent
+            "unit": unit,
             "bands": {name: t for name, t in config.bands},
             "split": split_rule(config.seed, config.eval_fraction),
             "shards": {split: [f"{split}/{shard_name(i)}" for i in inputs.shards] for split in SPLITS},
             "schema": {f.name: str(f.type) for f in TASKS_SCHEMA},
             "counts": counts,
-            "live_estimate": {
+            "live_estimate": None
+            if unit != "token"
+            else {
                 "group_size": config.group_size,
                 "temperature": config.temperature,
                 "min_live": config.min_live,
@@ -230,6 +292,7 @@ def _finish(stage: StageDir, inputs: Inputs, config: MakeTasksConfig, per_shard:
 
 def _sum_counts(per_shard: list[dict], config: MakeTasksConfig) -> dict:
     band_names = [n for n, _ in config.bands] + [OTHER_BAND]
+    reasons = SKIP_REASONS if config.unit == "token" else UNIT_SKIP_REASONS
     counts: dict = {
         "positions_in": sum(s["positions"] for s in per_shard),
         "tasks": {split: sum(s["tasks"][split] for s in per_shard) for split in SPLITS},
@@ -238,8 +301,11 @@ def _sum_counts(per_shard: list[dict], config: MakeTasksConfig) -> dict:
         },
         "documents": {split: sum(s["documents"][split] for s in per_shard) for split in SPLITS},
         "documents_with_tasks": {split: sum(s["documents_with_tasks"][split] for s in per_shard) for split in SPLITS},
-        "skipped": {r: sum(s["skipped"][r] for s in per_shard) for r in SKIP_REASONS},
+        "skipped": {r: sum(s["skipped"][r] for s in per_shard) for r in reasons},
     }
+    if config.unit != "token":  # what was counted: sentences, or span slots (spans_per_paragraph per paragraph)
+        counts["candidates_in"] = counts.pop("positions_in")
+        counts["candidates"] = "sentences" if config.unit == "sentence" else "span slots"
     # the mean of `live` over the written tasks: the share of groups predicted to carry signal
     counts["predicted_live"] = {}
     for split in SPLITS:

@@ -61,6 +61,19 @@ class MakeTasksConfig:
             (`live`) is below this (None: keep all). Evaluation positions are never dropped.
         group_size / temperature: G and T of the live estimate (`rptdata.tasks.live`); match the
             trainer's group size and sampling temperature.
+        unit: what a task predicts: "token" (the next tokens, RPT), "sentence" (the next sentence,
+            RLPT's ASR; with `masked` the middle sentence, RLPT's MSR) or "span" (a masked span of
+            1..`span_words` words, PretrainZero). See `rptdata.tasks.units` and docs/tasks.md.
+        masked: sentence unit only: the task carries the following sentence (`context_after`).
+        min_sentence_words: sentences with fewer words are not targets (`short_sentence`).
+        max_target_tokens: sentences that overlap more tokens are not targets (`long_target`).
+        context_after_tokens: at most this many tokens of `context_after` (masked units).
+        span_words: a span holds 1..N words.
+        span_select: "random" start words (seeded), or "entropy": the words whose first token has
+            the highest entropy first.
+        spans_per_paragraph: span slots per paragraph.
+        unit_entropy: a unit's `entropy` (what --threshold and the bands read): "mean" of its
+            scored tokens' entropies, or that of its "first" token.
         prepared_dir: the `rpt prepare` directory; default: the one the scored manifest names.
         overwrite: replace a run in `out` made with other options.
         progress: show a progress bar.
@@ -79,6 +92,15 @@ class MakeTasksConfig:
     min_live: float | None = None
     group_size: int = 8
     temperature: float = 0.8
+    unit: str = "token"
+    masked: bool = False
+    min_sentence_words: int = 3
+    max_target_tokens: int = 128
+    context_after_tokens: int = 256
+    span_words: int = 3
+    span_select: str = "random"
+    spans_per_paragraph: int = 1
+    unit_entropy: str = "mean"
     prepared_dir: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -103,15 +125,58 @@ class MakeTasksConfig:
             raise BadOption(
                 f"--temperature must be a positive number (the sampling temperature); got {self.temperature}"
             )
+        self._check_unit()
         for name, cap in (("--max-tasks", self.max_tasks), ("--max-eval-tasks", self.max_eval_tasks)):
             if cap is not None and cap < 0:
                 raise BadOption(f"{name} must be 0 or more (or left out for no cap); got {cap}")
 
+    def _check_unit(self) -> None:
+        from rptdata.tasks.units import SPAN_SELECT, UNIT_ENTROPY, UNITS
+
+        if self.unit not in UNITS:
+            raise BadOption(f"--unit must be one of {', '.join(UNITS)}, not {self.unit!r}")
+        if self.masked and self.unit != "sentence":
+            what = (
+                "span tasks are always masked" if self.unit == "span" else "token tasks have nothing after the target"
+            )
+            raise BadOption(f"--masked is for --unit sentence (the masked middle sentence); {what}")
+        if self.min_live is not None and self.unit != "token":
+            raise BadOption(
+                "--min-live estimates one-token predictions under the prefix reward; it has no estimate for "
+                f"--unit {self.unit}"
+            )
+        if self.span_select not in SPAN_SELECT:
+            raise BadOption(f"--span-select must be one of {', '.join(SPAN_SELECT)}, not {self.span_select!r}")
+        if self.unit_entropy not in UNIT_ENTROPY:
+            raise BadOption(f"--unit-entropy must be one of {', '.join(UNIT_ENTROPY)}, not {self.unit_entropy!r}")
+        for name, value in (
+            ("--min-sentence-words", self.min_sentence_words),
+            ("--max-target-tokens", self.max_target_tokens),
+            ("--context-after-tokens", self.context_after_tokens),
+            ("--span-words", self.span_words),
+            ("--spans-per-paragraph", self.spans_per_paragraph),
+        ):
+            if value < 1:
+                raise BadOption(f"{name} must be at least 1; got {value}")
+
     def identity(self) -> dict:
-        """The options that decide the output (not where it goes or how it is shown)."""
+        """The options that decide the output (not where it goes or how it is shown). The unit's
+        options only count for that unit, so a token run's identity is what it was before units."""
         d = asdict(self)
         for k in ("scored_dir", "out", "prepared_dir", "overwrite", "progress"):
             d.pop(k)
+        unit_only = {
+            "sentence": ("masked", "min_sentence_words", "max_target_tokens", "context_after_tokens"),
+            "span": ("span_words", "span_select", "spans_per_paragraph", "context_after_tokens"),
+        }
+        if self.unit == "token":
+            d.pop("unit")
+        else:
+            d.pop("continuation_tokens")
+        keep = set(unit_only.get(self.unit, ())) | ({"unit_entropy"} if self.unit != "token" else set())
+        for k in {k for ks in unit_only.values() for k in ks} | {"unit_entropy"}:
+            if k not in keep:
+                d.pop(k, None)
         d["bands"] = [list(b) for b in self.bands]
         return d
 

@@ -55,6 +55,7 @@ class Shard:
         vocab: _Vocab | None = None,
     ):
         self.index = index
+        self.reasons = SKIP_REASONS
         self.doc_ids: list[str] = docs.column("doc_id").to_pylist()
         row_of = {d: r for r, d in enumerate(self.doc_ids)}
         if len(row_of) != len(self.doc_ids):
@@ -67,8 +68,8 @@ class Shard:
         ids = docs.column("token_ids").combine_chunks()
         self.ends_off = ends.offsets.to_numpy().astype(np.int64)
         self.ends_flat = ends.values.to_numpy().astype(np.int64)
-        ids_off = ids.offsets.to_numpy().astype(np.int64)
-        ids_flat = ids.values.to_numpy()
+        self.ids_off = ids_off = ids.offsets.to_numpy().astype(np.int64)
+        self.ids_flat = ids_flat = ids.values.to_numpy()
         n_tok = np.diff(self.ends_off)
 
         p_doc = positions.column("doc_id").to_pylist()
@@ -112,7 +113,7 @@ class Shard:
         self.pos_eval = self.split_eval[self.row] if self.n else np.zeros(0, bool)
         self.accept_mass = np.full(self.n, np.nan, np.float64)
         self.live = np.full(self.n, np.nan, np.float64)
-        if self.logprob is not None:
+        if self.logprob is not None and config.unit == "token":  # the estimate is for one-token predictions
             self._estimate_live(config, vocab)
         elif config.min_live is not None:
             raise BadInput(f"{where}: no target_logprob column, so --min-live has nothing to estimate from")
@@ -179,6 +180,10 @@ class Shard:
 
     def task_id(self, i: int) -> str:
         return task_id_of(self.doc_ids[self.row[i]], int(self.pos[i]))
+
+    def token_at(self, r: int, pos: int) -> int:
+        """The token id at position `pos` of the document in row `r`."""
+        return int(self.ids_flat[self.ids_off[r] + pos])
 
     def doc_bytes(self, r: int) -> tuple[bytes, np.ndarray]:
         return (
@@ -298,4 +303,9 @@ def load_shard(inputs: Inputs, index: int, config: MakeTasksConfig) -> Shard:
     if missing:
         raise BadInput(f"{pos_path}: missing column(s) {', '.join(missing)}; is this a score-entropy shard?")
     positions = read_parquet(pos_path, columns=[c for c in wanted if c in schema.names])
-    return Shard(index, docs, positions, config, str(pos_path), inputs.vocab)
+    shard = Shard(index, docs, positions, config, str(pos_path), inputs.vocab)
+    if config.unit == "token":
+        return shard
+    from rptdata.tasks.units import UnitShard
+
+    return UnitShard(shard, config)

@@ -25,6 +25,7 @@ __all__ = [
     "SPLITS",
     "SPLIT_HASH",
     "TASKS_SCHEMA",
+    "UNIT_COLUMNS",
     "continuation_at",
     "cut_context",
     "recorded_split_rule",
@@ -52,8 +53,17 @@ TASKS_SCHEMA = pa.schema(
         ("target_rank", pa.int32()),
         ("accept_mass", pa.float32()),  # q of rptdata.tasks.live: P(one sample at T is rewarded)
         ("live", pa.float32()),  # 1 - q^G - (1-q)^G: P(a group of G gets mixed rewards)
+        # added with the units (rptdata.tasks.units); older task directories lack them and read as token tasks
+        ("unit", pa.string()),  # token | sentence | masked-sentence | span
+        ("start_byte", pa.int64()),  # where the continuation starts in the document's UTF-8 text
+        ("context_after", pa.string()),  # masked units: the text right after the target
+        ("entropy_first", pa.float32()),  # units: the entropy of the target's first token
+        ("entropy_mean", pa.float32()),  # units: the mean entropy of its scored tokens
+        ("scored_tokens", pa.int32()),  # units: how many of the tokens it overlaps were scored
     ]
 )
+# what a tasks directory made before units holds; `unit` missing means "token"
+UNIT_COLUMNS = ("unit", "start_byte", "context_after", "entropy_first", "entropy_mean", "scored_tokens")
 
 
 def _is_char_start(text_bytes: bytes, offset: int) -> bool:

@@ -331,9 +331,14 @@ def run_trl(
     overwrite: bool = False,
 ) -> dict:
     """`rpt train --backend trl`: in-process for one process, else through accelerate."""
-    from rpttrain.data import open_tasks
+    from rpttrain.data import open_tasks, task_unit
 
     tasks_manifest = open_tasks(config)
+    if task_unit(tasks_manifest) in ("masked-sentence", "span"):
+        raise BackendOptionError(
+            f"--backend trl feeds TRL each task's context alone, and {task_unit(tasks_manifest)} tasks need the text "
+            "after the mask too (context_after): train them with the in-house trainer or --backend verl"
+        )
     run = prepare_run(config, resume, overwrite)
     world = gpus_per_node * nodes
     if world == 1:

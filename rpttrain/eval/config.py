@@ -67,7 +67,9 @@ class EvalConfig:
     )
     max_prompt_tokens: int = opt(4096, "Longest prompt; contexts lose their start beyond it.")
     prompt_template: str | None = opt(
-        None, "Reasoning format: v0 v2 v6 continuation or FILE. Default: v0, or each run's own template."
+        None,
+        "Reasoning format: v0 v2 v6 continuation, sentence masked-sentence masked-span (make-tasks --unit) or FILE. "
+        "Default: each run's own template, else v0 (the unit's format for sentence and span tasks).",
     )
     bands: tuple[tuple[str, float], ...] = opt(
         DEFAULT_BANDS,
@@ -95,7 +97,7 @@ class EvalConfig:
     reward: str = opt(
         "prefix",
         "Reward rule (prefix: the paper's Eq. 3; dense ones: App. A, P(y[0] | x<t) from the model under test, and "
-        "the cells are mean reward).",
+        "the cells are mean reward; exact, exact-nocase: sentence and span tasks).",
         choices=REWARD_NAMES,
     )
     seed: int = opt(0, "Sampling seed.")

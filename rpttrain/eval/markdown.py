@@ -47,7 +47,8 @@ def format_table(report: dict) -> str:
         cells = [r["model"]]
         if with_ckpt:
             cells += ["—" if r["step"] is None else str(r["step"]), _compute_str(r["compute"])]
-        cells.append(r["mode"] if r["mode"] == "ntp" or r["samples"] == 1 else f"{r['mode']} (mean of {r['samples']})")
+        mode = r["mode"] if r.get("unit") in (None, "token") else f"{r['mode']}, {r['unit']}"
+        cells.append(mode if r["mode"] == "ntp" or r["samples"] == 1 else f"{mode} (mean of {r['samples']})")
         cells += [_cell(r["bands"][name]) for name, _ in bands] + [_cell(r["bands"]["all"])]
         if with_pass:
             cells.append(_pct((r.get("pass_at_k") or {}).get("all")) if r.get("pass_at_k") else "—")
@@ -218,7 +219,9 @@ def format_report_md(report: dict) -> str:
     """report.md: the tables above with their captions and the warnings first."""
     parts = ["# rpt eval", ""]
     parts += [
-        f"Tasks: `{report['tasks_dir']}`. Reward: {report['settings']['reward']} matching. "
+        f"Tasks: `{report['tasks_dir']}`"
+        + ("" if report.get("unit") in (None, "token") else f" (unit: {report['unit']})")
+        + f". Reward: {report['settings']['reward']} matching. "
         f"Cells: accuracy % (correct/n; 95% Wilson interval).",
         "",
     ]

@@ -34,7 +34,7 @@ from rpttrain.dense import GroupScorer
 from rpttrain.eval.config import MODES, EvalConfig
 from rpttrain.eval.store import BAND_ENTROPY_FILE, Store, empty_rows
 from rpttrain.eval.subjects import Subject
-from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.prompts import load_prompt_format, task_prompt_ids
 from rpttrain.reward import score_group
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 
@@ -176,7 +176,7 @@ def reasoning_chunk(
     """Generate with the prompt format and score with the reward; `mode` "answer": answer tasks,
     the math reward (each row keeps math-verify's reading of the final answer and the check's status)."""
     c = ctx.config
-    prompts = [build_prompt_ids(fmt, ctx.tasks[i]["context"], tok, c.max_prompt_tokens) for i in idx]
+    prompts = [task_prompt_ids(fmt, ctx.tasks[i], tok, c.max_prompt_tokens) for i in idx]
     sampling = Sampling(
         n=c.samples,
         temperature=subject.temperature,

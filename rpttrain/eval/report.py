@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rptdata.math_answers import after_think, last_boxed
+from rpttrain.data import task_unit
 from rpttrain.eval.collapse import collapse_by_band
 from rpttrain.eval.config import STAGE, EvalConfig
 from rpttrain.eval.examples import pick_examples
@@ -102,6 +103,7 @@ def build_report(
                 "step": subject.step,
                 "compute": subject.compute,
                 "mode": mode,
+                "unit": task_unit(manifest),
                 "tasks": len(ctx.tasks),
                 "samples": k,
                 "bands": band_table(entropy, agg["mean"], config.bands),
@@ -140,6 +142,8 @@ def build_report(
         "stage": STAGE,
         "tasks_dir": str(Path(config.tasks_dir).resolve()),
         "tasks_fingerprint": manifest.get("fingerprint"),
+        # what the tasks predict (rpt make-tasks --unit): token, sentence, masked-sentence, span; None for answer tasks
+        "unit": task_unit(manifest),
         "tokenizer": manifest.get("tokenizer"),
         "split": config.split,
         "tasks": len(ctx.tasks),

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from rptdata import faults
 from rptdata.bands import band_of
-from rptdata.errors import RptError
+from rptdata.errors import BadOption, RptError
 from rptdata.io import TASK_STAGES, read_manifest, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rptdata.models import resolve_device
-from rpttrain.data import check_task_fit, load_tasks
+from rpttrain.data import check_task_fit, load_tasks, task_unit
 from rpttrain.eval.config import EvalConfig
 from rpttrain.eval.harness import check_tasks, harness_scores
 from rpttrain.eval.harness_report import harness_report, plot_harness
@@ -28,6 +28,7 @@ from rpttrain.eval.passes import Context, band_entropies, evaluate_subject
 from rpttrain.eval.report import build_report
 from rpttrain.eval.store import HARNESS_PLOT_FILE, PLOT_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, Store, claim_report_dir
 from rpttrain.eval.subjects import check_runs, predictions_key, read_run, resolve_subjects, within_budget
+from rpttrain.prompts import UNIT_FORMATS
 from rpttrain.reward import DENSE_REWARDS, get_reward_fn
 from rpttrain.scaling import plot_scaling
 
@@ -40,6 +41,12 @@ def run_eval(config: EvalConfig) -> dict:
     tasks_dir = Path(config.tasks_dir)
     manifest = read_manifest(tasks_dir, TASK_STAGES)
     check_task_fit(manifest, config.reward, config.prompt_template)
+    unit = task_unit(manifest)
+    if unit in ("masked-sentence", "span") and "ntp" in config.modes:
+        raise BadOption(
+            f"--mode {config.mode} predicts one greedy token of the context alone, and {unit} tasks hide a target "
+            "between two texts: evaluate them with --mode reasoning"
+        )
     tasks = load_tasks(tasks_dir, config.split, limit=config.limit)
     if not tasks:
         raise RptError(f"{tasks_dir}: the {config.split} split holds no tasks")
@@ -48,7 +55,7 @@ def run_eval(config: EvalConfig) -> dict:
         runs = [within_budget(r, config.max_compute) for r in runs]
     warnings: list[str] = []
     overlap_report = check_runs(config, runs, tasks_dir, manifest, tasks, warnings)
-    subjects = resolve_subjects(config, runs)
+    subjects = resolve_subjects(config, runs, UNIT_FORMATS[unit][0] if unit else "v0")
     if config.lm_eval_tasks:
         check_tasks(config.harness)  # lm-eval installed and the task names known, before any model loads
 

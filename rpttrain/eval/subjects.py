@@ -124,8 +124,9 @@ def within_budget(run: RunInfo, max_compute: float) -> RunInfo:
     return replace(run, checkpoints=kept)
 
 
-def resolve_subjects(config: EvalConfig, runs: list[RunInfo]) -> list[Subject]:
-    """Every --model, then per run its base model (step 0, compute 0) and each checkpoint, labelled uniquely."""
+def resolve_subjects(config: EvalConfig, runs: list[RunInfo], default_template: str = "v0") -> list[Subject]:
+    """Every --model, then per run its base model (step 0, compute 0) and each checkpoint, labelled uniquely.
+    `default_template`: the format of a subject with none of its own (v0; the unit's for sentence and span tasks)."""
 
     def new_tokens(template: str, run_value) -> int:
         if config.max_new_tokens is not None:
@@ -158,7 +159,7 @@ def resolve_subjects(config: EvalConfig, runs: list[RunInfo]) -> list[Subject]:
             return config.prompt_template
         if answer:
             return run_value if run_value in ANSWER_FORMATS else ANSWER_FORMATS[0]
-        return run_value or "v0"
+        return run_value or default_template
 
     for spec in config.models:
         template = own_template(None)

@@ -108,9 +108,9 @@ def task_to_trl_row(
     'x ='
     """
     get_reward_fn(reward)  # fail at export time, not in the middle of training
-    context = task["context"]
+    context, after = task["context"], task.get("context_after")
     row: dict[str, Any] = {
-        "prompt": build_messages(fmt, context) if fmt.uses_chat else context,
+        "prompt": build_messages(fmt, context, after) if fmt.uses_chat else context,
         "continuation": task["continuation"],
         "boundaries": [int(b) for b in task["boundaries"]],
         "reward": reward,
@@ -118,5 +118,5 @@ def task_to_trl_row(
         "task_id": task["task_id"],
     }
     if tokenizer is not None:
-        row["prompt_text"] = render_prompt(fmt, context, tokenizer)
+        row["prompt_text"] = render_prompt(fmt, context, tokenizer, after)
     return row

@@ -98,9 +98,9 @@ def task_to_verl_row(
     ('user', 'rule', False)
     """
     get_reward_fn(reward)  # fail at export time, not in the middle of training
-    context = task["context"]
+    context, after = task["context"], task.get("context_after")
     raw = not fmt.uses_chat
-    messages = [{"role": "user", "content": context}] if raw else build_messages(fmt, context)
+    messages = [{"role": "user", "content": context}] if raw else build_messages(fmt, context, after)
     if reward in ANSWER_REWARDS:  # an answer task (rpt answer-tasks): its reference answer is the ground truth
         ground_truth = {"answer": task["continuation"], "reward": reward, "format": fmt.name}
     else:
@@ -120,7 +120,7 @@ def task_to_verl_row(
         "raw_prompt": raw,
     }
     if raw or tokenizer is not None:
-        extra_info["prompt_text"] = render_prompt(fmt, context, tokenizer)
+        extra_info["prompt_text"] = render_prompt(fmt, context, tokenizer, after)
     return {
         "data_source": DATA_SOURCE,
         "prompt": messages,

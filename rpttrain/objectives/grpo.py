@@ -42,7 +42,7 @@ from rpttrain.objectives import Objective, ObjectiveParts, algos, rmt
 from rpttrain.objectives.fused_step import fused_rollout_and_update
 from rpttrain.objectives.policy_update import PolicyUpdate, policy_gradient_update, set_advantages
 from rpttrain.precision import Precision, dtype_name
-from rpttrain.prompts import build_prompt_ids, load_prompt_format
+from rpttrain.prompts import load_prompt_format, task_prompt_ids
 from rpttrain.rollout import Sampling, make_engine, stop_ids
 from rpttrain.step_record import StepResult
 
@@ -153,7 +153,7 @@ class GRPOObjective(Objective):
         )
 
     def prompts(self, tasks: list[dict]) -> list[list[int]]:
-        return [build_prompt_ids(self.fmt, t["context"], self.tokenizer, self.config.max_prompt_tokens) for t in tasks]
+        return [task_prompt_ids(self.fmt, t, self.tokenizer, self.config.max_prompt_tokens) for t in tasks]
 
     def rollout(self, tasks: list[dict], step: int, round_index: int) -> tuple[list, int]:
         prompts, sampling = self.prompts(tasks), self.sampling(step, round_index)
