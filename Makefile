@@ -26,7 +26,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install lint test test-fast test-faults test-vllm test-verl demo pipeline compare table2 ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install lint test test-fast test-faults stress-faults test-vllm test-verl demo pipeline compare table2 ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,12 @@ test-fast: install
 # prints the figures: kills survived per stage, damage detected per file kind
 test-faults: install
 	$(BIN)/python -m pytest -q -s -m faults tests/test_faults.py
+
+# the stress run: one stage killed at EVERY fault point it reaches (each point, each time it is reached),
+# each kill rerun and compared with the uninterrupted output; run it with the machine loaded
+STAGE ?= train
+stress-faults: install
+	RPT_FAULT_KILLS=100000 $(BIN)/python -m pytest -q -s -m faults tests/test_faults.py -k "killed_stage and $(STAGE)"
 
 # The whole pipeline on the embedded corpus and model, sized for a 2-core CPU (10-15 minutes).
 demo: install

@@ -11,6 +11,7 @@ rerun must redo it. A full disk: OSError(ENOSPC) at the shard write leaves no sh
 complete.
 
     make test-faults                                   # the whole suite (marker `faults`), a few minutes
+    make stress-faults STAGE=train                     # every kill point the stage reaches (RPT_FAULT_KILLS)
     .venv/bin/python -m pytest -q tests/test_faults.py -m "not faults"   # the fast subset (in `make test`)
 """
 
@@ -36,7 +37,7 @@ from tests.rpt_fixtures import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 18
-KILLS = 6  # kill points per stage (at least; more when a stage reaches more distinct points)
+KILLS = int(os.environ.get("RPT_FAULT_KILLS", "6"))  # kill points per stage (at least; more when it reaches more points)
 STAGES = ("prepare", "score-entropy", "make-tasks", "train", "eval", "export-tasks")
 FIGURES: dict[str, dict] = {"kills_survived": {}, "kills_drawn": {}, "damage_detected": {}}
 TEXTS = [f"The quick brown fox {i} jumps over the lazy dog {i * 7}. 1234567890 {i}" for i in range(24)]
