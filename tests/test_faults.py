@@ -37,7 +37,9 @@ from tests.rpt_fixtures import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 18
-KILLS = int(os.environ.get("RPT_FAULT_KILLS", "6"))  # kill points per stage (at least; more when it reaches more points)
+KILLS = int(
+    os.environ.get("RPT_FAULT_KILLS", "6")
+)  # kill points per stage (at least; more when it reaches more points)
 STAGES = ("prepare", "score-entropy", "make-tasks", "train", "eval", "export-tasks")
 FIGURES: dict[str, dict] = {"kills_survived": {}, "kills_drawn": {}, "damage_detected": {}}
 TEXTS = [f"The quick brown fox {i} jumps over the lazy dog {i * 7}. 1234567890 {i}" for i in range(24)]
