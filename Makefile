@@ -9,6 +9,8 @@
 #   COMPARE_STEPS, COMPARE_SAVE_EVERY, COMPARE_TRAIN   the RPT run's steps, checkpoint interval (all
 #             three runs) and the `rpt train` options the three runs share (batch, lr, ...)
 #   COMPARE_BPB_DOCS  held-out documents of the joint report's bits per byte (empty: all)
+#   FAMILY_STEPS, FAMILY_RLP, FAMILY_RMT, FAMILY_EVAL, FAMILY_BPB_DOCS, FAMILY_LM_EVAL   `make family`
+#             (NTP, RPT, RLP, RMT at one equal compute budget; docs/family.md)
 #   TORCH     torch requirement installed first (TORCH= keeps an existing, e.g. CUDA, build)
 
 PYTHON ?= python3
@@ -26,7 +28,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install lint test test-fast test-faults stress-faults test-vllm test-verl demo pipeline compare table2 ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install lint test test-fast test-faults stress-faults test-vllm test-verl demo pipeline compare table2 family ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -94,15 +96,20 @@ COMPARE_STEPS ?= 12
 COMPARE_SAVE_EVERY ?= 4
 # held-out bits per byte (lm-eval, the built-in rpt_heldout_bpb task) of the first N held-out documents
 COMPARE_BPB_DOCS ?= 16
+# the RPT and NTP runs of `make compare`, which `make family` shares (steps, checkpoints and budget added)
+CMP_RPT = $(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-rpt --objective rpt --prompt-template continuation \
+	--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 $(COMPARE_TRAIN)
+CMP_NTP = $(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 $(COMPARE_TRAIN)
+# shell: B = BUDGET, or else the FLOPs the RPT run spent (its summary.json)
+READ_BUDGET = B="$(BUDGET)"; [ -n "$$B" ] || B=$$($(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])") && \
+	echo "equal compute budget: $$B FLOPs"
 compare: install
 	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-rpt --objective rpt --prompt-template continuation \
-		--max-new-tokens 1 --group-size 8 --dynamic-sampling-from -1 --steps $(COMPARE_STEPS) --save-every $(COMPARE_SAVE_EVERY) $(COMPARE_TRAIN) $(if $(BUDGET),--compute-budget $(BUDGET))
+	$(CMP_RPT) --steps $(COMPARE_STEPS) --save-every $(COMPARE_SAVE_EVERY) $(if $(BUDGET),--compute-budget $(BUDGET))
 	@# one shell line: make expands every recipe line before running the first, so the budget
 	@# has to be read from the RPT run's summary by the shell, after that run has finished
-	B="$(BUDGET)"; [ -n "$$B" ] || B=$$($(BIN)/python -c "import json;print(json.load(open('$(OUT)/cmp-rpt/summary.json'))['totals']['flops'])") && \
-	echo "equal compute budget: $$B FLOPs" && \
-	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-ntp --objective ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN) && \
+	$(READ_BUDGET) && \
+	$(CMP_NTP) --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B && \
 	$(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/cmp-shaped --objective shaped-ntp --ntp-positions all --steps 100000 --save-every $(COMPARE_SAVE_EVERY) --compute-budget $$B $(COMPARE_TRAIN)
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-shaped --mode ntp --out $(OUT)/compare \
 		--lm-eval-tasks rpt_heldout_bpb $(if $(COMPARE_BPB_DOCS),--lm-eval-limit $(COMPARE_BPB_DOCS))
@@ -134,6 +141,42 @@ table2: install
 			$(TABLE2_TRAIN) || exit 1; done
 	$(RPT) eval $(OUT)/answers --checkpoints $(OUT)/rlvr-base --checkpoints $(OUT)/rlvr-ntp --checkpoints $(OUT)/rlvr-rpt \
 		--mode answer $(TABLE2_EVAL) --out $(OUT)/table2 --no-progress
+
+# The RL-on-pretraining family (docs/family.md): NTP, RPT, RLP and RMT from the same base model on the same
+# tasks ($(OUT)/tasks, made by `make demo` if missing) at one equal compute budget: what the RPT run spends.
+# NTP and RPT are `make compare`'s runs, reused when they exist (else trained here for FAMILY_STEPS); a run
+# whose summary.json exists is not trained again. One `rpt eval` report: bands with paired differences,
+# held-out bits per byte and the lm-eval tasks of FAMILY_LM_EVAL (comma-separated; empty: none more).
+# RMT on this small model: the one-token continuation step, so no length budget (the format cannot state
+# one); its next-token term and easy-to-hard curriculum on. Its schedule's length (FAMILY_RMT_STEPS, empty:
+# estimated) is the steps the budget buys it: the RPT run's FLOPs over (RPT's FLOPs a step + the term's
+# 6·N a context token), as on the one-token step the update's tokens are the contexts the term trains on.
+# RLP: a small batch, so that its far costlier step (thought generation, two scorings) divides the budget.
+# Measured at these defaults: 32 min on 2 cores shared with other jobs (load 7 to 15), without `make demo`.
+FAMILY_STEPS ?= 3
+FAMILY_SAVE_EVERY ?= $(FAMILY_STEPS)
+FAMILY_RMT ?= --prompt-template continuation --max-new-tokens 1 --length-weight 0 --group-size 8 --dynamic-sampling-from -1
+FAMILY_RMT_STEPS ?=
+FAMILY_RLP ?= --batch-size 1 --group-size 4 --max-new-tokens 8
+FAMILY_EVAL ?= --limit 64
+FAMILY_BPB_DOCS ?= 8
+FAMILY_LM_EVAL ?=
+comma := ,
+family: install
+	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
+	test -f $(OUT)/cmp-rpt/summary.json || $(CMP_RPT) --steps $(FAMILY_STEPS) --save-every $(FAMILY_SAVE_EVERY) $(if $(BUDGET),--compute-budget $(BUDGET))
+	$(READ_BUDGET) && \
+	{ test -f $(OUT)/cmp-ntp/summary.json || $(CMP_NTP) --save-every $(FAMILY_SAVE_EVERY) --compute-budget $$B; } && \
+	S="$(FAMILY_RMT_STEPS)"; [ -n "$$S" ] || S=$$($(BIN)/python -c "import json,math;s=json.load(open('$(OUT)/cmp-rpt/summary.json'));t=s['totals'];\
+		n=t['flops']/(6*t['update_tokens']+2*t['rollout_forward_tokens']);print(max(1,math.ceil($$B/((t['flops']+6*n*t['update_tokens'])/s['steps']))))") && \
+	echo "RMT schedule: $$S steps" && \
+	{ test -f $(OUT)/fam-rmt/summary.json || $(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/fam-rmt --objective rmt $(COMPARE_TRAIN) \
+		$(FAMILY_RMT) --steps $$S --save-every $(FAMILY_SAVE_EVERY) --compute-budget $$B; } && \
+	{ test -f $(OUT)/fam-rlp/summary.json || $(RPT) train $(OUT)/tasks --model $(MODEL) --out $(OUT)/fam-rlp --objective rlp $(COMPARE_TRAIN) \
+		$(FAMILY_RLP) --steps 100000 --save-every $(FAMILY_SAVE_EVERY) --compute-budget $$B; }
+	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/fam-rlp \
+		--checkpoints $(OUT)/fam-rmt --mode ntp --out $(OUT)/family --lm-eval-tasks rpt_heldout_bpb$(if $(FAMILY_LM_EVAL),$(comma)$(FAMILY_LM_EVAL)) \
+		$(if $(FAMILY_BPB_DOCS),--lm-eval-limit $(FAMILY_BPB_DOCS)) $(FAMILY_EVAL) --no-progress
 
 # The paper's open questions as studies (docs/ablations.md), on $(OUT)/tasks (made by `make demo` if missing):
 # the rewards at equal compute (same steps: the one-token step costs the same FLOPs under each reward), one
