@@ -141,11 +141,18 @@ def save_checkpoint(
         torch.save(_rng_to_tensors(rng_state()), tmp / "rng.pt")
         write_json_atomic(tmp / STATE_FILE, {"step": step, **state, "files": _digests(tmp)})
     faults.hit("checkpoint-prune", final)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (all when keep <= 0) and drop half-written folders. Called
+    after every save and when a run ends: a run killed between its last save and this prune, then
+    resumed with nothing left to train, would otherwise keep one checkpoint too many."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def _digests(folder: Path) -> dict[str, dict]:

@@ -52,6 +52,7 @@ from rpttrain.checkpoint import (
     list_checkpoints,
     load_master_weights,
     load_trainer_state,
+    prune_checkpoints,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -257,6 +258,7 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
             self.loggers.close()
+        prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.memory.finish()

@@ -463,3 +463,28 @@ def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_pat
     run_train(config, resume=True)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_a_run_stopped_before_its_last_prune_keeps_keep_checkpoints(tmp_path, tiny_bpe_dir):
+    """Stopped between writing its last checkpoint and pruning the older ones, then resumed with no
+    step left to train: the run ends with --keep-checkpoints checkpoints, as an uninterrupted run
+    does (the stress run of every train kill point found one too many: checkpoint-prune at the end)."""
+    from rptdata import faults
+    from rpttrain.train import run_train
+    from tests.rpt_fixtures import tiny_train_config, write_tasks_dir
+
+    tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
+    model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
+    config = tiny_train_config(
+        tasks, model, tmp_path / "run", steps=3, batch_size=2, group_size=2, save_every=1, keep_checkpoints=2
+    )
+    faults.arm("checkpoint-prune:3:enospc")
+    try:
+        with pytest.raises(OSError):
+            run_train(config)
+    finally:
+        faults.arm(None)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000001", "step-000002", "step-000003"]
+    assert run_train(config, resume=True)["steps"] == 3
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000002", "step-000003"]
