@@ -28,7 +28,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install lint test test-fast test-faults stress-faults test-vllm test-verl demo pipeline compare table2 family ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install lint test test-fast test-long test-faults stress-faults test-vllm test-verl demo pipeline compare table2 family ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,10 @@ lint: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not faults"
+
+# the real-model CLI runs kept out of `make test` for CI's 30 min (marker `long`): sentence units, each RMT option
+test-long: install
+	$(BIN)/python -m pytest -q -m long
 
 # every stage killed (SIGKILL) at seeded points and rerun, every kind of file damaged (tests/test_faults.py);
 # prints the figures: kills survived per stage, damage detected per file kind

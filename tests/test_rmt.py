@@ -308,6 +308,7 @@ def test_objective_rmt_trains_through_the_cli(smol_tasks, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize(
     "args,key",
     [

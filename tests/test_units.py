@@ -408,8 +408,8 @@ def test_the_reward_functions_of_trl_and_verl_score_exact():
 @pytest.mark.parametrize(
     ("unit", "template", "reward"),
     [
-        (["sentence"], "sentence", "exact"),
-        (["sentence", "--masked"], "masked-sentence", "exact"),
+        pytest.param(["sentence"], "sentence", "exact", marks=pytest.mark.long),
+        pytest.param(["sentence", "--masked"], "masked-sentence", "exact", marks=pytest.mark.long),
         (["span"], "masked-span", "exact-nocase"),
     ],
 )
