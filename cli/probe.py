@@ -37,7 +37,22 @@ from rpttrain.reward import REWARD_NAMES
     default="prefix",
     show_default=True,
     type=click.Choice(REWARD_NAMES),
-    help="Reward rule (dense ones: App. A, P(y[0] | x<t) from --model).",
+    help="Reward rule (dense ones: App. A, P(y[0] | x<t) from --model; judge: --judge MODEL decides).",
+)
+@click.option(
+    "--judge",
+    default=None,
+    help="The judge model of --reward judge (sentence and span tasks): it decides whether each prediction is a "
+    "semantic prefix of the target; verdicts cached as rpt train's (rpttrain/judge.py).",
+)
+@click.option(
+    "--judge-max-new-tokens", default=64, show_default=True, help="Tokens the judge may write before its verdict."
+)
+@click.option(
+    "--judge-cache",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="SQLite file of the judge's verdicts [default: $RPT_CACHE_DIR/judge/<judge>.sqlite].",
 )
 @model_runtime_options("Rollout engine: hf, vllm, or auto: vllm on CUDA when it is installed, else hf.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
@@ -61,6 +76,9 @@ def probe(
     continuation_new_tokens,
     max_prompt_tokens,
     reward,
+    judge,
+    judge_max_new_tokens,
+    judge_cache,
     engine,
     dtype,
     device,
@@ -91,6 +109,9 @@ def probe(
         continuation_new_tokens=continuation_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         reward=reward,
+        judge=judge,
+        judge_max_new_tokens=judge_max_new_tokens,
+        judge_cache=judge_cache,
         engine=engine,
         dtype=dtype,
         device=device,

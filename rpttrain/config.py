@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from rptdata.errors import BadOption
+from rpttrain.judge import JUDGE_CACHE_HELP, JUDGE_HELP, JUDGE_MAX_NEW_TOKENS_HELP
 from rpttrain.report_to import parse_report_to
 from rpttrain.reward import REWARD_NAMES
 
@@ -25,7 +26,14 @@ RMT_OBJECTIVES = ("rpt", "rmt")
 NTP_ONLY = ("ntp_positions", "beta", "topk", "lambda_top", "lambda_tail")
 # knobs of RPT's reward and step that RLP has no use for (its reward is the information gain, its
 # rewards are continuous, its thoughts many tokens): they do not change an RLP run's identity
-RPT_ONLY = ("reward", "dynamic_sampling_from", "dynamic_sampling_rounds", "fused_one_token")
+RPT_ONLY = (
+    "reward",
+    "dynamic_sampling_from",
+    "dynamic_sampling_rounds",
+    "fused_one_token",
+    "judge",
+    "judge_max_new_tokens",
+)
 # knobs of RLP only: they do not change the identity of a run of another objective
 RLP_ONLY = ("ema_decay",)
 # RMT's options off (every objective but rmt), and as --objective rmt sets them where not given
@@ -52,6 +60,7 @@ NOT_IDENTITY = (
     "memory_check",
     "memory_budget_gib",
     "report_to",
+    "judge_cache",
 )
 
 
@@ -99,8 +108,13 @@ class TrainConfig:
         "prefix (paper Eq. 3) | first-token | dense | conditional-dense (App. A; 1 when the prediction's "
         "first token is right, else the policy's probability of it, P(y[0] | x<t); conditional: only in "
         "groups with a right one, else 0). The dense two need --backend rpt. Sentence and span tasks: exact | "
-        "exact-nocase (equal after NFC and whitespace folding; case folded too), or prefix for next-sentence tasks.",
+        "exact-nocase (equal after NFC and whitespace folding; case folded too), prefix for next-sentence tasks, "
+        "or judge: --judge MODEL decides whether the prediction is a semantic prefix of the target (RLPT; "
+        "rpttrain/judge.py).",
     )
+    judge: str | None = opt(None, JUDGE_HELP)
+    judge_max_new_tokens: int = opt(64, JUDGE_MAX_NEW_TOKENS_HELP)
+    judge_cache: str | None = opt(None, JUDGE_CACHE_HELP)
     scale_rewards: str | None = opt(
         None,
         "group: (r-mean)/std per group (GRPO) | none: r-mean (Dr. GRPO) | rloo: G/(G-1)(r-mean), rlp only "
@@ -153,8 +167,10 @@ class TrainConfig:
     max_bad_steps: int = opt(5, "Stop after this many consecutive non-finite updates (each is skipped).")
     compute_budget: float | None = opt(
         None,
-        "Stop, with a checkpoint, once this many training FLOPs are spent (6·N per trained token, 2·N "
-        "per token the rollout engine runs; docs/compare.md).",
+        "Stop, with a checkpoint, at the step boundary nearest this many training FLOPs (6·N per trained "
+        "token, 2·N per token the rollout engine runs, a judge's at its own N; docs/compare.md): the run stops "
+        "when the next step, costing what the last did, would overshoot by more than stopping falls short. "
+        "summary.json records flops_of_budget.",
     )
     allow_tokenizer_mismatch: bool = opt(False, "Train although the tasks were built with another tokenizer.")
     trust_remote_code: bool = opt(False, "Allow the model repository's custom code.")
@@ -237,6 +253,7 @@ class TrainConfig:
             if getattr(self, name) is None:  # frozen: the resolved default is set once, here
                 object.__setattr__(self, name, value)
         self._check_rmt_applies()
+        check_judge_options(self.reward, self.judge, self.judge_max_new_tokens)
         if self.batch_size < 1 or self.steps < 1 or self.save_every < 1:
             raise BadOption("batch_size, steps and save_every must be at least 1")
         if self.micro_batch_tokens < 1:
@@ -354,11 +371,34 @@ class TrainConfig:
             if k == "steps" and self.scheduled():
                 continue  # T of the budget's decay and the curriculum: another --steps, another run
             d.pop(k)
+        if self.judge is None:  # as before the judge existed: runs made then still resume
+            d.pop("judge", None), d.pop("judge_max_new_tokens", None)
         return d
 
     def scheduled(self) -> bool:
         """Whether a schedule over --steps shapes the run (the length budget, the curriculum)."""
         return self.length_weight > 0 or self.curriculum != "none"
+
+
+def check_judge_options(reward: str, judge: str | None, judge_max_new_tokens: int) -> None:
+    """--reward judge and --judge MODEL come together (train, probe, eval).
+
+    >>> check_judge_options("exact", None, 64)
+    >>> check_judge_options("judge", None, 64)
+    Traceback (most recent call last):
+    rptdata.errors.BadOption: --reward judge needs --judge MODEL: the model that decides whether a prediction is a semantic prefix of the target
+    """
+    if reward == "judge" and not judge:
+        raise BadOption(
+            "--reward judge needs --judge MODEL: the model that decides whether a prediction is a semantic prefix "
+            "of the target"
+        )
+    if judge and reward != "judge":
+        raise BadOption(
+            f"--judge {judge} is read by --reward judge only (this run's reward is {reward}); add --reward judge"
+        )
+    if judge_max_new_tokens < 1:
+        raise BadOption(f"--judge-max-new-tokens must be at least 1 (got {judge_max_new_tokens})")
 
 
 def config_from_dict(data: dict) -> TrainConfig:

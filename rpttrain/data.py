@@ -329,7 +329,7 @@ def check_task_fit(
     >>> check_task_fit({"unit": "span"}, "exact", "masked-span")
     >>> check_task_fit({"unit": "span"}, "prefix", "masked-span")
     Traceback (most recent call last):
-    rptdata.errors.BadOption: --reward prefix does not fit span tasks (rpt make-tasks --unit); use --reward exact or exact-nocase
+    rptdata.errors.BadOption: --reward prefix does not fit span tasks (rpt make-tasks --unit); use --reward exact, exact-nocase or judge
     """
     from rpttrain.prompts import ANSWER_FORMATS, PROMPT_FORMATS, UNIT_FORMATS, load_prompt_format
     from rpttrain.reward import ANSWER_REWARDS, UNIT_REWARDS

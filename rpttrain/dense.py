@@ -38,7 +38,7 @@ from rptdata.errors import BadOption
 from rptdata.math_answers import DEFAULT_TIMEOUT_S, check_answer
 from rpttrain.batching import last_positions_logits, plan_batches
 from rpttrain.prompts import PromptFormat, build_prompt_ids, load_prompt_format
-from rpttrain.reward import DENSE_REWARDS, score_group
+from rpttrain.reward import DENSE_REWARDS, JUDGE_REWARDS, score_group
 
 RAW = load_prompt_format("continuation")
 
@@ -52,7 +52,9 @@ class ScoredGroup:
     correct: list[bool]
     first_ids: list[int | None] | None = None
     first_probs: list[float | None] | None = None
-    statuses: list[str] | None = None  # the math reward: each check's status (ok | no_answer | timeout | error)
+    # the math reward: each check's status (ok | no_answer | timeout | error); the judge: its verdict's
+    # (yes | no | unparseable | exact | no_prediction, rpttrain.judge.Verdict)
+    statuses: list[str] | None = None
 
 
 class GroupScorer:
@@ -67,8 +69,11 @@ class GroupScorer:
         max_prompt_tokens: int = 4096,
         micro_batch_tokens: int = 16384,
         pad_id: int = 0,
+        judge=None,
     ):
-        self.reward, self.fmt, self.tokenizer, self.model = reward, fmt, tokenizer, model
+        self.reward, self.fmt, self.tokenizer, self.model, self.judge = reward, fmt, tokenizer, model, judge
+        if reward in JUDGE_REWARDS and judge is None:
+            raise BadOption(f"reward {reward!r} needs a judge model (--judge MODEL)")
         self.max_prompt_tokens, self.micro_batch_tokens, self.pad_id = max_prompt_tokens, micro_batch_tokens, pad_id
         self.dense = reward in DENSE_REWARDS
         if self.dense and model is None:
@@ -122,6 +127,14 @@ class GroupScorer:
                         statuses=[v.status for v in verdicts],
                     )
                 )
+            return out
+        if self.reward in JUDGE_REWARDS:  # one batch of the judge for the whole call (rpttrain.judge)
+            verdicts = iter(self.judge.judge([(t, p) for t, ps in zip(tasks, preds) for p in ps]))
+            out = []
+            for p in preds:
+                vs = [next(verdicts) for _ in p]
+                rewards = [v.reward for v in vs]
+                out.append(ScoredGroup(p, rewards, [r == 1.0 for r in rewards], statuses=[v.status for v in vs]))
             return out
         if not self.dense:
             out = []

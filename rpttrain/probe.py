@@ -31,8 +31,10 @@ from rptdata.errors import BadOption
 from rptdata.io import TASK_STAGES, read_manifest, write_text_atomic
 from rptdata.models import load_causal_lm, load_tokenizer
 from rptdata.tasks.live import live_probability
+from rpttrain.config import check_judge_options
 from rpttrain.data import check_task_fit, load_tasks
 from rpttrain.dense import GroupScorer
+from rpttrain.judge import judge_from_options
 from rpttrain.prompts import load_prompt_format, task_prompt_ids
 from rpttrain.reward import REWARD_NAMES
 from rpttrain.rollout import Sampling, make_engine, stop_ids
@@ -53,6 +55,9 @@ class ProbeConfig:
     continuation_new_tokens: int = 1
     max_prompt_tokens: int = 1024
     reward: str = "prefix"
+    judge: str | None = None  # --reward judge: the judge model (rpttrain.judge)
+    judge_max_new_tokens: int = 64
+    judge_cache: str | None = None
     engine: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -67,6 +72,7 @@ class ProbeConfig:
             raise BadOption("give at least one --prompt-template")
         if self.reward not in REWARD_NAMES:
             raise BadOption(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
+        check_judge_options(self.reward, self.judge, self.judge_max_new_tokens)
         for t in self.templates:
             load_prompt_format(t)  # unknown names fail here, before any model loads
 
@@ -101,6 +107,7 @@ def run_probe(config: ProbeConfig) -> list[dict]:
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, dtype=config.dtype, device=device, trust_remote_code=config.trust_remote_code)
     engine = make_engine(choose_engine(config.engine, device), model, tokenizer)
+    judge = judge_from_options(config, device, choose_engine(config.engine, device), config.dtype)
     rows = []
     try:
         for name in config.templates:
@@ -119,7 +126,8 @@ def run_probe(config: ProbeConfig) -> list[dict]:
                 ),
             )
             seconds = time.time() - t0
-            scored = GroupScorer(config.reward, fmt, tokenizer, model, config.max_prompt_tokens).score(tasks, groups)
+            scorer = GroupScorer(config.reward, fmt, tokenizer, model, config.max_prompt_tokens, judge=judge)
+            scored = scorer.score(tasks, groups)
             rewards, correct, boxed, lengths, truncated, examples = [], [], [], [], [], []
             for task, group, sg in zip(tasks, groups, scored):
                 preds, rs = sg.predictions, sg.rewards
@@ -154,10 +162,13 @@ def run_probe(config: ProbeConfig) -> list[dict]:
                     "predicted_signal": predicted,
                     "tokens_per_s": float(sum(lengths) / max(seconds, 1e-9)),
                     "examples": examples,
+                    **({"judge": judge.take_counts()} if judge is not None else {}),
                 }
             )
     finally:
         engine.close()
+        if judge is not None:
+            judge.close()
     if config.out:
         write_text_atomic(Path(config.out), json.dumps(rows, indent=2))
     return rows

@@ -55,6 +55,7 @@ from rptdata.math_answers import DEFAULT_TIMEOUT_S, check_answer, last_boxed
 __all__ = [
     "ANSWER_REWARDS",
     "DENSE_REWARDS",
+    "JUDGE_REWARDS",
     "UNIT_REWARDS",
     "REWARDS",
     "REWARD_NAMES",
@@ -236,9 +237,9 @@ REWARDS: dict[str, RewardFn] = {
 # rewards judge one token
 UNIT_REWARDS: dict[str, tuple[str, ...]] = {
     "token": ("prefix", "first-token", "dense", "conditional-dense"),
-    "sentence": ("prefix", "exact", "exact-nocase"),
-    "masked-sentence": ("exact", "exact-nocase"),
-    "span": ("exact", "exact-nocase"),
+    "sentence": ("prefix", "exact", "exact-nocase", "judge"),
+    "masked-sentence": ("exact", "exact-nocase", "judge"),
+    "span": ("exact", "exact-nocase", "judge"),
 }
 # the rewards of answer tasks (`rpt answer-tasks`); every other reward is for next-token tasks
 ANSWER_REWARDS = ("math",)
@@ -246,7 +247,9 @@ ANSWER_REWARDS = ("math",)
 
 # App. A's rewards that need a model's probability (``dense_reward``), so no string function
 DENSE_REWARDS = ("dense", "conditional-dense")
-REWARD_NAMES = tuple(REWARDS) + DENSE_REWARDS
+# the reward a judge model gives (`rpttrain.judge`, --judge MODEL): no string function either
+JUDGE_REWARDS = ("judge",)
+REWARD_NAMES = tuple(REWARDS) + DENSE_REWARDS + JUDGE_REWARDS
 
 
 def reward_text(reward: str, extract: Callable[[str], str | None], completion: str) -> str | None:
@@ -270,6 +273,11 @@ def get_reward_fn(name: str) -> RewardFn:
         raise BadOption(
             f"reward {name!r} needs the policy's probability of the prediction's first token, "
             "P(y[0] | x<t; theta), so it is no string function: score groups with rpttrain.dense.GroupScorer"
+        )
+    if name in JUDGE_REWARDS:
+        raise BadOption(
+            f"reward {name!r} asks a judge model (--judge MODEL), so it is no string function: score groups with "
+            "rpttrain.dense.GroupScorer(..., judge=rpttrain.judge.Judge.load(MODEL))"
         )
     try:
         return REWARDS[name]

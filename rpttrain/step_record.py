@@ -8,7 +8,8 @@ Every objective returns what it computed as token counts; the FLOPs follow from 
 way for every objective, so runs of different objectives compare at equal compute:
 6·N per token through a forward + backward (`update_tokens`), 2·N per token through a forward alone
 (`FORWARD_COUNTS`: the rollout engine's tokens, and the scoring forwards an objective runs without
-a gradient), N = the model's parameters.
+a gradient), N = the model's parameters; plus the FLOPs of other models the step ran
+(`OTHER_MODEL_FLOPS`: a judge's, at its own N).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 
 # counts of tokens that ran through a forward without a backward (2·N FLOPs each)
 FORWARD_COUNTS = ("rollout_forward_tokens", "scoring_forward_tokens")
+# FLOPs of other models the step ran, counted by whoever ran them with their own N (the judge of
+# --reward judge: 2·N_judge per token, rpttrain.judge)
+OTHER_MODEL_FLOPS = ("judge_flops",)
 
 
 @dataclass
@@ -42,7 +46,8 @@ def step_flops(counts: dict, n_params: int) -> float:
     7000.0
     """
     forward = sum(counts.get(k, 0) for k in FORWARD_COUNTS)
-    return 6.0 * n_params * counts.get("update_tokens", 0) + 2.0 * n_params * forward
+    own = 6.0 * n_params * counts.get("update_tokens", 0) + 2.0 * n_params * forward
+    return own + sum(counts.get(k, 0.0) for k in OTHER_MODEL_FLOPS)
 
 
 def record_step(result: StepResult, step: int, totals: dict, n_params: int, run_dir: Path, sample_every: int) -> dict:

@@ -90,6 +90,19 @@ RUN_OUTPUTS = (
 )
 
 
+def budget_reached(spent: float, last_step: float, budget: float | None) -> bool:
+    """Whether a run with --compute-budget stops after this step: at the step boundary nearest the
+    budget. The next step is expected to cost what the last one did; the run stops when that step
+    would overshoot the budget by more than stopping now falls short of it (spent + last/2 >=
+    budget), so the FLOPs a run spends are within half a step of the budget, on either side
+    (a run whose steps are large against the budget cannot land closer: docs/compare.md).
+
+    >>> budget_reached(100.0, 40.0, 130.0), budget_reached(100.0, 40.0, 110.0), budget_reached(5.0, 5.0, None)
+    (False, True, False)
+    """
+    return budget is not None and spent + last_step / 2 >= budget
+
+
 class TrainingDiverged(RptError):
     """Too many consecutive non-finite losses or gradients."""
 
@@ -244,7 +257,7 @@ class Trainer:
                         f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
                         f"{self.step}); stopped. Lower --lr, or check the tasks and the model's dtype."
                     )
-                budget_hit = c.compute_budget is not None and self.totals["flops"] >= c.compute_budget
+                budget_hit = budget_reached(self.totals["flops"], metrics["flops"], c.compute_budget)
                 if self.step % c.save_every == 0 or self.step == c.steps or budget_hit or self.stop_flag:
                     self.save()
                 if budget_hit:
@@ -260,6 +273,9 @@ class Trainer:
             self.loggers.close()
         prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
+        if c.compute_budget is not None:  # how close to the budget the run's step boundary fell
+            summary["compute_budget"] = c.compute_budget
+            summary["flops_of_budget"] = round(self.totals["flops"] / c.compute_budget, 4)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.memory.finish()
         return summary

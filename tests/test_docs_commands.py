@@ -109,6 +109,10 @@ SUBSTITUTIONS = [
     # the span tasks of docs/tasks.md: short answers, short prompts
     (r"^(rpt train out/spans .*)$", r"\1 --max-new-tokens 8 --max-prompt-tokens 256 --dynamic-sampling-from -1"),
     (r"^(rpt eval out/spans .*)$", r"\1 --max-new-tokens 8 --max-prompt-tokens 256"),
+    # the judge of docs/tasks.md: short guesses, a one-line verdict
+    (r"^(rpt train out/sentences .*)$", r"\1 --max-new-tokens 8 --max-prompt-tokens 256 --dynamic-sampling-from -1"),
+    (r"^(rpt (train|eval) out/sentences .*--judge .*)$", r"\1 --judge-max-new-tokens 4"),
+    (r"^(rpt eval out/sentences .*)$", r"\1 --max-new-tokens 8 --max-prompt-tokens 256"),
 ]
 
 

@@ -138,7 +138,11 @@ def test_reward_registry():
     assert get_reward_fn("prefix") is prefix_reward
     assert get_reward_fn("first-token") is first_token_reward
     assert get_reward_fn("exact") is exact_reward
-    with pytest.raises(ValueError, match="prefix, first-token, exact, exact-nocase, math, dense, conditional-dense"):
+    with pytest.raises(
+        ValueError, match="prefix, first-token, exact, exact-nocase, math, dense, conditional-dense, judge"
+    ):
+        get_reward_fn("oracle")
+    with pytest.raises(ValueError, match="asks a judge model"):
         get_reward_fn("judge")
     with pytest.raises(ValueError, match="P\\(y\\[0\\] \\| x<t; theta\\)"):
         get_reward_fn("dense")

@@ -129,6 +129,13 @@ def check_backend(config: Any, backend: str) -> None:
             f"prediction's first token, P(y[0] | x<t), which {backend}'s reward functions (text in, a number out) "
             "never see. Use --backend rpt, or --reward prefix|first-token."
         )
+    if backend != "rpt" and getattr(config, "reward", None) == "judge":
+        raise BackendOptionError(
+            f"--backend {backend} cannot honour --reward judge (--judge {config.judge}): the judge is a second model "
+            f"that the reward must run, batched through a rollout engine, with its FLOPs counted and its verdicts "
+            f"cached; {backend}'s reward functions take text and return numbers, inside {backend}'s workers. Use "
+            "--backend rpt, or --reward exact|exact-nocase."
+        )
     if backend != "rpt" and getattr(config, "objective", "rpt") == "rlp":
         raise BackendOptionError(
             f"--backend {backend} cannot honour --objective rlp: its reward scores the next token after each "

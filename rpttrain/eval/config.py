@@ -12,8 +12,9 @@ from rptdata.errors import BadOption
 from rptdata.io import STAGE_EVAL
 from rptdata.models import model_help
 from rptdata.tasks.taskdef import SPLITS
-from rpttrain.config import opt
+from rpttrain.config import check_judge_options, opt
 from rpttrain.eval.harness import HarnessSettings
+from rpttrain.judge import JUDGE_CACHE_HELP, JUDGE_HELP, JUDGE_MAX_NEW_TOKENS_HELP
 from rpttrain.prompts import load_prompt_format
 from rpttrain.reward import ANSWER_REWARDS, REWARD_NAMES
 
@@ -100,6 +101,9 @@ class EvalConfig:
         "the cells are mean reward; exact, exact-nocase: sentence and span tasks).",
         choices=REWARD_NAMES,
     )
+    judge: str | None = opt(None, JUDGE_HELP)
+    judge_max_new_tokens: int = opt(64, JUDGE_MAX_NEW_TOKENS_HELP)
+    judge_cache: str | None = opt(None, JUDGE_CACHE_HELP)
     seed: int = opt(0, "Sampling seed.")
     lm_eval_tasks: tuple[str, ...] = opt(
         (),
@@ -169,6 +173,9 @@ class EvalConfig:
             raise BadOption(f"--engine must be auto, hf or vllm, not {self.engine!r}")
         if self.reward not in REWARD_NAMES:
             raise BadOption(f"--reward must be one of {', '.join(REWARD_NAMES)}, not {self.reward!r}")
+        check_judge_options(self.reward, self.judge, self.judge_max_new_tokens)
+        if self.judge and "ntp" in self.modes:
+            raise BadOption("--reward judge reads a written prediction: evaluate with --mode reasoning")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise BadOption("--dtype must be auto, float32, bfloat16 or float16")
         if not self.bands or any(not math.isfinite(t) for _, t in self.bands):
@@ -208,6 +215,8 @@ class EvalConfig:
             "dtype",
         )
         d = {k: getattr(self, k) for k in keys}
+        if self.judge:  # (left out otherwise, as before the judge existed)
+            d.update(judge=self.judge, judge_max_new_tokens=self.judge_max_new_tokens)
         d["bands"] = [list(b) for b in self.bands]
         d["tasks"] = tasks_fingerprint
         return d

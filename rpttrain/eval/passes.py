@@ -117,6 +117,7 @@ class Context:
     store: Store
     reward_fn: object  # the string reward; None for the dense ones, which score through rpttrain.dense
     timings: dict = field(default_factory=dict)  # (label, mode) -> [seconds, tasks]
+    judge: object = None  # --reward judge: the rpttrain.judge.Judge every subject's predictions go to
 
 
 def add_prediction(
@@ -185,7 +186,8 @@ def reasoning_chunk(
         stop_token_ids=stop_ids(tok),
     )
     groups = engine.generate(prompts, sampling)
-    scored = GroupScorer(c.reward, fmt, tok, model, c.max_prompt_tokens).score([ctx.tasks[i] for i in idx], groups)
+    scorer = GroupScorer(c.reward, fmt, tok, model, c.max_prompt_tokens, judge=ctx.judge)
+    scored = scorer.score([ctx.tasks[i] for i in idx], groups)
     rows = empty_rows()
     for i, group, sg in zip(idx, groups, scored):
         for s, comp in enumerate(group):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rptdata import faults
 from rptdata.bands import band_of
+from rptdata.engine_choice import choose_engine
 from rptdata.errors import BadOption, RptError
 from rptdata.io import TASK_STAGES, read_manifest, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rptdata.models import resolve_device
@@ -28,8 +29,9 @@ from rpttrain.eval.passes import Context, band_entropies, evaluate_subject
 from rpttrain.eval.report import build_report
 from rpttrain.eval.store import HARNESS_PLOT_FILE, PLOT_FILE, PREDICTIONS_DIR, PREDICTIONS_FILE, Store, claim_report_dir
 from rpttrain.eval.subjects import check_runs, predictions_key, read_run, resolve_subjects, within_budget
+from rpttrain.judge import judge_from_options
 from rpttrain.prompts import UNIT_FORMATS
-from rpttrain.reward import DENSE_REWARDS, get_reward_fn
+from rpttrain.reward import DENSE_REWARDS, JUDGE_REWARDS, get_reward_fn
 from rpttrain.scaling import plot_scaling
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def run_eval(config: EvalConfig) -> dict:
     if config.lm_eval_tasks:
         check_tasks(config.harness)  # lm-eval installed and the task names known, before any model loads
 
-    tmp = None
+    tmp = ctx = None
     if config.out is None:
         tmp = tempfile.mkdtemp(prefix="rpt-eval-")
     out = Path(config.out or tmp)
@@ -73,8 +75,11 @@ def run_eval(config: EvalConfig) -> dict:
             entropy,
             [band_of(h, config.bands) for h in entropy],
             Store(out),
-            None if config.reward in DENSE_REWARDS else get_reward_fn(config.reward),
+            None if config.reward in DENSE_REWARDS + JUDGE_REWARDS else get_reward_fn(config.reward),
         )
+        if config.judge:
+            device = resolve_device(config.device)
+            ctx.judge = judge_from_options(config, device, choose_engine(config.engine, device), config.dtype)
         done = ctx.store.done() if config.resume else set()
         if done:
             log.info("resuming: %d (task, model, mode) rows already in %s", len(done), out / PREDICTIONS_DIR)
@@ -110,10 +115,14 @@ def run_eval(config: EvalConfig) -> dict:
             plot = out / PLOT_FILE
             plot_scaling(report, plot)
             report["files"]["plot"] = str(plot)
+        if ctx.judge is not None:  # this evaluation's calls, cache hits, unparseable verdicts, tokens
+            report["judge"] = {"model": config.judge, **ctx.judge.take_counts()}
         report["seconds"] = round(time.time() - started, 2)
         write_text_atomic(out / "report.md", format_report_md(report))
         write_json_atomic(out / "report.json", report)  # last: its existence proves the evaluation finished
         return report
     finally:
+        if ctx is not None and ctx.judge is not None:
+            ctx.judge.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,7 @@ from rptdata.models import load_causal_lm, local_model_dir
 from rptdata.tasks.live import predicted_zero_variance
 from rpttrain.collapse import collapse_metrics
 from rpttrain.dense import GroupScorer
+from rpttrain.judge import judge_from_options
 from rpttrain.objectives import Objective, ObjectiveParts, algos, rmt
 from rpttrain.objectives.fused_step import fused_rollout_and_update
 from rpttrain.objectives.policy_update import PolicyUpdate, policy_gradient_update, set_advantages
@@ -112,13 +113,15 @@ class GRPOObjective(Objective):
         precision: Precision,
         optimizer_step: Callable,
         ref_model=None,
+        judge=None,
     ):
         self.config = config
         self.model, self.tokenizer, self.engine, self.sampler = model, tokenizer, engine, sampler
         self.precision, self.optimizer_step, self.ref_model = precision, optimizer_step, ref_model
         self.fmt = load_prompt_format(config.prompt_template)
+        self.judge = judge
         self.scorer = GroupScorer(
-            config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens, config.micro_batch_tokens
+            config.reward, self.fmt, tokenizer, model, config.max_prompt_tokens, config.micro_batch_tokens, judge=judge
         )
         self.stops = stop_ids(tokenizer)
         self.base_fmt, self.budget, self.ntp_stats = self.fmt, None, {}
@@ -135,10 +138,15 @@ class GRPOObjective(Objective):
             parts.precision,
             parts.optimizer_step,
             ref_model=reference_model(config, parts.precision, parts.device),
+            judge=judge_from_options(
+                config, parts.device, parts.engine or "hf", config.compute_dtype, config.vllm_gpu_memory_utilization
+            ),
         )
 
     def close(self) -> None:
         self.engine.close()
+        if self.judge is not None:
+            self.judge.close()
 
     # -- phases -------------------------------------------------------------------------------
     def sampling(self, step: int, round_index: int) -> Sampling:
@@ -266,8 +274,12 @@ class GRPOObjective(Objective):
         one_pass = self.fused_pass if self.fused(step) else self.two_pass
         all_groups, upd, counts = one_pass(step, timings)
         counts["forward_tokens"] += self.scorer.forward_tokens - scored_before  # the dense rewards' P(y[0] | x<t)
-        result = step_result(all_groups, upd, counts, timings, t0)
+        result = step_result(all_groups, upd, counts, timings, t0, math=c.reward == "math")
         result.metrics.update(self.rmt_metrics(all_groups))
+        if self.judge is not None:  # its calls, cache hits, unparseable verdicts, tokens and FLOPs
+            judged = self.judge.take_counts()
+            result.metrics.update(judged)
+            result.counts.update(judged)
         return result
 
     def fused_pass(self, step: int, timings: dict) -> tuple[list[list[Rollout]], dict, dict]:
@@ -354,7 +366,9 @@ class GRPOObjective(Objective):
         return all_groups, upd, counts
 
 
-def step_result(all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float) -> StepResult:
+def step_result(
+    all_groups: list[list[Rollout]], upd: dict, counts: dict, timings: dict, t0: float, math: bool = False
+) -> StepResult:
     """A GRPO step's metrics, its token counts for the run's totals (FLOPs follow from them in
     `rpttrain.step_record`: the update's tokens, and the tokens the rollout engine ran, a prompt its
     samples share counted once where the engine computes it once, none when fused), and its first
@@ -399,7 +413,7 @@ def step_result(all_groups: list[list[Rollout]], upd: dict, counts: dict, timing
         "samples": len(rolls),
     }
     statuses = [r.status for r in rolls if r.status is not None]
-    if statuses:  # the math reward: checks that ran out of time or failed scored 0 (rptdata.math_answers)
+    if statuses and math:  # the math reward: checks that ran out of time or failed scored 0 (rptdata.math_answers)
         metrics["verify_timeouts"] = totals["verify_timeouts"] = statuses.count("timeout")
         metrics["verify_errors"] = totals["verify_errors"] = statuses.count("error")
     samples = [
