@@ -169,7 +169,7 @@ class TrainConfig:
         None,
         "Stop, with a checkpoint, at the step boundary nearest this many training FLOPs (6·N per trained "
         "token, 2·N per token the rollout engine runs, a judge's at its own N; docs/compare.md): the run stops "
-        "when the next step, costing what the last did, would overshoot by more than stopping falls short. "
+        "when the next step, costing the run's mean step, would overshoot by more than stopping falls short. "
         "summary.json records flops_of_budget.",
     )
     allow_tokenizer_mismatch: bool = opt(False, "Train although the tasks were built with another tokenizer.")

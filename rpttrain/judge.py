@@ -294,7 +294,12 @@ class Judge:
             from rpttrain.eval.passes import _vllm_path
 
             eng = make_engine(
-                "vllm", model, tokenizer, model_path=_vllm_path(spec), gpu_memory_utilization=gpu_memory_utilization
+                "vllm",
+                model,
+                tokenizer,
+                model_path=_vllm_path(spec),
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
             )
         else:
             eng = make_engine("hf", model, tokenizer)

@@ -90,17 +90,18 @@ RUN_OUTPUTS = (
 )
 
 
-def budget_reached(spent: float, last_step: float, budget: float | None) -> bool:
-    """Whether a run with --compute-budget stops after this step: at the step boundary nearest the
-    budget. The next step is expected to cost what the last one did; the run stops when that step
-    would overshoot the budget by more than stopping now falls short of it (spent + last/2 >=
-    budget), so the FLOPs a run spends are within half a step of the budget, on either side
-    (a run whose steps are large against the budget cannot land closer: docs/compare.md).
+def budget_reached(spent: float, steps: int, budget: float | None) -> bool:
+    """Whether a run with --compute-budget stops after its `steps`-th step: at the step boundary
+    nearest the budget. The next step is expected to cost the run's mean step so far (a mean, as RL
+    steps vary with completion lengths); the run stops when that step would overshoot the budget by
+    more than stopping now falls short of it (spent + mean/2 >= budget). So a run lands within about
+    half a step of the budget, on either side: a method whose steps are large against the budget
+    cannot land closer (docs/compare.md).
 
-    >>> budget_reached(100.0, 40.0, 130.0), budget_reached(100.0, 40.0, 110.0), budget_reached(5.0, 5.0, None)
+    >>> budget_reached(100.0, 2, 130.0), budget_reached(100.0, 2, 120.0), budget_reached(5.0, 1, None)
     (False, True, False)
     """
-    return budget is not None and spent + last_step / 2 >= budget
+    return budget is not None and spent + spent / max(steps, 1) / 2 >= budget
 
 
 class TrainingDiverged(RptError):
@@ -257,7 +258,7 @@ class Trainer:
                         f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
                         f"{self.step}); stopped. Lower --lr, or check the tasks and the model's dtype."
                     )
-                budget_hit = budget_reached(self.totals["flops"], metrics["flops"], c.compute_budget)
+                budget_hit = budget_reached(self.totals["flops"], self.step, c.compute_budget)
                 if self.step % c.save_every == 0 or self.step == c.steps or budget_hit or self.stop_flag:
                     self.save()
                 if budget_hit:

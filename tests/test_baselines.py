@@ -131,7 +131,7 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
     # the run stops at the step boundary nearest the budget (rpttrain.train.budget_reached), with a
     # final checkpoint: 1.6 steps' FLOPs buy 2 steps, 1.4 steps' buy 1
     f0, f1 = steps[0]["flops"], steps[1]["flops"]
-    assert f1 == pytest.approx(f0, rel=0.2)
+    assert f1 == pytest.approx(f0, rel=0.15)
     s = run_train(baseline_config(model, tasks, tmp_path / "budget", steps=10, compute_budget=f0 + 0.6 * f1))
     assert s["stopped_by"] == "compute_budget" and s["steps"] == 2
     assert s["flops_of_budget"] == round((f0 + f1) / (f0 + 0.6 * f1), 4)
