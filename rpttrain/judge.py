@@ -28,7 +28,8 @@ G samples of a group that say the same thing, later steps, `rpt probe` and `rpt 
 unparseable verdict scores 0, is cached as such (greedy decoding would write it again) and is counted
 (`judge_unparseable`).
 
-Compute: the judge's tokens (prompt + generated, as the engine counts them) at 2·N_judge FLOPs each,
+Compute: the judge's tokens (prompt + written, of each distinct pair a call judges, whether the
+model ran it or the cache held it, so the count does not depend on the cache) at 2·N_judge FLOPs each,
 N_judge the judge's parameters, reported as `judge_flops` and added to a training step's FLOPs, so
 runs with a judge compare honestly at equal --compute-budget.
 """
@@ -175,6 +176,7 @@ class Verdict:
     reward: float
     status: str  # yes | no | unparseable | exact | no_prediction
     output: str | None = None  # what the judge wrote (None where it was not asked)
+    tokens: int = 0  # the judge call behind it: prompt + written tokens (0 where it was not asked)
 
 
 def default_cache_path(judge_id: str) -> Path:
@@ -196,7 +198,7 @@ class JudgeCache:
         self.db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
-            "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, reward REAL, status TEXT, output TEXT)"
+            "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, reward REAL, status TEXT, output TEXT, tokens INTEGER)"
         )
         self.db.commit()
 
@@ -205,16 +207,16 @@ class JudgeCache:
         with self._lock:
             for i in range(0, len(keys), 500):
                 chunk = list(keys[i : i + 500])
-                q = f"SELECT key, reward, status, output FROM verdicts WHERE key IN ({','.join('?' * len(chunk))})"
-                for key, reward, status, output in self.db.execute(q, chunk):
-                    out[key] = Verdict(float(reward), status, output)
+                q = f"SELECT key, reward, status, output, tokens FROM verdicts WHERE key IN ({','.join('?' * len(chunk))})"
+                for key, reward, status, output, tokens in self.db.execute(q, chunk):
+                    out[key] = Verdict(float(reward), status, output, int(tokens))
         return out
 
     def put_many(self, items: dict[str, Verdict]) -> None:
         with self._lock:
             self.db.executemany(
-                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
-                [(k, v.reward, v.status, v.output) for k, v in items.items()],
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                [(k, v.reward, v.status, v.output, v.tokens) for k, v in items.items()],
             )
             self.db.commit()
 
@@ -243,7 +245,8 @@ class Judge:
     `judge_id` names what a verdict depends on (the model, the prompt's version, the token limits);
     it keys the cache. Counts since the last `take_counts()`: judge_calls (prompts the model ran),
     judge_cache_hits, judge_unparseable (verdicts of this call's items, cached or not, that were
-    unparseable), judge_tokens (tokens the engine ran), judge_flops (2·N_judge per token)."""
+    unparseable), judge_tokens (prompt + written tokens of each distinct pair judged, run or cached),
+    judge_flops (2·N_judge per such token)."""
 
     COUNTS = ("judge_calls", "judge_cache_hits", "judge_unparseable", "judge_tokens", "judge_flops")
 
@@ -306,8 +309,8 @@ class Judge:
         cache = JudgeCache(cache_path or default_cache_path(judge_id))
         return cls(model, tokenizer, eng, judge_id, cache, max_new_tokens, max_prompt_tokens)
 
-    def prompt_ids(self, task: dict, prediction: str) -> list[int]:
-        messages = judge_messages(task["continuation"], prediction)
+    def render(self, reference: str, prediction: str) -> list[int]:
+        messages = judge_messages(reference, prediction)
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -315,15 +318,28 @@ class Judge:
         else:
             text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
             ids = tok(text)["input_ids"]
+        return ids
+
+    def prompt_ids(self, task: dict, prediction: str) -> list[int]:
+        """The judge's prompt, at most `max_prompt_tokens` long: a prediction too long for it keeps its
+        start (what a prefix is judged by)."""
+        ids = self.render(task["continuation"], prediction)
+        over = len(ids) - self.max_prompt_tokens
+        if over > 0:
+            pred_ids = self.tokenizer(prediction, add_special_tokens=False)["input_ids"]
+            ids = self.render(task["continuation"], self.tokenizer.decode(pred_ids[: max(len(pred_ids) - over, 0)]))
         if len(ids) > self.max_prompt_tokens:
             raise BadOption(
-                f"a judge prompt of {len(ids)} tokens (task {task.get('task_id', '?')}) is longer than "
-                f"--judge-max-prompt-tokens {self.max_prompt_tokens}: raise it, or train with a lower --max-new-tokens"
+                f"task {task.get('task_id', '?')}: its target alone makes a judge prompt of {len(ids)} tokens, over the "
+                f"judge's {self.max_prompt_tokens}; make the tasks with a lower --max-target-tokens"
             )
         return ids
 
     def judge(self, items: Sequence[tuple[dict, str | None]]) -> list[Verdict]:
-        """One verdict per (task, prediction), the model run once per distinct uncached pair."""
+        """One verdict per (task, prediction), the model run once per distinct uncached pair. The
+        counted tokens and FLOPs are those of every distinct pair judged, from the model or the cache
+        (what judging these predictions costs, so a resumed run, or a run on another's cache,
+        counts the same compute); calls and cache hits say what actually ran."""
         from rpttrain.rollout import Sampling, stop_ids
 
         out: list[Verdict | None] = [None] * len(items)
@@ -352,15 +368,18 @@ class Judge:
                 n=1, temperature=0.0, max_new_tokens=self.max_new_tokens, stop_token_ids=stop_ids(self.tokenizer)
             )
             groups = self.engine.generate(prompts, sampling)
-            tokens = self.engine.forward_tokens(prompts, groups, sampling)
             self.counts["judge_calls"] += len(prompts)
-            self.counts["judge_tokens"] += tokens
-            self.counts["judge_flops"] += 2.0 * self.n_params * tokens
-            for (k, _), g in zip(order, groups):
-                text = g[0].text
+            for (k, _), prompt, g in zip(order, prompts, groups):
+                text, n = g[0].text, len(prompt) + len(g[0].token_ids)
                 v = parse_verdict(text)
-                fresh[k] = Verdict(0.0, "unparseable", text) if v is None else Verdict(v, "yes" if v else "no", text)
+                fresh[k] = (
+                    Verdict(0.0, "unparseable", text, n) if v is None else Verdict(v, "yes" if v else "no", text, n)
+                )
             self.cache.put_many(fresh)
+        judged = {**{k: cached[k] for k in set(keys.values()) if k in cached}, **fresh}
+        tokens = sum(v.tokens for v in judged.values())
+        self.counts["judge_tokens"] += tokens
+        self.counts["judge_flops"] += 2.0 * self.n_params * tokens
         for i, k in keys.items():
             out[i] = fresh.get(k) or cached[k]
         self.counts["judge_unparseable"] += sum(v.status == "unparseable" for v in out)

@@ -38,4 +38,4 @@ def test_the_vllm_judge_agrees_with_the_transformers_judge(tmp_path):
     assert verdicts["vllm"] == verdicts["hf"]
     assert [v.status for v in verdicts["vllm"][2:]][::2] == ["exact", "no_prediction"]
     assert counts["vllm"]["judge_calls"] == counts["hf"]["judge_calls"] == 2
-    assert counts["vllm"]["judge_tokens"] > 0 and counts["vllm"]["judge_flops"] > 0
+    assert counts["vllm"]["judge_tokens"] == counts["hf"]["judge_tokens"] > 0
