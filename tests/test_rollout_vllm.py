@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,28 @@ def test_rpt_train_with_vllm_engine(policy, tmp_path):
     for m in metrics:
         assert m["logprob_mismatch"] is not None and m["logprob_mismatch"] < 2e-3, metrics
     assert all(m["weight_sync_s"] > 0 for m in metrics)
+
+
+def test_rlp_train_with_vllm_engine(policy, tmp_path):
+    """`rpt train --objective rlp --engine vllm`: thoughts from vLLM, the update and both scorings in the
+    trainer; the engine's log-probs of the thoughts agree with the trainer's recomputation at every step
+    (the weights are synced after each update), and the information gain is logged."""
+    from tests.rpt_fixtures import write_tasks_dir
+
+    pairs = [(t, " x") for t in TEXTS[:4]]
+    tasks = write_tasks_dir(tmp_path / "tasks", policy.path, pairs)
+    out = tmp_path / "rlp"
+    rpt = Path(sys.executable).with_name("rpt")
+    cmd = [str(rpt), "train", str(tasks), "--out", str(out), "--objective", "rlp", "--engine", "vllm",
+           "--compute-dtype", "float32", "--max-new-tokens", "6", "--batch-size", "2", "--group-size", "2",
+           "--steps", "2", "--lr", "1e-4", "--max-prompt-tokens", "64", "--no-progress", "--sample-every", "1",
+           "--save-every", "100", "--keep-checkpoints", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["logprob_mismatch"] is not None and m["logprob_mismatch"] < 2e-3, metrics
+        assert math.isfinite(m["information_gain_mean"]) and m["scoring_forward_tokens"] > 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all("thought" in s and "target_id" in s for s in samples)
