@@ -192,6 +192,7 @@ family: install
 # summary.json exists is not trained again). One `rpt eval` per unit on its own tasks (reasoning mode, the
 # run's format and reward; step 0 is the base model) with held-out bits per byte of the same documents, the
 # yardstick shared by all units; rpttrain/units_study.py gathers them into $(OUT)/units/report.md.
+# Measured at these defaults: 21 min on 2 cores shared with other jobs (load 3 to 6), without `make demo`.
 UNITS_STEPS ?= 3
 UNITS_TASKS ?= --threshold 0 --context-tokens 128 --eval-fraction 0.25 --max-eval-tasks 200 --seed 1 --no-progress
 UNITS_SPAN_TASKS ?= --span-words 3 --context-after-tokens 64

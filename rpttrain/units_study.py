@@ -76,7 +76,7 @@ def units_table(units: list[tuple[str, dict, dict]]) -> str:
             f"| {name} | {template}, {settings.get('reward')} | {summary['steps']} "
             f"| {summary['totals']['flops']:.3g} | {_num(fraction, '.2f')} | {summary.get('stopped_by') or 'steps'} "
             f"| {report['tasks']} ({report['documents']}) | {_cell(base['bands']['all'])} "
-            f"| {_cell(last['bands']['all'])} | {diff} | {_num(bpb_base, '.4f')} | {_num(bpb_last, '.4f')} "
+            f"| {_cell(last['bands']['all'])} | {diff} | {_num(bpb_base, '.5f')} | {_num(bpb_last, '.5f')} "
             f"| {_num(docs, 'd')} |"
         )
     if len(base_bpbs) > 1:

@@ -41,9 +41,9 @@ def test_one_line_per_unit_with_base_and_last_checkpoint():
     table = units_table([("token", token, {**SUMMARY, "steps": 3, "stopped_by": None}), ("span", span, SUMMARY)])
     lines = table.splitlines()
     assert lines[2].startswith("| token | sentence, prefix | 3 | 1.45e+12 | 0.93 | steps | 24 (5) |")
-    assert "| 58.3 (14/24) | 50.0 (12/24) | -8.3 (p=0.5) | 0.9963 | 0.9812 | 8 |" in lines[2]
+    assert "| 58.3 (14/24) | 50.0 (12/24) | -8.3 (p=0.5) | 0.99626 | 0.98116 | 8 |" in lines[2]
     assert lines[3].startswith("| span | masked-span, exact-nocase | 2 | 1.45e+12 | 0.93 | compute_budget |")
-    assert "| 4.2 (1/24) | 12.5 (3/24) | – | 0.9963 | 0.9951 | 8 |" in lines[3]
+    assert "| 4.2 (1/24) | 12.5 (3/24) | – | 0.99626 | 0.99510 | 8 |" in lines[3]
     assert "equal in every report" in table
 
 
