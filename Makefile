@@ -11,6 +11,8 @@
 #   COMPARE_BPB_DOCS  held-out documents of the joint report's bits per byte (empty: all)
 #   FAMILY_STEPS, FAMILY_RLP, FAMILY_RMT, FAMILY_EVAL, FAMILY_BPB_DOCS, FAMILY_LM_EVAL   `make family`
 #             (NTP, RPT, RLP, RMT at one equal compute budget; docs/family.md)
+#   UNITS_STEPS, UNITS_TASKS, UNITS_SPAN_TASKS, UNITS_TRAIN, UNITS_SENTENCE, UNITS_SPAN, UNITS_EVAL,
+#             UNITS_BPB_DOCS   `make units` (token, sentence and span tasks at one equal compute budget; docs/units.md)
 #   TORCH     torch requirement installed first (TORCH= keeps an existing, e.g. CUDA, build)
 
 PYTHON ?= python3
@@ -28,7 +30,7 @@ TRAIN_CONFIG ?=
 BUDGET ?=
 DEMO_DOCS ?= 60
 
-.PHONY: install lint test test-fast test-long test-faults stress-faults test-vllm test-verl demo pipeline compare table2 family ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
+.PHONY: install lint test test-fast test-long test-faults stress-faults test-vllm test-verl demo pipeline compare table2 family units ablations bench-prepare bench-score bench-eval bench-memory bench-train gpu-check gpu-check-bundle clean
 
 install: $(VENV)/.installed
 
@@ -181,6 +183,45 @@ family: install
 	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-ntp --checkpoints $(OUT)/cmp-rpt --checkpoints $(OUT)/fam-rlp \
 		--checkpoints $(OUT)/fam-rmt --mode ntp --out $(OUT)/family --lm-eval-tasks rpt_heldout_bpb$(if $(FAMILY_LM_EVAL),$(comma)$(FAMILY_LM_EVAL)) \
 		$(if $(FAMILY_BPB_DOCS),--lm-eval-limit $(FAMILY_BPB_DOCS)) $(FAMILY_EVAL) --no-progress
+
+# Token, sentence and span tasks (docs/units.md) at one equal compute budget, from the same base model on the
+# same scored corpus ($(OUT)/scored, made by `make demo` if missing). Token tasks are `make demo`'s $(OUT)/tasks and
+# their run is `make compare`'s RPT run (reused when it exists, else trained here for UNITS_STEPS); its FLOPs
+# are the budget. Sentence and span tasks: `rpt make-tasks --unit` with demo's split (UNITS_TASKS: same seed and
+# eval fraction, so the same held-out documents), each trained with GRPO at that budget (a run whose
+# summary.json exists is not trained again). One `rpt eval` per unit on its own tasks (reasoning mode, the
+# run's format and reward; step 0 is the base model) with held-out bits per byte of the same documents, the
+# yardstick shared by all units; rpttrain/units_study.py gathers them into $(OUT)/units/report.md.
+# Measured at these defaults: 21 min on 2 cores shared with other jobs (load 3 to 6), without `make demo`.
+UNITS_STEPS ?= 3
+UNITS_TASKS ?= --threshold 0 --context-tokens 128 --eval-fraction 0.25 --max-eval-tasks 200 --seed 1 --no-progress
+UNITS_SPAN_TASKS ?= --span-words 3 --context-after-tokens 64
+UNITS_TRAIN ?= --max-prompt-tokens 256 --batch-size 2 --group-size 4 --max-new-tokens 32 --lr 1e-5 --grad-clip 1.0 \
+	--dynamic-sampling-from -1 --save-every 1000 --keep-checkpoints 10 --no-progress
+UNITS_SENTENCE ?= --prompt-template sentence --reward prefix
+UNITS_SPAN ?= --prompt-template masked-span --reward exact-nocase
+UNITS_EVAL ?= --limit 16
+UNITS_BPB_DOCS ?= 8
+units: install
+	@test -f $(OUT)/tasks/manifest.json || $(MAKE) demo OUT=$(OUT)
+	test -f $(OUT)/sentences/manifest.json || $(RPT) make-tasks $(OUT)/scored --out $(OUT)/sentences --unit sentence $(UNITS_TASKS)
+	test -f $(OUT)/spans/manifest.json || $(RPT) make-tasks $(OUT)/scored --out $(OUT)/spans --unit span $(UNITS_SPAN_TASKS) $(UNITS_TASKS)
+	test -f $(OUT)/cmp-rpt/summary.json || $(CMP_RPT) --steps $(UNITS_STEPS) --save-every $(UNITS_STEPS) $(if $(BUDGET),--compute-budget $(BUDGET))
+	$(READ_BUDGET) && \
+	{ test -f $(OUT)/unit-sentence/summary.json || $(RPT) train $(OUT)/sentences --model $(MODEL) --out $(OUT)/unit-sentence \
+		$(UNITS_SENTENCE) $(UNITS_TRAIN) --steps 100000 --compute-budget $$B; } && \
+	{ test -f $(OUT)/unit-span/summary.json || $(RPT) train $(OUT)/spans --model $(MODEL) --out $(OUT)/unit-span \
+		$(UNITS_SPAN) $(UNITS_TRAIN) --steps 100000 --compute-budget $$B; }
+	@# one report per unit (eval reads one tasks directory); the token run is read with its own one-token format
+	$(RPT) eval $(OUT)/tasks --checkpoints $(OUT)/cmp-rpt --mode reasoning --reward prefix --out $(OUT)/units/eval-token \
+		--lm-eval-tasks rpt_heldout_bpb --lm-eval-limit $(UNITS_BPB_DOCS) $(UNITS_EVAL) --no-progress
+	$(RPT) eval $(OUT)/sentences --checkpoints $(OUT)/unit-sentence --mode reasoning $(UNITS_SENTENCE) --out $(OUT)/units/eval-sentence \
+		--lm-eval-tasks rpt_heldout_bpb --lm-eval-limit $(UNITS_BPB_DOCS) $(UNITS_EVAL) --no-progress
+	$(RPT) eval $(OUT)/spans --checkpoints $(OUT)/unit-span --mode reasoning $(UNITS_SPAN) --out $(OUT)/units/eval-span \
+		--lm-eval-tasks rpt_heldout_bpb --lm-eval-limit $(UNITS_BPB_DOCS) $(UNITS_EVAL) --no-progress
+	$(BIN)/python -m rpttrain.units_study --unit token $(OUT)/units/eval-token $(OUT)/cmp-rpt \
+		--unit sentence $(OUT)/units/eval-sentence $(OUT)/unit-sentence --unit span $(OUT)/units/eval-span $(OUT)/unit-span \
+		--out $(OUT)/units/report.md
 
 # The paper's open questions as studies (docs/ablations.md), on $(OUT)/tasks (made by `make demo` if missing):
 # the rewards at equal compute (same steps: the one-token step costs the same FLOPs under each reward), one
