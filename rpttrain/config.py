@@ -167,9 +167,9 @@ class TrainConfig:
     max_bad_steps: int = opt(5, "Stop after this many consecutive non-finite updates (each is skipped).")
     compute_budget: float | None = opt(
         None,
-        "Stop, with a checkpoint, at the step boundary nearest this many training FLOPs (6·N per trained "
-        "token, 2·N per token the rollout engine runs, a judge's at its own N; docs/compare.md): the run stops "
-        "when the next step, costing the run's mean step, would overshoot by more than stopping falls short. "
+        "Stop, with a checkpoint, at this many training FLOPs (6·N per trained token, 2·N per token the rollout "
+        "engine runs, a judge's at its own N; docs/compare.md): the step that reaches it draws only the tasks the "
+        "rest buys at the run's mean cost a task, so the run ends within about a task's cost of it. "
         "summary.json records flops_of_budget.",
     )
     allow_tokenizer_mismatch: bool = opt(False, "Train although the tasks were built with another tokenizer.")

@@ -90,18 +90,34 @@ RUN_OUTPUTS = (
 )
 
 
-def budget_reached(spent: float, steps: int, budget: float | None) -> bool:
-    """Whether a run with --compute-budget stops after its `steps`-th step: at the step boundary
-    nearest the budget. The next step is expected to cost the run's mean step so far (a mean, as RL
-    steps vary with completion lengths); the run stops when that step would overshoot the budget by
-    more than stopping now falls short of it (spent + mean/2 >= budget). So a run lands within about
-    half a step of the budget, on either side: a method whose steps are large against the budget
-    cannot land closer (docs/compare.md).
+def step_batch(spent: float, steps: int, batch_size: int, budget: float | None) -> int:
+    """How many tasks the next step draws under --compute-budget: --batch-size, except the step that
+    reaches the budget, cut to the tasks the rest of the budget buys at the run's mean cost a task
+    (at least one). So a run ends within about half a task's cost of the budget, not a whole step's
+    (the first step has no cost to go by: a budget below one step is overshot by it).
 
-    >>> budget_reached(100.0, 2, 130.0), budget_reached(100.0, 2, 120.0), budget_reached(5.0, 1, None)
-    (False, True, False)
+    >>> step_batch(0.0, 0, 8, 100.0), step_batch(80.0, 2, 8, 100.0), step_batch(80.0, 2, 8, 200.0)
+    (8, 4, 8)
+    >>> step_batch(80.0, 2, 8, None), step_batch(99.0, 2, 8, 100.0)
+    (8, 1)
     """
-    return budget is not None and spent + spent / max(steps, 1) / 2 >= budget
+    if budget is None or steps == 0 or spent <= 0:
+        return batch_size
+    per_task = spent / (steps * batch_size)
+    return max(1, min(batch_size, round((budget - spent) / per_task)))
+
+
+def budget_reached(spent: float, steps: int, batch_size: int, budget: float | None) -> bool:
+    """Whether a run with --compute-budget stops after its `steps`-th step: when what is left of the
+    budget buys less than half a task at the run's mean cost a task (`step_batch` cut the last
+    step to fit).
+
+    >>> budget_reached(100.0, 2, 8, 102.0), budget_reached(100.0, 2, 8, 110.0), budget_reached(5.0, 1, 8, None)
+    (True, False, False)
+    """
+    if budget is None:
+        return False
+    return budget - spent < spent / max(steps * batch_size, 1) / 2
 
 
 class TrainingDiverged(RptError):
@@ -258,7 +274,7 @@ class Trainer:
                         f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
                         f"{self.step}); stopped. Lower --lr, or check the tasks and the model's dtype."
                     )
-                budget_hit = budget_reached(self.totals["flops"], self.step, c.compute_budget)
+                budget_hit = budget_reached(self.totals["flops"], self.step, c.batch_size, c.compute_budget)
                 if self.step % c.save_every == 0 or self.step == c.steps or budget_hit or self.stop_flag:
                     self.save()
                 if budget_hit:
@@ -289,8 +305,11 @@ class Trainer:
         """One step of the objective; its counts added to the run's totals, its samples written."""
         c = self.config
         self.sampler.at_step(self.step)
-        result = self.objective.step(self.step)
+        batch = step_batch(self.totals["flops"], self.step, c.batch_size, c.compute_budget)
+        result = self.objective.step(self.step, batch)
         metrics = record_step(result, self.step, self.totals, self.n_params, self.run_dir, c.sample_every)
+        if batch != c.batch_size:  # the last step of a --compute-budget run, cut to fit the budget
+            metrics["batch_size"] = batch
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 

@@ -128,16 +128,18 @@ def test_compute_accounting_adds_up_and_budget_stops(tmp_path, tiny_bpe_dir):
         # the update, not once per sample (group size 4)
         assert m["rollout_forward_tokens"] == m["update_tokens"] > 0
         assert m["flops"] == 6.0 * n_params * m["update_tokens"] + 2.0 * n_params * m["rollout_forward_tokens"]
-    # the run stops at the step boundary nearest the budget (rpttrain.train.budget_reached), with a
-    # final checkpoint: 1.6 steps' FLOPs buy 2 steps, 1.4 steps' buy 1
-    f0, f1 = steps[0]["flops"], steps[1]["flops"]
-    assert f1 == pytest.approx(f0, rel=0.15)
-    s = run_train(baseline_config(model, tasks, tmp_path / "budget", steps=10, compute_budget=f0 + 0.6 * f1))
-    assert s["stopped_by"] == "compute_budget" and s["steps"] == 2
-    assert s["flops_of_budget"] == round((f0 + f1) / (f0 + 0.6 * f1), 4)
-    assert (tmp_path / "budget" / "checkpoints" / "step-000002" / "state.json").exists()
-    s = run_train(baseline_config(model, tasks, tmp_path / "short", steps=10, compute_budget=f0 + 0.4 * f1))
-    assert s["stopped_by"] == "compute_budget" and s["steps"] == 1 and s["flops_of_budget"] < 1
+    # the step that reaches the budget draws only the tasks the rest of the budget buys
+    # (rpttrain.train.step_batch): 1.5 steps' FLOPs are 8 tasks, then about 4, ending within about
+    # a task's cost of the budget, with a final checkpoint
+    f0 = steps[0]["flops"]
+    for budget, n_tasks in ((1.5 * f0, 4), (1.25 * f0, 2)):
+        out = tmp_path / f"budget-{n_tasks}"
+        s = run_train(baseline_config(model, tasks, out, steps=10, compute_budget=budget))
+        last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        assert s["stopped_by"] == "compute_budget" and s["steps"] == 2 and last["batch_size"] == n_tasks
+        assert abs(s["totals"]["flops"] - budget) <= f0 / 8  # within a mean task's cost (tasks differ in length)
+        assert s["flops_of_budget"] == round(s["totals"]["flops"] / budget, 4)
+        assert (out / "checkpoints" / "step-000002" / "state.json").exists()
 
 
 def test_ntp_on_all_tokens_of_training_documents(tmp_path, tiny_bpe_dir, write_jsonl):

@@ -69,7 +69,9 @@ class Objective:
     def build(cls, config, parts: ObjectiveParts) -> Objective:
         raise NotImplementedError
 
-    def step(self, step: int):
+    def step(self, step: int, batch_size: int | None = None):
+        """One step on `batch_size` tasks (None: --batch-size; fewer only for a run's last step under
+        --compute-budget, cut to fit the budget: `rpttrain.train.last_step_batch`)."""
         raise NotImplementedError
 
     def save_state(self, folder: Path) -> None:

@@ -262,8 +262,9 @@ class GRPOObjective(Objective):
         )
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self, step: int) -> StepResult:
+    def step(self, step: int, batch_size: int | None = None) -> StepResult:
         c = self.config
+        self.batch = batch_size or c.batch_size
         timings = {"rollout_s": 0.0, "reward_s": 0.0, "advantage_s": 0.0, "update_s": 0.0, "weight_sync_s": 0.0}
         t0 = time.time()
         if c.length_weight > 0:  # RMT: this step's budget, stated in the prompt and scored by the reward
@@ -287,7 +288,7 @@ class GRPOObjective(Objective):
         (`objectives.fused_step`), then the optimizer step."""
         c = self.config
         t0 = time.time()
-        tasks = self.sampler.take(c.batch_size)
+        tasks = self.sampler.take(self.batch)
         prompts, sampling = self.prompts(tasks), self.sampling(step, 0)
         n = len(tasks) * c.group_size
         update = PolicyUpdate(c, algos.loss_denominator(torch.ones(n, 1), c.loss_agg, max_len=c.max_new_tokens))
@@ -323,7 +324,7 @@ class GRPOObjective(Objective):
         drawn = rounds = zero_var = forward_tokens = 0
         all_tasks: list[dict] = []
         while True:
-            tasks = self.sampler.take(c.batch_size)
+            tasks = self.sampler.take(self.batch)
             drawn += len(tasks)
             all_tasks += tasks
             t = time.time()
@@ -342,9 +343,9 @@ class GRPOObjective(Objective):
                         continue
                 kept.append(g)
             rounds += 1
-            if not dynamic or len(kept) >= c.batch_size or rounds > c.dynamic_sampling_rounds:
+            if not dynamic or len(kept) >= self.batch or rounds > c.dynamic_sampling_rounds:
                 break
-        kept = kept[: c.batch_size]
+        kept = kept[: self.batch]
         t = time.time()
         self.advantages(kept) if kept else None
         timings["advantage_s"] = time.time() - t

@@ -45,10 +45,10 @@ class NextTokenObjective(Objective):
     def build(cls, config, parts: ObjectiveParts) -> NextTokenObjective:
         return cls(config, parts.model, parts.tokenizer, parts.sampler, parts.precision, parts.optimizer_step)
 
-    def examples(self) -> list[tuple[list[int], int]]:
+    def examples(self, batch_size: int) -> list[tuple[list[int], int]]:
         """(token ids, number of trailing positions to train) for one batch."""
         c = self.config
-        items = self.sampler.take(c.batch_size)
+        items = self.sampler.take(batch_size)
         if c.ntp_positions == "all":
             return [(chunk.tolist(), len(chunk) - 1) for chunk in items]
         fmt = load_prompt_format("continuation")
@@ -64,10 +64,10 @@ class NextTokenObjective(Objective):
             return algos.shaped_ntp_loss(logits, targets)  # beta 0, lambdas 0: cross-entropy
         return algos.shaped_ntp_loss(logits, targets, c.beta, c.topk, c.lambda_top, c.lambda_tail)
 
-    def step(self, step: int) -> StepResult:
+    def step(self, step: int, batch_size: int | None = None) -> StepResult:
         c = self.config
         t0 = time.time()
-        examples = self.examples()
+        examples = self.examples(batch_size or c.batch_size)
         total_positions = sum(n for _, n in examples)
         loss_sum = correct = ent_sum = 0.0
         tokens = 0

@@ -265,7 +265,7 @@ class RLPObjective(Objective):
         set_advantages(groups, self.config.scale_rewards)
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self, step: int) -> StepResult:
+    def step(self, step: int, batch_size: int | None = None) -> StepResult:
         c = self.config
         timings = {
             "rollout_s": 0.0,
@@ -276,7 +276,7 @@ class RLPObjective(Objective):
             "weight_sync_s": 0.0,
         }
         t0 = time.time()
-        positions, prompts = self.positions(self.sampler.take(c.batch_size))
+        positions, prompts = self.positions(self.sampler.take(batch_size or c.batch_size))
         groups, rollout_forward = self.rollout(prompts, step)
         timings["rollout_s"] = time.time() - t0
         t = time.time()
