@@ -58,7 +58,8 @@ lint: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not faults"
 
-# the real-model CLI runs kept out of `make test` for CI's 30 min (marker `long`): sentence units, each RMT option
+# the real-model runs kept out of `make test` for CI's 30 min (marker `long`): the unit CLI runs, each RMT
+# option, bf16 against fp32 learning
 test-long: install
 	$(BIN)/python -m pytest -q -m long
 

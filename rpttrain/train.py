@@ -290,7 +290,7 @@ class Trainer:
             self.loggers.close()
         prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         summary = {"steps": self.step, "stopped_by": stopped_by, "totals": self.totals, "run_dir": str(self.run_dir)}
-        if c.compute_budget is not None:  # how close to the budget the run's step boundary fell
+        if c.compute_budget is not None:  # how close to the budget the run ended
             summary["compute_budget"] = c.compute_budget
             summary["flops_of_budget"] = round(self.totals["flops"] / c.compute_budget, 4)
         write_json_atomic(self.run_dir / "summary.json", summary)
