@@ -426,7 +426,9 @@ DAMAGE = [
     DAMAGE,
     ids=[f"{d[0]}-{d[2].rsplit('/', 1)[-1]}-{d[4] or 'redo'}" for d in DAMAGE],
 )
-def test_damaged_file_is_named_or_redone(pipeline, tmp_path, kind, producer, rel, damage, consumer, message):
+def test_damaged_file_is_named_or_redone(
+    pipeline, tmp_path, monkeypatch, kind, producer, rel, damage, consumer, message
+):
     # damage a copy of the producer's output; consumers read it through a copied upstream
     copy = tmp_path / producer
     shutil.copytree(pipeline.base[producer], copy)
@@ -441,6 +443,7 @@ def test_damaged_file_is_named_or_redone(pipeline, tmp_path, kind, producer, rel
         argv = [str(copy) if a == str(pipeline.base[producer]) else a for a in argv]
         if consumer == producer:
             argv[argv.index("--out") + 1] = str(copy)
+        monkeypatch.chdir(pipeline.root)  # where the pipeline runs (prepare names its corpus relative to it)
         r = CliRunner().invoke(cli, argv)
         assert r.exit_code == 1, (r.exit_code, r.output)
         assert "Usage:" not in r.output and "Traceback" not in r.output
