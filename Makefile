@@ -159,7 +159,7 @@ table2: install
 # estimated) is the steps the budget buys it: the RPT run's FLOPs over (RPT's FLOPs a step + the term's
 # 6·N a context token), as on the one-token step the update's tokens are the contexts the term trains on.
 # RLP: a small batch, so that its far costlier step (thought generation, two scorings) divides the budget.
-# Measured at these defaults: 32 min on 2 cores shared with other jobs (load 7 to 15), without `make demo`.
+# Measured at these defaults: 19 min on 2 cores shared with other jobs (load 3 to 4.4), without `make demo`.
 FAMILY_STEPS ?= 3
 FAMILY_SAVE_EVERY ?= $(FAMILY_STEPS)
 FAMILY_RMT ?= --prompt-template continuation --max-new-tokens 1 --length-weight 0 --group-size 8 --dynamic-sampling-from -1
