@@ -158,13 +158,14 @@ table2: install
 # one); its next-token term and easy-to-hard curriculum on. Its schedule's length (FAMILY_RMT_STEPS, empty:
 # estimated) is the steps the budget buys it: the RPT run's FLOPs over (RPT's FLOPs a step + the term's
 # 6·N a context token), as on the one-token step the update's tokens are the contexts the term trains on.
-# RLP: a small batch, so that its far costlier step (thought generation, two scorings) divides the budget.
+# RLP: a small batch (2 contexts), so that its far costlier step (thought generation, two scorings) divides the
+# budget and its last step can be cut to one context.
 # Measured at these defaults: 19 min on 2 cores shared with other jobs (load 3 to 4.4), without `make demo`.
 FAMILY_STEPS ?= 3
 FAMILY_SAVE_EVERY ?= $(FAMILY_STEPS)
 FAMILY_RMT ?= --prompt-template continuation --max-new-tokens 1 --length-weight 0 --group-size 8 --dynamic-sampling-from -1
 FAMILY_RMT_STEPS ?=
-FAMILY_RLP ?= --batch-size 1 --group-size 4 --max-new-tokens 8
+FAMILY_RLP ?= --batch-size 2 --group-size 4 --max-new-tokens 8
 FAMILY_EVAL ?= --limit 64
 FAMILY_BPB_DOCS ?= 8
 FAMILY_LM_EVAL ?=
