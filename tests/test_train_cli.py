@@ -232,7 +232,9 @@ def test_verl_backend_writes_its_launch(tasks, tmp_path):
 
 
 # -- a TRL run that died mid-write resumes ----------------------------------------------------------
+# `make test-long` (CI's 30 min): tests/test_backends_trl.py kills and resumes a TRL run in `make test`
 @pytest.mark.slow
+@pytest.mark.long
 def test_trl_resume_after_torn_log_lines(tasks, tmp_path):
     """A TRL run killed after logging step 2 but before its checkpoint: metrics.jsonl and
     samples.jsonl end in a torn line. --resume continues from checkpoint 1 and logs steps 1..2
