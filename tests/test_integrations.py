@@ -83,6 +83,8 @@ def test_case_table_covers_both_outcomes():
 def test_compute_score_defaults_to_prefix_and_v0():
     assert compute_score("rpt", "\\boxed{ paragraph}", {"continuation": CONT, "boundaries": BOUNDS}) == 1.0
     with pytest.raises(ValueError, match="unknown reward"):
+        compute_score("rpt", "x", {"continuation": CONT, "boundaries": BOUNDS, "reward": "oracle"})
+    with pytest.raises(ValueError, match="asks a judge model"):  # verl's reward function has no model to ask
         compute_score("rpt", "x", {"continuation": CONT, "boundaries": BOUNDS, "reward": "judge"})
     with pytest.raises(ValueError, match="reward 'dense' needs the policy's probability"):
         compute_score("rpt", "x", {"continuation": CONT, "boundaries": BOUNDS, "reward": "dense"})
