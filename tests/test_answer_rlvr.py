@@ -130,7 +130,10 @@ def test_rlvr_from_a_checkpoint_then_eval_before_and_after(answers, tmp_path):
     assert "| A − B | mode | all |" in md and "| answer | easy |" not in md
 
 
+# `make test-long` (CI's 30 min): bit-exact resume is checked in `make test` by tests/test_train.py (a tied,
+# warmed model whose every step has a gradient) and by the RMT and RLP resume tests
 @pytest.mark.slow
+@pytest.mark.long
 def test_answer_resume_is_exact(tmp_path):
     """Stopped after step 2 and resumed, an answer-task run ends with the uninterrupted run's weights,
     bit for bit. The problems are ones the embedded model gets right about half the time ("repeat

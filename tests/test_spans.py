@@ -189,7 +189,7 @@ def test_plain_tokenizer_equals_autotokenizer_on_hostile_unicode_and_nfc(plain_a
         assert plain_and_auto["r1-distill-qwen"][0].normalize("e\u0301cole") == "\u00e9cole"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=st.lists(texts, min_size=1, max_size=5))
 def test_plain_tokenizer_equals_autotokenizer_property(plain_and_auto, docs):
     for plain, auto in plain_and_auto.values():
