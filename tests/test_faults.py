@@ -452,23 +452,30 @@ def test_damaged_file_is_named_or_redone(
     FIGURES["damage_detected"][kind] += 1
 
 
+def _train_stopped_at(fault: str, config) -> None:
+    """`run_train(config)` failing with a disk-full error at fault point `fault` (armed for this run only)."""
+    from rptdata import faults
+    from rpttrain.train import run_train
+
+    faults.arm(fault)
+    try:
+        with pytest.raises(OSError):
+            run_train(config)
+    finally:
+        faults.arm(None)
+
+
 def test_train_failing_in_its_first_checkpoint_write_logs_each_step_once(tmp_path, tiny_bpe_dir):
     """A run that fails (disk full) while writing its first checkpoint leaves no half-written
     checkpoint (the write removes its temporary folder): the rerun starts from step 0 and must not
     log step 1 twice (it did, before the fault suite found it)."""
-    from rptdata import faults
     from rpttrain.train import run_train
     from tests.rpt_fixtures import tiny_train_config, write_tasks_dir
 
     tasks = write_tasks_dir(tmp_path / "tasks", str(tiny_bpe_dir), [("The quick brown", " fox"), ("The lazy", " dog")])
     model = tiny_llama(tmp_path / "m", tiny_bpe_dir)
     config = tiny_train_config(tasks, model, tmp_path / "run", steps=2, batch_size=2, group_size=2)
-    faults.arm("checkpoint-rename:1:enospc")
-    try:
-        with pytest.raises(OSError):
-            run_train(config)
-    finally:
-        faults.arm(None)
+    _train_stopped_at("checkpoint-rename:1:enospc", config)
     assert not list((tmp_path / "run" / "checkpoints").glob("step-000001*"))
     run_train(config, resume=True)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -479,7 +486,6 @@ def test_a_run_stopped_before_its_last_prune_keeps_keep_checkpoints(tmp_path, ti
     """Stopped between writing its last checkpoint and pruning the older ones, then resumed with no
     step left to train: the run ends with --keep-checkpoints checkpoints, as an uninterrupted run
     does (the stress run of every train kill point found one too many: checkpoint-prune at the end)."""
-    from rptdata import faults
     from rpttrain.train import run_train
     from tests.rpt_fixtures import tiny_train_config, write_tasks_dir
 
@@ -488,12 +494,7 @@ def test_a_run_stopped_before_its_last_prune_keeps_keep_checkpoints(tmp_path, ti
     config = tiny_train_config(
         tasks, model, tmp_path / "run", steps=3, batch_size=2, group_size=2, save_every=1, keep_checkpoints=2
     )
-    faults.arm("checkpoint-prune:3:enospc")
-    try:
-        with pytest.raises(OSError):
-            run_train(config)
-    finally:
-        faults.arm(None)
+    _train_stopped_at("checkpoint-prune:3:enospc", config)
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000001", "step-000002", "step-000003"]
     assert run_train(config, resume=True)["steps"] == 3

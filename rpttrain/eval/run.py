@@ -77,13 +77,12 @@ def run_eval(config: EvalConfig) -> dict:
             Store(out),
             None if config.reward in DENSE_REWARDS + JUDGE_REWARDS else get_reward_fn(config.reward),
         )
-        if config.judge:
-            device = resolve_device(config.device)
+        device = resolve_device(config.device)
+        if config.judge:  # --reward judge: one judge for every subject
             ctx.judge = judge_from_options(config, device, choose_engine(config.engine, device), config.dtype)
         done = ctx.store.done() if config.resume else set()
         if done:
             log.info("resuming: %d (task, model, mode) rows already in %s", len(done), out / PREDICTIONS_DIR)
-        device = resolve_device(config.device)
         infos = {}
         first_with: dict[tuple, str] = {}  # what a subject's predictions depend on -> first subject with it
         for subject in subjects:

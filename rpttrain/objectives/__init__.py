@@ -71,7 +71,7 @@ class Objective:
 
     def step(self, step: int, batch_size: int | None = None):
         """One step on `batch_size` tasks (None: --batch-size; fewer only for a run's last step under
-        --compute-budget, cut to fit the budget: `rpttrain.train.last_step_batch`)."""
+        --compute-budget, cut to fit the budget: `rpttrain.train.step_batch`)."""
         raise NotImplementedError
 
     def save_state(self, folder: Path) -> None:
